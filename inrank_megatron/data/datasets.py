@@ -1,0 +1,361 @@
+"""Train/valid/test GPT datasets over a preprocessed indexed dataset, built by Megatron-Core.
+
+`build_gpt_datasets` is a thin layer over megatron.core 0.16.1's own machinery
+(`BlendedMegatronDatasetBuilder` + `GPTDatasetConfig` + `GPTDataset`, which runs on CPU as is),
+plus the checks Megatron does not make:
+
+- the data exists and is not empty (`data.prefix`);
+- it was tokenized by the tokenizer we are given (the `describe()` stored by `preprocess` next to
+  the data must match), and no id in it is >= the vocabulary size;
+- a split that the split string leaves without documents is not asked for samples (Megatron's
+  `GPTDataset._get_num_epochs` loops forever on an empty split).
+
+Megatron's behaviour that callers rely on:
+
+- Splits are by document: with `split="969,30,1"` the first 96.9 % of the documents (in file
+  order) feed train, the next 3 % valid, the rest test. Samples are `seq_length + 1` consecutive
+  tokens of the shuffled documents of one split, crossing document boundaries (eod in between);
+  `tokens`/`labels` are that window shifted by one.
+- Shuffling and epoch repetition depend only on `seed`, `seq_length`, `split`, the per-split
+  sample counts and the document lengths; the resulting index arrays are cached as `.npy` files
+  and reused by later runs.
+- With torch.distributed initialised, every rank must call this: rank 0 builds the index cache
+  first, the other ranks wait at a barrier and then load it (the cache directory must be on a
+  filesystem all ranks see). Without torch.distributed, the single process builds it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import os
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence
+
+import numpy
+
+from inrank_megatron.data.preprocess import DESCRIPTION_SUFFIX
+from inrank_megatron.data.tokenizers import Tokenizer, description_mismatch
+
+if TYPE_CHECKING:
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+class GPTDatasets(NamedTuple):
+    """The three splits; a split is None when it has no documents and was asked for no samples,
+    or when `is_built_on_rank()` is False on this rank."""
+
+    train: Optional[GPTDataset]
+    valid: Optional[GPTDataset]
+    test: Optional[GPTDataset]
+
+
+class MegatronTokenizerAdapter:
+    """The attributes `GPTDatasetConfig` / `GPTDataset` read from a tokenizer, over our `Tokenizer`.
+
+    Megatron reads `vocab_size` (token dtype), `eod` (masks and position ids), `pad` (absent
+    here, so Megatron uses its own -1 sentinel for padding) and `unique_identifiers`, which it
+    hashes into the names of its cached index files; putting the tokenizer description there
+    keeps caches built for different tokenizers apart.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+        self.eod = tokenizer.eod
+        self.unique_identifiers = collections.OrderedDict(
+            [("class", type(self).__name__), ("tokenizer", tokenizer.describe())]
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def description_path(data_prefix: str) -> str | None:
+    """Finds the `<output_prefix>.tokenizer.json` that `preprocess` wrote for `data_prefix`.
+
+    `preprocess` names the data `<output_prefix>_<json_key>_document` and lists that basename in
+    the description; the json key may itself contain "_", so every "_"-cut of the prefix is tried,
+    longest first.
+
+    Returns:
+        The path, or None if there is no description that lists this dataset.
+    """
+    directory, name = os.path.split(data_prefix)
+    cuts = [index for index, character in enumerate(name) if character == "_" and index > 0]
+    for stem in [name] + [name[:index] for index in reversed(cuts)]:
+        path = os.path.join(directory, stem + DESCRIPTION_SUFFIX)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as stream:
+                description = json.load(stream)
+            if name in description.get("datasets", {}):
+                return path
+    return None
+
+
+def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: bool = True) -> dict:
+    """Checks that `data_prefix` is a non-empty indexed dataset made with `tokenizer`.
+
+    Args:
+        data_prefix: The dataset prefix (`<prefix>.bin` / `<prefix>.idx`).
+        tokenizer: The tokenizer training will use.
+        check_description: Require the `.tokenizer.json` written by `preprocess` and compare it
+            with `tokenizer.describe()`. Turn off only for data made by other tools (Megatron-LM's
+            preprocess_data); the max-id check still runs.
+
+    Returns:
+        Statistics: documents, tokens, max_token_id, dtype, description_path.
+
+    Raises:
+        ValueError: Missing/empty data (names `data.prefix`), no or mismatching tokenizer
+            description, or a token id >= `tokenizer.vocab_size`.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+
+    if not data_prefix:
+        raise ValueError("data.prefix is not set")
+    bin_path, idx_path = get_bin_path(data_prefix), get_idx_path(data_prefix)
+    missing = [path for path in (bin_path, idx_path) if not os.path.isfile(path)]
+    if missing:
+        hint = ""
+        if data_prefix.endswith((".bin", ".idx")):
+            hint = " (give the prefix without .bin/.idx)"
+        raise ValueError(
+            f"data.prefix={data_prefix!r}: no indexed dataset, missing {', '.join(missing)}{hint}; "
+            "make one with tools/preprocess_data.py"
+        )
+    if os.path.getsize(bin_path) == 0:
+        raise ValueError(f"data.prefix={data_prefix!r}: {bin_path} is empty (no tokens)")
+    try:
+        dataset = IndexedDataset(data_prefix, mmap=True)
+    except (AssertionError, ValueError, OSError) as error:
+        raise ValueError(f"data.prefix={data_prefix!r}: not a readable indexed dataset ({error})")
+    num_documents = len(dataset)
+    if num_documents == 0:
+        raise ValueError(f"data.prefix={data_prefix!r}: the dataset is empty (0 documents)")
+    dtype = dataset.index.dtype
+    num_tokens = int(dataset.sequence_lengths.sum(dtype=numpy.int64))
+    del dataset
+
+    found = description_path(data_prefix)
+    if check_description:
+        if found is None:
+            raise ValueError(
+                f"data.prefix={data_prefix!r}: no tokenizer description (<output_prefix>"
+                f"{DESCRIPTION_SUFFIX} listing {os.path.basename(data_prefix)!r}); rebuild the "
+                "data with tools/preprocess_data.py, or pass check_description=False for data "
+                "made by another tool"
+            )
+        with open(found, encoding="utf-8") as stream:
+            stored = json.load(stream)["tokenizer"]
+        differences = description_mismatch(stored, tokenizer.describe())
+        if differences:
+            raise ValueError(
+                f"data.prefix={data_prefix!r} was tokenized with {stored.get('name')!r} but the "
+                f"configured tokenizer is {tokenizer.name!r} (tokenizer mismatch, stored != "
+                f"configured: {'; '.join(differences)}; description in {found})"
+            )
+
+    max_token_id = _max_token_id(bin_path, dtype)
+    if max_token_id >= tokenizer.vocab_size:
+        raise ValueError(
+            f"data.prefix={data_prefix!r} holds token id {max_token_id} >= vocab_size "
+            f"{tokenizer.vocab_size} of tokenizer {tokenizer.name!r} (tokenizer mismatch)"
+        )
+    return {
+        "documents": num_documents,
+        "tokens": num_tokens,
+        "max_token_id": max_token_id,
+        "dtype": numpy.dtype(dtype).name,
+        "description_path": found,
+    }
+
+
+def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int] | None]:
+    """The `[begin, end)` document range of each split, computed as Megatron computes it
+    (`BlendedMegatronDatasetBuilder._build_megatron_dataset_splits`); None for a zero weight."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [
+        None if bookends is None
+        else (int(round(bookends[0] * num_documents)), int(round(bookends[1] * num_documents)))
+        for bookends in matrix
+    ]
+
+
+def build_gpt_datasets(
+    data_prefix: str,
+    seq_length: int,
+    *,
+    tokenizer: Tokenizer,
+    num_samples: Sequence[Optional[int]],
+    seed: int = 1234,
+    split: str = "969,30,1",
+    cache_dir: str | None = None,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+    create_attention_mask: bool = False,
+    is_built_on_rank: Callable[[], bool] | None = None,
+    check_description: bool = True,
+) -> GPTDatasets:
+    """Builds the train/valid/test `GPTDataset`s of one indexed dataset.
+
+    Each sample is a dict of `tokens`, `labels` (int64), `loss_mask` (float32) and `position_ids`
+    (int64), all of length `seq_length`, plus `attention_mask` (1 x seq x seq, True = masked) if
+    `create_attention_mask`.
+
+    Args:
+        data_prefix: The indexed dataset (`data.prefix`), e.g. `data/wiki_text_document`.
+        seq_length: Tokens per sample.
+        tokenizer: The tokenizer training uses; must be the one the data was made with.
+        num_samples: Samples to draw per split (train, valid, test); a split is repeated over
+            more epochs when it has fewer. None: exactly one epoch.
+        seed: Seed of the document and sample shuffles.
+        split: Relative weights of train, valid and test, by document ("969,30,1").
+        cache_dir: Where Megatron caches its index arrays; default `<data dir>/cache`. A
+            subdirectory per dataset, named after the `.idx` file's sha256, keeps a rebuilt
+            dataset from reusing indices of the old one.
+        reset_position_ids: Restart position ids after each eod (Megatron's flag).
+        reset_attention_mask: Block attention across eod (needs create_attention_mask).
+        eod_mask_loss: Give the eod tokens zero loss weight.
+        create_attention_mask: Add a causal `attention_mask` to each sample.
+        is_built_on_rank: With torch.distributed initialised, whether this rank gets datasets
+            (others get None); must be True on rank 0. Default: every rank.
+        check_description: See `check_data`.
+
+    Returns:
+        The three datasets (see `GPTDatasets` for when one is None).
+
+    Raises:
+        ValueError: Bad data (see `check_data`), a bad argument, or samples asked of a split that
+            has no documents.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
+        raise ValueError(f"seq_length must be a positive integer, got {seq_length!r}")
+    num_samples = list(num_samples)
+    if len(num_samples) != 3 or any(
+        n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0)
+        for n in num_samples
+    ):
+        raise ValueError(
+            f"num_samples must be (train, valid, test) non-negative integers or None, "
+            f"got {num_samples!r}"
+        )
+    if reset_attention_mask and not create_attention_mask:
+        raise ValueError("reset_attention_mask needs create_attention_mask=True")
+    _check_split(split)
+
+    stats = check_data(data_prefix, tokenizer, check_description=check_description)
+    _ensure_megatron_helpers()
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([data_prefix], None),
+        split=split,
+        path_to_cache=_index_cache_dir(data_prefix, cache_dir),
+        tokenizer=MegatronTokenizerAdapter(tokenizer),
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+    )
+    for index, document_range in enumerate(split_document_ranges(split, stats["documents"])):
+        if document_range is None or document_range[0] < document_range[1]:
+            continue
+        if num_samples[index]:
+            raise ValueError(
+                f"data.split={split!r} leaves the {SPLIT_NAMES[index]} split no documents "
+                f"({stats['documents']} documents in all) but {num_samples[index]} "
+                f"{SPLIT_NAMES[index]} samples were asked for; change the split or ask for 0"
+            )
+        # Megatron would try to build it and never stop; dropping it from the split matrix
+        # makes the builder return None for it.
+        config.split_matrix[index] = None
+
+    builder = BlendedMegatronDatasetBuilder(
+        GPTDataset,
+        num_samples,
+        is_built_on_rank or (lambda: True),
+        config,
+    )
+    return GPTDatasets(*builder.build())
+
+
+def _check_split(split: str) -> None:
+    # Megatron's parse_and_normalize_split reads any run of digits and dots as a weight and
+    # divides by their sum; reject what it would turn into NaNs or silently misread.
+    fields = split.split(",") if isinstance(split, str) else []
+    try:
+        weights = [float(field) for field in fields]
+    except ValueError:
+        weights = []
+    if (
+        not 1 <= len(weights) <= 3
+        or not all(math.isfinite(w) and w >= 0 for w in weights)
+        or sum(weights) <= 0
+    ):
+        raise ValueError(
+            f"data.split must be 1 to 3 comma-separated non-negative weights with a positive sum, "
+            f"like '969,30,1'; got {split!r}"
+        )
+
+
+def _index_cache_dir(data_prefix: str, cache_dir: str | None) -> str:
+    from megatron.core.datasets.indexed_dataset import get_idx_path
+
+    if cache_dir is None:
+        cache_dir = os.path.join(os.path.dirname(os.path.abspath(data_prefix)), "cache")
+    digest = hashlib.sha256()
+    with open(get_idx_path(data_prefix), "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return os.path.join(cache_dir, f"{os.path.basename(data_prefix)}-{digest.hexdigest()[:16]}")
+
+
+def _max_token_id(bin_path: str, dtype) -> int:
+    tokens = numpy.memmap(bin_path, dtype=dtype, mode="r")
+    chunk = 1 << 24
+    return int(max(tokens[i : i + chunk].max() for i in range(0, tokens.shape[0], chunk)))
+
+
+def _ensure_megatron_helpers() -> None:
+    """Makes sure Megatron's C++ index helpers (`megatron.core.datasets.helpers_cpp`) import.
+
+    The megatron-core wheel ships them prebuilt; a source install may not, in which case they are
+    compiled once (`megatron.core.datasets.utils.compile_helpers`, which runs `make`) on rank 0
+    while the other ranks wait, as Megatron-LM's `training/initialize.py` does.
+    """
+    import importlib
+
+    import torch.distributed
+
+    try:
+        importlib.import_module("megatron.core.datasets.helpers_cpp")
+        return
+    except ImportError:
+        pass
+    from megatron.core.datasets.utils import compile_helpers
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        compile_helpers()
+    if distributed:
+        torch.distributed.barrier()
+    importlib.import_module("megatron.core.datasets.helpers_cpp")

@@ -1,0 +1,200 @@
+"""What every InRank linear layer has, sharded or not: factor storage, growth state, the spectrum of
+its active product, rank growth, the stage-1 -> stage-2 cut and capacity growth.
+
+A layer holds ``A`` (``[slots, in_shard]``) and ``B`` (``[out_shard, slots]``) and, in cumulative mode,
+a frozen buffer ``w0`` (``[out_shard, in_shard]``). Which dimension is sharded is the subclass's
+business: it passes the slices of the full factors it owns and overrides :meth:`_reduce_r` to combine
+per-shard ``R`` factors (TSQR); the rank (slot) dimension is never sharded. No torch.distributed here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from inrank_megatron.core.config import InRankConfig
+from inrank_megatron.core.growth import GrowthState
+from inrank_megatron.core.init import init_factors
+from inrank_megatron.core.resize import FactorResize
+from inrank_megatron.core.spectrum import r_factor, spectrum_from_r
+from inrank_megatron.core.truncation import truncation_maps
+
+
+def replace_parameter(old: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
+    """A new Parameter holding ``data`` with the attributes Megatron hangs on ``old``
+    (``tensor_model_parallel``, ``partition_dim``, ``allreduce``, ``sequence_parallel``, ...)."""
+    new = torch.nn.Parameter(data.to(dtype=old.dtype, device=old.device).contiguous(),
+                             requires_grad=old.requires_grad)
+    for key, value in vars(old).items():
+        setattr(new, key, value)
+    return new
+
+
+class InRankFactorsMixin:
+    """Factor storage and growth for an ``nn.Module`` computing ``y = x (W0 + B A)^T + bias``."""
+
+    def _init_inrank(self, config: InRankConfig, in_features: int, out_features: int, *,
+                     in_slice: slice = slice(None), out_slice: slice = slice(None),
+                     params_dtype: torch.dtype = torch.float32, device=None,
+                     layer: Optional[str] = None) -> None:
+        """Draw the full factors (CPU RNG, TP-size independent), keep this rank's shard.
+
+        Args:
+            config: InRank settings.
+            in_features, out_features: the full (unsharded) shape.
+            in_slice: the columns of ``A`` / ``w0`` this shard owns.
+            out_slice: the rows of ``B`` / ``w0`` this shard owns.
+            params_dtype: parameter dtype.
+            device: parameter device (default CPU).
+            layer: name for error messages (renamed later by :func:`name_inrank_layers`).
+        """
+        max_rank = config.check_layer(in_features, out_features, layer=layer)
+        self.inrank_config = config
+        self.full_in_features = in_features
+        self.full_out_features = out_features
+        self._inrank_in_slice = in_slice
+        self.growth = GrowthState(rank=config.rank, buffer=config.buffer, max_rank=max_rank,
+                                  threshold=config.threshold, warmup=config.warmup, gap=config.gap,
+                                  rule=config.rule, layer=layer or "")
+        # Efficient mode pre-allocates max_rank slots and only widens the active slice (reference);
+        # cumulative mode allocates what is active and grows capacity by doubling.
+        slots = max_rank if config.mode == "efficient" else self.growth.active_slots
+        full = init_factors(config.mode, in_features, out_features, slots,
+                            init_scale=config.init_scale)
+        self.A = torch.nn.Parameter(full.A[:, in_slice].to(params_dtype).to(device).contiguous())
+        self.B = torch.nn.Parameter(full.B[out_slice].to(params_dtype).to(device).contiguous())
+        if full.w0 is not None:
+            w0 = full.w0[out_slice, in_slice].to(params_dtype).to(device).contiguous()
+            self.register_buffer("w0", w0, persistent=True)
+        else:
+            self.w0 = None
+        # Seed of the rows given to new capacity in cumulative mode, drawn with the factors so that
+        # every TP rank (same CPU RNG stream) draws the same full rows.
+        self._extend_seed = int(torch.randint(0, 2**62, (1,)))
+
+    # ---- what the forward pass uses ---------------------------------------------------------
+
+    @property
+    def active_slots(self) -> int:
+        return self.growth.active_slots
+
+    def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A[:k]`` (``[k, in_shard]``) and ``B[:, :k]`` (``[out_shard, k]``), ``k = rank + buffer``."""
+        k = self.active_slots
+        return self.A[:k], self.B[:, :k]
+
+    # ---- spectrum ----------------------------------------------------------------------------
+
+    def _reduce_r(self, R: torch.Tensor, role: str) -> torch.Tensor:
+        """Combine per-shard ``R`` factors of factor ``role`` into the full factor's ``R``.
+
+        Unsharded layers return ``R`` as is; tensor-parallel layers gather over their group.
+        """
+        return R
+
+    def factor_r(self, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``R`` factors (``[k, k]``) of the full active ``A^T`` and ``B``."""
+        dtype = dtype or self.inrank_config.spectrum_dtype
+        A, B = self.active_factors()
+        R_A = self._reduce_r(r_factor(A.T, dtype=dtype), "A")
+        R_B = self._reduce_r(r_factor(B, dtype=dtype), "B")
+        return R_A, R_B
+
+    def spectrum(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Singular values of the full active ``B A``, zero-padded to ``min(in, out)``."""
+        R_A, R_B = self.factor_r(dtype)
+        return spectrum_from_r(R_A, R_B, min(self.full_in_features, self.full_out_features))
+
+    # ---- growth, the cut, capacity -----------------------------------------------------------
+
+    @property
+    def allocated_slots(self) -> int:
+        return self.A.shape[0]
+
+    def set_rank(self, rank: int) -> Optional[FactorResize]:
+        """Adopt a rank chosen by the rule. Efficient mode only widens the active slice; cumulative
+        mode reallocates (doubling) when the active slots would overflow the allocation."""
+        if rank < self.growth.rank:
+            raise ValueError(f"layer {self.growth.layer}: rank never shrinks "
+                             f"({self.growth.rank} -> {rank} requested)")
+        self.growth.rank = rank
+        if self.active_slots <= self.allocated_slots:
+            return None
+        new_slots = min(max(2 * self.allocated_slots, self.active_slots), self.growth.max_rank)
+        return self.extend_capacity(new_slots)
+
+    def extend_capacity(self, slots: int) -> FactorResize:
+        """Reallocate to ``slots`` slots keeping the old ones in place. New slots get B = 0 and
+        kaiming-uniform rows of A (as at init), so ``B A`` is unchanged."""
+        old = {"A": self.A, "B": self.B}
+        have = self.allocated_slots
+        gen = torch.Generator().manual_seed(self._extend_seed + have)
+        rows = init_factors("cumulative", self.full_in_features, self.full_out_features,
+                            slots - have, init_scale=self.inrank_config.init_scale, generator=gen)
+        new_rows = rows.A[:, self._inrank_in_slice].to(self.A.dtype)
+        self.A = replace_parameter(self.A, torch.cat([self.A.detach(), new_rows.to(self.A.device)]))
+        self.B = replace_parameter(self.B, torch.cat(
+            [self.B.detach(), self.B.new_zeros(self.B.shape[0], slots - have)], dim=1))
+        return FactorResize(self.growth.layer, "extend", have, slots, old,
+                            {"A": self.A, "B": self.B})
+
+    def cut(self, step: int) -> FactorResize:
+        """Stage 1 -> stage 2 (spec section 4): truncate the active product to the current rank,
+        re-factorise balanced, drop the buffer, fix the rank. Reallocates ``A`` and ``B``."""
+        if self.growth.stage != "growing":
+            raise ValueError(f"layer {self.growth.layer}: already cut (stage {self.growth.stage})")
+        # The SVD of the cut always runs in at least fp32 (spec section 5); fp64 here is cheap (k x k).
+        R_A, R_B = self.factor_r(torch.float64)
+        maps = truncation_maps(R_A, R_B, self.growth.rank)
+        A, B = self.active_factors()
+        old = {"A": self.A, "B": self.B}
+        old_slots = self.allocated_slots
+        self.A = replace_parameter(self.A, maps.P_A @ A.detach().to(torch.float64))
+        self.B = replace_parameter(self.B, B.detach().to(torch.float64) @ maps.P_B)
+        self.growth.fix(step)
+        return FactorResize(self.growth.layer, "truncate", old_slots, self.growth.rank, old,
+                            {"A": self.A, "B": self.B}, maps)
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def inrank_state(self) -> dict:
+        """Growth state plus what a reload needs to rebuild the factor shapes."""
+        return {"growth": self.growth.state_dict(), "allocated_slots": self.allocated_slots,
+                "extend_seed": self._extend_seed}
+
+    def load_inrank_state(self, state: dict) -> None:
+        """Restore growth state and reshape (empty) factors to the recorded allocation, so that a
+        following ``load_state_dict`` of the factor values fits."""
+        self.growth.load_state_dict(state["growth"])
+        self._extend_seed = int(state["extend_seed"])
+        slots = int(state["allocated_slots"])
+        if slots != self.allocated_slots:
+            self.A = replace_parameter(self.A, self.A.new_zeros(slots, self.A.shape[1]))
+            self.B = replace_parameter(self.B, self.B.new_zeros(self.B.shape[0], slots))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # torch loads parameters before extra state; the recorded allocation must come first so
+        # that a checkpoint taken after a reallocation (cut, capacity growth) fits.
+        state = state_dict.get(prefix + "_extra_state")
+        if isinstance(state, dict):
+            self.load_inrank_state(state)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def get_extra_state(self):
+        return self.inrank_state()
+
+    def set_extra_state(self, state):
+        if state is not None and not isinstance(state, torch.Tensor):
+            self.load_inrank_state(state)
+
+
+def inrank_layers(model: torch.nn.Module):
+    """``(name, layer)`` of every InRank layer of ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, InRankFactorsMixin)]
+
+
+def name_inrank_layers(model: torch.nn.Module, prefix: str = "") -> None:
+    """Give each InRank layer's growth state its qualified module name (used in errors/reports)."""
+    for name, layer in inrank_layers(model):
+        layer.growth.layer = prefix + name

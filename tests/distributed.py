@@ -1,0 +1,177 @@
+"""Run a test body on N CPU processes under torch.distributed (gloo).
+
+Every distributed test goes through `run_distributed`:
+
+    def _body(rank, world_size, hidden):          # module level, so spawn can pickle it
+        ...
+        return loss.item()
+
+    def test_something():
+        losses = run_distributed(_body, 2, 64)    # [rank 0's return, rank 1's return]
+
+Each call starts `world_size` fresh processes (multiprocessing "spawn"), so process groups, Megatron's
+parallel_state and monkeypatches never leak between tests or into the pytest process. A rank that
+raises fails the test with that rank's traceback; the other ranks are killed rather than left
+waiting in a collective, and a run over `timeout` seconds is killed as a whole.
+"""
+
+import datetime
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import socket
+import sys
+import time
+import traceback
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cleanup() -> None:
+    import torch.distributed
+
+    # Only if the body used Megatron: importing it here would cost seconds for nothing.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _child(conn, fn, rank, world_size, port, timeout, args, kwargs) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    try:
+        import torch
+        import torch.distributed
+
+        torch.set_num_threads(1)
+        torch.distributed.init_process_group(
+            backend="gloo",
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        try:
+            result = fn(rank, world_size, *args, **kwargs)
+        finally:
+            _cleanup()
+        # Pickle here, so an unpicklable return value fails this rank with a traceback.
+        message = ("ok", pickle.dumps(result))
+    except BaseException:
+        message = ("error", traceback.format_exc())
+    conn.send(message)
+    conn.close()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 300, **kwargs) -> list:
+    """Runs ``fn(rank, world_size, *args, **kwargs)`` on `world_size` gloo processes.
+
+    Args:
+        fn: A module-level function (spawn pickles it by its qualified name).
+        world_size: Number of processes; ranks 0..world_size-1, all on 127.0.0.1.
+        *args: Passed to `fn` after `rank, world_size`; must be picklable.
+        timeout: Seconds for the whole run (process start and imports included) before every
+            rank is killed and the call fails.
+        **kwargs: Passed to `fn`; must be picklable.
+
+    Returns:
+        The ranks' return values, in rank order.
+
+    Raises:
+        AssertionError: A rank raised (the message holds its traceback), died without reporting,
+            or the run timed out.
+    """
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    processes, connections = [], []
+    # The environment is read when a spawned child starts; OMP_NUM_THREADS has to be there before
+    # the child imports torch (unpickling `fn` does), so set it around start() only.
+    saved_omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        for rank in range(world_size):
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_child,
+                args=(sender, fn, rank, world_size, port, timeout, args, kwargs),
+                name=f"{getattr(fn, '__name__', 'fn')}-rank{rank}",
+            )
+            process.start()
+            # Drop the parent's copy of the write end, so a dead child reads as EOF.
+            sender.close()
+            processes.append(process)
+            connections.append(receiver)
+    finally:
+        if saved_omp is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_omp
+
+    deadline = time.monotonic() + timeout
+    results = [None] * world_size
+    pending = set(range(world_size))
+    failure = None
+    try:
+        while pending and failure is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                failure = (
+                    f"run_distributed({fn.__name__}, world_size={world_size}) timed out after "
+                    f"{timeout} s; ranks {sorted(pending)} had not finished"
+                )
+                break
+            waitables = {connections[rank]: rank for rank in pending}
+            waitables.update({processes[rank].sentinel: rank for rank in pending})
+            for ready in multiprocessing.connection.wait(list(waitables), timeout=remaining):
+                rank = waitables[ready]
+                if rank not in pending:
+                    continue
+                connection = connections[rank]
+                # A child that exited after sending leaves its message readable in the pipe.
+                if ready is connection or connection.poll():
+                    try:
+                        status, payload = connection.recv()
+                    except EOFError:
+                        status, payload = "died", None
+                else:
+                    status, payload = "died", None
+                pending.discard(rank)
+                if status == "ok":
+                    results[rank] = pickle.loads(payload)
+                    continue
+                if status == "error":
+                    failure = f"rank {rank} of {world_size} raised:\n{payload}"
+                else:
+                    processes[rank].join(timeout=5)
+                    failure = (
+                        f"rank {rank} of {world_size} exited with code "
+                        f"{processes[rank].exitcode} without reporting a result"
+                    )
+                break
+    finally:
+        for process in processes:
+            if process.is_alive() and (failure is not None or pending):
+                process.kill()
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for connection in connections:
+            connection.close()
+
+    if failure is not None:
+        raise AssertionError(failure)
+    return results
