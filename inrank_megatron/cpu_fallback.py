@@ -2,9 +2,10 @@
 
 megatron-core 0.16.1 assumes a CUDA device in a handful of places that the local (no TE, no apex)
 GPT path goes through: RNG bookkeeping, ``device=torch.cuda.current_device()`` allocations
-(rotary and attention buffers, the sequence-parallel gather buffers, ``GlobalMemoryBuffer``) and
-``torch.cuda.synchronize()``. On a CPU-only torch each of those raises "Torch not compiled with
-CUDA enabled". ``enable_cpu_fallback()`` points them at the CPU so that
+(rotary and attention buffers, the sequence-parallel gather buffers, ``GlobalMemoryBuffer``), the
+causal mask built with ``device="cuda"`` and ``torch.cuda.synchronize()``. On a CPU-only torch
+each of those raises "Torch not compiled with CUDA enabled". ``enable_cpu_fallback()`` points them
+at the CPU so that
 
     GPTModel(config, get_gpt_layer_local_spec(), ...)   # use_cpu_initialization=True, fusions off
 
@@ -63,6 +64,19 @@ def _megatron_set_rng_state(new_state: torch.Tensor, device=-1, graph_safe=False
     torch.default_generator.set_state(new_state)
 
 
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    # Same as megatron.core.transformer.utils.get_default_causal_mask, on CPU.
+    return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
+
+
+def _cpu_sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    # Same as megatron.core.transformer.utils.get_sliding_window_causal_mask, on CPU.
+    m = torch.ones(sq, skv, dtype=torch.bool, device=_CPU)
+    mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+    ml = torch.tril(mu, diagonal=skv - sq + window_size[1])
+    return ~ml
+
+
 class _DropCpuRngChangedWarning(logging.Filter):
     """Drops ``CudaRNGStatesTracker.fork``'s "CPU RNG state changed within GPU RNG context".
 
@@ -100,7 +114,8 @@ def enable_cpu_fallback() -> bool:
     # parallelism's global memory buffer (parallel_state._set_global_memory_buffer) work.
     torch.cuda.current_device = _cpu_current_device
 
-    # dist_checkpointing and timers call torch.cuda.synchronize(); CPU ops are synchronous.
+    # Pipeline p2p_communication, timers and dist_checkpointing call torch.cuda.synchronize();
+    # CPU ops are synchronous.
     torch.cuda.synchronize = _cpu_synchronize
 
     # CudaRNGStatesTracker.add() and model_parallel_cuda_manual_seed() seed and snapshot "the CUDA
@@ -130,16 +145,3 @@ def enable_cpu_fallback() -> bool:
 
     _enabled = True
     return True
-
-
-def _cpu_causal_mask(sq: int) -> torch.Tensor:
-    # Same as megatron.core.transformer.utils.get_default_causal_mask, on CPU.
-    return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
-
-
-def _cpu_sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
-    # Same as megatron.core.transformer.utils.get_sliding_window_causal_mask, on CPU.
-    m = torch.ones(sq, skv, dtype=torch.bool, device=_CPU)
-    mu = torch.triu(m, diagonal=skv - sq - window_size[0])
-    ml = torch.tril(mu, diagonal=skv - sq + window_size[1])
-    return ~ml

@@ -9,10 +9,10 @@ Every distributed test goes through `run_distributed`:
     def test_something():
         losses = run_distributed(_body, 2, 64)    # [rank 0's return, rank 1's return]
 
-Each call starts `world_size` fresh processes (multiprocessing "spawn"), so process groups, Megatron's
-parallel_state and monkeypatches never leak between tests or into the pytest process. A rank that
-raises fails the test with that rank's traceback; the other ranks are killed rather than left
-waiting in a collective, and a run over `timeout` seconds is killed as a whole.
+Each call starts `world_size` fresh processes (multiprocessing "spawn"), so process groups,
+Megatron's parallel_state and monkeypatches never leak between tests or into the pytest process.
+A rank that raises fails the test with that rank's traceback; the other ranks are killed rather
+than left waiting in a collective, and a run over `timeout` seconds is killed as a whole.
 """
 
 import datetime

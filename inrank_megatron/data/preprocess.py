@@ -70,6 +70,53 @@ def description_path_for(output_prefix: str) -> str:
     return output_prefix + DESCRIPTION_SUFFIX
 
 
+def check_preprocess_args(
+    output_prefix: str,
+    *,
+    inputs: Sequence[str] | None = None,
+    json_key: str = "text",
+    document_boundary: str = "blank-line",
+    limit: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, str]:
+    """Checks `preprocess`'s arguments (other than the tokenizer) without reading any text.
+
+    Returns:
+        The final output paths: {"bin": ..., "idx": ..., "json": ...}.
+
+    Raises:
+        ValueError: Naming the bad argument by its command-line flag.
+    """
+    from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+
+    check_inputs(inputs)
+    if document_boundary not in DOCUMENT_BOUNDARIES:
+        raise ValueError(
+            f"--document-boundary must be one of {', '.join(DOCUMENT_BOUNDARIES)}, "
+            f"got {document_boundary!r}"
+        )
+    if not json_key or "/" in json_key:
+        raise ValueError(f"--json-key must be a non-empty field name, got {json_key!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--limit must be a positive integer, got {limit!r}")
+    directory = os.path.dirname(os.path.abspath(output_prefix))
+    if not os.path.isdir(directory):
+        raise ValueError(f"--output-prefix: directory {directory!r} does not exist")
+    data_prefix = data_prefix_for(output_prefix, json_key)
+    final_paths = {
+        "bin": get_bin_path(data_prefix),
+        "idx": get_idx_path(data_prefix),
+        "json": description_path_for(output_prefix),
+    }
+    existing = [path for path in final_paths.values() if os.path.exists(path)]
+    if existing and not overwrite:
+        raise ValueError(
+            f"--output-prefix {output_prefix!r}: {', '.join(existing)} exist; "
+            "pass --overwrite to replace them"
+        )
+    return final_paths
+
+
 def preprocess(
     output_prefix: str,
     *,
@@ -103,41 +150,21 @@ def preprocess(
     Raises:
         ValueError: A bad argument (the message names it) or an empty corpus.
     """
-    from megatron.core.datasets.indexed_dataset import (
-        DType,
-        IndexedDatasetBuilder,
-        get_bin_path,
-        get_idx_path,
-    )
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path
+    from megatron.core.datasets.indexed_dataset import get_idx_path
 
     start = time.perf_counter()
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"tokenizer must be a Tokenizer (--tokenizer), got {tokenizer!r}")
-    check_inputs(inputs)
-    if document_boundary not in DOCUMENT_BOUNDARIES:
-        raise ValueError(
-            f"--document-boundary must be one of {', '.join(DOCUMENT_BOUNDARIES)}, "
-            f"got {document_boundary!r}"
-        )
-    if not json_key or "/" in json_key:
-        raise ValueError(f"--json-key must be a non-empty field name, got {json_key!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"--limit must be a positive integer, got {limit!r}")
-    directory = os.path.dirname(os.path.abspath(output_prefix))
-    if not os.path.isdir(directory):
-        raise ValueError(f"--output-prefix: directory {directory!r} does not exist")
+    final_paths = check_preprocess_args(
+        output_prefix,
+        inputs=inputs,
+        json_key=json_key,
+        document_boundary=document_boundary,
+        limit=limit,
+        overwrite=overwrite,
+    )
     data_prefix = data_prefix_for(output_prefix, json_key)
-    final_paths = {
-        "bin": get_bin_path(data_prefix),
-        "idx": get_idx_path(data_prefix),
-        "json": description_path_for(output_prefix),
-    }
-    existing = [path for path in final_paths.values() if os.path.exists(path)]
-    if existing and not overwrite:
-        raise ValueError(
-            f"--output-prefix {output_prefix!r}: {', '.join(existing)} exist; "
-            "pass --overwrite to replace them"
-        )
 
     documents = iter_documents(
         inputs, json_key=json_key, document_boundary=document_boundary, limit=limit
