@@ -176,8 +176,9 @@ def _comm_body(rank, world_size):
             "dense_row": RowParallelLinear(OUT, IN, config=config, init_method=init, bias=True,
                                            input_is_parallel=True, skip_bias_add=False),
         }
-        seq = SEQ // world_size if sp else SEQ
         for name, layer in layers.items():
+            # Under SP a column layer's input is sequence-sharded; a row layer's is hidden-sharded.
+            seq = SEQ // world_size if sp and "column" in name else SEQ
             width = IN if "column" in name else OUT // world_size
             x = torch.randn(seq, BATCH, width, requires_grad=True)
             with count_collectives() as fwd:
