@@ -1,8 +1,8 @@
 """Training data, offline: corpus -> tokenizer -> Megatron indexed dataset -> GPT samples.
 
 Pins down:
-- GPT-2 BPE built offline is exactly GPT-2 ("Hello world!" -> [15496, 995, 0], eod 50256, 50257 ids);
-  a literal "<|endoftext|>" in text is text, not eod.
+- GPT-2 BPE built offline is exactly GPT-2 ("Hello world!" -> [15496, 995, 0], eod 50256,
+  50257 ids); a literal "<|endoftext|>" in text is text, not eod.
 - SentencePiece training is deterministic (byte-identical models) and its models round-trip text.
 - preprocess round-trips for both tokenizers: every document comes back from the .bin/.idx exactly,
   followed by eod; the stored tokenizer description equals the tokenizer's.
@@ -224,18 +224,21 @@ def test_preprocess_bad_input(tmp_path, gpt2):
 
 def test_cli_tools(tmp_path, capsys):
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"Document {i}: some text."}) + "\n" for i in range(4)))
+    records = (json.dumps({"text": f"Document {i}: some text."}) for i in range(4))
+    corpus.write_text("\n".join(records) + "\n")
     train_tool, preprocess_tool = _load_tool("train_tokenizer"), _load_tool("preprocess_data")
     model = str(tmp_path / "sp")
-    assert train_tool.main(["--input", str(corpus), "--output-prefix", model, "--vocab-size", "280"]) == 0
+    train_args = ["--input", str(corpus), "--output-prefix", model, "--vocab-size", "280"]
+    assert train_tool.main(train_args) == 0
     args = ["--input", str(corpus), "--output-prefix", str(tmp_path / "d"), "--tokenizer"]
     assert preprocess_tool.main(args + ["sentencepiece"]) == 2
     assert "--tokenizer-model" in capsys.readouterr().err
     assert preprocess_tool.main(args + ["nonesuch"]) == 2
     assert "unknown tokenizer kind 'nonesuch'" in capsys.readouterr().err
-    assert preprocess_tool.main(args + ["sentencepiece", "--tokenizer-model", model + ".model"]) == 0
+    sentencepiece = ["sentencepiece", "--tokenizer-model", model + ".model"]
+    assert preprocess_tool.main(args + sentencepiece) == 0
     assert "4 documents" in capsys.readouterr().out
-    assert preprocess_tool.main(args + ["sentencepiece", "--tokenizer-model", model + ".model"]) == 2
+    assert preprocess_tool.main(args + sentencepiece) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -271,7 +274,8 @@ def test_gpt_datasets_samples_deterministic_and_disjoint(tmp_path, gpt2, gpt2_da
             assert len(mine) == len(theirs)
             for a, b in zip(_samples(mine), _samples(theirs)):
                 assert all(torch.equal(a[k], b[k]) for k in a)
-    other_seed = build_gpt_datasets(prefix, 64, cache_dir=str(tmp_path / "a"), **{**kwargs, "seed": 6})
+    kwargs["seed"] = 6
+    other_seed = build_gpt_datasets(prefix, 64, cache_dir=str(tmp_path / "a"), **kwargs)
     assert any(not torch.equal(a["tokens"], b["tokens"])
                for a, b in zip(_samples(train), _samples(other_seed.train)))
 
@@ -282,6 +286,18 @@ def test_gpt_datasets_samples_deterministic_and_disjoint(tmp_path, gpt2, gpt2_da
         for i in range(len(dataset)):
             _, sample_documents = dataset._query_document_sample_shuffle_indices(i)
             assert set(sample_documents.tolist()) <= documents
+
+
+def test_rebuilt_data_gets_fresh_indices(tmp_path, gpt2):
+    # Megatron's cache key ignores the data; ours adds the .idx digest, so a dataset rebuilt at the
+    # same prefix never reuses the old one's sample indices.
+    prefix = str(tmp_path / "wiki")
+    cache = str(tmp_path / "cache")
+    for documents in (2, 3):
+        result = preprocess(prefix, tokenizer=gpt2, limit=documents, overwrite=True)
+        train = build_gpt_datasets(result.data_prefix, 32, tokenizer=gpt2, num_samples=(4, 0, 0),
+                                   split="1", cache_dir=cache).train
+        assert _split_documents(train) == set(range(documents))
 
 
 def test_gpt_datasets_empty_split(tmp_path, gpt2, gpt2_data):

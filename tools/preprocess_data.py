@@ -13,8 +13,8 @@ time). Train on the prefix `<output-prefix>_text_document` (`data.prefix`).
         --tokenizer sentencepiece --tokenizer-model data/sp8k.model
 
     # your own text: JSON Lines (Megatron's format) or plain text, documents split at blank lines
-    python tools/preprocess_data.py --input corpus.jsonl --json-key text --output-prefix data/mine \\
-        --tokenizer gpt2
+    python tools/preprocess_data.py --input corpus.jsonl --json-key text \\
+        --output-prefix data/mine --tokenizer gpt2
     python tools/preprocess_data.py --input a.txt b.txt --document-boundary file \\
         --output-prefix data/books --tokenizer gpt2
 """

@@ -4,14 +4,15 @@
 Deterministic: the same text and arguments give a byte-identical model. Byte fallback makes
 decode(encode(text)) == text for any text.
 
-    # 8000 pieces on the Wikipedia sample shipped with gensim (about 1 s)
+    # 8000 pieces on the Wikipedia sample shipped with gensim (~5 s, mostly parsing the dump)
     python tools/train_tokenizer.py --output-prefix data/sp8k
 
     # on your own text: JSON Lines or plain text files
     python tools/train_tokenizer.py --input corpus.jsonl --json-key text \\
         --output-prefix data/sp32k --vocab-size 32000
 
-Then: python tools/preprocess_data.py --tokenizer sentencepiece --tokenizer-model data/sp8k.model ...
+Then: python tools/preprocess_data.py --tokenizer sentencepiece --tokenizer-model data/sp8k.model \\
+        --output-prefix data/wiki-sp8k
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-prefix", required=True, help="Writes PREFIX.model, PREFIX.vocab.")
     parser.add_argument(
         "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
-        help=f"Pieces, including <unk> <s> </s> and 256 byte pieces (default {DEFAULT_VOCAB_SIZE}).",
+        help="Pieces, including <unk> <s> </s> and 256 byte pieces "
+        f"(default {DEFAULT_VOCAB_SIZE}).",
     )
     parser.add_argument("--json-key", default="text", help="JSON Lines field holding the text.")
     parser.add_argument(

@@ -163,7 +163,8 @@ def jsonl_documents(path: str, *, json_key: str = "text") -> Iterator[str]:
             text = record[json_key]
             if not isinstance(text, str):
                 raise ValueError(
-                    f"{path}:{line_number}: field {json_key!r} is {type(text).__name__}, not a string"
+                    f"{path}:{line_number}: field {json_key!r} is {type(text).__name__}, "
+                    "not a string"
                 )
             if text.strip():
                 yield text

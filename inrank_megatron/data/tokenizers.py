@@ -136,7 +136,10 @@ class GPT2Tokenizer(Tokenizer):
             "name": self.name,
             "vocab_size": self.vocab_size,
             "eod": self.eod,
-            "sha256": {"vocab.bpe": _GPT2_VOCAB_BPE_SHA256, "encoder.json": _GPT2_ENCODER_JSON_SHA256},
+            "sha256": {
+                "vocab.bpe": _GPT2_VOCAB_BPE_SHA256,
+                "encoder.json": _GPT2_ENCODER_JSON_SHA256,
+            },
         }
 
 

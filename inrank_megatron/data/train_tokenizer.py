@@ -43,8 +43,8 @@ def train_sentencepiece(
     """Trains a SentencePiece BPE model and writes `<model_prefix>.model` and `.vocab`.
 
     The result depends only on the text and the arguments: the whole corpus is used (no sentence
-    sampling), the random generator is seeded, and training runs on `num_threads` threads (the
-    models trained on 1 and 2 threads were checked to be byte-identical).
+    sampling), the random generator is seeded, and the output path and thread count are cleared
+    from the saved model (models trained on 1 and 2 threads were checked to be byte-identical).
 
     Args:
         model_prefix: Output path without suffix.

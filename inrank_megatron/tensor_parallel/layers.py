@@ -36,7 +36,9 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint,
+)
 from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
 
 from inrank_megatron.core.config import InRankConfig
@@ -122,13 +124,14 @@ class _InRankParallelLinear(InRankFactorsMixin, torch.nn.Module):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Factors sharded along their TP axis, ``w0`` like the dense weight, growth state as an
         object (see megatron's ``ColumnParallelLinear.sharded_state_dict``)."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
         state_dict = self.state_dict(prefix="", keep_vars=True)
         axis = {self._sharded_role: self._sharded_dim, "w0": self._w0_dim}
         if self._bias_sharded:
             axis["bias"] = 0
         return make_sharded_tensors_for_checkpoint(
             state_dict, prefix, axis, sharded_offsets, tp_group=self.tp_group,
-            dp_cp_group=(metadata or {}).get("dp_cp_group"))
+            dp_cp_group=metadata["dp_cp_group"])
 
     def __repr__(self):
         g = self.growth

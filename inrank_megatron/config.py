@@ -1,0 +1,780 @@
+"""Training configuration: one plain dataclass per section of a YAML file, plus CLI overrides.
+
+    python -m inrank_megatron.train --config configs/tiny-cpu.yaml train.lr=3e-4 model.inrank=false
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["train.steps=50"])  # types, enums, ranges
+    validate_layout(cfg, world_size=2)                                # everything that spans keys
+
+Every field has a type, a default and a one-line meaning (``field(metadata={"help": ...})``), from
+which ``tools/config_doc.py`` generates ``configs/README.md``. Enum-like fields list their allowed
+values in ``metadata["choices"]``; numeric bounds are ``metadata["ge"|"gt"|"le"|"lt"]``.
+
+Every failure is a :class:`ConfigError` (a ``ValueError``) naming the full dotted key. YAML values
+and override values are read by :func:`yaml.safe_load` semantics, with one fix: ``3e-4`` is a float
+(YAML 1.1, and so plain PyYAML, reads an exponent without a dot as a string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import os
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from inrank_megatron.core.config import MODES
+from inrank_megatron.core.rank_rule import RULES
+from inrank_megatron.core.resize import POLICIES
+
+INRANK_LAYER_KINDS = ("fc1", "fc2", "qkv", "proj")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+ACTIVATIONS = ("gelu", "swiglu")
+POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+SPECTRUM_DTYPES = ("float32", "float64")
+BACKENDS = ("torch", "megatron", "deepspeed")
+TOKENIZERS = ("sentencepiece", "gpt2")
+CORPORA = ("wiki", "none")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the full dotted key and what was expected."""
+
+
+def _field(default, help: str, *, choices=None, **bounds):
+    """A dataclass field with its meaning (``help``), allowed values and numeric bounds."""
+    metadata = {"help": help, **bounds}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelSection:
+    """GPT architecture (megatron.core ``GPTModel``); ``inrank`` switches the InRank layers on."""
+
+    num_layers: int = _field(4, "Transformer layers.", ge=1)
+    hidden_size: int = _field(128, "Model width d.", ge=1)
+    num_attention_heads: int = _field(4, "Attention heads; must divide hidden_size.", ge=1)
+    ffn_hidden_size: Optional[int] = _field(None, "MLP width; null means 4 * hidden_size.", ge=1)
+    seq_length: int = _field(128, "Tokens per training sample.", ge=1)
+    max_position_embeddings: Optional[int] = _field(
+        None, "Positions of the position embedding table; null means seq_length.", ge=1)
+    make_vocab_size_divisible_by: int = _field(
+        128, "Pad the tokenizer's vocabulary to a multiple of this times the TP size.", ge=1)
+    hidden_dropout: float = _field(0.0, "Dropout on hidden states.", ge=0.0, lt=1.0)
+    attention_dropout: float = _field(0.0, "Dropout on attention probabilities.", ge=0.0, lt=1.0)
+    normalization: str = _field("LayerNorm", "Normalization layer.", choices=NORMALIZATIONS)
+    activation: str = _field("gelu", "MLP activation (swiglu is gated: fc1 doubles its width).",
+                             choices=ACTIVATIONS)
+    position_embedding_type: str = _field("learned_absolute", "Position encoding.",
+                                          choices=POSITION_EMBEDDINGS)
+    untie_embeddings_and_output_weights: bool = _field(
+        False, "Give the LM head its own weight instead of the input embedding's.")
+    add_bias_linear: bool = _field(True, "Biases in the linear layers.")
+    inrank: bool = _field(True, "InRank layers (section inrank); false is the dense baseline.")
+
+    def ffn(self) -> int:
+        """The MLP width, resolved."""
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+    def max_positions(self) -> int:
+        """The position table size, resolved."""
+        if self.max_position_embeddings is not None:
+            return self.max_position_embeddings
+        return self.seq_length
+
+
+@dataclass
+class InRankSection:
+    """InRank growth (spec sections 3-5). Counters are optimizer steps; used iff model.inrank."""
+
+    mode: str = _field("efficient", "efficient: W = B A (published results); cumulative: "
+                       "W = W0 + B A with W0 frozen.", choices=MODES)
+    rank: int = _field(2, "Initial rank r0 of every InRank layer.", ge=0)
+    buffer: int = _field(100, "Buffer b: extra active slots while the rank grows.", ge=0)
+    max_rank: Optional[int] = _field(None, "Rank cap; null means min(in, out) // 2 per layer.",
+                                     ge=1)
+    threshold: float = _field(0.9, "Explained-ratio threshold alpha of the rank rule.",
+                              gt=0.0, lt=1.0)
+    warmup: int = _field(25, "Optimizer steps before the first rank check.", ge=0)
+    gap: int = _field(3, "Optimizer steps between rank checks.", ge=1)
+    stage1_steps: Optional[int] = _field(
+        130, "Efficient mode: steps of rank growth before the cut to fixed rank; null never cuts "
+        "(cumulative mode requires null).", ge=1)
+    rule: str = _field("variance", "Explained ratio: variance (the spec) or energy (opt-in).",
+                       choices=RULES)
+    init_scale: float = _field(1.0, "Multiplier on the kaiming-uniform factor init.", gt=0.0)
+    spectrum_dtype: str = _field("float32", "Precision of the rank checks' spectra.",
+                                 choices=SPECTRUM_DTYPES)
+    layers: list[str] = _field(["fc1", "fc2"], "Linear layers made InRank; the others stay dense.",
+                               choices=INRANK_LAYER_KINDS)
+    resize_policy: str = _field(
+        "slice", "Optimizer state at a reallocation: slice (reference), reset or project.",
+        choices=POLICIES)
+
+    def to_core(self):
+        """These settings as the core's :class:`inrank_megatron.core.InRankConfig`."""
+        import torch
+
+        from inrank_megatron.core.config import InRankConfig
+
+        return InRankConfig(
+            mode=self.mode, rank=self.rank, buffer=self.buffer, max_rank=self.max_rank,
+            threshold=self.threshold, warmup=self.warmup, gap=self.gap,
+            stage1_steps=self.stage1_steps, rule=self.rule, init_scale=self.init_scale,
+            spectrum_dtype=getattr(torch, self.spectrum_dtype))
+
+    def layer_max_rank(self, in_features: int, out_features: int) -> int:
+        """The rank cap of a layer of this full (unsharded) shape."""
+        return self.max_rank if self.max_rank is not None else min(in_features, out_features) // 2
+
+
+@dataclass
+class ParallelSection:
+    """Model parallelism and the optimizer backend; data parallelism takes the remaining ranks."""
+
+    tensor_model_parallel_size: int = _field(1, "Tensor-parallel size (TP).", ge=1)
+    pipeline_model_parallel_size: int = _field(1, "Pipeline-parallel size (PP).", ge=1)
+    sequence_parallel: bool = _field(False, "Megatron sequence parallelism (needs TP > 1).")
+    backend: str = _field("torch", "Optimizer backend: torch (DDP + AdamW), megatron "
+                          "(megatron.core optimizer) or deepspeed (ZeRO).", choices=BACKENDS)
+    deepspeed_config: Optional[str] = _field(
+        None, "DeepSpeed JSON; required iff backend is deepspeed.")
+    zero_stage: Optional[int] = _field(
+        None, "ZeRO stage, overriding the JSON's; null reads it from the JSON.",
+        choices=(0, 1, 2, 3))
+
+
+@dataclass
+class DataSection:
+    """Tokenizer and the Megatron indexed dataset."""
+
+    prefix: Optional[str] = _field(
+        None, "Megatron indexed dataset prefix (PREFIX.bin/.idx), e.g. data/wiki_text_document.")
+    tokenizer: str = _field("sentencepiece", "Tokenizer.", choices=TOKENIZERS)
+    tokenizer_model: Optional[str] = _field(
+        None, "SentencePiece model file; required for the sentencepiece tokenizer.")
+    split: str = _field("969,30,1", "Train,valid,test weights over documents (Megatron's split).")
+    seed: int = _field(1234, "Seed of the dataset shuffle.", ge=0)
+    corpus: str = _field("wiki", "What prepare builds when prefix is missing: wiki (the gensim "
+                         "Wikipedia sample) or none (fail instead).", choices=CORPORA)
+
+
+@dataclass
+class TrainSection:
+    """Optimization schedule, precision, logging and evaluation cadence (optimizer steps)."""
+
+    steps: int = _field(300, "Optimizer steps of the run.", ge=1)
+    micro_batch_size: int = _field(4, "Sequences per forward pass per data-parallel rank.", ge=1)
+    global_batch_size: int = _field(8, "Sequences per optimizer step over all ranks.", ge=1)
+    lr: float = _field(6e-4, "Peak learning rate.", gt=0.0)
+    min_lr: float = _field(6e-5, "Learning rate at the end of the decay.", ge=0.0)
+    lr_warmup_steps: int = _field(20, "Steps of linear warm-up from 0 to lr.", ge=0)
+    lr_decay_steps: Optional[int] = _field(None, "Steps of decay to min_lr; null means steps.",
+                                           ge=1)
+    lr_decay_style: str = _field("cosine", "Decay after warm-up.", choices=LR_DECAY_STYLES)
+    weight_decay: float = _field(0.1, "AdamW weight decay (factors and weights; not biases or "
+                                 "norms).", ge=0.0)
+    adam_beta1: float = _field(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
+    adam_beta2: float = _field(0.999, "AdamW beta2.", ge=0.0, lt=1.0)
+    adam_eps: float = _field(1e-8, "AdamW epsilon.", gt=0.0)
+    clip_grad: float = _field(1.0, "Global gradient-norm clip; 0 disables.", ge=0.0)
+    precision: str = _field("fp32", "Training precision (rank checks always run in "
+                            "inrank.spectrum_dtype).", choices=PRECISIONS)
+    initial_loss_scale: float = _field(65536.0, "fp16: initial dynamic loss scale.", gt=0.0)
+    seed: int = _field(1234, "Seed of model init and dropout.", ge=0)
+    log_interval: int = _field(10, "Steps between log lines.", ge=1)
+    eval_interval: int = _field(50, "Steps between validation runs.", ge=1)
+    eval_iters: int = _field(5, "Validation batches per evaluation.", ge=1)
+    save_interval: Optional[int] = _field(None, "Steps between checkpoints; null: no periodic "
+                                          "checkpoints.", ge=1)
+    exit_after_step: Optional[int] = _field(
+        None, "Stop after this step (two-run schedules, tests); null runs to train.steps.", ge=1)
+
+    def decay_steps(self) -> int:
+        """The LR decay length, resolved."""
+        return self.lr_decay_steps if self.lr_decay_steps is not None else self.steps
+
+
+@dataclass
+class OutputSection:
+    """Run directory (checkpoints, config.yaml, logs) and resuming."""
+
+    dir: str = _field("runs/default", "Run directory.")
+    tensorboard: bool = _field(True, "Write TensorBoard events.")
+    csv: bool = _field(True, "Write metrics.csv.")
+    plot: bool = _field(True, "Write plots of the logged metrics (loss, ranks).")
+    resume: str = _field("none", "none (start fresh), auto (the latest checkpoint in output.dir, "
+                         "if any) or a checkpoint path.")
+
+
+@dataclass
+class TrainConfig:
+    """The whole training configuration: one attribute per YAML section."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    inrank: InRankSection = field(default_factory=InRankSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
+
+
+# ------------------------------------------------------------------------------- fields and types
+@functools.lru_cache(maxsize=None)
+def field_types(section: str) -> dict[str, Any]:
+    """``{key: resolved type}`` of a section's fields (the annotations are strings here)."""
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def _optional_inner(tp):
+    """``X`` for ``Optional[X]``, else None."""
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return None
+
+
+def type_name(tp) -> str:
+    """How a field type reads in messages and in the reference: ``int``, ``int | null``..."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{type_name(inner)} | null"
+    if typing.get_origin(tp) is list:
+        return f"list[{type_name(typing.get_args(tp)[0])}]"
+    return tp.__name__
+
+
+def format_value(value) -> str:
+    """A value as it would be written in YAML or an override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _show(value) -> str:
+    """A value in a message: text quoted, anything else as YAML writes it."""
+    return repr(value) if isinstance(value, str) else format_value(value)
+
+
+def _hint(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _check_scalar(key: str, value, tp, meta: Mapping, *, expected: str, shown):
+    wrong = ConfigError(f"{key}: expected {expected}, got {_show(shown)} ({type(value).__name__})")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        value = float(value)
+    elif tp is str:
+        # An integer is text too (``data.split: 100``, ``output.dir: 2024``); a float or a
+        # boolean would not read back as written.
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ConfigError(f"{wrong} (quote it to pass it as text)")
+        value = str(value)
+    else:  # pragma: no cover - a field type this module does not know
+        raise TypeError(f"{key}: unsupported field type {tp!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {_show(value)} is not allowed; expected one of "
+                          f"{', '.join(format_value(c) for c in choices)}{_hint(value, choices)}")
+    for bound, (op, ok) in _BOUNDS.items():
+        if bound in meta and not ok(value, meta[bound]):
+            raise ConfigError(f"{key}: expected a value {op} {meta[bound]}, got {value}")
+    return value
+
+
+def check_value(key: str, value, tp, meta: Optional[Mapping] = None):
+    """``value`` for the field ``key`` of type ``tp``, checked; an int becomes a float or text where
+    the field is one.
+
+    Raises:
+        ConfigError: naming ``key``, the expected type (or allowed values) and ``value``.
+    """
+    meta = meta or {}
+    expected = type_name(tp)
+    inner = _optional_inner(tp)
+    if inner is not None:
+        if value is None:
+            return None
+        tp = inner
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {expected}, got {_show(value)} "
+                              f"({type(value).__name__})")
+        items = [_check_scalar(key, v, item_tp, meta, expected=expected, shown=value)
+                 for v in value]
+        duplicates = sorted({v for v in items if items.count(v) > 1})
+        if duplicates:
+            raise ConfigError(f"{key}: {_show(value)} repeats {', '.join(duplicates)}; "
+                              "expected each value at most once")
+        return items
+    return _check_scalar(key, value, tp, meta, expected=expected, shown=value)
+
+
+def _unknown_key(section: str, key: str, origin: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    return ConfigError(f"unknown key '{section}.{key}'{origin}; valid keys of section "
+                       f"'{section}': {', '.join(valid)}{_hint(key, valid)}")
+
+
+def _unknown_section(section: str, origin: str) -> ConfigError:
+    return ConfigError(f"unknown section '{section}'{origin}; valid sections: "
+                       f"{', '.join(SECTIONS)}{_hint(section, SECTIONS)}")
+
+
+# ------------------------------------------------------------------------------ dicts and loading
+def to_dict(cfg: TrainConfig) -> dict:
+    """The configuration as nested plain data (what ``config.yaml`` in a run directory holds)."""
+    out = {}
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        out[name] = {}
+        for f in dataclasses.fields(SECTIONS[name]):
+            value = getattr(section, f.name)
+            out[name][f.name] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def from_dict(d: Optional[Mapping], *, origin: str = "") -> TrainConfig:
+    """A checked :class:`TrainConfig` from nested data; missing sections and keys take defaults.
+
+    Args:
+        d: ``{section: {key: value}}``, e.g. a parsed YAML file; None means all defaults.
+        origin: where ``d`` came from, for messages (e.g. ``" in configs/x.yaml"``).
+
+    Raises:
+        ConfigError: unknown section or key, wrong type, disallowed value.
+    """
+    if d is None:
+        d = {}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"configuration{origin}: expected a mapping of sections "
+                          f"({', '.join(SECTIONS)}), got {type(d).__name__}")
+    sections = {}
+    for section, values in d.items():
+        section = str(section)
+        if section not in SECTIONS:
+            raise _unknown_section(section, origin)
+        values = {} if values is None else values
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section}{origin}: expected a mapping of keys, got "
+                              f"{_show(values)} ({type(values).__name__})")
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+        types = field_types(section)
+        kwargs = {}
+        for key, value in values.items():
+            key = str(key)
+            if key not in fields:
+                raise _unknown_key(section, key, origin)
+            kwargs[key] = check_value(f"{section}.{key}{origin}", value, types[key],
+                                      fields[key].metadata)
+        sections[section] = SECTIONS[section](**kwargs)
+    return TrainConfig(**sections)
+
+
+def check_fields(cfg: TrainConfig) -> TrainConfig:
+    """Re-check every field of a configuration built in code (types, allowed values, bounds)."""
+    return from_dict(to_dict(cfg))
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` / ``3E+4`` as floats (YAML 1.2 syntax)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str):
+    """``yaml.safe_load`` with exponent floats (``3e-4``) read as floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"train.lr=3e-4"`` -> ``("train", "lr", 0.0003)``; the value is read as YAML and checked.
+
+    Raises:
+        ConfigError: no ``=``, not ``section.key``, unknown section or key, unparsable value,
+            wrong type or disallowed value.
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} has no '='; expected section.key=value, "
+                          "e.g. train.lr=3e-4")
+    dotted, raw = text.split("=", 1)
+    dotted = dotted.strip()
+    origin = f" (override {text!r})"
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS:
+        raise _unknown_section(section, origin)
+    if not key:
+        raise ConfigError(f"override {text!r} names a section, not a key; expected "
+                          f"{section}.KEY=value with KEY one of: "
+                          f"{', '.join(f.name for f in dataclasses.fields(SECTIONS[section]))}")
+    if key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        raise _unknown_key(section, key, origin)
+    try:
+        value = parse_yaml(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value {raw!r} is not valid YAML "
+                          f"({problem})") from None
+    meta = next(f.metadata for f in dataclasses.fields(SECTIONS[section]) if f.name == key)
+    value = check_value(f"{section}.{key}{origin}", value, field_types(section)[key], meta)
+    return section, key, value
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML configuration, apply ``section.key=value`` overrides in order, check fields.
+
+    Cross-key rules that depend on the world size are :func:`validate_layout`'s job.
+
+    Args:
+        path: YAML file; None or ``""`` means all defaults.
+        overrides: e.g. ``["train.lr=3e-4", "model.inrank=false", "inrank.layers=[fc1,qkv]"]``.
+
+    Raises:
+        ConfigError: missing or unparsable file, or any error of :func:`from_dict` /
+            :func:`parse_override`.
+    """
+    data: dict = {}
+    origin = ""
+    if path:
+        origin = f" in {path}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = parse_yaml(f.read())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        # Check the file alone first, so that its own mistakes are reported as the file's.
+        from_dict(loaded, origin=origin)
+        data = {str(s): dict(v or {}) for s, v in (loaded or {}).items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})[key] = value
+    return from_dict(data)
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    """Write the resolved configuration as YAML (``config.yaml`` in the run directory)."""
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def get_value(cfg: TrainConfig, key: str):
+    """The value of ``"section.key"``."""
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+# --------------------------------------------------------------------------- derived and layout
+def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
+    """``world_size / (TP * PP)``; ConfigError when it does not divide."""
+    model_parallel = (cfg.parallel.tensor_model_parallel_size
+                      * cfg.parallel.pipeline_model_parallel_size)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world_size must be a positive integer, got {world_size!r}")
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size = "
+            f"{cfg.parallel.tensor_model_parallel_size} * "
+            f"{cfg.parallel.pipeline_model_parallel_size} = {model_parallel} does not divide "
+            f"world_size={world_size}; expected a divisor of {world_size}")
+    return world_size // model_parallel
+
+
+def grad_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank: ``global / (micro * DP)``."""
+    dp = data_parallel_size(cfg, world_size)
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size * data-parallel size = {cfg.train.micro_batch_size} * {dp} = "
+            f"{per_step}; expected a multiple of {per_step}")
+    return cfg.train.global_batch_size // per_step
+
+
+def inrank_layer_shapes(cfg: TrainConfig) -> dict[str, tuple[int, int]]:
+    """Full (unsharded) ``(in, out)`` of each InRank layer kind in ``inrank.layers``."""
+    hidden, ffn = cfg.model.hidden_size, cfg.model.ffn()
+    shapes = {"fc1": (hidden, ffn), "fc2": (ffn, hidden), "qkv": (hidden, 3 * hidden),
+              "proj": (hidden, hidden)}
+    return {kind: shapes[kind] for kind in cfg.inrank.layers}
+
+
+def _multiple(key: str, value: int, divisor_text: str, divisor: int, why: str = "") -> None:
+    if value % divisor:
+        raise ConfigError(f"{key}={value} is not divisible by {divisor_text}={divisor}{why}; "
+                          f"expected a multiple of {divisor}")
+
+
+_SPLIT = re.compile(r"^\s*\d+(?:\.\d*)?(?:\s*[,/]\s*\d+(?:\.\d*)?){0,2}\s*$")
+
+
+def validate_layout(cfg: TrainConfig, world_size: int) -> None:
+    """Every rule that spans keys, for a run on ``world_size`` processes.
+
+    Checks the fields again (a config may be built in code), then the parallel layout, batch
+    sizes, backend, InRank layer choice and rank settings per layer shape, LR schedule and data.
+
+    Raises:
+        ConfigError: naming the key and the value expected; the first problem found.
+    """
+    check_fields(cfg)
+    m, ir, p, d, t = cfg.model, cfg.inrank, cfg.parallel, cfg.data, cfg.train
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    tp_text = "parallel.tensor_model_parallel_size"
+
+    # Parallel layout: Megatron's own asserts (megatron.training.arguments), named by key.
+    data_parallel_size(cfg, world_size)
+    _multiple("model.hidden_size", m.hidden_size, "model.num_attention_heads",
+              m.num_attention_heads)
+    _multiple("model.hidden_size", m.hidden_size, tp_text, tp)
+    _multiple("model.num_attention_heads", m.num_attention_heads, tp_text, tp)
+    _multiple("model.ffn_hidden_size (resolved)", m.ffn(), tp_text, tp)
+    if p.sequence_parallel:
+        if tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs tensor parallelism; "
+                              "expected parallel.tensor_model_parallel_size > 1 (or "
+                              "parallel.sequence_parallel=false)")
+        _multiple("model.seq_length", m.seq_length, tp_text, tp,
+                  " (sequence parallelism splits the sequence over TP ranks)")
+    _multiple("model.num_layers", m.num_layers, "parallel.pipeline_model_parallel_size", pp)
+    grad_accumulation_steps(cfg, world_size)
+    if m.position_embedding_type == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
+        raise ConfigError(f"model.position_embedding_type=rope needs an even head dimension, got "
+                          f"model.hidden_size / model.num_attention_heads = "
+                          f"{m.hidden_size // m.num_attention_heads}; expected an even value")
+    if m.position_embedding_type == "learned_absolute" and m.max_positions() < m.seq_length:
+        raise ConfigError(f"model.max_position_embeddings={m.max_position_embeddings} is below "
+                          f"model.seq_length={m.seq_length}; expected >= {m.seq_length} or null")
+
+    # Backend.
+    if p.backend == "deepspeed":
+        if p.deepspeed_config is None:
+            raise ConfigError("parallel.deepspeed_config is required when "
+                              "parallel.backend=deepspeed; expected the path of a DeepSpeed JSON")
+        if not os.path.isfile(p.deepspeed_config):
+            raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config!r}: file not found; "
+                              "expected the path of a DeepSpeed JSON")
+        try:
+            with open(p.deepspeed_config, encoding="utf-8") as f:
+                ds = json.load(f)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config!r} is not readable "
+                              f"JSON ({error}); expected a DeepSpeed JSON object") from None
+        if not isinstance(ds, dict):
+            raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config!r} holds a "
+                              f"{type(ds).__name__}; expected a DeepSpeed JSON object")
+        if pp > 1:
+            raise ConfigError(f"parallel.pipeline_model_parallel_size={pp} is not supported with "
+                              "parallel.backend=deepspeed; expected 1")
+    else:
+        for key in ("deepspeed_config", "zero_stage"):
+            if getattr(p, key) is not None:
+                raise ConfigError(f"parallel.{key}={getattr(p, key)!r} is only read by "
+                                  f"parallel.backend=deepspeed (backend is {p.backend}); "
+                                  "expected null")
+
+    # InRank: which layers, and rank settings that fit each layer's full shape (spec section 2).
+    if m.inrank:
+        if m.activation == "swiglu" and "fc1" in ir.layers:
+            raise ConfigError("inrank.layers contains fc1 but model.activation=swiglu (gated fc1), "
+                              "which InRank layers do not support; expected inrank.layers without "
+                              "fc1 (or model.activation=gelu)")
+        if ir.mode == "cumulative" and ir.stage1_steps is not None:
+            raise ConfigError(f"inrank.stage1_steps={ir.stage1_steps} with inrank.mode=cumulative "
+                              "(the cut is an efficient-mode stage); expected null")
+        for kind, (n_in, n_out) in inrank_layer_shapes(cfg).items():
+            n = min(n_in, n_out)
+            max_rank = ir.layer_max_rank(n_in, n_out)
+            shape = f"layer {kind} ({n_in} -> {n_out}) has max_rank={max_rank}"
+            if max_rank > n:
+                raise ConfigError(f"inrank.max_rank={max_rank} exceeds min(in, out)={n} of layer "
+                                  f"{kind} ({n_in} -> {n_out}); expected <= {n}")
+            if ir.buffer >= max_rank:
+                raise ConfigError(f"inrank.buffer={ir.buffer} is too large: {shape}; expected "
+                                  f"inrank.buffer < {max_rank}")
+            if ir.rank + ir.buffer > max_rank:
+                raise ConfigError(f"inrank.rank + inrank.buffer = {ir.rank} + {ir.buffer} = "
+                                  f"{ir.rank + ir.buffer} does not fit: {shape}; expected "
+                                  f"inrank.rank <= {max_rank - ir.buffer}")
+
+    # Schedule.
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; expected <= {t.lr}")
+    if t.lr_decay_style != "constant" and t.lr_warmup_steps >= t.decay_steps():
+        raise ConfigError(f"train.lr_warmup_steps={t.lr_warmup_steps} is not below the decay "
+                          f"length (train.lr_decay_steps, null = train.steps) = {t.decay_steps()}; "
+                          f"expected < {t.decay_steps()}")
+
+    # Data.
+    if d.tokenizer == "sentencepiece" and d.tokenizer_model is None:
+        raise ConfigError("data.tokenizer_model is required when data.tokenizer=sentencepiece; "
+                          "expected the path of a SentencePiece .model")
+    if d.prefix is None and d.corpus == "none":
+        raise ConfigError("data.prefix is null and data.corpus=none: nothing to train on; "
+                          "expected a dataset prefix (or data.corpus=wiki)")
+    weights = [float(w) for w in re.split(r"[,/]", d.split)] if _SPLIT.match(d.split) else []
+    if not weights or weights[0] <= 0:
+        raise ConfigError(f"data.split={d.split!r}; expected up to three non-negative weights "
+                          "train,valid,test with train > 0, e.g. 969,30,1")
+
+
+# Keys that may not change when a run resumes from a checkpoint: they change the parameters or the
+# token ids. Everything else (steps, schedule, intervals, output, parallel layout) may.
+RESUME_FREE_INRANK_KEYS = ("resize_policy",)
+RESUME_FIXED_DATA_KEYS = ("tokenizer", "tokenizer_model")
+
+
+def diff_incompatible(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """Dotted keys whose change makes resuming ``saved``'s checkpoint under ``new`` impossible.
+
+    ``model.*`` (compared resolved: ``ffn_hidden_size: null`` equals ``4 * hidden_size``),
+    ``inrank.*`` except ``resize_policy`` (ignored when both models are dense; ``layers`` compared
+    as a set), ``data.tokenizer`` and ``data.tokenizer_model``.
+    """
+    keys = []
+    for f in dataclasses.fields(ModelSection):
+        a, b = getattr(saved.model, f.name), getattr(new.model, f.name)
+        if f.name == "ffn_hidden_size":
+            a, b = saved.model.ffn(), new.model.ffn()
+        elif f.name == "max_position_embeddings":
+            a, b = saved.model.max_positions(), new.model.max_positions()
+        if a != b:
+            keys.append(f"model.{f.name}")
+    if saved.model.inrank or new.model.inrank:
+        for f in dataclasses.fields(InRankSection):
+            if f.name in RESUME_FREE_INRANK_KEYS:
+                continue
+            a, b = getattr(saved.inrank, f.name), getattr(new.inrank, f.name)
+            if f.name == "layers":
+                a, b = set(a), set(b)
+            if a != b:
+                keys.append(f"inrank.{f.name}")
+    keys += [f"data.{k}" for k in RESUME_FIXED_DATA_KEYS
+             if getattr(saved.data, k) != getattr(new.data, k)]
+    return keys
+
+
+# ------------------------------------------------------------------------------------- reference
+_README_HEADER = """\
+# Training configuration
+
+<!-- Generated by `python tools/config_doc.py > configs/README.md` from
+     inrank_megatron/config.py; do not edit by hand. -->
+
+A run is one YAML file of sections (`model`, `inrank`, `parallel`, `data`, `train`, `output`)
+plus optional overrides on the command line:
+
+    python -m inrank_megatron.train --config configs/tiny-cpu.yaml [section.key=value ...]
+
+The number of processes the launcher starts is the world size; data parallelism takes what
+tensor and pipeline parallelism leave: `DP = world_size / (TP * PP)`, and each optimizer step
+accumulates `global_batch_size / (micro_batch_size * DP)` micro-batches per rank.
+
+## Overrides
+
+`section.key=value`, applied in order after the file. The value is read as YAML, so
+
+    train.lr=3e-4  train.save_interval=null  model.inrank=false  inrank.layers=[fc1,qkv]
+
+mean what they look like (`3e-4` is a float here, unlike in plain PyYAML). A key missing from
+the file and the overrides takes the default below.
+
+**Dense baseline:** `model.inrank=false` builds the same GPT with dense layers everywhere and
+ignores the `inrank` section: the comparison run is a one-key change.
+
+## Checks
+
+Loading (`load_config`) fails with a `ConfigError` naming the full dotted key for an unknown
+section or key (with a "did you mean" hint), a value of the wrong type (an int is accepted for
+a float and for text; a boolean is not an int; a quoted number is text), a value outside the
+allowed ones or the range below, and an override without `=`. Before training,
+`validate_layout(cfg, world_size)` checks the keys together, naming the key and the value
+expected:
+
+- TP * PP divides the world size, and micro batch * DP divides the global batch;
+- heads divide hidden; TP divides heads, hidden and ffn; PP divides the layers;
+- sequence parallelism needs TP > 1 and TP dividing the sequence length;
+- `parallel.deepspeed_config` names an existing JSON iff the backend is deepspeed (and
+  `parallel.zero_stage` is null otherwise); deepspeed does not support PP > 1;
+- with `model.inrank=true`: no InRank fc1 with swiglu; `inrank.stage1_steps` null in cumulative
+  mode; and for every InRank layer (fc1: hidden -> ffn, fc2: ffn -> hidden, qkv: hidden ->
+  3 hidden, proj: hidden -> hidden), with `max_rank` = `inrank.max_rank` or `min(in, out) // 2`:
+  `max_rank <= min(in, out)`, `inrank.buffer < max_rank` and
+  `inrank.rank + inrank.buffer <= max_rank`;
+- learned positions cover the sequence, rope has an even head dimension, `min_lr <= lr`, the
+  warm-up is shorter than the decay, sentencepiece has a `data.tokenizer_model`, there is data
+  (`data.prefix` or `data.corpus=wiki`) and `data.split` reads as `train,valid,test` weights.
+
+## Resuming
+
+The resolved configuration is saved as `config.yaml` in the run directory. A checkpoint can be
+resumed only if `model.*`, `inrank.*` (except `inrank.resize_policy`), `data.tokenizer` and
+`data.tokenizer_model` are unchanged (`diff_incompatible` lists the keys that changed); steps,
+the LR schedule, intervals, output and the parallel layout may change, as far as the backend's
+checkpoint format allows.
+"""
+
+
+def render_reference() -> str:
+    """``configs/README.md``: the CLI, overrides, checks, then a table per section."""
+    parts = [_README_HEADER]
+    for section, cls in SECTIONS.items():
+        parts.append(f"\n## `{section}`\n\n{(cls.__doc__ or '').strip()}\n\n"
+                     "| key | type | default | meaning |\n|---|---|---|---|\n")
+        types = field_types(section)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            meaning = f.metadata["help"]
+            if "choices" in f.metadata:
+                meaning += " One of: " + ", ".join(f"`{format_value(c)}`"
+                                                   for c in f.metadata["choices"]) + "."
+            bounds = [f"{op} {f.metadata[b]}" for b, (op, _) in _BOUNDS.items()
+                      if b in f.metadata]
+            if bounds:
+                meaning += f" Range: {', '.join(bounds)}."
+            row = [f"`{f.name}`", f"`{type_name(types[f.name])}`", f"`{format_value(default)}`",
+                   meaning]
+            # GitHub tables split cells at every unescaped "|", code spans included.
+            parts.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |\n")
+    return "".join(parts)

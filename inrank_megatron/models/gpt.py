@@ -1,0 +1,85 @@
+"""Build megatron.core's ``GPTModel`` with InRank layers (or dense, a flag away)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from inrank_megatron.core.config import InRankConfig
+from inrank_megatron.models.gpt_spec import get_gpt_block_inrank_spec
+
+_ACTIVATIONS = {"gelu": F.gelu}
+
+
+@dataclass
+class GPTShape:
+    """Architecture of a GPT (GPT-2 style: learned positions, LayerNorm, GELU, tied embeddings)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    seq_length: int
+    vocab_size: int  # padded vocabulary (divisible by make_vocab_size_divisible_by * TP)
+    ffn_hidden_size: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    normalization: str = "LayerNorm"
+    activation: str = "gelu"
+    position_embedding_type: str = "learned_absolute"
+    untie_embeddings_and_output_weights: bool = False
+    add_bias_linear: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    extra: dict = field(default_factory=dict)  # more TransformerConfig fields
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's vocabulary padding: a multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_config(shape: GPTShape, *, tp: int = 1, pp: int = 1, sequence_parallel=False,
+                       params_dtype=torch.float32, bf16=False, fp16=False) -> TransformerConfig:
+    """A TransformerConfig for megatron's local (no TE/apex) path with fusions off."""
+    if shape.activation == "swiglu":
+        act, gated = F.silu, True
+    elif shape.activation in _ACTIVATIONS:
+        act, gated = _ACTIVATIONS[shape.activation], False
+    else:
+        raise ValueError(f"model.activation must be 'gelu' or 'swiglu', got {shape.activation!r}")
+    return TransformerConfig(
+        num_layers=shape.num_layers, hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        ffn_hidden_size=shape.ffn_hidden_size or 4 * shape.hidden_size,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1, use_cpu_initialization=True,
+        params_dtype=params_dtype, bf16=bf16, fp16=fp16, pipeline_dtype=params_dtype,
+        normalization=shape.normalization, activation_func=act, gated_linear_unit=gated,
+        add_bias_linear=shape.add_bias_linear, hidden_dropout=shape.hidden_dropout,
+        attention_dropout=shape.attention_dropout, gradient_accumulation_fusion=False,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, **shape.extra)
+
+
+def build_gpt(shape: GPTShape, config: TransformerConfig, *, inrank: Optional[InRankConfig],
+              inrank_layers=("fc1", "fc2"), layer_numbers=None, pre_process=True,
+              post_process=True, vp_stage=None) -> GPTModel:
+    """megatron.core ``GPTModel`` with InRank layers (``inrank=None``: the dense baseline, built
+    through the same spec code with no InRank linears).
+
+    Initialisation does not depend on the TP size: megatron draws full weights on the CPU
+    (``use_cpu_initialization``) and the InRank layers draw full factors, then keep their shard.
+    """
+    spec = get_gpt_block_inrank_spec(config, inrank, layers=inrank_layers if inrank else (),
+                                     layer_numbers=layer_numbers, vp_stage=vp_stage)
+    return GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=shape.vocab_size,
+        max_sequence_length=shape.max_position_embeddings or shape.seq_length,
+        pre_process=pre_process, post_process=post_process, parallel_output=True,
+        share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
+        position_embedding_type=shape.position_embedding_type, vp_stage=vp_stage)
