@@ -129,9 +129,20 @@ class _InRankParallelLinear(InRankFactorsMixin, torch.nn.Module):
         axis = {self._sharded_role: self._sharded_dim, "w0": self._w0_dim}
         if self._bias_sharded:
             axis["bias"] = 0
-        return make_sharded_tensors_for_checkpoint(
+        sharded = make_sharded_tensors_for_checkpoint(
             state_dict, prefix, axis, sharded_offsets, tp_group=self.tp_group,
             dp_cp_group=metadata["dp_cp_group"])
+        if sharded_offsets:
+            # megatron stacks the layers of a block along a prepended axis, which needs equal
+            # shapes; after the cut each layer has its own rank, so factors get one key per layer.
+            layer = "_".join(str(offset) for _, offset, _ in sharded_offsets)
+            factors = {role: state_dict[role] for role in ("A", "B")}
+            per_layer = make_sharded_tensors_for_checkpoint(
+                factors, f"{prefix}layer{layer}.", axis, (), tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"])
+            for role in ("A", "B"):
+                sharded[prefix + role] = per_layer[f"{prefix}layer{layer}.{role}"]
+        return sharded
 
     def __repr__(self):
         g = self.growth

@@ -1,0 +1,106 @@
+"""Train a megatron.core GPT with InRank layers from a YAML config.
+
+Single node, CPU default (TP=2 on 2 processes)::
+
+    torchrun --nproc_per_node 2 -m inrank_megatron.train --config configs/tiny-cpu.yaml
+    torchrun --nproc_per_node 2 -m inrank_megatron.train --config configs/tiny-cpu.yaml \\
+        model.inrank=false output.dir=runs/tiny-cpu-dense        # the dense baseline
+
+Multi-node (see launch/README.md)::
+
+    sbatch -N 2 launch/slurm_torchrun.sbatch configs/gpt2-medium.yaml
+
+Every config key can be overridden as ``section.key=value``; unknown keys are rejected. Bad input
+(config, layout, data, resume directory) fails here, before any process group starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from inrank_megatron.config import (
+    ConfigError, TrainConfig, diff_incompatible, from_dict, load_config, validate_layout,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m inrank_megatron.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (default: all defaults)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return p.parse_args(argv)
+
+
+def resolve_resume(cfg: TrainConfig, world_size: int):
+    """The checkpoint to resume from (or None), checked against this run's config and layout."""
+    from inrank_megatron.training import checkpoint as ckpt
+
+    resume = cfg.output.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        path = ckpt.latest_checkpoint(os.path.join(cfg.output.dir, "checkpoints"))
+        if path is None:
+            return None
+    else:
+        path = resume
+        if not os.path.isdir(path):
+            raise ConfigError(f"output.resume={resume!r}: no such checkpoint directory")
+    try:
+        meta = ckpt.read_meta(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"output.resume={resume!r}: {e}") from None
+    changed = diff_incompatible(from_dict(meta["config"]), cfg)
+    if changed:
+        raise ConfigError(f"output.resume: checkpoint {path} was trained with a different "
+                          f"{', '.join(changed)}; resume with the same values (or start a new "
+                          "output.dir)")
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if (meta["world_size"], meta["tp"], meta["pp"]) != (world_size, tp, pp):
+        raise ConfigError(
+            f"output.resume: checkpoint {path} has world_size={meta['world_size']}, "
+            f"tp={meta['tp']}, pp={meta['pp']} but this run has {world_size}, {tp}, {pp}; "
+            "reshard it first with tools/convert_checkpoint.py")
+    if meta["backend"] != cfg.parallel.backend:
+        raise ConfigError(f"output.resume: checkpoint {path} was written by backend "
+                          f"{meta['backend']!r}, this run uses parallel.backend="
+                          f"{cfg.parallel.backend!r}; convert it with tools/convert_checkpoint.py")
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from inrank_megatron.launch_env import init_distributed_env
+
+    env = init_distributed_env()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate_layout(cfg, env["world_size"])
+        from inrank_megatron.training.data import check_data_config
+
+        check_data_config(cfg)
+        resume_path = resolve_resume(cfg, env["world_size"])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from inrank_megatron.training.loop import train
+    from inrank_megatron.training.parallel import shutdown
+
+    try:
+        summary = train(cfg, resume_path=resume_path, dist_backend=env["backend"])
+    finally:
+        shutdown()
+    if env["rank"] == 0:
+        ppl = summary["valid_ppl"]
+        print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f} s, valid loss "
+              f"{summary['valid_loss'] if summary['valid_loss'] is None else round(summary['valid_loss'], 4)}"
+              f", ppl {ppl if ppl is None else round(ppl, 2)}, ranks {summary['ranks']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

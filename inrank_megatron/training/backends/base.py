@@ -1,0 +1,64 @@
+"""The narrow interface every training backend implements (build, step, resize, save, load).
+
+The training loop (``inrank_megatron.training.loop``) only talks to this interface; plain torch
+DDP, megatron's optimizer and DeepSpeed ZeRO differ behind it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Backend:
+    """Base class. Subclasses build their optimizer in ``__init__``.
+
+    Args:
+        cfg: the run's TrainConfig.
+        model: the megatron GPTModel on this rank (unwrapped).
+        groups: :class:`inrank_megatron.training.parallel.ParallelGroups`.
+    """
+
+    name = "base"
+
+    def __init__(self, cfg, model, groups):
+        self.cfg = cfg
+        self.model = model
+        self.groups = groups
+
+    @staticmethod
+    def loss(module, batch: dict) -> torch.Tensor:
+        """Mean token loss of one micro-batch (``loss_mask`` applied)."""
+        losses = module(batch["tokens"], batch["position_ids"], attention_mask=None,
+                        labels=batch["labels"])  # (b, s)
+        mask = batch["loss_mask"].to(losses.dtype)
+        return (losses.float() * mask).sum() / mask.sum().clamp_min(1)
+
+    def forward_backward(self, batch: dict, num_microbatches: int, *, last: bool) -> torch.Tensor:
+        """Forward and backward one micro-batch; returns its (unscaled) loss."""
+        raise NotImplementedError
+
+    def step(self) -> dict:
+        """Reduce, clip and apply the accumulated gradients; advance the LR schedule.
+        Returns ``{"grad_norm", "lr", "loss_scale"}``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        self.model.eval()
+        try:
+            return self.loss(self.model, batch)
+        finally:
+            self.model.train()
+
+    def lr(self) -> float:
+        raise NotImplementedError
+
+    def resize(self, resizes, policy: str) -> None:
+        """Carry optimizer state across factor reallocations (``FactorResize`` events)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError

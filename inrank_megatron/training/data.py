@@ -1,0 +1,87 @@
+"""Data for the training loop: build the default corpus when missing, megatron GPT datasets, and a
+deterministic per-data-parallel-rank batch order that a resume re-enters exactly.
+
+Sample order: optimizer step ``s`` (0-based) consumes global samples ``[s * gbs, (s + 1) * gbs)``;
+micro-batch ``i`` of data-parallel rank ``r`` takes ``mbs`` consecutive ones starting at
+``s * gbs + (i * dp + r) * mbs``. The data position is therefore just the step, and TP ranks of one
+replica read the same samples.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from inrank_megatron.config import ConfigError, TrainConfig
+
+
+def _exists(prefix: str) -> bool:
+    return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
+
+
+def check_data_config(cfg: TrainConfig) -> None:
+    """Fail before any process group starts if there is no data and nothing may build it."""
+    d = cfg.data
+    if d.prefix is None:
+        raise ConfigError("data.prefix is not set: expected a megatron indexed dataset prefix "
+                          "(PREFIX.bin/.idx), e.g. data/wiki_sp8k_text_document")
+    if not _exists(d.prefix) and d.corpus == "none":
+        raise ConfigError(f"data.prefix={d.prefix!r}: {d.prefix}.bin/.idx not found and "
+                          "data.corpus=none; run tools/preprocess_data.py or set data.corpus=wiki")
+    if not _exists(d.prefix) and not d.prefix.endswith("_text_document"):
+        raise ConfigError(f"data.prefix={d.prefix!r} does not exist and cannot be built: a prefix "
+                          "that prepare builds must end in '_text_document'")
+
+
+def prepare_data(cfg: TrainConfig) -> None:
+    """Build the tokenizer and the default corpus dataset when missing. Call on one rank only."""
+    from inrank_megatron.data.corpus import wiki_articles
+    from inrank_megatron.data.preprocess import preprocess
+    from inrank_megatron.data.tokenizers import build_tokenizer
+    from inrank_megatron.data.train_tokenizer import train_sentencepiece
+
+    d = cfg.data
+    if _exists(d.prefix):
+        return
+    os.makedirs(os.path.dirname(d.prefix) or ".", exist_ok=True)
+    if d.tokenizer == "sentencepiece" and not os.path.isfile(d.tokenizer_model):
+        model_prefix = d.tokenizer_model.removesuffix(".model")
+        os.makedirs(os.path.dirname(model_prefix) or ".", exist_ok=True)
+        train_sentencepiece(model_prefix, documents=wiki_articles())
+    tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_model)
+    preprocess(d.prefix.removesuffix("_text_document"), tokenizer=tokenizer)
+
+
+def build_datasets(cfg: TrainConfig, tokenizer, dp_size: int):
+    """Train and valid GPT datasets sized for the run (valid: the fixed set each eval reads)."""
+    from inrank_megatron.data.datasets import build_gpt_datasets
+
+    t = cfg.train
+    num = (t.steps * t.global_batch_size, t.eval_iters * t.micro_batch_size * dp_size, 0)
+    return build_gpt_datasets(cfg.data.prefix, cfg.model.seq_length, tokenizer=tokenizer,
+                              num_samples=num, seed=cfg.data.seed, split=cfg.data.split)
+
+
+def _collate(samples) -> dict:
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+            for k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def step_microbatches(dataset, step: int, cfg: TrainConfig, dp_size: int, dp_rank: int) -> list:
+    """The micro-batches of optimizer step ``step`` (0-based) for this data-parallel rank."""
+    t = cfg.train
+    mbs, gbs = t.micro_batch_size, t.global_batch_size
+    out = []
+    for i in range(gbs // (mbs * dp_size)):
+        start = step * gbs + (i * dp_size + dp_rank) * mbs
+        out.append(_collate([dataset[j] for j in range(start, start + mbs)]))
+    return out
+
+
+def eval_microbatches(dataset, cfg: TrainConfig, dp_size: int, dp_rank: int) -> list:
+    """The fixed validation micro-batches of this data-parallel rank."""
+    mbs = cfg.train.micro_batch_size
+    return [_collate([dataset[j] for j in range((i * dp_size + dp_rank) * mbs,
+                                                (i * dp_size + dp_rank + 1) * mbs)])
+            for i in range(cfg.train.eval_iters)]

@@ -1,0 +1,196 @@
+"""The one training loop: megatron.core GPTModel with the InRank spec, any backend, through both
+InRank stages, with evaluation, metrics, checkpoints and resume.
+
+Per optimizer step: forward/backward each micro-batch, ``backend.step()`` (reduce, clip, AdamW,
+LR schedule), then ``controller.step(step)`` (due rank checks, the stage cut) and
+``backend.resize(...)`` for any reallocation, so growth always sees the updated weights and the
+optimizer state follows the factors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+
+from inrank_megatron.config import TrainConfig, save_config, to_dict
+from inrank_megatron.growth.controller import GrowthController
+from inrank_megatron.models.gpt import GPTShape, build_gpt, padded_vocab_size, transformer_config
+from inrank_megatron.training import checkpoint as ckpt
+from inrank_megatron.training.backends import build_backend
+from inrank_megatron.training.data import (
+    build_datasets, eval_microbatches, prepare_data, step_microbatches,
+)
+from inrank_megatron.training.parallel import (
+    ParallelGroups, init_parallel, rng_state, set_rng_state, set_seeds,
+)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, tp: int):
+    """The GPTModel of this rank (fp32 master weights; bf16/fp16 run under autocast)."""
+    m = cfg.model
+    shape = GPTShape(num_layers=m.num_layers, hidden_size=m.hidden_size,
+                     num_attention_heads=m.num_attention_heads, seq_length=m.seq_length,
+                     vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp),
+                     ffn_hidden_size=m.ffn(), max_position_embeddings=m.max_positions(),
+                     normalization=m.normalization, activation=m.activation,
+                     position_embedding_type=m.position_embedding_type,
+                     untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+                     add_bias_linear=m.add_bias_linear, hidden_dropout=m.hidden_dropout,
+                     attention_dropout=m.attention_dropout)
+    config = transformer_config(shape, tp=tp, pp=cfg.parallel.pipeline_model_parallel_size,
+                                sequence_parallel=cfg.parallel.sequence_parallel)
+    inrank = cfg.inrank.to_core() if m.inrank else None
+    return build_gpt(shape, config, inrank=inrank, inrank_layers=tuple(cfg.inrank.layers))
+
+
+class _Averager:
+    """Mean of a per-rank scalar over the data-parallel group."""
+
+    def __init__(self, groups: ParallelGroups):
+        self.groups = groups
+
+    def __call__(self, values) -> float:
+        t = torch.tensor([float(sum(values)), float(len(values))], dtype=torch.float64)
+        if self.groups.dp_size > 1:
+            torch.distributed.all_reduce(t, group=self.groups.dp_group)
+        return (t[0] / t[1]).item()
+
+
+def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> dict:
+    """Run the configured job on this rank. Returns the summary (also written to summary.json)."""
+    t0 = time.time()
+    groups = init_parallel(cfg.parallel.tensor_model_parallel_size,
+                           cfg.parallel.pipeline_model_parallel_size, backend=dist_backend)
+    out = cfg.output.dir
+    ckpt_root = os.path.join(out, "checkpoints")
+    if groups.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        save_config(cfg, os.path.join(out, "config.yaml"))
+        prepare_data(cfg)
+    torch.distributed.barrier()
+
+    from inrank_megatron.data.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
+    datasets = build_datasets(cfg, tokenizer, groups.dp_size)
+    set_seeds(cfg.train.seed)
+    model = build_model(cfg, tokenizer.vocab_size, groups.tp_size)
+    controller = GrowthController(model, stage1_steps=cfg.inrank.stage1_steps
+                                  if cfg.model.inrank else None)
+    start_step = 0
+    rank_state = None
+    if resume_path is not None:
+        meta = ckpt.read_meta(resume_path)
+        ckpt.load_model_state(resume_path, model, controller)
+        rank_state = ckpt.load_rank_state(resume_path, groups.rank)
+        start_step = meta["step"]
+    backend = build_backend(cfg, model, groups)
+    if rank_state is not None:
+        backend.load_state_dict(rank_state["backend"])
+        set_rng_state(rank_state["rng"])
+
+    writer = None
+    if groups.rank == 0:
+        from inrank_megatron.training.metrics import MetricsWriter
+
+        writer = MetricsWriter(out, tensorboard=cfg.output.tensorboard, csv=cfg.output.csv,
+                               resume_step=start_step if resume_path is not None else None)
+        if resume_path is not None:
+            writer.log_event(start_step, "resume", resume_path)
+        else:
+            writer.log_ranks(0, controller.ranks(), None)
+    mean = _Averager(groups)
+    t = cfg.train
+    last_step = min(t.steps, t.exit_after_step or t.steps)
+    valid_batches = eval_microbatches(datasets.valid, cfg, groups.dp_size, groups.dp_rank) \
+        if datasets.valid is not None else []
+
+    def evaluate(step):
+        if not valid_batches:
+            return None
+        loss = mean([backend.eval_loss(b).item() for b in valid_batches])
+        if writer:
+            writer.log_eval(step, split="valid", loss=loss)
+        return loss
+
+    bar = None
+    if groups.rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=last_step, initial=start_step, desc="train", dynamic_ncols=True)
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    history, val_loss = [], None
+    for step in range(start_step + 1, last_step + 1):
+        tic = time.time()
+        micro = step_microbatches(datasets.train, step - 1, cfg, groups.dp_size, groups.dp_rank)
+        losses = [backend.forward_backward(b, len(micro), last=i == len(micro) - 1).item()
+                  for i, b in enumerate(micro)]
+        info = backend.step()
+        report = controller.step(step)
+        if report.resizes:
+            backend.resize(report.resizes, cfg.inrank.resize_policy)
+        loss = mean(losses)
+        history.append(loss)
+        stage = "fixed" if any(l.growth.stage == "fixed" for _, l in controller.layers) \
+            else ("growing" if controller.layers else "dense")
+        if writer:
+            if step % t.log_interval == 0 or step == last_step or report.checks or report.cut:
+                writer.log_train(step, loss=loss, lr=info["lr"], grad_norm=info["grad_norm"],
+                                 tokens_per_s=tokens_per_step / (time.time() - tic), stage=stage,
+                                 loss_scale=info["loss_scale"])
+            if report.checks:
+                writer.log_ranks(step, {c.layer: c.new_rank for c in report.checks},
+                                 {c.layer: c.explained_ratio for c in report.checks})
+            if report.cut:
+                writer.log_event(step, "cut", f"stage 2 at ranks {sorted(set(controller.ranks().values()))}")
+                writer.log_ranks(step, controller.ranks(), None)
+        if t.eval_interval and step % t.eval_interval == 0:
+            val_loss = evaluate(step)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", stage=stage)
+        if (t.save_interval and step % t.save_interval == 0) or step == last_step:
+            ckpt.save_training_checkpoint(
+                ckpt_root, step, model=model, controller=controller, backend=backend,
+                groups=groups, rng=rng_state(),
+                meta={"consumed_samples": step * t.global_batch_size,
+                      "world_size": groups.world_size, "tp": groups.tp_size,
+                      "pp": groups.pp_size, "dp": groups.dp_size, "backend": backend.name,
+                      "config": to_dict(cfg)})
+    if bar:
+        bar.close()
+    if last_step == t.steps and (not t.eval_interval or t.steps % t.eval_interval):
+        val_loss = evaluate(t.steps)
+    summary = {
+        "steps": last_step, "finished": last_step == t.steps, "train_loss_last": history[-1]
+        if history else None, "train_losses": history, "valid_loss": val_loss,
+        "valid_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
+        "ranks": controller.ranks(), "stage": (controller.layers[0][1].growth.stage
+                                               if controller.layers else "dense"),
+        "wall_s": time.time() - t0, "world_size": groups.world_size,
+        "parameters": _parameter_counts(model, groups),
+    }
+    if groups.rank == 0:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        writer.close()
+        if cfg.output.plot:
+            from inrank_megatron.training.plot import plot_run
+
+            plot_run(out)
+    return summary
+
+
+def _parameter_counts(model, groups: ParallelGroups) -> dict:
+    """Trainable parameters of the full model (TP shards summed, replicas once)."""
+    from inrank_megatron.training.optim import is_tp_duplicate
+
+    n = torch.tensor([sum(p.numel() for p in model.parameters()
+                          if not is_tp_duplicate(p, groups.tp_rank))], dtype=torch.float64)
+    if groups.tp_size > 1:
+        torch.distributed.all_reduce(n, group=groups.tp_group)
+    return {"total": int(n.item())}
