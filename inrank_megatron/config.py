@@ -72,7 +72,8 @@ class ModelSection:
     max_position_embeddings: Optional[int] = _field(
         None, "Positions of the position embedding table; null means seq_length.", ge=1)
     make_vocab_size_divisible_by: int = _field(
-        128, "Pad the tokenizer's vocabulary to a multiple of this times the TP size.", ge=1)
+        128, "Pad the tokenizer's vocabulary to a multiple of this (independent of the TP size, "
+        "so TP layouts agree; it must be divisible by the TP size).", ge=1)
     hidden_dropout: float = _field(0.0, "Dropout on hidden states.", ge=0.0, lt=1.0)
     attention_dropout: float = _field(0.0, "Dropout on attention probabilities.", ge=0.0, lt=1.0)
     normalization: str = _field("LayerNorm", "Normalization layer.", choices=NORMALIZATIONS)
@@ -570,6 +571,8 @@ def validate_layout(cfg: TrainConfig, world_size: int) -> None:
     _multiple("model.hidden_size", m.hidden_size, tp_text, tp)
     _multiple("model.num_attention_heads", m.num_attention_heads, tp_text, tp)
     _multiple("model.ffn_hidden_size (resolved)", m.ffn(), tp_text, tp)
+    _multiple("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, tp_text, tp,
+              " (the padded vocabulary is split over TP)")
     if p.sequence_parallel:
         if tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs tensor parallelism; "

@@ -38,9 +38,18 @@ class GPTShape:
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron's vocabulary padding: a multiple of ``divisible_by * tp``."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+    """The vocabulary padded to a multiple of ``divisible_by``, which TP must divide.
+
+    Megatron pads to a multiple of ``divisible_by * tp``, so the embedding's shape (and the random
+    stream of the initialisation after it) changes with the TP size; padding independently of TP
+    keeps a TP=2 model equal to the TP=1 model and checkpoints reshardable.
+    """
+    padded = ((vocab_size + divisible_by - 1) // divisible_by) * divisible_by
+    if padded % tp:
+        raise ValueError(f"model.make_vocab_size_divisible_by={divisible_by} gives a padded "
+                         f"vocabulary of {padded}, not divisible by the tensor-parallel size {tp}; "
+                         "choose a multiple of the TP size")
+    return padded
 
 
 def transformer_config(shape: GPTShape, *, tp: int = 1, pp: int = 1, sequence_parallel=False,

@@ -302,12 +302,15 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module, group=None) -> Non
     """Sum over TP the gradients of parameters marked ``sequence_parallel`` (replicated factors,
     norms and row biases under SP), as megatron's ``finalize_model_grads`` does. For training loops
     that do not use megatron's DDP."""
-    from megatron.core import parallel_state
-
-    group = group or parallel_state.get_tensor_model_parallel_group()
     grads = [p.grad for p in model.parameters()
              if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads or torch.distributed.get_world_size(group) == 1:
+    if not grads:
+        return
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    if torch.distributed.get_world_size(group) == 1:
         return
     flat = torch._utils._flatten_dense_tensors(grads)
     torch.distributed.all_reduce(flat, group=group)

@@ -91,17 +91,17 @@ PartitionName=debug Nodes=$NODES Default=YES MaxTime=INFINITE State=UP
 CONF_EOF
 )
 
-idle_nodes() { sinfo -h -t idle -o %D 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
+idle_nodes() { timeout 5 sinfo -h -t idle -o %D 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
 
 if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$WANT" ] && [ -s "$S/slurmctld.pid" ] \
    && kill -0 "$(cat "$S/slurmctld.pid")" 2>/dev/null \
-   && [ "$(sinfo -h -o %D 2>/dev/null | awk '{s += $1} END {print s + 0}')" = "$N" ] \
-   && ! sinfo -h -o %T 2>/dev/null | grep -qE 'down|drain|fail|unk'; then
+   && [ "$(timeout 5 sinfo -h -o %D 2>/dev/null | awk '{s += $1} END {print s + 0}')" = "$N" ] \
+   && ! timeout 5 sinfo -h -o %T 2>/dev/null | grep -qE 'down|drain|fail|unk'; then
   sinfo
   exit 0
 fi
 
-"$HERE/stop.sh"
+KEEP_MUNGE=1 "$HERE/stop.sh"
 rm -rf "$S/state" "$S/spool" "$S/log"
 mkdir -p "$S/state" "$S/log" /etc/slurm
 for n in $(if [ "$N" -gt 1 ]; then seq -f 'n%g' 1 "$N"; else echo "$HOST"; fi); do mkdir -p "$S/spool/$n"; done
@@ -118,11 +118,12 @@ fi
 # --- daemons ----------------------------------------------------------------------------------
 slurmctld -c                              # -c: clean state (no jobs carried over)
 if [ "$N" -gt 1 ]; then for i in $(seq "$N"); do slurmd -N "n$i"; done; else slurmd; fi
-for _ in $(seq 60); do                    # bounded: nodes register within seconds
+deadline=$((SECONDS + 60))                # bounded: nodes register within seconds
+while [ "$SECONDS" -lt "$deadline" ]; do
   if [ "$(idle_nodes)" = "$N" ]; then sinfo; exit 0; fi
   sleep 1
 done
 log "slurm did not come up with $N idle nodes within 60 s"
-sinfo -N -l >&2 || true
+timeout 5 sinfo -N -l >&2 || true
 tail -n 20 "$S"/log/*.log >&2 || true
 exit 1

@@ -4,7 +4,7 @@
 #
 #   tests/slurm/stop.sh                  # INRANK_SLURM_DIR as for start.sh (default /tmp/inrank-slurm)
 #
-# Always exits 0; safe to run when nothing is running.
+# KEEP_MUNGE=1 leaves munged running (start.sh restarting the cluster). Always exits 0; safe to run when nothing is running.
 S=${INRANK_SLURM_DIR:-/tmp/inrank-slurm}
 
 gone() {  # wait up to 10 s for a pid to exit
@@ -16,7 +16,7 @@ if [ -s "$S/slurmctld.pid" ] && kill -0 "$(cat "$S/slurmctld.pid")" 2>/dev/null;
   timeout 10 scontrol shutdown >/dev/null 2>&1 || true   # asks slurmctld and every slurmd to exit
 fi
 pidfiles=("$S"/slurmd-*.pid "$S/slurmctld.pid")
-[ -f "$S/munged.started" ] && pidfiles+=(/run/munge/munged.pid)
+[ -f "$S/munged.started" ] && [ -z "${KEEP_MUNGE:-}" ] && pidfiles+=(/run/munge/munged.pid)
 for p in "${pidfiles[@]}"; do
   [ -s "$p" ] || continue
   pid=$(cat "$p")
@@ -24,5 +24,5 @@ for p in "${pidfiles[@]}"; do
   gone "$pid" || { kill "$pid" 2>/dev/null; gone "$pid" || kill -9 "$pid" 2>/dev/null; }
   rm -f "$p"
 done
-rm -f "$S/munged.started"
+[ -n "${KEEP_MUNGE:-}" ] || rm -f "$S/munged.started"
 exit 0

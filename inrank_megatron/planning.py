@@ -1,0 +1,799 @@
+"""What a run of a config costs before it is launched: parameters, memory and FLOPs, dense and
+InRank, and whether its parallel layout fits ``nodes x gpus_per_node`` GPUs.
+
+    cfg = load_config("configs/gpt2-medium.yaml")
+    count_parameters(cfg, inrank=False).total              # == sum(p.numel()) of the built GPT
+    count_parameters(cfg, stage="fraction").per_gpu        # after the cut at 33% of d_model
+    print(format_plan(plan(cfg, nodes=2, gpus_per_node=8)))
+
+Parameter counts follow megatron.core's ``GPTModel`` as :func:`inrank_megatron.models.gpt.build_gpt`
+builds it with the local (no TE) layer spec, layer by layer, and ``tests/test_planning.py`` pins them
+to the built model exactly. InRank linears hold ``A [slots, in]`` and ``B [out, slots]`` (spec
+section 2); which slots count is the *stage*:
+
+- ``storage``: what the layer allocates: efficient mode pre-allocates ``max_rank`` slots, cumulative
+  mode ``rank + buffer`` (plus a frozen ``w0`` buffer, counted apart as ``buffers``);
+- ``active``: the ``rank + buffer`` slots the forward pass uses in stage 1;
+- ``fraction``: after the cut (spec section 4), ``rank = round(rank_fraction * d_model)`` slots and no
+  buffer (cumulative mode never cuts: ``rank + buffer`` slots). The paper reports at most 33% of the
+  ranks (``r / d_model``), hence the default 0.33.
+
+Memory counts weights, gradients and optimizer state only (activations are not included), with the
+bytes per parameter of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp32 training keeps
+4 + 4 bytes of weights and gradients and 8 of Adam moments; bf16/fp16 keeps 2 + 2 and 12 of fp32
+master weights and moments. FLOPs are 6N-style (Kaplan et al. 2020; Narayanan et al. 2021): twice the
+multiply-adds of every matmul per token forward, three times that for forward plus backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from inrank_megatron.config import (
+    ConfigError, TrainConfig, data_parallel_size, grad_accumulation_steps, inrank_layer_shapes,
+    validate_layout,
+)
+
+# Ids of the GPT-2 byte-level BPE (inrank_megatron.data.tokenizers.GPT2Tokenizer.vocab_size).
+GPT2_VOCAB_SIZE = 50257
+STAGES = ("storage", "active", "fraction")
+DEFAULT_RANK_FRACTION = 0.33
+STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "megatron")
+STRATEGY_NAMES = {"zero0": "ZeRO-0 (DDP)", "zero1": "ZeRO-1", "zero2": "ZeRO-2",
+                  "zero3": "ZeRO-3", "megatron": "Megatron dist-opt"}
+ACTIVATIONS_NOTE = "activations are not included"
+
+
+# ------------------------------------------------------------------------------------- model shape
+def tokenizer_vocab_size(cfg: TrainConfig) -> int:
+    """Ids of the config's tokenizer: 50257 for GPT-2 BPE; a SentencePiece model's piece count when
+    its file exists, else the size ``tools/train_tokenizer.py`` trains by default."""
+    if cfg.data.tokenizer == "gpt2":
+        return GPT2_VOCAB_SIZE
+    path = cfg.data.tokenizer_model
+    if path and os.path.isfile(path):
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_file=path).get_piece_size()
+    from inrank_megatron.data.train_tokenizer import DEFAULT_VOCAB_SIZE
+
+    return DEFAULT_VOCAB_SIZE
+
+
+def padded_vocab(cfg: TrainConfig, *, tp: Optional[int] = None,
+                 vocab_size: Optional[int] = None) -> int:
+    """The vocabulary Megatron builds: padded to a multiple of ``make_vocab_size_divisible_by * TP``
+    (``inrank_megatron.models.gpt.padded_vocab_size``)."""
+    tp = tp or cfg.parallel.tensor_model_parallel_size
+    vocab = vocab_size or tokenizer_vocab_size(cfg)
+    multiple = cfg.model.make_vocab_size_divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
+def gpt_shape(cfg: TrainConfig, *, tp: Optional[int] = None, vocab_size: Optional[int] = None):
+    """The :class:`inrank_megatron.models.gpt.GPTShape` of a config (vocabulary padded for ``tp``,
+    default the config's TP)."""
+    from inrank_megatron.models.gpt import GPTShape
+
+    m = cfg.model
+    return GPTShape(
+        num_layers=m.num_layers, hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads, seq_length=m.seq_length,
+        vocab_size=padded_vocab(cfg, tp=tp, vocab_size=vocab_size),
+        ffn_hidden_size=m.ffn(), max_position_embeddings=m.max_positions(),
+        normalization=m.normalization, activation=m.activation,
+        position_embedding_type=m.position_embedding_type,
+        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+        add_bias_linear=m.add_bias_linear, hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of a transformer layer: its full shape, how Megatron splits it over TP and,
+    for an InRank layer, its rank slots at the counted stage.
+
+    Attributes:
+        kind: ``qkv``, ``proj``, ``fc1`` or ``fc2``.
+        in_features, out_features: full (unsharded) shape.
+        column: column-parallel (``out`` split over TP) or row-parallel (``in`` split).
+        slots: rank slots of an InRank layer (None: dense).
+        frozen_w0: an InRank layer in cumulative mode (a frozen ``w0 [out, in]`` buffer).
+    """
+
+    kind: str
+    in_features: int
+    out_features: int
+    column: bool
+    slots: Optional[int] = None
+    frozen_w0: bool = False
+
+
+def _linears(cfg: TrainConfig, inrank: bool, slots: Callable[[int, int], int]) -> list[Linear]:
+    """The four linears of one transformer layer (megatron's local spec: SelfAttention's
+    ``linear_qkv``/``linear_proj``, MLP's ``linear_fc1``/``linear_fc2``)."""
+    h, f = cfg.model.hidden_size, cfg.model.ffn()
+    # No GQA here: num_query_groups = heads, so qkv is hidden -> 3 * hidden (kv_channels * 3 heads).
+    fc1_out = 2 * f if cfg.model.activation == "swiglu" else f  # gated fc1 doubles its width
+    shapes = [("qkv", h, 3 * h, True), ("proj", h, h, False), ("fc1", h, fc1_out, True),
+              ("fc2", f, h, False)]
+    cumulative = cfg.inrank.mode == "cumulative"
+    out = []
+    for kind, n_in, n_out, column in shapes:
+        if inrank and kind in cfg.inrank.layers:
+            out.append(Linear(kind, n_in, n_out, column, slots(n_in, n_out), cumulative))
+        else:
+            out.append(Linear(kind, n_in, n_out, column))
+    return out
+
+
+def fraction_rank(cfg: TrainConfig, in_features: int, out_features: int,
+                  rank_fraction: float = DEFAULT_RANK_FRACTION) -> int:
+    """The rank after the cut at ``rank_fraction`` of d_model, clipped to what the rank rule can
+    reach: never below ``inrank.rank``, never above ``max_rank - buffer - 1`` (spec section 3)."""
+    ir = cfg.inrank
+    max_rank = ir.layer_max_rank(in_features, out_features)
+    want = round(rank_fraction * cfg.model.hidden_size)
+    return max(ir.rank, min(want, max_rank - ir.buffer - 1))
+
+
+def _slot_rule(cfg: TrainConfig, stage: str, rank_fraction: float) -> Callable[[int, int], int]:
+    ir = cfg.inrank
+    if stage == "storage":
+        if ir.mode == "efficient":
+            return ir.layer_max_rank
+        return lambda i, o: ir.rank + ir.buffer
+    if stage == "active":
+        return lambda i, o: ir.rank + ir.buffer
+    if stage == "fraction":
+        if ir.mode == "efficient":
+            return lambda i, o: fraction_rank(cfg, i, o, rank_fraction)
+        return lambda i, o: fraction_rank(cfg, i, o, rank_fraction) + ir.buffer
+    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+
+def _check_inrank(cfg: TrainConfig) -> None:
+    """The InRank settings fit every InRank layer (as the layers check when they are built)."""
+    core = cfg.inrank.to_core()
+    for kind, (n_in, n_out) in inrank_layer_shapes(cfg).items():
+        try:
+            core.check_layer(n_in, n_out, layer=kind)
+        except ValueError as error:
+            raise ConfigError(f"inrank: {error}") from None
+
+
+# ------------------------------------------------------------------------------------ parameters
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters of one variant of a config's GPT.
+
+    Attributes:
+        label: what is counted (``dense``, or the InRank stage).
+        inrank: InRank layers or dense.
+        stage: ``dense``, ``storage``, ``active`` or ``fraction``.
+        tp, pp: the parallel layout the shards are for.
+        vocab_size: the padded vocabulary at this TP.
+        total: unique trainable parameters: ``sum(p.numel())`` of the model at TP=1, PP=1 built
+            with this padded vocabulary.
+        buffers: elements of frozen ``w0`` buffers (cumulative mode), not trainable.
+        per_stage: trainable parameters on one GPU of each pipeline stage (its TP shard); with
+            PP > 1 and tied embeddings the last stage holds its own copy of the word embeddings.
+        buffers_per_stage: ``w0`` elements on one GPU of each pipeline stage.
+        slots: rank slots of each InRank layer kind (empty when dense).
+        breakdown: ``total`` by component (embeddings, positions, attention, mlp, norms, output).
+    """
+
+    label: str
+    inrank: bool
+    stage: str
+    tp: int
+    pp: int
+    vocab_size: int
+    total: int
+    buffers: int
+    per_stage: tuple
+    buffers_per_stage: tuple
+    slots: dict = field(default_factory=dict)
+    breakdown: dict = field(default_factory=dict)
+
+    @property
+    def per_gpu(self) -> int:
+        """Trainable parameters on the fullest GPU (the largest pipeline stage's TP shard)."""
+        return max(self.per_stage)
+
+    @property
+    def buffers_per_gpu(self) -> int:
+        return self.buffers_per_stage[self.per_stage.index(self.per_gpu)]
+
+
+def _linear_params(lin: Linear, bias: bool, tp: int) -> tuple[int, int, int, int]:
+    """``(total, per TP rank, w0 total, w0 per TP rank)`` of one linear.
+
+    Dense: ``W [out, in]`` split along ``out`` (column) or ``in`` (row). InRank: the sharded factor
+    follows the split (column: ``B [out/tp, k]``, row: ``A [k, in/tp]``), the other is replicated
+    (inrank_megatron.tensor_parallel.layers). The bias is split with a column layer's output and
+    replicated on a row layer (megatron's RowParallelLinear)."""
+    n_in, n_out = lin.in_features, lin.out_features
+    b_total = n_out if bias else 0
+    b_shard = (_ceil(n_out, tp) if lin.column else n_out) if bias else 0
+    if lin.slots is None:
+        shard = _ceil(n_out, tp) * n_in if lin.column else n_out * _ceil(n_in, tp)
+        return n_in * n_out + b_total, shard + b_shard, 0, 0
+    k = lin.slots
+    total = k * (n_in + n_out) + b_total
+    shard = (k * n_in + _ceil(n_out, tp) * k) if lin.column else (k * _ceil(n_in, tp) + n_out * k)
+    w0, w0_shard = 0, 0
+    if lin.frozen_w0:
+        w0 = n_in * n_out
+        w0_shard = _ceil(n_out, tp) * n_in if lin.column else n_out * _ceil(n_in, tp)
+    return total, shard + b_shard, w0, w0_shard
+
+
+def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional[int] = None,
+                     stage: str = "storage", rank_fraction: float = DEFAULT_RANK_FRACTION,
+                     inrank: Optional[bool] = None,
+                     vocab_size: Optional[int] = None) -> ParamCount:
+    """Parameters of the config's GPT, total and per GPU.
+
+    Args:
+        cfg: the configuration.
+        tp, pp: tensor / pipeline parallel sizes of the shards (default: the config's). TP also sets
+            the vocabulary padding, as in Megatron.
+        stage: which InRank slots count: ``storage``, ``active`` or ``fraction`` (module docstring).
+        rank_fraction: rank after the cut as a fraction of d_model (stage ``fraction``).
+        inrank: count the InRank model (True) or its dense twin (False); default
+            ``cfg.model.inrank``. The InRank settings are ``cfg.inrank`` either way.
+        vocab_size: tokenizer ids before padding (default: :func:`tokenizer_vocab_size`).
+
+    Returns:
+        A :class:`ParamCount`.
+
+    Raises:
+        ConfigError: InRank settings that do not fit a layer (``rank + buffer > max_rank``).
+    """
+    m = cfg.model
+    tp = tp or cfg.parallel.tensor_model_parallel_size
+    pp = pp or cfg.parallel.pipeline_model_parallel_size
+    inrank = m.inrank if inrank is None else inrank
+    if inrank:
+        _check_inrank(cfg)
+    elif stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    slots = _slot_rule(cfg, stage, rank_fraction)
+    h, vocab = m.hidden_size, padded_vocab(cfg, tp=tp, vocab_size=vocab_size)
+    norm = 2 * h if m.normalization == "LayerNorm" else h  # torch LayerNorm: weight + bias
+
+    layer_total = layer_shard = w0_total = w0_shard = 0
+    attention = mlp = 0
+    linears = _linears(cfg, inrank, slots)
+    for lin in linears:
+        t, s, w, ws = _linear_params(lin, m.add_bias_linear, tp)
+        layer_total, layer_shard, w0_total, w0_shard = (layer_total + t, layer_shard + s,
+                                                        w0_total + w, w0_shard + ws)
+        if lin.kind in ("qkv", "proj"):
+            attention += t
+        else:
+            mlp += t
+    layer_total += 2 * norm  # input_layernorm, pre_mlp_layernorm
+    layer_shard += 2 * norm  # norms are replicated over TP
+
+    embed = vocab * h
+    positions = m.max_positions() * h if m.position_embedding_type == "learned_absolute" else 0
+    untied = m.untie_embeddings_and_output_weights
+    breakdown = {"embeddings": embed, "positions": positions,
+                 "attention": attention * m.num_layers, "mlp": mlp * m.num_layers,
+                 "norms": (2 * m.num_layers + 1) * norm, "output": embed if untied else 0}
+    total = sum(breakdown.values())
+
+    # Pipeline stages: equal layer counts (validate_layout checks PP divides the layers); the first
+    # holds the embeddings, the last the final norm and the output layer. Megatron allocates the
+    # output weight on the last stage unless it is tied to an embedding on the same rank
+    # (GPTModel: skip_weight_param_allocation=pre_process and share_embeddings_...).
+    per_layer_stage = _ceil(m.num_layers, pp)
+    per_stage, buffers_per_stage = [], []
+    for p in range(pp):
+        first, last = p == 0, p == pp - 1
+        n = per_layer_stage * layer_shard
+        if first:
+            n += _ceil(vocab, tp) * h + positions
+        if last:
+            n += norm
+            if untied or not first:
+                n += _ceil(vocab, tp) * h
+        per_stage.append(n)
+        buffers_per_stage.append(per_layer_stage * w0_shard)
+
+    slot_map = {lin.kind: lin.slots for lin in linears if lin.slots is not None}
+    label = "dense" if not inrank else {"storage": "InRank allocated", "active": "InRank stage 1",
+                                        "fraction": "InRank after cut"}[stage]
+    return ParamCount(label=label, inrank=inrank, stage="dense" if not inrank else stage, tp=tp,
+                      pp=pp, vocab_size=vocab, total=total, buffers=w0_total * m.num_layers,
+                      per_stage=tuple(per_stage), buffers_per_stage=tuple(buffers_per_stage),
+                      slots=slot_map, breakdown=breakdown)
+
+
+# ---------------------------------------------------------------------------------------- memory
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU of one optimizer sharding strategy (activations are not included).
+
+    Attributes:
+        strategy: a key of :data:`STRATEGIES`.
+        weights: model weights (plus frozen ``w0`` buffers).
+        gradients: gradients of the trainable parameters.
+        optimizer: Adam moments, plus fp32 master weights when training in bf16/fp16.
+    """
+
+    strategy: str
+    weights: int
+    gradients: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def name(self) -> str:
+        return STRATEGY_NAMES[self.strategy]
+
+
+def bytes_per_parameter(precision: str, strategy: str = "zero0") -> tuple[int, int, int]:
+    """``(weight, gradient, optimizer)`` bytes per trainable parameter before sharding.
+
+    fp32: 4, 4, 8 (Adam's two moments). bf16/fp16: 2, 2, 12 (fp32 master weights and moments:
+    the ZeRO paper's K = 12). Megatron's distributed optimizer with bf16 accumulates and reduces
+    gradients in an fp32 ``main_grad`` buffer (Megatron-LM turns
+    ``accumulate_allreduce_grads_in_fp32`` on for bf16): 4 gradient bytes.
+    """
+    if precision == "fp32":
+        return 4, 4, 8
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    grad = 4 if (strategy == "megatron" and precision == "bf16") else 2
+    return 2, grad, 12
+
+
+def memory_for(params: ParamCount, precision: str, dp: int, strategy: str) -> MemoryEstimate:
+    """Bytes per GPU for ``params`` (its fullest GPU) under one strategy with ``dp`` replicas.
+
+    ZeRO stage s shards over DP: 1 the optimizer state, 2 also the gradients, 3 also the weights
+    (Rajbhandari et al. 2020). Megatron's distributed optimizer shards the optimizer state (with
+    the fp32 master weights), as ZeRO-1. Frozen ``w0`` buffers are weights, never sharded.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    wb, gb, ob = bytes_per_parameter(precision, strategy)
+    stage = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "megatron": 1}[strategy]
+    n = params.per_gpu
+    weights = (_ceil(n, dp) if stage >= 3 else n) * wb + params.buffers_per_gpu * wb
+    grads = (_ceil(n, dp) if stage >= 2 else n) * gb
+    optim = (_ceil(n, dp) if stage >= 1 else n) * ob
+    return MemoryEstimate(strategy, weights, grads, optim)
+
+
+def memory_per_gpu(cfg: TrainConfig, world_size: int, *, inrank: Optional[bool] = None,
+                   stage: str = "storage", rank_fraction: float = DEFAULT_RANK_FRACTION,
+                   vocab_size: Optional[int] = None) -> dict[str, MemoryEstimate]:
+    """Bytes per GPU of weights, gradients and optimizer state under every strategy of
+    :data:`STRATEGIES`, for the config's layout on ``world_size`` GPUs (activations not included).
+
+    Raises:
+        ConfigError: TP * PP does not divide ``world_size``.
+    """
+    dp = data_parallel_size(cfg, world_size)
+    params = count_parameters(cfg, stage=stage, rank_fraction=rank_fraction, inrank=inrank,
+                              vocab_size=vocab_size)
+    return {s: memory_for(params, cfg.train.precision, dp, s) for s in STRATEGIES}
+
+
+def selected_strategy(cfg: TrainConfig) -> str:
+    """The strategy the config's backend runs: torch is DDP (ZeRO-0); deepspeed the ZeRO stage of
+    ``parallel.zero_stage`` or, when null, of the JSON (``zero_optimization.stage``, default 0);
+    megatron its distributed optimizer."""
+    p = cfg.parallel
+    if p.backend == "torch":
+        return "zero0"
+    if p.backend == "megatron":
+        return "megatron"
+    stage = p.zero_stage
+    if stage is None:
+        try:
+            with open(p.deepspeed_config, encoding="utf-8") as f:
+                stage = int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+        except (OSError, TypeError, ValueError, AttributeError):
+            stage = 0
+    return f"zero{stage}"
+
+
+# ----------------------------------------------------------------------------------------- FLOPs
+@dataclass(frozen=True)
+class FlopCount:
+    """Training FLOPs per token (forward + backward) of the matmuls.
+
+    Attributes:
+        label: what is counted.
+        linear: the transformer layers' linears (qkv, proj, fc1, fc2).
+        attention: attention scores ``Q K^T`` and context ``P V``.
+        logits: the LM head.
+    """
+
+    label: str
+    linear: int
+    attention: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.attention + self.logits
+
+
+def flops_per_token(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage: str = "active",
+                    rank_fraction: float = DEFAULT_RANK_FRACTION,
+                    vocab_size: Optional[int] = None) -> FlopCount:
+    """Training FLOPs per token of the matmuls, counted exactly from the layer shapes.
+
+    A dense linear costs ``in * out`` multiply-adds per token forward; an InRank linear using ``k``
+    slots ``k * (in + out)`` (``(x A^T) B^T``; cumulative mode adds ``in * out`` for ``W0``).
+    Attention costs ``2 * seq * hidden`` per token and layer (scores and context over the full
+    sequence, no causal saving: Narayanan et al. 2021, eq. 3), the logits ``hidden * vocab``.
+    Forward is 2 FLOPs per multiply-add; backward twice forward (input and weight gradients), except
+    for the frozen ``W0``, which needs no weight gradient. Norms, softmax, GELU, embeddings lookups
+    and the rank checks' QR/SVD are not counted.
+
+    Args:
+        stage: InRank slots used by the forward pass: ``active`` (stage 1: ``rank + buffer``;
+            ``storage`` counts the same, as efficient mode computes on the active slots only) or
+            ``fraction`` (after the cut).
+    """
+    m = cfg.model
+    inrank = m.inrank if inrank is None else inrank
+    if inrank:
+        _check_inrank(cfg)
+    stage = "active" if stage == "storage" else stage
+    linears = _linears(cfg, inrank, _slot_rule(cfg, stage, rank_fraction))
+    macs = 0  # forward+backward multiply-adds per token and layer, linears only
+    for lin in linears:
+        if lin.slots is None:
+            macs += 3 * lin.in_features * lin.out_features
+        else:
+            macs += 3 * lin.slots * (lin.in_features + lin.out_features)
+            if lin.frozen_w0:
+                macs += 2 * lin.in_features * lin.out_features
+    linear = 2 * macs * m.num_layers
+    attention = 2 * 3 * 2 * m.seq_length * m.hidden_size * m.num_layers
+    logits = 2 * 3 * m.hidden_size * padded_vocab(cfg, vocab_size=vocab_size)
+    label = "dense" if not inrank else {"active": "InRank stage 1",
+                                        "fraction": "InRank after cut"}[stage]
+    return FlopCount(label, linear, attention, logits)
+
+
+# ---------------------------------------------------------------------------------------- checks
+@dataclass(frozen=True)
+class Check:
+    """One layout check: pass/fail, the keys it is about, and what it found."""
+
+    name: str
+    keys: tuple
+    ok: bool
+    detail: str
+
+
+def _divides(key: str, value: int, by_key: str, by: int) -> str:
+    if value % by:
+        raise ConfigError(f"{key}={value} is not divisible by {by_key}={by}; expected a "
+                          f"multiple of {by}")
+    return f"{value} / {by} = {value // by}"
+
+
+def layout_checks(cfg: TrainConfig, world_size: int) -> list[Check]:
+    """Each rule of :func:`inrank_megatron.config.validate_layout` on its own (so that every
+    problem shows, not only the first), then ``validate_layout(cfg, world_size)`` itself."""
+    m, ir, p = cfg.model, cfg.inrank, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    TP, PP = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
+
+    def world():
+        dp = data_parallel_size(cfg, world_size)
+        return f"DP = {world_size} / ({tp} x {pp}) = {dp}"
+
+    def sequence_parallel():
+        if not p.sequence_parallel:
+            return "off"
+        if tp == 1:
+            raise ConfigError(f"parallel.sequence_parallel=true needs tensor parallelism; "
+                              f"expected {TP} > 1")
+        return "on, seq " + _divides("model.seq_length", m.seq_length, TP, tp) + " per TP rank"
+
+    def batch():
+        acc = grad_accumulation_steps(cfg, world_size)
+        dp = data_parallel_size(cfg, world_size)
+        return (f"{cfg.train.micro_batch_size} x DP {dp} x {acc} accumulation steps = "
+                f"{cfg.train.global_batch_size}")
+
+    def backend():
+        if p.backend != "deepspeed":
+            for key in ("deepspeed_config", "zero_stage"):
+                if getattr(p, key) is not None:
+                    raise ConfigError(f"parallel.{key}={getattr(p, key)!r} is only read by "
+                                      f"parallel.backend=deepspeed; expected null")
+            return {"torch": "torch: DDP + AdamW", "megatron": "megatron: distributed optimizer"}[
+                p.backend]
+        if p.deepspeed_config is None or not os.path.isfile(p.deepspeed_config):
+            raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config!r}: file not found; "
+                              "expected the path of a DeepSpeed JSON")
+        if pp > 1:
+            raise ConfigError(f"{PP}={pp} is not supported with parallel.backend=deepspeed; "
+                              "expected 1")
+        return f"deepspeed {p.deepspeed_config}, ZeRO stage {selected_strategy(cfg)[-1]}"
+
+    def inrank_fit():
+        if not m.inrank:
+            return "dense (model.inrank=false): not checked"
+        _check_inrank(cfg)
+        fits = [f"{k} max_rank {ir.layer_max_rank(i, o)}"
+                for k, (i, o) in inrank_layer_shapes(cfg).items()]
+        return f"rank + buffer = {ir.rank + ir.buffer} <= " + ", ".join(fits)
+
+    rules = [
+        ("world size", (TP, PP), world),
+        ("heads divide hidden", ("model.hidden_size", "model.num_attention_heads"),
+         lambda: "head dim " + _divides("model.hidden_size", m.hidden_size,
+                                        "model.num_attention_heads", m.num_attention_heads)),
+        ("TP divides heads", (TP, "model.num_attention_heads"),
+         lambda: "heads per TP rank " + _divides("model.num_attention_heads",
+                                                 m.num_attention_heads, TP, tp)),
+        ("TP divides hidden", (TP, "model.hidden_size"),
+         lambda: _divides("model.hidden_size", m.hidden_size, TP, tp)),
+        ("TP divides ffn", (TP, "model.ffn_hidden_size"),
+         lambda: _divides("model.ffn_hidden_size (resolved)", m.ffn(), TP, tp)),
+        ("PP divides layers", (PP, "model.num_layers"),
+         lambda: "layers per stage " + _divides("model.num_layers", m.num_layers, PP, pp)),
+        ("sequence parallel", ("parallel.sequence_parallel", TP), sequence_parallel),
+        ("batch", ("train.global_batch_size", "train.micro_batch_size"), batch),
+        ("backend", ("parallel.backend", "parallel.deepspeed_config", PP), backend),
+        ("InRank rank fits", ("inrank.rank", "inrank.buffer", "inrank.max_rank"), inrank_fit),
+        (f"validate_layout(world_size={world_size})", (),
+         lambda: (validate_layout(cfg, world_size), "all keys together")[1]),
+    ]
+    checks = []
+    for name, keys, rule in rules:
+        try:
+            checks.append(Check(name, keys, True, rule()))
+        except ConfigError as error:
+            checks.append(Check(name, keys, False, str(error)))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------ plan
+@dataclass
+class Plan:
+    """Everything :func:`format_plan` prints for a config on ``nodes x gpus_per_node`` GPUs.
+
+    Attributes:
+        params: ``dense``, ``storage``, ``active``, ``fraction`` (the last three InRank).
+        memory: the same keys, each ``{strategy: MemoryEstimate}`` (empty when TP x PP does not
+            divide the world size).
+        flops: ``dense``, ``active``, ``fraction``.
+        checks: :func:`layout_checks`.
+        strategy: the strategy the config's backend runs (:func:`selected_strategy`).
+        dp, grad_accumulation: None where the layout does not fit.
+    """
+
+    cfg: TrainConfig
+    nodes: int
+    gpus_per_node: int
+    world_size: int
+    rank_fraction: float
+    vocab_size: int
+    params: dict
+    memory: dict
+    flops: dict
+    checks: list
+    strategy: str
+    dp: Optional[int]
+    grad_accumulation: Optional[int]
+    config_path: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        """Every layout check passes."""
+        return all(c.ok for c in self.checks)
+
+
+def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
+         rank_fraction: float = DEFAULT_RANK_FRACTION, vocab_size: Optional[int] = None,
+         config_path: Optional[str] = None) -> Plan:
+    """Parameters, memory, FLOPs and layout checks of ``cfg`` on ``nodes x gpus_per_node`` GPUs,
+    dense and InRank (``cfg.inrank``'s settings, whatever ``model.inrank`` says).
+
+    Raises:
+        ValueError: non-positive nodes / GPUs, a rank fraction outside (0, 1].
+        ConfigError: InRank settings that do not fit a layer.
+    """
+    for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not 0 < rank_fraction <= 1:
+        raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction!r}")
+    world = nodes * gpus_per_node
+    vocab = vocab_size or tokenizer_vocab_size(cfg)
+    kw = dict(rank_fraction=rank_fraction, vocab_size=vocab)
+    params = {"dense": count_parameters(cfg, inrank=False, **kw)}
+    for stage in STAGES:
+        params[stage] = count_parameters(cfg, inrank=True, stage=stage, **kw)
+    checks = layout_checks(cfg, world)
+    try:
+        dp = data_parallel_size(cfg, world)
+    except ConfigError:
+        dp = None
+    try:
+        accumulation = grad_accumulation_steps(cfg, world)
+    except ConfigError:
+        accumulation = None
+    memory = {}
+    if dp is not None:
+        memory = {key: {s: memory_for(pc, cfg.train.precision, dp, s) for s in STRATEGIES}
+                  for key, pc in params.items()}
+    flops = {"dense": flops_per_token(cfg, inrank=False, **kw),
+             "active": flops_per_token(cfg, inrank=True, stage="active", **kw),
+             "fraction": flops_per_token(cfg, inrank=True, stage="fraction", **kw)}
+    return Plan(cfg=cfg, nodes=nodes, gpus_per_node=gpus_per_node, world_size=world,
+                rank_fraction=rank_fraction, vocab_size=vocab, params=params, memory=memory,
+                flops=flops, checks=checks, strategy=selected_strategy(cfg), dp=dp,
+                grad_accumulation=accumulation, config_path=config_path)
+
+
+# ------------------------------------------------------------------------------------ formatting
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _flops(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def _table(header: list, rows: list, left: int = 1, indent: str = "  ") -> list[str]:
+    """Plain aligned text: the first ``left`` columns (text) left-aligned, the rest (numbers)
+    right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(r):
+        cells = [str(c).ljust(widths[i]) if i < left else str(c).rjust(widths[i])
+                 for i, c in enumerate(r)]
+        return (indent + "  ".join(cells)).rstrip()
+
+    return [line(header), indent + "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+
+
+def _slots_text(pc: ParamCount) -> str:
+    values = sorted(set(pc.slots.values()))
+    return "/".join(str(v) for v in values) if values else "-"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as plain aligned text tables."""
+    cfg = p.cfg
+    m, ir, par, t = cfg.model, cfg.inrank, cfg.parallel, cfg.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    out = []
+    where = p.config_path or "config"
+    out.append(f"Plan for {where} on {p.nodes} node(s) x {p.gpus_per_node} GPUs = "
+               f"{p.world_size} GPUs")
+    out.append("")
+    dense = p.params["dense"]
+    pos = "learned positions" if m.position_embedding_type == "learned_absolute" else "rope"
+    tied = "untied" if m.untie_embeddings_and_output_weights else "tied"
+    out.append(f"  model     {m.num_layers} layers x hidden {m.hidden_size}, "
+               f"{m.num_attention_heads} heads, ffn {m.ffn()}, seq {m.seq_length}, "
+               f"{m.normalization}, {m.activation}, {pos}, {tied} embeddings"
+               f"{'' if m.inrank else ' (config is the dense twin: model.inrank=false)'}")
+    out.append(f"  vocab     {cfg.data.tokenizer} {p.vocab_size} ids, padded to {dense.vocab_size} "
+               f"(multiple of {m.make_vocab_size_divisible_by} x TP {tp})")
+    shapes = inrank_layer_shapes(cfg)
+    layer_text = ", ".join(f"{k} {i}->{o} max_rank {ir.layer_max_rank(i, o)}"
+                           for k, (i, o) in shapes.items())
+    out.append(f"  InRank    {ir.mode}: {layer_text}; rank {ir.rank} + buffer {ir.buffer}")
+    if ir.mode == "efficient" and ir.stage1_steps is not None:
+        checks = len([s for s in range(1, ir.stage1_steps + 1)
+                      if s >= ir.warmup and (s - ir.warmup) % ir.gap == 0])
+        reach = ir.rank + checks * max(ir.buffer - 1, 0)
+        out.append(f"            threshold {ir.threshold}, checks every {ir.gap} steps from step "
+                   f"{ir.warmup}, cut after step {ir.stage1_steps}: {checks} checks, rank <= "
+                   f"{reach} reachable")
+    dp_text = str(p.dp) if p.dp is not None else "?"
+    out.append(f"  layout    TP {tp} x PP {pp} x DP {dp_text}, sequence parallel "
+               f"{'on' if par.sequence_parallel else 'off'}, backend {par.backend} "
+               f"= {STRATEGY_NAMES[p.strategy]}, precision {t.precision}")
+    if p.grad_accumulation is not None:
+        out.append(f"  batch     micro {t.micro_batch_size} x DP {p.dp} x {p.grad_accumulation} "
+                   f"accumulation steps = global {t.global_batch_size} sequences = "
+                   f"{t.global_batch_size * m.seq_length:,} tokens per step")
+    else:
+        out.append(f"  batch     micro {t.micro_batch_size}, global {t.global_batch_size}: "
+                   "does not fit this layout (see checks)")
+    out.append(f"  heads     {m.num_attention_heads / tp:g} per TP rank; layers "
+               f"{m.num_layers / pp:g} per pipeline stage")
+    out.append("")
+
+    out.append(f"Layout checks (world_size = {p.world_size}): "
+               f"{'all pass' if p.ok else 'FAILED'}")
+    out += _table(["check", "result", "detail"],
+                  [[c.name, "pass" if c.ok else "FAIL", c.detail] for c in p.checks], left=3)
+    out.append("")
+
+    r_frac = _slots_text(p.params["fraction"])
+    labels = {
+        "dense": "dense",
+        "storage": f"InRank allocated ({ir.mode} storage)",
+        "active": "InRank stage 1 active (rank + buffer)",
+        "fraction": f"InRank after cut ({p.rank_fraction:g} x d)",
+    }
+    out.append(f"Parameters (per GPU = one TP shard of the fullest of {pp} pipeline stage(s))")
+    rows = []
+    for key, pc in p.params.items():
+        rows.append([labels[key], _slots_text(pc), _count(pc.total), _count(pc.per_gpu),
+                     f"{dense.total / pc.total:.2f}x"])
+    out += _table(["model", "slots/layer", "total", "per GPU", "dense / this"], rows)
+    buffers = p.params["storage"].buffers
+    if buffers:
+        out.append(f"  + frozen w0 buffers (cumulative mode, not trainable): {_count(buffers)} "
+                   f"total, {_count(p.params['storage'].buffers_per_gpu)} per GPU")
+    out.append("")
+
+    if p.memory:
+        wb, gb, ob = bytes_per_parameter(t.precision, "zero0")
+        out.append(f"Memory per GPU, GiB: weights + gradients + optimizer state, sharded over "
+                   f"DP {p.dp}; {ACTIVATIONS_NOTE}")
+        out.append(f"  ({t.precision}: {wb} + {gb} + {ob} bytes per parameter before sharding; "
+                   "InRank as allocated is what stage 1 holds)")
+        rows = []
+        for key in ("dense", "storage", "fraction"):
+            for s in STRATEGIES:
+                e = p.memory[key][s]
+                mark = " *" if s == p.strategy else ""
+                rows.append([labels[key] if s == STRATEGIES[0] else "", e.name + mark,
+                             _gib(e.weights), _gib(e.gradients), _gib(e.optimizer),
+                             _gib(e.total)])
+        out += _table(["model", "strategy", "weights", "grads", "optimizer", "total"], rows, left=2)
+        out.append(f"  * the config's backend ({par.backend}). Megatron dist-opt shards the "
+                   "optimizer state (fp32 master")
+        out.append("    weights included) over DP and keeps fp32 gradients in bf16.")
+    else:
+        out.append("Memory per GPU: not computed (TP x PP does not divide the world size)")
+    out.append("")
+
+    tokens = t.global_batch_size * m.seq_length
+    out.append("Training FLOPs per token: forward + backward = 3 x 2 x multiply-adds of the "
+               "matmuls")
+    out.append("  (norms, softmax, GELU and the rank checks' QR/SVD not counted)")
+    flops_labels = {"dense": "dense", "active": "InRank stage 1 (rank + buffer slots)",
+                    "fraction": f"InRank after cut ({p.rank_fraction:g} x d)"}
+    rows = []
+    fd = p.flops["dense"]
+    for key, fc in p.flops.items():
+        rows.append([flops_labels[key], _flops(fc.linear), _flops(fc.attention),
+                     _flops(fc.logits), _flops(fc.total), f"{fd.total / fc.total:.2f}x",
+                     _flops(fc.total * tokens)])
+    out += _table(["model", "linears", "attention", "logits", "total", "dense / this",
+                   f"per step ({tokens:,} tokens)"], rows)
+    return "\n".join(out) + "\n"

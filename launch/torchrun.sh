@@ -1,0 +1,26 @@
+#!/bin/bash
+# Train on one node with torchrun (one process per GPU; gloo processes on CPU).
+#
+#   launch/torchrun.sh [--nproc N] CONFIG [section.key=value ...]
+#
+#   launch/torchrun.sh configs/tiny-cpu.yaml                       # 2 processes on CPU
+#   launch/torchrun.sh --nproc 8 configs/gpt-small.yaml output.dir=runs/x
+#
+# Runs `torchrun --standalone --nproc_per_node N -m inrank_megatron.train --config CONFIG ...`
+# from the current directory (configs' relative paths are read from there: run it from the
+# repository root). --nproc defaults to the node's GPUs, or 2 without GPUs (also env NPROC).
+# Before starting anything it checks that CONFIG exists, that N fits the node (<= GPUs; <= 2 x
+# cores on CPU) and that the config's layout divides N (TP * PP | N, batch sizes); a bad input is
+# one line on stderr and exit status 2. The training processes pick NCCL on GPUs, gloo on CPU.
+# Env: PYTHON, INRANK_TRAIN_MODULE, OMP_NUM_THREADS (default cores / N), TORCHRUN_ARGS (extra
+# torchrun flags).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+parse_single_node_args "$@"
+check_config "$CONFIG" "$NPROC" "${OVERRIDES[@]}"
+set_threads "$NPROC" "$GPUS" "$CORES"
+
+# --standalone: a c10d rendezvous on localhost with a free port (no MASTER_PORT clashes).
+exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
+  ${TORCHRUN_ARGS:-} -m "$TRAIN_MODULE" --config "$CONFIG" "${OVERRIDES[@]}"

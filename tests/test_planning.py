@@ -1,0 +1,317 @@
+"""The planner (inrank_megatron/planning.py, tools/plan.py) against the real model and the configs.
+
+Pinned down here:
+- its parameter counts equal ``sum(p.numel() for p in model.parameters())`` of megatron.core's
+  ``GPTModel`` built by ``build_gpt`` from every config in configs/ (tiny-cpu included), exactly:
+  dense, InRank efficient (``max_rank`` slots allocated) and InRank cumulative (``rank + buffer``
+  slots, with the frozen ``w0`` buffers counted apart). The big models are built on the meta
+  device, at TP=1 for the totals and, on 2 gloo processes, at TP=2 and PP=2 for the per-GPU shards;
+- the published GPT-2 medium size (354,823,168 parameters with the unpadded 50257 vocabulary) and
+  the 6N-style FLOP formula on GPT-2 medium;
+- every config loads, passes ``validate_layout`` at 2 nodes x 8 GPUs and at its natural world size
+  and passes every planner check at 2 x 8; the DeepSpeed JSONs are valid ZeRO configs;
+- a bad layout (TP not dividing the heads) is a failing check naming the keys, and the CLI exits 1.
+"""
+
+import contextlib
+import dataclasses
+import glob
+import io
+import json
+import os
+
+import pytest
+
+from inrank_megatron.config import load_config, validate_layout
+from inrank_megatron.planning import (
+    STRATEGIES, count_parameters, flops_per_token, format_plan, gpt_shape, memory_per_gpu, plan,
+)
+from tests.distributed import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+BIG = [c for c in CONFIGS if not c.endswith("tiny-cpu.yaml")]
+# The world size each config is written for (its first launch line); 2 x 8 is checked for all.
+NATURAL_WORLD = {"configs/tiny-cpu.yaml": 2, "configs/gpt-13b.yaml": 16}
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    # Config paths (parallel.deepspeed_config, data.*) are relative to the repository root.
+    monkeypatch.chdir(REPO)
+
+
+def _load(path, *overrides):
+    return load_config(os.path.join(REPO, path), list(overrides))
+
+
+# ------------------------------------------------------------------------------ real-model builds
+# The layouts the real models are built at, and which configs each covers: every config at TP=1
+# (the totals); a small, a TP=2 and a PP=2 config at TP=2 and PP=2 (the per-GPU shards).
+SHARD_CONFIGS = ["configs/tiny-cpu.yaml", "configs/gpt2-large.yaml", "configs/gpt-13b.yaml"]
+LAYOUTS = {"tp1": (1, 1, CONFIGS), "tp2": (2, 1, SHARD_CONFIGS), "pp2": (1, 2, SHARD_CONFIGS)}
+
+
+def _cumulative(cfg):
+    """The same config in cumulative mode (``W0 + B A``; it never cuts)."""
+    inrank = dataclasses.replace(cfg.inrank, mode="cumulative", stage1_steps=None)
+    return dataclasses.replace(cfg, inrank=inrank)
+
+
+def _variants(path):
+    """``{name: (config, inrank)}``: dense, InRank efficient, InRank cumulative."""
+    cfg = _load(path)
+    return {f"{path}:dense": (cfg, False), f"{path}:efficient": (cfg, True),
+            f"{path}:cumulative": (_cumulative(cfg), True)}
+
+
+def _cases():
+    """Per layout, ``{name: (GPTShape, InRankConfig or None, layers)}`` to build; the vocabulary
+    is padded for the config's own TP at TP=1 (the planner's ``total``), else for ``tp``."""
+    cases = {}
+    for layout, (tp, pp, paths) in LAYOUTS.items():
+        cases[layout] = {}
+        for path in paths:
+            for name, (cfg, inrank) in _variants(path).items():
+                shape = gpt_shape(cfg, tp=None if layout == "tp1" else tp)
+                core = cfg.inrank.to_core() if inrank else None
+                cases[layout][name] = (shape, core, tuple(cfg.inrank.layers))
+    return cases
+
+
+def _build_counts(rank, world_size, cases):
+    """Build every case's GPTModel on the meta device at each layout; return this rank's parameter
+    and buffer element counts per layout and case. At TP=1 (DP=2) the ranks split the cases."""
+    import torch
+    from megatron.core import parallel_state
+
+    from inrank_megatron import enable_cpu_fallback
+    from inrank_megatron.models.gpt import build_gpt, transformer_config
+
+    enable_cpu_fallback()
+    # InRankFactorsMixin._init_inrank draws its capacity-growth seed with int(torch.randint(...))
+    # and no device: on the meta device that is Tensor.item() of a meta tensor and fails. Draw it
+    # on the CPU (the layer's own comment speaks of the CPU RNG stream).
+    randint = torch.randint
+    torch.randint = lambda *a, **k: randint(*a, **{**k, "device": "cpu"})
+    out = {}
+    try:
+        for layout, (tp, pp, _) in LAYOUTS.items():
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                     pipeline_model_parallel_size=pp)
+            names = sorted(cases[layout])
+            if tp * pp == 1:
+                names = names[rank::world_size]
+            out[layout] = {}
+            for name in names:
+                shape, inrank, layers = cases[layout][name]
+                config = transformer_config(shape, tp=tp, pp=pp)
+                with torch.device("meta"):
+                    model = build_gpt(shape, config, inrank=inrank, inrank_layers=layers,
+                                      pre_process=parallel_state.is_pipeline_first_stage(),
+                                      post_process=parallel_state.is_pipeline_last_stage())
+                assert all(p.device.type == "meta" for p in model.parameters()), name
+                buffers = dict(model.named_buffers())
+                out[layout][name] = (
+                    sum(p.numel() for p in model.parameters()),
+                    sum(b.numel() for n, b in buffers.items() if n.split(".")[-1] == "w0"),
+                    sum(b.numel() for b in buffers.values()))
+                del model
+            parallel_state.destroy_model_parallel()
+    finally:
+        torch.randint = randint
+    return out
+
+
+@pytest.fixture(scope="module")
+def built():
+    """``{layout: [rank 0's counts, rank 1's counts]}`` from one 2-process run."""
+    cwd = os.getcwd()
+    os.chdir(REPO)  # as _repo_cwd, which a module-scoped fixture runs before
+    try:
+        cases = _cases()
+    finally:
+        os.chdir(cwd)
+    ranks = run_distributed(_build_counts, 2, cases, timeout=300)
+    return {layout: [r[layout] for r in ranks] for layout in LAYOUTS}
+
+
+@pytest.mark.slow
+def test_parameter_counts_equal_the_built_model(built):
+    by_name = {**built["tp1"][0], **built["tp1"][1]}
+    checked = 0
+    for path in CONFIGS:
+        for name, (cfg, inrank) in _variants(path).items():
+            pc = count_parameters(cfg, inrank=inrank)
+            params, w0, buffers = by_name[name]
+            assert pc.total == params, f"{name}: planner {pc.total:,} != model {params:,}"
+            assert pc.buffers == w0 == buffers, f"{name}: w0 planner {pc.buffers:,} != {w0:,}"
+            assert (w0 > 0) == name.endswith(":cumulative"), name
+            checked += 1
+    assert checked == 3 * len(CONFIGS)
+
+
+@pytest.mark.slow
+def test_per_gpu_shards_equal_the_built_model_at_tp2_and_pp2(built):
+    for layout in ("tp2", "pp2"):
+        tp, pp, paths = LAYOUTS[layout]
+        for path in paths:
+            for name, (cfg, inrank) in _variants(path).items():
+                pc = count_parameters(cfg, tp=tp, pp=pp, inrank=inrank)
+                for rank, counts in enumerate(built[layout]):
+                    params, w0, _ = counts[name]
+                    # TP ranks hold equal shards; PP rank r is pipeline stage r.
+                    stage = rank if pp > 1 else 0
+                    assert pc.per_stage[stage] == params, \
+                        f"{name} {layout} rank {rank}: planner {pc.per_stage[stage]:,} != {params:,}"
+                    assert pc.buffers_per_stage[stage] == w0, f"{name} {layout} rank {rank}: w0"
+    # The tied word embeddings: PP's last stage holds its own copy, so the stages sum to more.
+    cfg = _load("configs/gpt-13b.yaml")
+    pc = count_parameters(cfg, tp=1, pp=2, inrank=False)
+    assert sum(pc.per_stage) == pc.total + pc.vocab_size * cfg.model.hidden_size
+
+
+# --------------------------------------------------------------------------- formulas, published
+def test_gpt2_medium_matches_the_published_size():
+    cfg = _load("configs/gpt2-medium.yaml")
+    dense = count_parameters(cfg, inrank=False)
+    # 354,823,168 is GPT-2 medium at 50257 ids (spec section 6: 354.8M); Megatron pads to 50304.
+    assert dense.vocab_size == 50304
+    assert dense.total == 354_823_168 + (50304 - 50257) * 1024
+    unpadded = _load("configs/gpt2-medium.yaml", "model.make_vocab_size_divisible_by=1")
+    assert count_parameters(unpadded, inrank=False).total == 354_823_168
+    storage = count_parameters(cfg, stage="storage")
+    assert storage.slots == {"fc1": 512, "fc2": 512}
+    # fc1 and fc2 at 512 slots: 512 * (1024 + 4096) each, instead of 1024 * 4096.
+    assert dense.total - storage.total == 24 * 2 * (1024 * 4096 - 512 * 5120)
+    cut = count_parameters(cfg, stage="fraction", rank_fraction=0.33)
+    assert cut.slots == {"fc1": 338, "fc2": 338}  # round(0.33 * 1024)
+
+
+def test_rank_fraction_is_clipped_to_what_the_rule_reaches():
+    cfg = _load("configs/tiny-cpu.yaml")  # max_rank 64, buffer 16: the rule stops below 48
+    assert count_parameters(cfg, stage="fraction", rank_fraction=0.9).slots == {"fc1": 47,
+                                                                                "fc2": 47}
+    assert count_parameters(cfg, stage="fraction", rank_fraction=0.001).slots["fc1"] == 2
+
+
+def test_flops_per_token_formula():
+    cfg = _load("configs/gpt2-medium.yaml")
+    h, L, s, v, k = 1024, 24, 1024, 50304, 102
+    dense = flops_per_token(cfg, inrank=False)
+    assert dense.linear == 6 * 12 * h * h * L  # 6N over the 12 h^2 of qkv, proj, fc1, fc2
+    assert dense.attention == 6 * 2 * s * h * L
+    assert dense.logits == 6 * h * v
+    active = flops_per_token(cfg, inrank=True, stage="active")
+    assert active.linear == 6 * (4 * h * h + 2 * k * (h + 4 * h)) * L
+    assert flops_per_token(cfg, inrank=True, stage="storage") == active
+    cumulative = flops_per_token(_cumulative(cfg), inrank=True, stage="active")
+    # W0 runs forward and input-gradient only (frozen): 2 x 2 x in * out per token.
+    assert cumulative.linear == active.linear + 4 * 2 * 4 * h * h * L
+
+
+def test_memory_sharding():
+    cfg = _load("configs/gpt-2.7b.yaml")  # bf16, TP 2, DP 8 on 16 GPUs
+    n = count_parameters(cfg).per_gpu
+    mem = memory_per_gpu(cfg, 16)
+    assert set(mem) == set(STRATEGIES)
+    ceil8 = -(-n // 8)
+    assert (mem["zero0"].weights, mem["zero0"].gradients, mem["zero0"].optimizer) == \
+        (2 * n, 2 * n, 12 * n)
+    assert (mem["zero1"].gradients, mem["zero1"].optimizer) == (2 * n, 12 * ceil8)
+    assert (mem["zero2"].gradients, mem["zero2"].optimizer) == (2 * ceil8, 12 * ceil8)
+    assert mem["zero3"].total == 16 * ceil8
+    assert (mem["megatron"].weights, mem["megatron"].gradients, mem["megatron"].optimizer) == \
+        (2 * n, 4 * n, 12 * ceil8)
+    fp32 = memory_per_gpu(_load("configs/gpt2-medium.yaml"), 8, inrank=False)["zero0"]
+    m = count_parameters(_load("configs/gpt2-medium.yaml"), inrank=False).per_gpu
+    assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4 * m, 4 * m, 8 * m)
+
+
+# --------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("path", CONFIGS)
+def test_config_loads_and_fits_its_world_sizes(path):
+    cfg = _load(path)
+    for world in {NATURAL_WORLD.get(path, 8)} | ({16} if path in BIG else set()):
+        validate_layout(cfg, world_size=world)
+        validate_layout(_load(path, "model.inrank=false"), world_size=world)
+
+
+@pytest.mark.parametrize("path", BIG)
+def test_big_config_passes_every_planner_check_on_2x8(path):
+    cfg = _load(path)
+    assert cfg.data.tokenizer == "gpt2" and cfg.model.seq_length == 1024
+    assert (cfg.train.global_batch_size, cfg.train.clip_grad) == (512, 1.0)
+    ir = cfg.inrank
+    assert (ir.rank, ir.buffer, ir.threshold, ir.warmup, ir.gap, ir.stage1_steps) == \
+        (2, 100, 0.9, 25, 3, 130)
+    p = plan(cfg, 2, 8, config_path=path)
+    assert p.ok, [c for c in p.checks if not c.ok]
+    assert p.dp * cfg.parallel.tensor_model_parallel_size * \
+        cfg.parallel.pipeline_model_parallel_size == 16
+    text = format_plan(p)
+    assert "FAIL" not in text and "activations are not included" in text
+
+
+def test_deepspeed_jsons_are_zero_configs():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", "deepspeed", "*.json")))
+    assert {os.path.basename(p) for p in paths} >= {"zero1.json", "zero2.json", "zero3.json"}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            ds = json.load(f)
+        # Batch sizes and clipping come from the YAML (the training loop fills them in).
+        assert set(ds) <= {"zero_optimization", "bf16", "fp16", "zero_allow_untested_optimizer"}
+        assert ds["zero_allow_untested_optimizer"] is True
+        DeepSpeedZeroConfig(**ds["zero_optimization"])
+    for path in BIG:
+        cfg = _load(path)
+        if cfg.parallel.backend == "deepspeed":
+            with open(cfg.parallel.deepspeed_config, encoding="utf-8") as f:
+                ds = json.load(f)
+            assert ds.get("bf16", {}).get("enabled", False) == (cfg.train.precision == "bf16")
+
+
+# ------------------------------------------------------------------------------------ bad layouts
+def test_tp_not_dividing_heads_is_a_failing_check_naming_the_key():
+    # GPT-2 large at TP 8: 8 divides hidden 1280 and ffn 5120 but not the 20 heads.
+    cfg = _load("configs/gpt2-large.yaml", "parallel.tensor_model_parallel_size=8")
+    p = plan(cfg, 1, 8)
+    assert not p.ok
+    failed = {c.name: c for c in p.checks if not c.ok}
+    assert set(failed) == {"TP divides heads", "validate_layout(world_size=8)"}
+    heads = failed["TP divides heads"]
+    assert "parallel.tensor_model_parallel_size" in heads.keys
+    for text in (heads.detail, failed["validate_layout(world_size=8)"].detail):
+        assert "model.num_attention_heads=20" in text
+        assert "parallel.tensor_model_parallel_size=8" in text
+    assert "FAIL" in format_plan(p)
+    # Every rule shows, not only the first: TP 3 breaks hidden, heads and ffn at once.
+    p = plan(_load("configs/gpt2-medium.yaml", "parallel.tensor_model_parallel_size=3"), 1, 6)
+    assert {c.name for c in p.checks if not c.ok} >= {"TP divides heads", "TP divides hidden",
+                                                      "TP divides ffn"}
+
+
+def test_cli_prints_the_plan_and_exits_1_on_a_failing_layout():
+    import tools.plan as cli
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["--config", "configs/gpt2-medium.yaml", "--nodes", "2",
+                         "--gpus-per-node", "8"]) == 0
+    text = stdout.getvalue()
+    for part in ("Layout checks (world_size = 16): all pass", "Parameters", "Memory per GPU",
+                 "ZeRO-3", "Megatron dist-opt", "Training FLOPs per token", "354.87M"):
+        assert part in text, part
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert cli.main(["--config", "configs/gpt-13b.yaml", "--nodes", "1",
+                         "--gpus-per-node", "6"]) == 1
+    assert "FAIL" in out.getvalue()
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert cli.main(["--config", "configs/gpt2-small.yaml", "train.nope=1"]) == 2
+    assert "train.nope" in err.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    assert "--rank-fraction" in out.getvalue() and "Activations are not included" in out.getvalue()

@@ -1,0 +1,196 @@
+"""The main job end to end, as a user runs it (``torchrun -m inrank_megatron.train``, 2 processes):
+TP=2 and DP=2 runs on the shipped corpus with the loss going down, rank checks on the expected
+optimizer steps, the stage cut, evaluation, metrics and a rank plot; the two-stage schedule as two
+runs (stage-1 checkpoint, then stage 2 from it) and a real SIGKILL + ``resume=auto`` both continue
+bit for bit like an uninterrupted run; cumulative mode grows capacity; bad input fails before any
+process group starts and leaves existing checkpoints untouched."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A run short enough for 2 cores: growth every 2 steps from step 2, cut after step 8.
+SHORT = ["train.steps=16", "train.lr_warmup_steps=2", "train.log_interval=1",
+         "train.eval_interval=8", "train.eval_iters=1", "train.save_interval=4",
+         "inrank.warmup=2", "inrank.gap=2", "inrank.stage1_steps=8", "output.plot=false",
+         "model.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4"]
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(overrides, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={_port()}", "-m", "inrank_megatron.train",
+            "--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"), *overrides]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_train(overrides, nproc=2, timeout=600, check=True):
+    proc = subprocess.run(_cmd(overrides, nproc), cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _descendants(pid):
+    """All processes below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_tree(pid):
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _summary(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    run_train([*SHORT, f"output.dir={out}", "output.plot=true"])
+    return out
+
+
+@pytest.mark.slow
+def test_tp2_run_grows_cuts_evaluates(uninterrupted):
+    out = uninterrupted
+    s = _summary(out)
+    assert s["finished"] and s["steps"] == 16 and s["stage"] == "fixed"
+    losses = s["train_losses"]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    ranks = _rows(os.path.join(out, "ranks.csv"))
+    check_steps = sorted({int(r["step"]) for r in ranks if r["explained_ratio"] != ""})
+    assert check_steps == [2, 4, 6, 8]  # warmup 2, gap 2, no checks after the cut at 8
+    events = _rows(os.path.join(out, "events.csv"))
+    assert [(int(e["step"]), e["kind"]) for e in events] == [(8, "cut")]
+    evals = [r for r in _rows(os.path.join(out, "metrics.csv")) if r["split"] == "valid"]
+    assert [int(r["step"]) for r in evals] == [8, 16]
+    assert s["valid_loss"] == pytest.approx(float(evals[-1]["loss"]))
+    assert all(2 < r < 64 for r in s["ranks"].values())
+    assert os.path.getsize(os.path.join(out, "ranks.png")) > 10_000
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == \
+        ["latest", "step_000004", "step_000008", "step_000012", "step_000016"]
+
+
+@pytest.mark.slow
+def test_dp2_matches_tp2(uninterrupted, tmp_path):
+    out = str(tmp_path / "dp2")
+    run_train([*SHORT, f"output.dir={out}", "parallel.tensor_model_parallel_size=1",
+               "train.save_interval=16"])
+    ref = _summary(uninterrupted)
+    s = _summary(out)
+    # Same global batch and initialisation: DP averages what TP computes in one replica.
+    assert s["train_losses"][:8] == pytest.approx(ref["train_losses"][:8], rel=1e-4)
+    assert s["ranks"] == ref["ranks"]
+
+
+@pytest.mark.slow
+def test_two_run_schedule_continues_bit_for_bit(uninterrupted, tmp_path):
+    out = str(tmp_path / "two_runs")
+    run_train([*SHORT, f"output.dir={out}", "train.exit_after_step=8"])
+    first = _summary(out)
+    assert first["steps"] == 8 and first["stage"] == "fixed" and not first["finished"]
+    run_train([*SHORT, f"output.dir={out}", "output.resume=auto"])
+    ref = _summary(uninterrupted)["train_losses"]
+    assert first["train_losses"] == ref[:8]
+    assert _summary(out)["train_losses"] == ref[8:]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_is_bit_identical(uninterrupted, tmp_path):
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen(_cmd([*SHORT, f"output.dir={out}"]), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = os.path.join(out, "checkpoints", "latest")
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if os.path.isfile(latest) and open(latest).read().strip() >= "step_000008":
+                break
+            if proc.poll() is not None:
+                raise AssertionError("the run ended before it could be killed")
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no checkpoint at step 8 in time")
+    finally:
+        _kill_tree(proc.pid)  # the launcher and both ranks, mid-training
+        proc.wait()
+    resumed_from = int(open(latest).read().strip().split("_")[1])
+    assert resumed_from < 16
+    run_train([*SHORT, f"output.dir={out}", "output.resume=auto"])
+    ref = _summary(uninterrupted)["train_losses"]
+    assert _summary(out)["train_losses"] == ref[resumed_from:]
+    steps = [int(r["step"]) for r in _rows(os.path.join(out, "metrics.csv")) if r["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # the resume trimmed re-run rows
+
+
+@pytest.mark.slow
+def test_cumulative_mode_grows_capacity(tmp_path):
+    out = str(tmp_path / "cumulative")
+    run_train([*SHORT, f"output.dir={out}", "inrank.mode=cumulative", "inrank.stage1_steps=null",
+               "train.steps=8", "train.save_interval=8"])
+    s = _summary(out)
+    assert s["stage"] == "growing" and all(r > 2 for r in s["ranks"].values())
+
+
+@pytest.mark.slow
+def test_bad_input_fails_before_any_process_group(tmp_path):
+    out = str(tmp_path / "bad")
+    proc = run_train([f"output.dir={out}", "data.prefix=/nonexistent/x_text_document",
+                      "data.corpus=none"], check=False)
+    assert proc.returncode != 0
+    assert "data.prefix='/nonexistent/x_text_document'" in proc.stderr
+    assert not os.path.exists(out)
+    proc = run_train([f"output.dir={out}", "model.num_attention_heads=3"], check=False)
+    assert "model.num_attention_heads" in proc.stderr and not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_resume_with_incompatible_config_is_refused(uninterrupted):
+    before = sorted(os.listdir(os.path.join(uninterrupted, "checkpoints")))
+    proc = run_train([*SHORT, f"output.dir={uninterrupted}", "output.resume=auto",
+                      "model.hidden_size=64"], check=False)
+    assert proc.returncode != 0 and "model.hidden_size" in proc.stderr
+    assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == before
