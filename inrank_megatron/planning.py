@@ -6,30 +6,29 @@ InRank, and whether its parallel layout fits ``nodes x gpus_per_node`` GPUs.
     count_parameters(cfg, stage="fraction").per_gpu        # after the cut at 33% of d_model
     print(format_plan(plan(cfg, nodes=2, gpus_per_node=8)))
 
-Parameter counts follow megatron.core's ``GPTModel`` as :func:`inrank_megatron.models.gpt.build_gpt`
-builds it with the local (no TE) layer spec, layer by layer, and ``tests/test_planning.py`` pins them
-to the built model exactly. InRank linears hold ``A [slots, in]`` and ``B [out, slots]`` (spec
-section 2); which slots count is the *stage*:
+Parameter counts follow megatron.core's ``GPTModel`` as
+:func:`inrank_megatron.models.gpt.build_gpt` builds it (local layer spec), layer by layer;
+``tests/test_planning.py`` pins them to the built model exactly. InRank linears hold
+``A [slots, in]`` and ``B [out, slots]`` (spec section 2); which slots count is the *stage*:
 
-- ``storage``: what the layer allocates: efficient mode pre-allocates ``max_rank`` slots, cumulative
-  mode ``rank + buffer`` (plus a frozen ``w0`` buffer, counted apart as ``buffers``);
+- ``storage``: what the layer allocates: efficient mode pre-allocates ``max_rank`` slots,
+  cumulative mode ``rank + buffer`` (plus a frozen ``w0`` buffer, counted apart as ``buffers``);
 - ``active``: the ``rank + buffer`` slots the forward pass uses in stage 1;
-- ``fraction``: after the cut (spec section 4), ``rank = round(rank_fraction * d_model)`` slots and no
-  buffer (cumulative mode never cuts: ``rank + buffer`` slots). The paper reports at most 33% of the
-  ranks (``r / d_model``), hence the default 0.33.
+- ``fraction``: after the cut (spec section 4), ``round(rank_fraction * d_model)`` slots (clipped
+  to what the rank rule can reach) and no buffer; cumulative mode never cuts and keeps its buffer.
+  The paper reports at most 33% of the ranks (``r / d_model``), hence the default 0.33.
 
-Memory counts weights, gradients and optimizer state only (activations are not included), with the
-bytes per parameter of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp32 training keeps
-4 + 4 bytes of weights and gradients and 8 of Adam moments; bf16/fp16 keeps 2 + 2 and 12 of fp32
-master weights and moments. FLOPs are 6N-style (Kaplan et al. 2020; Narayanan et al. 2021): twice the
-multiply-adds of every matmul per token forward, three times that for forward plus backward.
+Memory counts weights, gradients and optimizer state only (activations are not included), with
+the bytes per parameter of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp32 training
+keeps 4 + 4 bytes of weights and gradients and 8 of Adam moments; bf16/fp16 keeps 2 + 2 and 12 of
+fp32 master weights and moments. FLOPs are 6N-style (Kaplan et al. 2020; Narayanan et al. 2021):
+twice the multiply-adds of every matmul per token forward, three times that for forward plus
+backward.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -136,14 +135,31 @@ def _linears(cfg: TrainConfig, inrank: bool, slots: Callable[[int, int], int]) -
     return out
 
 
+def rank_checks(cfg: TrainConfig) -> int:
+    """Rank checks a layer gets: at optimizer steps ``t >= warmup`` with ``(t - warmup) % gap == 0``
+    (``GrowthState.is_due``), up to the cut after ``stage1_steps`` (or ``train.steps`` without a
+    cut)."""
+    ir = cfg.inrank
+    last = ir.stage1_steps if ir.stage1_steps is not None else cfg.train.steps
+    first = max(ir.warmup, 1)
+    first += (ir.warmup - first) % ir.gap
+    return 0 if last < first else (last - first) // ir.gap + 1
+
+
+def reachable_rank(cfg: TrainConfig, in_features: int, out_features: int) -> int:
+    """The largest rank the rule can give a layer: each check grows it by at most ``buffer - 1``
+    and it stays below ``max_rank - buffer`` (spec section 3)."""
+    ir = cfg.inrank
+    cap = max(ir.rank, ir.layer_max_rank(in_features, out_features) - ir.buffer - 1)
+    return min(ir.rank + rank_checks(cfg) * max(ir.buffer - 1, 0), cap)
+
+
 def fraction_rank(cfg: TrainConfig, in_features: int, out_features: int,
                   rank_fraction: float = DEFAULT_RANK_FRACTION) -> int:
     """The rank after the cut at ``rank_fraction`` of d_model, clipped to what the rank rule can
-    reach: never below ``inrank.rank``, never above ``max_rank - buffer - 1`` (spec section 3)."""
-    ir = cfg.inrank
-    max_rank = ir.layer_max_rank(in_features, out_features)
+    reach: never below ``inrank.rank``, never above :func:`reachable_rank`."""
     want = round(rank_fraction * cfg.model.hidden_size)
-    return max(ir.rank, min(want, max_rank - ir.buffer - 1))
+    return max(cfg.inrank.rank, min(want, reachable_rank(cfg, in_features, out_features)))
 
 
 def _slot_rule(cfg: TrainConfig, stage: str, rank_fraction: float) -> Callable[[int, int], int]:
@@ -587,6 +603,7 @@ class Plan:
         checks: :func:`layout_checks`.
         strategy: the strategy the config's backend runs (:func:`selected_strategy`).
         dp, grad_accumulation: None where the layout does not fit.
+        inrank_error: why the InRank rows are missing (settings that do not fit a layer).
     """
 
     cfg: TrainConfig
@@ -603,6 +620,7 @@ class Plan:
     dp: Optional[int]
     grad_accumulation: Optional[int]
     config_path: Optional[str] = None
+    inrank_error: Optional[str] = None
 
     @property
     def ok(self) -> bool:
@@ -616,9 +634,11 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
     """Parameters, memory, FLOPs and layout checks of ``cfg`` on ``nodes x gpus_per_node`` GPUs,
     dense and InRank (``cfg.inrank``'s settings, whatever ``model.inrank`` says).
 
+    InRank settings that do not fit a layer leave the InRank rows out (``inrank_error`` says why)
+    and, when ``model.inrank`` is true, fail the ``InRank rank fits`` check.
+
     Raises:
         ValueError: non-positive nodes / GPUs, a rank fraction outside (0, 1].
-        ConfigError: InRank settings that do not fit a layer.
     """
     for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -628,9 +648,18 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
     world = nodes * gpus_per_node
     vocab = vocab_size or tokenizer_vocab_size(cfg)
     kw = dict(rank_fraction=rank_fraction, vocab_size=vocab)
+    try:
+        _check_inrank(cfg)
+        inrank_error = None
+    except ConfigError as error:
+        inrank_error = str(error)
     params = {"dense": count_parameters(cfg, inrank=False, **kw)}
-    for stage in STAGES:
-        params[stage] = count_parameters(cfg, inrank=True, stage=stage, **kw)
+    flops = {"dense": flops_per_token(cfg, inrank=False, **kw)}
+    if inrank_error is None:
+        for stage in STAGES:
+            params[stage] = count_parameters(cfg, inrank=True, stage=stage, **kw)
+        for stage in ("active", "fraction"):
+            flops[stage] = flops_per_token(cfg, inrank=True, stage=stage, **kw)
     checks = layout_checks(cfg, world)
     try:
         dp = data_parallel_size(cfg, world)
@@ -644,13 +673,11 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
     if dp is not None:
         memory = {key: {s: memory_for(pc, cfg.train.precision, dp, s) for s in STRATEGIES}
                   for key, pc in params.items()}
-    flops = {"dense": flops_per_token(cfg, inrank=False, **kw),
-             "active": flops_per_token(cfg, inrank=True, stage="active", **kw),
-             "fraction": flops_per_token(cfg, inrank=True, stage="fraction", **kw)}
     return Plan(cfg=cfg, nodes=nodes, gpus_per_node=gpus_per_node, world_size=world,
                 rank_fraction=rank_fraction, vocab_size=vocab, params=params, memory=memory,
                 flops=flops, checks=checks, strategy=selected_strategy(cfg), dp=dp,
-                grad_accumulation=accumulation, config_path=config_path)
+                grad_accumulation=accumulation, config_path=config_path,
+                inrank_error=inrank_error)
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -713,13 +740,12 @@ def format_plan(p: Plan) -> str:
     layer_text = ", ".join(f"{k} {i}->{o} max_rank {ir.layer_max_rank(i, o)}"
                            for k, (i, o) in shapes.items())
     out.append(f"  InRank    {ir.mode}: {layer_text}; rank {ir.rank} + buffer {ir.buffer}")
-    if ir.mode == "efficient" and ir.stage1_steps is not None:
-        checks = len([s for s in range(1, ir.stage1_steps + 1)
-                      if s >= ir.warmup and (s - ir.warmup) % ir.gap == 0])
-        reach = ir.rank + checks * max(ir.buffer - 1, 0)
-        out.append(f"            threshold {ir.threshold}, checks every {ir.gap} steps from step "
-                   f"{ir.warmup}, cut after step {ir.stage1_steps}: {checks} checks, rank <= "
-                   f"{reach} reachable")
+    until = (f"cut after step {ir.stage1_steps}" if ir.stage1_steps is not None
+             else f"no cut (to step {t.steps})")
+    reach = "/".join(str(v) for v in sorted({reachable_rank(cfg, i, o)
+                                               for i, o in shapes.values()}))
+    out.append(f"            threshold {ir.threshold}, checks every {ir.gap} steps from step "
+               f"{ir.warmup}, {until}: {rank_checks(cfg)} checks, rank <= {reach} reachable")
     dp_text = str(p.dp) if p.dp is not None else "?"
     out.append(f"  layout    TP {tp} x PP {pp} x DP {dp_text}, sequence parallel "
                f"{'on' if par.sequence_parallel else 'off'}, backend {par.backend} "
@@ -741,12 +767,12 @@ def format_plan(p: Plan) -> str:
                   [[c.name, "pass" if c.ok else "FAIL", c.detail] for c in p.checks], left=3)
     out.append("")
 
-    r_frac = _slots_text(p.params["fraction"])
     labels = {
         "dense": "dense",
         "storage": f"InRank allocated ({ir.mode} storage)",
         "active": "InRank stage 1 active (rank + buffer)",
-        "fraction": f"InRank after cut ({p.rank_fraction:g} x d)",
+        "fraction": (f"InRank after cut (rank {p.rank_fraction:g} x d)" if ir.mode == "efficient"
+                     else f"InRank at rank {p.rank_fraction:g} x d + buffer"),
     }
     out.append(f"Parameters (per GPU = one TP shard of the fullest of {pp} pipeline stage(s))")
     rows = []
@@ -754,10 +780,12 @@ def format_plan(p: Plan) -> str:
         rows.append([labels[key], _slots_text(pc), _count(pc.total), _count(pc.per_gpu),
                      f"{dense.total / pc.total:.2f}x"])
     out += _table(["model", "slots/layer", "total", "per GPU", "dense / this"], rows)
-    buffers = p.params["storage"].buffers
-    if buffers:
-        out.append(f"  + frozen w0 buffers (cumulative mode, not trainable): {_count(buffers)} "
-                   f"total, {_count(p.params['storage'].buffers_per_gpu)} per GPU")
+    storage = p.params.get("storage")
+    if storage is not None and storage.buffers:
+        out.append(f"  + frozen w0 buffers (cumulative mode, not trainable): "
+                   f"{_count(storage.buffers)} total, {_count(storage.buffers_per_gpu)} per GPU")
+    if p.inrank_error:
+        out.append(f"  InRank not computed: {p.inrank_error}")
     out.append("")
 
     if p.memory:
@@ -767,7 +795,7 @@ def format_plan(p: Plan) -> str:
         out.append(f"  ({t.precision}: {wb} + {gb} + {ob} bytes per parameter before sharding; "
                    "InRank as allocated is what stage 1 holds)")
         rows = []
-        for key in ("dense", "storage", "fraction"):
+        for key in [k for k in ("dense", "storage", "fraction") if k in p.memory]:
             for s in STRATEGIES:
                 e = p.memory[key][s]
                 mark = " *" if s == p.strategy else ""
@@ -787,7 +815,7 @@ def format_plan(p: Plan) -> str:
                "matmuls")
     out.append("  (norms, softmax, GELU and the rank checks' QR/SVD not counted)")
     flops_labels = {"dense": "dense", "active": "InRank stage 1 (rank + buffer slots)",
-                    "fraction": f"InRank after cut ({p.rank_fraction:g} x d)"}
+                    "fraction": labels["fraction"]}
     rows = []
     fd = p.flops["dense"]
     for key, fc in p.flops.items():

@@ -74,15 +74,9 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:  # TEMPORARY until launch_env lands
-        from inrank_megatron.launch_env import init_distributed_env
-        env = init_distributed_env()
-    except ImportError:
-        import torch
-        env = {"rank": int(os.environ.get("RANK", 0)), "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-               "backend": "nccl" if torch.cuda.is_available() else "gloo"}
-        os.environ.setdefault("RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29511")
+    from inrank_megatron.launch_env import init_distributed_env
+
+    env = init_distributed_env()
     try:
         cfg = load_config(args.config, args.overrides)
         validate_layout(cfg, env["world_size"])

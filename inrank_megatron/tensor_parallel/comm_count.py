@@ -53,3 +53,49 @@ def count_collectives():
     finally:
         for (mod, name), fn in originals.items():
             setattr(mod, name, fn)
+
+
+def mlp_comm_bytes(hidden: int, ffn: int, *, slots: int, tokens: int, sequence_parallel=False,
+                   seq_length: int = 1024) -> dict:
+    """Bytes this rank's collectives move in one forward + backward of an MLP (fc1 -> GELU -> fc2),
+    InRank (efficient mode, ``slots`` active) vs megatron's dense Column/RowParallelLinear pair.
+    Call on every rank of an initialised TP group.
+
+    Returns:
+        ``{"inrank": bytes, "dense": bytes}``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from inrank_megatron.core.config import InRankConfig
+    from inrank_megatron.tensor_parallel.layers import (
+        InRankColumnParallelLinear, InRankRowParallelLinear,
+    )
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    config = ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
+                                 use_cpu_initialization=True, gradient_accumulation_fusion=False)
+    buffer = min(100, slots - 1)
+    icfg = InRankConfig(rank=slots - buffer, buffer=buffer, stage1_steps=None)
+    init = torch.nn.init.xavier_normal_
+    pairs = {
+        "inrank": (InRankColumnParallelLinear(hidden, ffn, config=config, init_method=init,
+                                              inrank_config=icfg),
+                   InRankRowParallelLinear(ffn, hidden, config=config, init_method=init,
+                                           input_is_parallel=True, inrank_config=icfg)),
+        "dense": (ColumnParallelLinear(hidden, ffn, config=config, init_method=init),
+                  RowParallelLinear(ffn, hidden, config=config, init_method=init, bias=True,
+                                    input_is_parallel=True, skip_bias_add=False)),
+    }
+    batch = tokens // seq_length
+    seq = seq_length // tp if sequence_parallel else seq_length
+    out = {}
+    for name, (fc1, fc2) in pairs.items():
+        x = torch.randn(seq, batch, hidden, requires_grad=True)
+        with count_collectives() as records:
+            h, _ = fc1(x)
+            y, _ = fc2(torch.nn.functional.gelu(h))
+            y.sum().backward()
+        out[name] = sum(r.nbytes for r in records)
+    return out

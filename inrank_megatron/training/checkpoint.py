@@ -1,13 +1,15 @@
-"""Training checkpoints: model (megatron dist_checkpointing, TP-reshardable) + InRank growth state +
-per-rank optimizer/scheduler/RNG state + data position, written so that a crash mid-save never
-leaves a checkpoint that looks complete.
+"""Training checkpoints: InRank growth state + the backend's model and optimizer state + per-rank
+RNG state + data position, written so that a crash mid-save never leaves a checkpoint that looks
+complete.
 
 Layout under ``<output.dir>/checkpoints/``::
 
-    step_000100/model/            megatron dist checkpoint + inrank_growth.json
-    step_000100/rank_00000.pt     backend (optimizer, scheduler, loss scaler) and RNG state per rank
-    step_000100/meta.json         written last, inside the temporary directory
-    latest                        "step_000100", replaced atomically after the rename
+    step_000100/inrank_growth.json  every InRank layer's growth state and allocation
+    step_000100/<backend files>     written by ``backend.save`` (torch: ``model/``, a megatron dist
+                                    checkpoint, and ``optim/rank_*.pt``; deepspeed: its own)
+    step_000100/rng_00000.pt        RNG state per rank
+    step_000100/meta.json           written last, inside the temporary directory
+    latest                          "step_000100", replaced atomically after the rename
 
 A save writes ``.step_000100.tmp`` and renames it; ``latest`` moves only after the rename, so an
 interrupted save leaves the previous checkpoint as the latest one.
@@ -22,7 +24,7 @@ import shutil
 import numpy
 import torch
 
-from inrank_megatron.checkpointing import load_model_checkpoint, save_model_checkpoint
+from inrank_megatron.checkpointing import GROWTH_FILE
 
 META = "meta.json"
 LATEST = "latest"
@@ -58,8 +60,8 @@ def _native_rng(state: dict) -> dict:
                 python=(state["python"][0], tuple(state["python"][1]), state["python"][2]))
 
 
-def save_training_checkpoint(root: str, step: int, *, model, controller, backend, groups,
-                             rng: dict, meta: dict) -> str:
+def save_training_checkpoint(root: str, step: int, *, controller, backend, groups, rng: dict,
+                             meta: dict) -> str:
     """Collective. Returns the checkpoint directory."""
     final = step_dir(root, step)
     tmp = os.path.join(root, f".step_{step:06d}.tmp")
@@ -68,12 +70,14 @@ def save_training_checkpoint(root: str, step: int, *, model, controller, backend
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
         os.makedirs(tmp)
     _barrier()
-    save_model_checkpoint(os.path.join(tmp, "model"), model, controller)
-    part = os.path.join(tmp, f"rank_{groups.rank:05d}.pt")
-    torch.save({"backend": backend.state_dict(), "rng": _portable_rng(rng)}, part + ".part")
+    backend.save(tmp)
+    part = os.path.join(tmp, f"rng_{groups.rank:05d}.pt")
+    torch.save(_portable_rng(rng), part + ".part")
     os.replace(part + ".part", part)
     _barrier()
     if groups.rank == 0:
+        _write_text(os.path.join(tmp, GROWTH_FILE),
+                    json.dumps(controller.state_dict(), indent=1, sort_keys=True))
         _write_text(os.path.join(tmp, META), json.dumps(dict(meta, step=step), indent=1))
         if os.path.exists(final):  # re-saving a step after a resume: replace it whole
             shutil.rmtree(final)
@@ -104,16 +108,15 @@ def latest_checkpoint(root: str):
     return path
 
 
-def load_model_state(path: str, model, controller) -> None:
-    """Collective: model tensors and growth state (reshapes reallocated factors)."""
-    load_model_checkpoint(os.path.join(path, "model"), model, controller)
+def load_growth_state(path: str, controller) -> None:
+    """Restore growth state and reshape reallocated factors (before the backend is built)."""
+    with open(os.path.join(path, GROWTH_FILE)) as f:
+        controller.load_state_dict(json.load(f))
 
 
-def load_rank_state(path: str, rank: int) -> dict:
-    """This rank's backend and RNG state (``weights_only``: no pickled code runs)."""
-    file = os.path.join(path, f"rank_{rank:05d}.pt")
+def load_rng_state(path: str, rank: int) -> dict:
+    """This rank's RNG state (``weights_only``: no pickled code runs)."""
+    file = os.path.join(path, f"rng_{rank:05d}.pt")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} missing: checkpoint {path} was written by fewer ranks")
-    state = torch.load(file, weights_only=True)
-    state["rng"] = _native_rng(state["rng"])
-    return state
+    return _native_rng(torch.load(file, weights_only=True))

@@ -82,16 +82,13 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
     controller = GrowthController(model, stage1_steps=cfg.inrank.stage1_steps
                                   if cfg.model.inrank else None)
     start_step = 0
-    rank_state = None
     if resume_path is not None:
-        meta = ckpt.read_meta(resume_path)
-        ckpt.load_model_state(resume_path, model, controller)
-        rank_state = ckpt.load_rank_state(resume_path, groups.rank)
-        start_step = meta["step"]
+        start_step = ckpt.read_meta(resume_path)["step"]
+        ckpt.load_growth_state(resume_path, controller)  # reshapes cut factors before the build
     backend = build_backend(cfg, model, groups)
-    if rank_state is not None:
-        backend.load_state_dict(rank_state["backend"])
-        set_rng_state(rank_state["rng"])
+    if resume_path is not None:
+        backend.load(resume_path)
+        set_rng_state(ckpt.load_rng_state(resume_path, groups.rank))
 
     writer = None
     if groups.rank == 0:
@@ -155,7 +152,7 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
             bar.set_postfix(loss=f"{loss:.3f}", stage=stage)
         if (t.save_interval and step % t.save_interval == 0) or step == last_step:
             ckpt.save_training_checkpoint(
-                ckpt_root, step, model=model, controller=controller, backend=backend,
+                ckpt_root, step, controller=controller, backend=backend,
                 groups=groups, rng=rng_state(),
                 meta={"consumed_samples": step * t.global_batch_size,
                       "world_size": groups.world_size, "tp": groups.tp_size,

@@ -57,8 +57,11 @@ class Backend:
         """Carry optimizer state across factor reallocations (``FactorResize`` events)."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
+    def save(self, path: str) -> None:
+        """Collective: write model and optimizer state under checkpoint directory ``path``."""
         raise NotImplementedError
 
-    def load_state_dict(self, state: dict) -> None:
+    def load(self, path: str) -> None:
+        """Collective: read what :meth:`save` wrote (the model already has the checkpoint's factor
+        shapes: growth state is restored before the backend is built)."""
         raise NotImplementedError

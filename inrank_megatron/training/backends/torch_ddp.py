@@ -9,6 +9,7 @@ the step counts carry on, and DDP is re-wrapped around the same module.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -106,13 +107,37 @@ class TorchBackend(Backend):
                     }
         self._wrap()
 
-    # ---- state -----------------------------------------------------------------------------
+    # ---- checkpoints --------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+    def save(self, path: str) -> None:
+        """Model as a megatron dist checkpoint (``model/``, reshardable); optimizer, scheduler and
+        loss scaler per rank (``optim/rank_*.pt``)."""
+        from megatron.core import dist_checkpointing
 
-    def load_state_dict(self, state: dict) -> None:
+        model_dir, optim_dir = os.path.join(path, "model"), os.path.join(path, "optim")
+        if self.groups.rank == 0:
+            os.makedirs(model_dir, exist_ok=True)
+            os.makedirs(optim_dir, exist_ok=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(self.model.sharded_state_dict(), model_dir)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        file = os.path.join(optim_dir, f"rank_{self.groups.rank:05d}.pt")
+        torch.save(state, file + ".part")
+        os.replace(file + ".part", file)
+
+    def load(self, path: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        with torch.no_grad():
+            state = dist_checkpointing.load(self.model.sharded_state_dict(),
+                                            os.path.join(path, "model"))
+        self.model.load_state_dict(state, strict=True)
+        file = os.path.join(path, "optim", f"rank_{self.groups.rank:05d}.pt")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} missing: checkpoint {path} was written by another "
+                                    "layout or backend")
+        state = torch.load(file, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
