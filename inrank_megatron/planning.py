@@ -20,8 +20,9 @@ Parameter counts follow megatron.core's ``GPTModel`` as
 
 Memory counts weights, gradients and optimizer state only (activations are not included), with
 the bytes per parameter of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp32 training
-keeps 4 + 4 bytes of weights and gradients and 8 of Adam moments; bf16/fp16 keeps 2 + 2 and 12 of
-fp32 master weights and moments. FLOPs are 6N-style (Kaplan et al. 2020; Narayanan et al. 2021):
+keeps 4 + 4 bytes of weights and gradients and 8 of Adam moments; bf16/fp16 under ZeRO keeps
+2 + 2 and 12 of fp32 master weights and moments (:func:`bytes_per_parameter` has the torch and
+Megatron backends). FLOPs are 6N-style (Kaplan et al. 2020; Narayanan et al. 2021):
 twice the multiply-adds of every matmul per token forward, three times that for forward plus
 backward.
 """
@@ -64,26 +65,26 @@ def tokenizer_vocab_size(cfg: TrainConfig) -> int:
     return DEFAULT_VOCAB_SIZE
 
 
-def padded_vocab(cfg: TrainConfig, *, tp: Optional[int] = None,
-                 vocab_size: Optional[int] = None) -> int:
-    """The vocabulary Megatron builds: padded to a multiple of ``make_vocab_size_divisible_by * TP``
-    (``inrank_megatron.models.gpt.padded_vocab_size``)."""
-    tp = tp or cfg.parallel.tensor_model_parallel_size
+def padded_vocab(cfg: TrainConfig, *, vocab_size: Optional[int] = None) -> int:
+    """The vocabulary the model is built with: padded to a multiple of
+    ``model.make_vocab_size_divisible_by``, independently of TP (as
+    ``inrank_megatron.models.gpt.padded_vocab_size``; ``validate_layout`` checks that TP divides
+    the multiple, so the embedding splits evenly)."""
     vocab = vocab_size or tokenizer_vocab_size(cfg)
-    multiple = cfg.model.make_vocab_size_divisible_by * tp
+    multiple = cfg.model.make_vocab_size_divisible_by
     return -(-vocab // multiple) * multiple
 
 
-def gpt_shape(cfg: TrainConfig, *, tp: Optional[int] = None, vocab_size: Optional[int] = None):
-    """The :class:`inrank_megatron.models.gpt.GPTShape` of a config (vocabulary padded for ``tp``,
-    default the config's TP)."""
+def gpt_shape(cfg: TrainConfig, *, vocab_size: Optional[int] = None):
+    """The :class:`inrank_megatron.models.gpt.GPTShape` of a config, as the training loop's
+    ``build_model`` makes it."""
     from inrank_megatron.models.gpt import GPTShape
 
     m = cfg.model
     return GPTShape(
         num_layers=m.num_layers, hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads, seq_length=m.seq_length,
-        vocab_size=padded_vocab(cfg, tp=tp, vocab_size=vocab_size),
+        vocab_size=padded_vocab(cfg, vocab_size=vocab_size),
         ffn_hidden_size=m.ffn(), max_position_embeddings=m.max_positions(),
         normalization=m.normalization, activation=m.activation,
         position_embedding_type=m.position_embedding_type,
@@ -197,9 +198,8 @@ class ParamCount:
         inrank: InRank layers or dense.
         stage: ``dense``, ``storage``, ``active`` or ``fraction``.
         tp, pp: the parallel layout the shards are for.
-        vocab_size: the padded vocabulary at this TP.
-        total: unique trainable parameters: ``sum(p.numel())`` of the model at TP=1, PP=1 built
-            with this padded vocabulary.
+        vocab_size: the padded vocabulary.
+        total: unique trainable parameters: ``sum(p.numel())`` of the model at TP=1, PP=1.
         buffers: elements of frozen ``w0`` buffers (cumulative mode), not trainable.
         per_stage: trainable parameters on one GPU of each pipeline stage (its TP shard); with
             PP > 1 and tied embeddings the last stage holds its own copy of the word embeddings.
@@ -262,8 +262,7 @@ def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional
 
     Args:
         cfg: the configuration.
-        tp, pp: tensor / pipeline parallel sizes of the shards (default: the config's). TP also sets
-            the vocabulary padding, as in Megatron.
+        tp, pp: tensor / pipeline parallel sizes of the shards (default: the config's).
         stage: which InRank slots count: ``storage``, ``active`` or ``fraction`` (module docstring).
         rank_fraction: rank after the cut as a fraction of d_model (stage ``fraction``).
         inrank: count the InRank model (True) or its dense twin (False); default
@@ -285,7 +284,7 @@ def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional
     elif stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     slots = _slot_rule(cfg, stage, rank_fraction)
-    h, vocab = m.hidden_size, padded_vocab(cfg, tp=tp, vocab_size=vocab_size)
+    h, vocab = m.hidden_size, padded_vocab(cfg, vocab_size=vocab_size)
     norm = 2 * h if m.normalization == "LayerNorm" else h  # torch LayerNorm: weight + bias
 
     layer_total = layer_shard = w0_total = w0_shard = 0
@@ -366,15 +365,21 @@ class MemoryEstimate:
 def bytes_per_parameter(precision: str, strategy: str = "zero0") -> tuple[int, int, int]:
     """``(weight, gradient, optimizer)`` bytes per trainable parameter before sharding.
 
-    fp32: 4, 4, 8 (Adam's two moments). bf16/fp16: 2, 2, 12 (fp32 master weights and moments:
-    the ZeRO paper's K = 12). Megatron's distributed optimizer with bf16 accumulates and reduces
-    gradients in an fp32 ``main_grad`` buffer (Megatron-LM turns
-    ``accumulate_allreduce_grads_in_fp32`` on for bf16): 4 gradient bytes.
+    fp32: 4, 4, 8 (Adam's two moments). bf16/fp16 depend on who holds what:
+
+    - ``zero0``, the torch backend (DDP): fp32 weights and gradients under autocast, no separate
+      master copy (``training/backends/torch_ddp.py``): 4, 4, 8;
+    - ZeRO 1-3 (DeepSpeed mixed precision): 2, 2 and 12 of fp32 master weights and moments (the
+      ZeRO paper's K = 12);
+    - Megatron's distributed optimizer: 2, 12, and fp32 gradients (a ``main_grad`` buffer) with
+      bf16, as Megatron-LM sets ``accumulate_allreduce_grads_in_fp32`` for bf16; 2 with fp16.
     """
     if precision == "fp32":
         return 4, 4, 8
     if precision not in ("bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if strategy == "zero0":
+        return 4, 4, 8
     grad = 4 if (strategy == "megatron" and precision == "bf16") else 2
     return 2, grad, 12
 
@@ -572,6 +577,9 @@ def layout_checks(cfg: TrainConfig, world_size: int) -> list[Check]:
          lambda: _divides("model.hidden_size", m.hidden_size, TP, tp)),
         ("TP divides ffn", (TP, "model.ffn_hidden_size"),
          lambda: _divides("model.ffn_hidden_size (resolved)", m.ffn(), TP, tp)),
+        ("TP divides vocab padding", (TP, "model.make_vocab_size_divisible_by"),
+         lambda: _divides("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by,
+                          TP, tp)),
         ("PP divides layers", (PP, "model.num_layers"),
          lambda: "layers per stage " + _divides("model.num_layers", m.num_layers, PP, pp)),
         ("sequence parallel", ("parallel.sequence_parallel", TP), sequence_parallel),
@@ -735,7 +743,8 @@ def format_plan(p: Plan) -> str:
                f"{m.normalization}, {m.activation}, {pos}, {tied} embeddings"
                f"{'' if m.inrank else ' (config is the dense twin: model.inrank=false)'}")
     out.append(f"  vocab     {cfg.data.tokenizer} {p.vocab_size} ids, padded to {dense.vocab_size} "
-               f"(multiple of {m.make_vocab_size_divisible_by} x TP {tp})")
+               f"(multiple of {m.make_vocab_size_divisible_by}), {dense.vocab_size / tp:g} per TP "
+               "rank")
     shapes = inrank_layer_shapes(cfg)
     layer_text = ", ".join(f"{k} {i}->{o} max_rank {ir.layer_max_rank(i, o)}"
                            for k, (i, o) in shapes.items())
@@ -789,11 +798,14 @@ def format_plan(p: Plan) -> str:
     out.append("")
 
     if p.memory:
-        wb, gb, ob = bytes_per_parameter(t.precision, "zero0")
+        per_param = ", ".join(
+            f"{STRATEGY_NAMES[k]} {'+'.join(str(b) for b in bytes_per_parameter(t.precision, k))}"
+            for k in ("zero0", "zero1", "megatron"))
         out.append(f"Memory per GPU, GiB: weights + gradients + optimizer state, sharded over "
                    f"DP {p.dp}; {ACTIVATIONS_NOTE}")
-        out.append(f"  ({t.precision}: {wb} + {gb} + {ob} bytes per parameter before sharding; "
-                   "InRank as allocated is what stage 1 holds)")
+        out.append(f"  ({t.precision}, bytes per parameter before sharding: {per_param}; "
+                   "ZeRO-2/3 as ZeRO-1)")
+        out.append("  (InRank as allocated is what stage 1 holds)")
         rows = []
         for key in [k for k in ("dense", "storage", "fraction") if k in p.memory]:
             for s in STRATEGIES:
@@ -803,9 +815,10 @@ def format_plan(p: Plan) -> str:
                              _gib(e.weights), _gib(e.gradients), _gib(e.optimizer),
                              _gib(e.total)])
         out += _table(["model", "strategy", "weights", "grads", "optimizer", "total"], rows, left=2)
-        out.append(f"  * the config's backend ({par.backend}). Megatron dist-opt shards the "
-                   "optimizer state (fp32 master")
-        out.append("    weights included) over DP and keeps fp32 gradients in bf16.")
+        out.append(f"  * the config's backend ({par.backend}). ZeRO-0 is the torch backend (DDP, "
+                   "autocast over fp32")
+        out.append("    weights); Megatron dist-opt shards the optimizer state, fp32 master "
+                   "weights included, over DP.")
     else:
         out.append("Memory per GPU: not computed (TP x PP does not divide the world size)")
     out.append("")

@@ -25,7 +25,7 @@ import pytest
 from inrank_megatron.config import load_config, validate_layout
 from inrank_megatron.planning import (
     STRATEGIES, count_parameters, flops_per_token, format_plan, gpt_shape, memory_per_gpu, plan,
-    rank_checks,
+    rank_checks, tokenizer_vocab_size,
 )
 from tests.distributed import run_distributed
 
@@ -68,27 +68,34 @@ def _variants(path):
 
 
 def _cases():
-    """Per layout, ``{name: (GPTShape, InRankConfig or None, layers)}`` to build; the vocabulary
-    is padded for the config's own TP at TP=1 (the planner's ``total``), else for ``tp``."""
+    """Per layout, ``{name: (config at that layout, tokenizer ids)}`` to build."""
     cases = {}
     for layout, (tp, pp, paths) in LAYOUTS.items():
         cases[layout] = {}
         for path in paths:
             for name, (cfg, inrank) in _variants(path).items():
-                shape = gpt_shape(cfg, tp=None if layout == "tp1" else tp)
-                core = cfg.inrank.to_core() if inrank else None
-                cases[layout][name] = (shape, core, tuple(cfg.inrank.layers))
+                cfg = dataclasses.replace(
+                    cfg, model=dataclasses.replace(cfg.model, inrank=inrank),
+                    parallel=dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp,
+                                                 pipeline_model_parallel_size=pp,
+                                                 sequence_parallel=False))
+                cases[layout][name] = (cfg, tokenizer_vocab_size(cfg))
     return cases
 
 
 def _build_counts(rank, world_size, cases):
     """Build every case's GPTModel on the meta device at each layout; return this rank's parameter
-    and buffer element counts per layout and case. At TP=1 (DP=2) the ranks split the cases."""
+    and buffer element counts per layout and case. At TP=1 (DP=2) the ranks split the cases.
+
+    Without PP the model is the training loop's own (``training.loop.build_model``); its
+    ``build_model`` does not pass the pipeline stage, so PP=2 builds ``build_gpt`` of
+    ``planning.gpt_shape`` with this rank's ``pre_process`` / ``post_process``."""
     import torch
     from megatron.core import parallel_state
 
     from inrank_megatron import enable_cpu_fallback
     from inrank_megatron.models.gpt import build_gpt, transformer_config
+    from inrank_megatron.training.loop import build_model
 
     enable_cpu_fallback()
     # InRankFactorsMixin._init_inrank draws its capacity-growth seed with int(torch.randint(...))
@@ -112,12 +119,18 @@ def _build_counts(rank, world_size, cases):
                 names = names[rank::world_size]
             out[layout] = {}
             for name in names:
-                shape, inrank, layers = cases[layout][name]
-                config = transformer_config(shape, tp=tp, pp=pp)
+                cfg, vocab = cases[layout][name]
                 with torch.device("meta"):
-                    model = build_gpt(shape, config, inrank=inrank, inrank_layers=layers,
-                                      pre_process=parallel_state.is_pipeline_first_stage(),
-                                      post_process=parallel_state.is_pipeline_last_stage())
+                    if pp == 1:
+                        model = build_model(cfg, vocab, tp)
+                    else:
+                        shape = gpt_shape(cfg, vocab_size=vocab)
+                        model = build_gpt(
+                            shape, transformer_config(shape, tp=tp, pp=pp),
+                            inrank=cfg.inrank.to_core() if cfg.model.inrank else None,
+                            inrank_layers=tuple(cfg.inrank.layers),
+                            pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage())
                 assert all(p.device.type == "meta" for p in model.parameters()), name
                 buffers = dict(model.named_buffers())
                 out[layout][name] = (
@@ -237,8 +250,9 @@ def test_memory_sharding():
     mem = memory_per_gpu(cfg, 16)
     assert set(mem) == set(STRATEGIES)
     ceil8 = -(-n // 8)
+    # ZeRO-0 is the torch backend: autocast over fp32 weights, no separate master copy.
     assert (mem["zero0"].weights, mem["zero0"].gradients, mem["zero0"].optimizer) == \
-        (2 * n, 2 * n, 12 * n)
+        (4 * n, 4 * n, 8 * n)
     assert (mem["zero1"].gradients, mem["zero1"].optimizer) == (2 * n, 12 * ceil8)
     assert (mem["zero2"].gradients, mem["zero2"].optimizer) == (2 * ceil8, 12 * ceil8)
     assert mem["zero3"].total == 16 * ceil8
@@ -311,7 +325,7 @@ def test_tp_not_dividing_heads_is_a_failing_check_naming_the_key():
     # Every rule shows, not only the first: TP 3 breaks hidden, heads and ffn at once.
     p = plan(_load("configs/gpt2-medium.yaml", "parallel.tensor_model_parallel_size=3"), 1, 6)
     assert {c.name for c in p.checks if not c.ok} >= {"TP divides heads", "TP divides hidden",
-                                                      "TP divides ffn"}
+                                                      "TP divides ffn", "TP divides vocab padding"}
 
 
 def test_cli_prints_the_plan_and_exits_1_on_a_failing_layout():

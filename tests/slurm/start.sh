@@ -12,7 +12,7 @@
 #   INRANK_SLURM_DIR   state, spool, logs and pid files (default /tmp/inrank-slurm)
 #   APT_TIMEOUT        seconds allowed for each apt-get call when Slurm is missing (default 600)
 #
-# Idempotent: when the cluster this script wrote is already up with NNODES idle nodes it only
+# Idempotent: when the cluster this script wrote is already up with NNODES healthy nodes it only
 # prints `sinfo`; any other state is stopped (tests/slurm/stop.sh) and started afresh.
 # Exit status: 0 up; 3 Slurm or munge could not be installed (apt-get failed); 1 anything else.
 # Stop with tests/slurm/stop.sh.

@@ -1,0 +1,75 @@
+"""What every export writes the same way: an output directory that appears whole or not at all,
+the tokenizer that goes with the model, and a note of where the export came from."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+
+from inrank_megatron.export.checkpoint import CheckpointError, LoadedCheckpoint
+
+SOURCE_FILE = "inrank_source.json"
+SENTENCEPIECE_FILE = "sentencepiece.model"
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str):
+    """Yield a temporary sibling of ``out_dir`` to fill; rename it to ``out_dir`` on success,
+    delete it on failure. ``out_dir`` must not exist (exports never overwrite)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir} already exists; refusing to overwrite it (remove it or "
+                              "choose another output directory)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def dir_bytes(path: str, *names: str) -> int:
+    """Bytes of the named files under ``path`` (all regular files when none are named)."""
+    names = names or tuple(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+    return sum(os.path.getsize(os.path.join(path, n)) for n in names)
+
+
+def checkpoint_tokenizer(ckpt: LoadedCheckpoint):
+    """The tokenizer a checkpoint was trained with."""
+    from inrank_megatron.data.tokenizers import build_tokenizer
+
+    d = ckpt.cfg.data
+    if d.tokenizer == "gpt2":
+        return build_tokenizer("gpt2")
+    model = ckpt.tokenizer_model or d.tokenizer_model
+    if not model or not os.path.isfile(model):
+        raise CheckpointError(f"SentencePiece model {model!r} (data.tokenizer_model) not found; "
+                              "pass --tokenizer-model")
+    return build_tokenizer("sentencepiece", model)
+
+
+def write_tokenizer(out_dir: str, ckpt: LoadedCheckpoint) -> dict:
+    """Copy the SentencePiece model next to an export (GPT-2 BPE needs no file: it ships with the
+    package); return the tokenizer's entry for the export's metadata."""
+    if ckpt.cfg.data.tokenizer == "gpt2":
+        return {"kind": "gpt2"}
+    tokenizer = checkpoint_tokenizer(ckpt)
+    shutil.copyfile(tokenizer.model_path, os.path.join(out_dir, SENTENCEPIECE_FILE))
+    return {"kind": "sentencepiece", "model": SENTENCEPIECE_FILE, **tokenizer.describe()}
+
+
+def write_provenance(out_dir: str, ckpt: LoadedCheckpoint, *, fmt: str) -> None:
+    """``inrank_source.json``: the checkpoint, step and InRank ranks an export came from, and its
+    tokenizer (which ``inrank_megatron.inference`` and ``tools/generate.py`` read)."""
+    source = {"format": fmt, "checkpoint": os.path.abspath(ckpt.path), "step": ckpt.step,
+              "mode": ckpt.mode, "tokenizer": write_tokenizer(out_dir, ckpt),
+              "ranks": {name: layer.rank for name, layer in ckpt.layers.items()}}
+    with open(os.path.join(out_dir, SOURCE_FILE), "w") as f:
+        json.dump(source, f, indent=1)

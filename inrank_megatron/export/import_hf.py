@@ -1,0 +1,302 @@
+"""A local Hugging Face GPT-2 directory -> a training checkpoint of ours (no download, ever).
+
+Two starts for continued InRank training (spec section 2):
+
+- ``cumulative``: ``W0`` = the pretrained weight, ``B = 0`` and ``A`` drawn as at init, so the model
+  starts exactly at the pretrained function and learns a low-rank update whose rank grows
+  (``inrank.rank`` / ``inrank.buffer`` slots, stage ``growing``);
+- ``efficient``: ``W = B A`` from the truncated SVD of the pretrained weight, balanced
+  (``B = U_r S_r^{1/2}``, ``A = S_r^{1/2} V_r^T``, :func:`inrank_megatron.core.truncate`), at a given
+  rank or at the smallest rank whose explained ratio (:func:`inrank_megatron.core.explained_ratios`,
+  the rule ``inrank.rule``) exceeds a threshold; the layers start in stage ``fixed`` (as after the
+  cut), so training continues at that rank.
+
+The checkpoint is what the training loop writes (``model/`` megatron dist checkpoint, reshardable to
+any TP size; ``inrank_growth.json``; ``meta.json`` at step 0 with the resolved config), without
+optimizer or RNG state: ``meta.json`` says ``"weights_only": true``. The loop loads such a
+checkpoint's model and growth state exactly as it resumes one; its optimizer starts fresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Optional
+
+import torch
+
+from inrank_megatron.config import (
+    ConfigError, TrainConfig, from_dict, parse_override, parse_yaml, to_dict, validate_layout,
+)
+from inrank_megatron.export.checkpoint import CheckpointError
+from inrank_megatron.export.hf_gpt2 import (
+    GPT2_VOCAB_SIZE, from_hf_state_dict, hf_activation_is_exact, model_section_from_hf, read_hf_dir,
+)
+from inrank_megatron.export.layout import inrank_layer_names, layer_kind, linear_shape
+
+META = "meta.json"
+GROWTH_FILE = "inrank_growth.json"
+
+
+# ------------------------------------------------------------------------------ configuration
+def import_config(hf_config: dict, mode: str, config_path: Optional[str] = None,
+                  overrides=()) -> TrainConfig:
+    """The training configuration of an imported model: the YAML file and ``section.key=value``
+    overrides as for training, with the architecture (``model.*``) taken from the HF config,
+    ``model.inrank=true`` and ``inrank.mode=mode``.
+
+    Raises:
+        ConfigError: an override that contradicts the HF architecture or the mode; a GPT-2 model
+            with another vocabulary than GPT-2's and no tokenizer given; any training-config error.
+    """
+    data: dict = {}
+    if config_path:
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                loaded = parse_yaml(f.read()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {config_path}") from None
+        from_dict(loaded, origin=f" in {config_path}")
+        data = {str(s): dict(v or {}) for s, v in loaded.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})[key] = value
+    model = data.setdefault("model", {})
+    arch = model_section_from_hf(hf_config)
+    for key, value in arch.items():
+        given = model.get(key)
+        if given is not None and given != value:
+            raise ConfigError(f"model.{key}={given!r} contradicts the Hugging Face model "
+                              f"({value!r}); the architecture comes from its config.json")
+        model[key] = value
+    model.setdefault("seq_length", hf_config["n_positions"])
+    if model.get("inrank") is False:
+        raise ConfigError("model.inrank=false: import_hf writes an InRank model; expected true")
+    model["inrank"] = True
+    inrank = data.setdefault("inrank", {})
+    if inrank.get("mode", mode) != mode:
+        raise ConfigError(f"inrank.mode={inrank['mode']!r} contradicts --mode {mode}")
+    inrank["mode"] = mode
+    if mode == "cumulative":
+        inrank.setdefault("stage1_steps", None)
+    d = data.setdefault("data", {})
+    if "tokenizer" not in d:
+        if hf_config["vocab_size"] != GPT2_VOCAB_SIZE:
+            raise ConfigError(f"the Hugging Face model has a vocabulary of "
+                              f"{hf_config['vocab_size']}, not GPT-2's {GPT2_VOCAB_SIZE}: name its "
+                              "tokenizer (data.tokenizer=sentencepiece data.tokenizer_model=...)")
+        d["tokenizer"] = "gpt2"
+    cfg = from_dict(data)
+    p = cfg.parallel
+    validate_layout(cfg, p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ factors
+def select_import_rank(W: torch.Tensor, *, rank: Optional[int], threshold: Optional[float],
+                       rule: str = "variance") -> int:
+    """``rank`` itself, or the smallest ``k >= 1`` whose explained ratio of ``W``'s singular values
+    exceeds ``threshold`` (all of them when none does)."""
+    from inrank_megatron.core import explained_ratios
+
+    if rank is not None:
+        return int(rank)
+    s = torch.linalg.svdvals(W.double())
+    ratios = explained_ratios(s, rule)
+    passing = (ratios[1:] > threshold).nonzero()
+    return int(passing[0]) + 1 if passing.numel() else s.numel()
+
+
+def svd_factors(W: torch.Tensor, rank: int, *, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors ``(A [rank, in], B [out, rank])`` of the best rank-``rank`` approximation
+    of ``W``, through :func:`inrank_megatron.core.truncate` of the trivial factorisation with
+    ``min(in, out)`` slots (``W = I W`` or ``W I``)."""
+    from inrank_megatron.core import truncate
+
+    n_out, n_in = W.shape
+    W = W.double()
+    if n_out <= n_in:
+        A, B = W, torch.eye(n_out, dtype=W.dtype)
+    else:
+        A, B = torch.eye(n_in, dtype=W.dtype), W
+    A, B = truncate(A, B, rank, layer=layer)
+    return A.float().contiguous(), B.float().contiguous()
+
+
+def inrank_state(cfg: TrainConfig, dense: dict, *, rank: Optional[int], threshold: Optional[float],
+                 seed: int) -> tuple[dict, dict]:
+    """``(tensors, growth)``: our TP=1 tensors with the InRank layers factorised, and the
+    ``inrank_growth.json`` entries."""
+    from inrank_megatron.core import GrowthState, init_factors
+
+    ir = cfg.inrank
+    tensors = dict(dense)
+    growth = {}
+    generator = torch.Generator().manual_seed(seed)
+    for name in inrank_layer_names(cfg):
+        n_in, n_out = linear_shape(cfg, layer_kind(name))
+        W = tensors.pop(name + ".weight")
+        max_rank = ir.layer_max_rank(n_in, n_out)
+        extend_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        if ir.mode == "cumulative":
+            slots = ir.rank + ir.buffer
+            init = init_factors("cumulative", n_in, n_out, slots, init_scale=ir.init_scale,
+                                generator=generator)
+            tensors.update({name + ".A": init.A, name + ".B": init.B, name + ".w0": W})
+            state = GrowthState(rank=ir.rank, buffer=ir.buffer, max_rank=max_rank,
+                                threshold=ir.threshold, warmup=ir.warmup, gap=ir.gap, rule=ir.rule,
+                                layer=name)
+        else:
+            r = select_import_rank(W, rank=rank, threshold=threshold, rule=ir.rule)
+            if not 1 <= r <= max_rank:
+                raise ConfigError(
+                    f"layer {name} ({n_in} -> {n_out}): rank {r} is outside 1..max_rank="
+                    f"{max_rank}; raise inrank.max_rank (at most min(in, out) = "
+                    f"{min(n_in, n_out)}) or choose a lower --rank / --threshold")
+            slots = r
+            tensors[name + ".A"], tensors[name + ".B"] = svd_factors(W, r, layer=name)
+            state = GrowthState(rank=r, buffer=0, max_rank=max_rank, threshold=ir.threshold,
+                                warmup=ir.warmup, gap=ir.gap, stage="fixed", step=0, rule=ir.rule,
+                                layer=name)
+        growth[name] = {"growth": state.state_dict(), "allocated_slots": slots,
+                        "extend_seed": extend_seed}
+    return tensors, growth
+
+
+# ------------------------------------------------------------------------------------ writing
+@contextlib.contextmanager
+def single_process_megatron(seed: int):
+    """megatron.core's parallel state at TP = PP = 1 in this process (a one-rank gloo group on an
+    in-memory store), torn down afterwards; reuses a one-rank group that already exists."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    from inrank_megatron.cpu_fallback import enable_cpu_fallback
+
+    enable_cpu_fallback()
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError("writing a checkpoint here runs in a single process; torch.distributed "
+                           f"is initialised with world size {dist.get_world_size()}")
+    own_state = not parallel_state.model_parallel_is_initialized()
+    if own_state:
+        parallel_state.initialize_model_parallel(1)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    try:
+        yield
+    finally:
+        if own_state:
+            parallel_state.destroy_model_parallel()
+        if own_group:
+            dist.destroy_process_group()
+
+
+def write_training_checkpoint(out_dir: str, cfg: TrainConfig, vocab_size: int, tensors: dict,
+                              growth: dict, meta: dict) -> None:
+    """Write ``tensors`` (TP=1 names, padded vocabulary) as a training checkpoint step directory,
+    atomically, through megatron's own ``dist_checkpointing.save`` of a TP=1 model."""
+    from megatron.core import dist_checkpointing
+
+    from inrank_megatron.export.files import atomic_output_dir
+    from inrank_megatron.growth.controller import GrowthController
+    from inrank_megatron.training.loop import build_model
+
+    with single_process_megatron(cfg.train.seed), atomic_output_dir(out_dir) as tmp:
+        model = build_model(cfg, vocab_size, 1)
+        controller = GrowthController(model)
+        controller.load_state_dict(growth)  # reshapes the factors to the recorded allocation
+        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        own = {k: v for k, v in own.items() if v is not None}
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        wrong = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
+        if missing or unexpected or wrong:
+            raise RuntimeError(f"imported tensors do not fit the model: missing {missing[:4]}, "
+                               f"unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
+        with torch.no_grad():
+            for key, value in own.items():
+                value.copy_(tensors[key])
+        os.makedirs(os.path.join(tmp, "model"))
+        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, "model"))
+        with open(os.path.join(tmp, GROWTH_FILE), "w") as f:
+            json.dump(controller.state_dict(), f, indent=1, sort_keys=True)
+        with open(os.path.join(tmp, META), "w") as f:  # last, as the training loop does
+            json.dump(meta, f, indent=1)
+
+
+def import_hf(hf_dir: str, out_dir: str, *, mode: str, rank: Optional[int] = None,
+              threshold: Optional[float] = None, config_path: Optional[str] = None,
+              overrides=()) -> dict:
+    """Convert a local Hugging Face GPT-2 directory into a training checkpoint step directory.
+
+    Args:
+        hf_dir: ``save_pretrained`` output (``config.json`` + ``model.safetensors``).
+        out_dir: the checkpoint step directory to create (must not exist).
+        mode: ``cumulative`` or ``efficient``.
+        rank: efficient mode: the rank of every InRank layer.
+        threshold: efficient mode: per layer, the smallest rank whose explained ratio exceeds it.
+        config_path: a training YAML (optimizer, schedule, data, InRank settings) to start from.
+        overrides: ``section.key=value`` overrides.
+
+    Returns:
+        ``{"path", "ranks", "notes"}``.
+
+    Raises:
+        ConfigError / CheckpointError / UnsupportedModelError: bad arguments, an unreadable or
+            inexpressible HF model; nothing is written.
+    """
+    if mode not in ("cumulative", "efficient"):
+        raise ConfigError(f"--mode must be cumulative or efficient, got {mode!r}")
+    if mode == "efficient" and (rank is None) == (threshold is None):
+        raise ConfigError("efficient mode needs exactly one of --rank R or --threshold T")
+    if mode == "cumulative" and (rank is not None or threshold is not None):
+        raise ConfigError("--rank/--threshold choose the SVD truncation of efficient mode; "
+                          "cumulative mode starts at inrank.rank with inrank.buffer slots "
+                          "(set them as overrides)")
+    if threshold is not None and not 0 < threshold < 1:
+        raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir} already exists; refusing to overwrite it")
+    hf_config, hf = read_hf_dir(hf_dir)
+    dense = from_hf_state_dict(hf, hf_config)
+    cfg = import_config(hf_config, mode, config_path, overrides)
+
+    from inrank_megatron.data.tokenizers import build_tokenizer
+    from inrank_megatron.models.gpt import padded_vocab_size
+
+    d = cfg.data
+    try:
+        tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_model
+                                    if d.tokenizer == "sentencepiece" else None)
+    except ValueError as error:
+        raise ConfigError(f"data.tokenizer: {error}") from None
+    vocab = hf_config["vocab_size"]
+    if tokenizer.vocab_size != vocab:
+        raise ConfigError(f"data.tokenizer={d.tokenizer} has {tokenizer.vocab_size} ids, the "
+                          f"Hugging Face model {vocab}; expected the model's own tokenizer")
+    padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
+                               cfg.parallel.tensor_model_parallel_size)
+    for key in ("embedding.word_embeddings.weight",):
+        t = dense[key]
+        dense[key] = torch.cat([t, t.new_zeros(padded - t.shape[0], t.shape[1])])
+    tensors, growth = inrank_state(cfg, dense, rank=rank, threshold=threshold,
+                                   seed=cfg.train.seed)
+    notes = []
+    if not hf_activation_is_exact(hf_config):
+        notes.append(f"the Hugging Face model uses activation_function="
+                     f"{hf_config.get('activation_function', 'gelu_new')!r} (tanh GELU); ours "
+                     "trains with exact GELU, so its outputs differ slightly (< 1e-3 per "
+                     "activation) until training adapts")
+    p = cfg.parallel
+    meta = {"step": 0, "consumed_samples": 0,
+            "world_size": p.tensor_model_parallel_size * p.pipeline_model_parallel_size,
+            "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size, "dp": 1,
+            "backend": p.backend, "weights_only": True,
+            "imported_from": {"hf_dir": os.path.abspath(hf_dir), "mode": mode, "rank": rank,
+                              "threshold": threshold, "notes": notes},
+            "config": to_dict(cfg)}
+    write_training_checkpoint(out_dir, cfg, vocab, tensors, growth, meta)
+    return {"path": out_dir, "ranks": {n: g["growth"]["rank"] for n, g in growth.items()},
+            "notes": notes}

@@ -1,0 +1,418 @@
+"""Every workaround the DeepSpeed backend needs for DeepSpeed 0.19.8, in one place.
+
+Each function names the DeepSpeed behaviour it works around. The backend
+(:mod:`inrank_megatron.training.backends.deepspeed_backend`) decides *what* state goes where;
+this module knows *how* to reach a parameter's fp32 master value and Adam moments inside each of
+DeepSpeed's optimizers:
+
+- ZeRO stage 0, fp32: DeepSpeed hands back the client's ``torch.optim.AdamW``; state is
+  ``optimizer.state[param]``, full tensors, and the ``safe_get_full_*`` getters return None.
+- ZeRO stage 1/2 (``DeepSpeedZeroOptimizer``) and stage 0 with bf16 (``BF16_Optimizer``): one flat
+  fp32 partition per param group and rank; each parameter's slice of it is its ``_hp_mapping``
+  (``lp_fragment_address`` inside the flattened parameter, ``hp_fragment`` /
+  ``optim_fragment[key]`` inside the flat partition and its Adam state).
+- ZeRO stage 3 (``DeepSpeedZeroOptimizer_Stage3``): rank ``r`` owns elements
+  ``[r * n, (r + 1) * n)`` of the zero-padded flattened parameter (``n = ds_tensor.numel()``),
+  stored at ``grad_position[param_id]`` of the sub-group's ``fp32_partitioned_groups_flat``.
+
+:class:`LocalState` captures references to this rank's pieces of an engine's state (no copy), so
+that a resize can rebuild the engine and then move the state parameter by parameter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+# --------------------------------------------------------------------------------- process setup
+def skip_shm_op_build() -> None:
+    """Skip DeepSpeed's shared-memory comm op on CPU.
+
+    DeepSpeed behaviour: every ``deepspeed.comm`` initialisation (``deepspeed.initialize`` calls it
+    even when torch.distributed is up) JIT-builds ``ShareMemCommBuilder`` (~37 s the first time on
+    these machines); the op only serves inference all-reduces. ``import deepspeed.comm.torch as m``
+    returns the *torch* package (``deepspeed.comm`` re-exports ``torch``), so the module is patched
+    through ``sys.modules``. A no-op with CUDA.
+    """
+    if torch.cuda.is_available():
+        return
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+class MegatronMPU:
+    """megatron.core ``parallel_state`` under the names DeepSpeed's ``mpu=`` asks for.
+
+    DeepSpeed behaviour: it calls the pre-2021 Megatron names ``get_model_parallel_rank / world_size
+    / group`` (checkpoint file naming, ``clip_grad_norm_``, ZeRO's gradient norm), which current
+    ``parallel_state`` no longer has. Pipeline parallelism is not used with this backend, so the
+    model-parallel group is the tensor-parallel group. Deliberately absent: the
+    ``get_sequence_parallel_*`` names, which DeepSpeed reads as Ulysses sequence parallelism (a
+    different thing from Megatron's sequence parallelism).
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state
+
+        self._ps = parallel_state
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_src_rank()
+
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+    get_model_parallel_group = get_tensor_model_parallel_group
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self._ps.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self._ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self._ps.get_pipeline_model_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    def get_data_parallel_group_ranks(self) -> list:
+        return torch.distributed.get_process_group_ranks(self.get_data_parallel_group())
+
+
+# ----------------------------------------------------------------------------- optimizer layouts
+def optimizer_layout(engine) -> str:
+    """``"torch"`` (stage 0, fp32: the client AdamW), ``"flat"`` (ZeRO 1/2, BF16_Optimizer) or
+    ``"zero3"``."""
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        return "zero3"
+    if hasattr(opt, "single_partition_of_fp32_groups") or hasattr(opt, "fp32_groups_flat_partition"):
+        return "flat"
+    if isinstance(opt, torch.optim.Optimizer):
+        return "torch"
+    raise NotImplementedError(f"DeepSpeed optimizer {type(opt).__name__} is not supported by the "
+                              "InRank DeepSpeed backend (expected torch AdamW or a ZeRO optimizer)")
+
+
+def _flat_partitions(opt) -> list:
+    """The flat fp32 partitions of ZeRO 1/2 (``single_partition_of_fp32_groups``) or of
+    ``BF16_Optimizer`` (``fp32_groups_flat_partition``): same role, two names."""
+    if hasattr(opt, "single_partition_of_fp32_groups"):
+        return opt.single_partition_of_fp32_groups
+    return opt.fp32_groups_flat_partition
+
+
+def _zero3_group_of_subgroup(opt) -> list:
+    """Param-group index of each ZeRO-3 sub-group (ZeRO-3 splits groups at ``sub_group_size``)."""
+    return [opt.sub_group_to_group_id[i] for i in range(len(opt.fp32_partitioned_groups_flat))]
+
+
+def _flat_param_index(engine) -> dict:
+    """``{id(param): param-group index}`` of the engine's optimizer."""
+    opt = engine.optimizer
+    layout = optimizer_layout(engine)
+    if layout == "torch":
+        groups = [g["params"] for g in opt.param_groups]
+    elif layout == "flat":
+        groups = opt.bit16_groups if hasattr(opt, "bit16_groups") else opt.bf16_groups
+    else:
+        out = {}
+        for sub, group_id in enumerate(_zero3_group_of_subgroup(opt)):
+            for p in opt.fp16_groups[sub]:
+                out[id(p)] = group_id
+        return out
+    return {id(p): gi for gi, group in enumerate(groups) for p in group}
+
+
+# ------------------------------------------------------------------------------ reading state
+@dataclass
+class _Piece:
+    """This rank's piece of one parameter: elements ``[start, start + numel)`` of the flattened
+    parameter, with views of the master value and each moment (None when this rank owns none)."""
+
+    shape: torch.Size
+    start: int
+    numel: int
+    tensors: Optional[dict]  # {None: master, "exp_avg": ..., "exp_avg_sq": ...}
+    group: object  # process group the pieces are spread over (None: this rank holds it all)
+    param_group: int
+
+
+class LocalState:
+    """References to this rank's pieces of an engine's fp32 masters and Adam moments, by name.
+
+    Holding a :class:`LocalState` keeps the old engine's partitions alive after
+    ``engine.destroy()`` (no copy is made). :meth:`full` reassembles one parameter at a time, so a
+    resize never holds more than one parameter's full state at once beyond the partitions.
+
+    Args:
+        engine: a DeepSpeed engine after at least one optimizer step (or with state created by
+            :func:`create_zeroed_state`).
+        named_params: ``(name, param)`` of the parameters to capture; ``param`` must be one the
+            engine's optimizer holds (for resized factors: the *old* parameter).
+    """
+
+    def __init__(self, engine, named_params):
+        self.layout = optimizer_layout(engine)
+        self.group_steps = group_steps(engine)
+        index = _flat_param_index(engine)
+        self.pieces = {}
+        opt = engine.optimizer
+        if self.layout == "flat":
+            relink_optimizer_state(engine)
+        for name, p in named_params:
+            gi = index[id(p)]
+            if self.layout == "torch":
+                # DeepSpeed behaviour: at stage 0 (fp32) the safe_get_full_* getters return None;
+                # the client AdamW keeps full tensors per parameter.
+                state = opt.state.get(p, {})
+                tensors = {None: p.detach()}
+                for key in MOMENTS:
+                    tensors[key] = state[key] if key in state else torch.zeros_like(p)
+                self.pieces[name] = _Piece(p.shape, 0, p.numel(), tensors, None, gi)
+            elif self.layout == "flat":
+                mapping = getattr(p, "_hp_mapping", None)
+                tensors = None
+                start = numel = 0
+                if mapping is not None:
+                    start = mapping.lp_fragment_address.start
+                    numel = mapping.lp_fragment_address.numel
+                    tensors = {None: mapping.hp_fragment}
+                    tensors.update({key: mapping.get_optim_state_fragment(key) for key in MOMENTS})
+                self.pieces[name] = _Piece(p.shape, start, numel, tensors, p._dp_group, gi)
+            else:
+                self.pieces[name] = _zero3_piece(opt, p, gi)
+
+    def names(self) -> list:
+        return list(self.pieces)
+
+    def full(self, name: str, key: Optional[str] = None) -> torch.Tensor:
+        """The full fp32 master (``key=None``) or moment ``key`` of parameter ``name``.
+
+        Collective over the parameter's data-parallel group (every rank, same order): each element
+        is owned by exactly one rank, so a sum of zero-filled buffers reassembles it exactly.
+        """
+        piece = self.pieces[name]
+        if piece.group is None:
+            return piece.tensors[key].detach().to(torch.float32).clone().reshape(piece.shape)
+        buffer = torch.zeros(piece.shape.numel(), dtype=torch.float32)
+        if piece.tensors is not None and piece.numel:
+            buffer.narrow(0, piece.start, piece.numel).copy_(
+                piece.tensors[key].detach().reshape(-1)[: piece.numel])
+        torch.distributed.all_reduce(buffer, group=piece.group)
+        return buffer.reshape(piece.shape)
+
+
+def _zero3_piece(opt, p, gi) -> _Piece:
+    """This rank's slice of a ZeRO-3 parameter (``_get_fp32_opt_state_partition``'s arithmetic)."""
+    sub, offset, numel = opt.grad_position[opt.get_param_id(p)]
+    group = opt._get_param_partition_group(p)
+    rank = torch.distributed.get_rank(group=group)
+    flat = opt.fp32_partitioned_groups_flat[sub]
+    state = opt.optimizer.state.get(flat, {})
+    tensors = {None: flat.narrow(0, offset, numel)}
+    for key in MOMENTS:
+        tensors[key] = state[key].narrow(0, offset, numel) if key in state else \
+            torch.zeros(numel, dtype=flat.dtype)
+    start = rank * numel
+    owned = max(0, min(numel, p.ds_numel - start))  # the last rank's slice is zero-padded
+    return _Piece(p.ds_shape, start, owned, tensors, group, gi)
+
+
+def group_steps(engine) -> list:
+    """Adam's ``step`` per param group of the engine's optimizer (a float tensor; 0 before the
+    first step). ZeRO keeps one step per flat group (per sub-group at stage 3), the client AdamW
+    one per parameter; within a group they are equal here (every parameter steps every time)."""
+    opt = engine.optimizer
+    layout = optimizer_layout(engine)
+    zero = torch.tensor(0.0)
+    if layout == "torch":
+        out = []
+        for g in opt.param_groups:
+            steps = [opt.state[p]["step"] for p in g["params"] if "step" in opt.state.get(p, {})]
+            out.append(steps[0].clone() if steps else zero.clone())
+        return out
+    if layout == "flat":
+        return [opt.optimizer.state[flat]["step"].clone() if "step" in opt.optimizer.state.get(flat, {})
+                else zero.clone() for flat in _flat_partitions(opt)]
+    steps = {}
+    for sub, group_id in enumerate(_zero3_group_of_subgroup(opt)):
+        state = opt.optimizer.state.get(opt.fp32_partitioned_groups_flat[sub], {})
+        if "step" in state and group_id not in steps:
+            steps[group_id] = state["step"].clone()
+    return [steps.get(i, zero.clone()) for i in range(len(opt.optimizer.param_groups))]
+
+
+# ------------------------------------------------------------------------------ writing state
+def create_zeroed_state(engine, steps: list) -> None:
+    """Zero Adam moments with the given ``step`` per param group, before any ``engine.step()``.
+
+    DeepSpeed behaviour: ZeRO (and torch AdamW) create optimizer state lazily in the first step,
+    and the ``safe_set_full_optimizer_state`` setters need it to exist. The tensors are the ones
+    AdamW would create (``zeros_like`` the flat partition, ``step`` a float scalar tensor), so the
+    next step updates them in place.
+    """
+    opt = engine.optimizer
+    layout = optimizer_layout(engine)
+
+    def fresh(t, step):
+        return {"step": step.clone().to(torch.float32), "exp_avg": torch.zeros_like(t),
+                "exp_avg_sq": torch.zeros_like(t)}
+
+    if layout == "torch":
+        for gi, g in enumerate(opt.param_groups):
+            for p in g["params"]:
+                opt.state[p] = fresh(p, steps[gi])
+        return
+    if layout == "flat":
+        for gi, flat in enumerate(_flat_partitions(opt)):
+            opt.optimizer.state[flat] = fresh(flat, steps[gi])
+        relink_optimizer_state(engine)
+        return
+    for sub, group_id in enumerate(_zero3_group_of_subgroup(opt)):
+        flat = opt.fp32_partitioned_groups_flat[sub]
+        opt.optimizer.state[flat] = fresh(flat, steps[group_id])
+
+
+def relink_optimizer_state(engine) -> None:
+    """Point every parameter's ``_hp_mapping`` at the optimizer's current state tensors.
+
+    DeepSpeed behaviour: ZeRO 1/2 and BF16_Optimizer link each parameter to its slice of the Adam
+    state once (``_lazy_init_hp_params_optimizer_state``, guarded by ``_hp_optimizer_states_linked``)
+    at the first step. ``load_checkpoint`` replaces the state tensors but leaves the flag set, so
+    ``safe_get_full_optimizer_state`` then fails (TypeError) or reads stale tensors; state created
+    by :func:`create_zeroed_state` is not linked at all.
+    """
+    opt = engine.optimizer
+    if optimizer_layout(engine) != "flat":
+        return
+    if any(flat not in opt.optimizer.state for flat in _flat_partitions(opt)):
+        return  # nothing to link before the first step
+    opt._hp_optimizer_states_linked = False
+    opt._lazy_init_hp_params_optimizer_state()
+
+
+def write_local(engine, param, value: torch.Tensor, key: Optional[str] = None) -> None:
+    """Write this rank's slice of ``value`` (the full fp32 master, ``key=None``, or Adam moment
+    ``key``) of ``param``. No collective.
+
+    Stage 1/2: ``safe_set_full_*`` semantics (each rank copies its fragment). Stage 3:
+    DeepSpeed behaviour: ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` narrow the
+    *unpadded* value to ``[rank * n, (rank + 1) * n)`` and fail on the last rank when the numel is
+    not divisible by the data-parallel size; here the value is zero-padded first. Stage 0: the
+    getters/setters are no-ops (they return None), so the client AdamW's state is written directly.
+    """
+    opt = engine.optimizer
+    layout = optimizer_layout(engine)
+    value = value.detach().to(torch.float32)
+    if layout == "torch":
+        if key is None:
+            param.data.copy_(value.reshape(param.shape).to(param.dtype))
+        else:
+            opt.state[param][key].copy_(value.reshape(param.shape))
+        return
+    if layout == "flat":
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            return
+        address = mapping.lp_fragment_address
+        target = mapping.hp_fragment if key is None else mapping.get_optim_state_fragment(key)
+        target.data.copy_(value.reshape(-1).narrow(0, address.start, address.numel))
+        return
+    sub, offset, numel = opt.grad_position[opt.get_param_id(param)]
+    flat = opt.fp32_partitioned_groups_flat[sub]
+    target = flat if key is None else opt.optimizer.state[flat][key]
+    rank = torch.distributed.get_rank(group=opt._get_param_partition_group(param))
+    padded = torch.zeros(numel * torch.distributed.get_world_size(
+        group=opt._get_param_partition_group(param)), dtype=torch.float32)
+    padded[: value.numel()] = value.reshape(-1)
+    target.narrow(0, offset, numel).copy_(padded.narrow(0, rank * numel, numel))
+
+
+def refresh_model_params(engine) -> None:
+    """Collective: copy the fp32 masters into the module's (bit16 or fp32) parameters.
+
+    DeepSpeed behaviour: ``deepspeed.initialize`` builds its masters *from* the module's
+    parameters; after masters were written directly (a resize, with bf16 parameters that cannot
+    hold the fp32 values), the module copy is only refreshed by the next optimizer step.
+    """
+    opt = engine.optimizer
+    layout = optimizer_layout(engine)
+    if layout == "flat":
+        opt.update_lp_params()
+    elif layout == "zero3":
+        with torch.no_grad():
+            for sub, flat in enumerate(opt.fp32_partitioned_groups_flat):
+                lp = opt.fp16_partitioned_groups_flat[sub]
+                if lp is not None:
+                    lp.data.copy_(flat.data)
+            if opt.persistent_parameters:
+                opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+
+
+# --------------------------------------------------------------------------------- ZeRO-3 factors
+def keep_full(engine, params) -> None:
+    """Collective: keep ZeRO-3 parameters materialised on every rank between steps.
+
+    DeepSpeed behaviour: ZeRO-3 frees a parameter's full data (``param.data`` becomes an empty
+    tensor) outside its module's forward/backward, but the InRank growth controller reads the
+    factors between optimizer steps (spectra, the cut). DeepSpeed's own mechanism for parameters
+    that stay materialised is persistence (``ds_persist``, chosen by
+    ``stage3_param_persistence_threshold``); the factors are added to it explicitly. Their
+    gradients and optimizer state stay partitioned; ``_post_step`` re-gathers them after each
+    step, as it does for every persistent parameter.
+    """
+    if optimizer_layout(engine) != "zero3":
+        return
+    opt = engine.optimizer
+    persistent = opt.persistent_parameters  # the same list object as parameter_offload's
+    have = {id(p) for p in persistent}
+    added = []
+    for p in params:
+        if id(p) not in have:
+            p.ds_persist = True
+            persistent.append(p)
+            added.append(p)
+    if added:
+        added[0].all_gather(added)
+
+
+def full_numel(p) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (``param.numel()`` is then 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+# ------------------------------------------------------------------------------ engine counters
+ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+def engine_counters(engine) -> dict:
+    """The engine's step and sample counters (``deepspeed.initialize`` starts them at 0)."""
+    return {name: getattr(engine, name) for name in ENGINE_COUNTERS}
+
+
+def set_engine_counters(engine, counters: dict) -> None:
+    for name, value in counters.items():
+        setattr(engine, name, value)
