@@ -21,7 +21,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_single_node_args "$@"
 check_config "$CONFIG" "$NPROC" "${OVERRIDES[@]}"
 set_threads "$NPROC" "$GPUS" "$CORES"
-PORT=${MASTER_PORT:-$("$PYTHON" -c 'from inrank_megatron.launch_env import free_port; print(free_port())')}
+PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 # On CPU DeepSpeed picks its CPU accelerator itself; this only silences its warning.
 [ "$GPUS" -gt 0 ] || export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 

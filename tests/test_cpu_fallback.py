@@ -9,9 +9,8 @@
   own stream: it restores the default (CPU) stream on exit and resumes where the last fork stopped.
 - Sequence parallelism: Column/RowParallelLinear with `sequence_parallel=True` (all-gather and
   reduce-scatter through Megatron's global memory buffer) match a dense reference at TP=2. The GPT
-  at TP=2 with SP should match TP=1; the local spec's torch LayerNorm refuses SP
-  (megatron/core/transformer/torch_norm.py, WrappedTorchNorm), so that test xfails until the spec
-  has an SP-capable norm.
+  at TP=2 with SP matches TP=1 (the local spec's torch LayerNorm refuses SP, so that run uses the
+  same dense layers with `inrank_megatron.models.gpt_spec`'s SP-capable norms).
 """
 
 import pytest
@@ -54,13 +53,18 @@ def _build_gpt(tensor_model_parallel_size, sequence_parallel=False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from inrank_megatron.cpu_fallback import enable_cpu_fallback
+    from inrank_megatron.models.gpt_spec import get_gpt_block_inrank_spec
 
     assert enable_cpu_fallback()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size)
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
+    config = _gpt_config(tensor_model_parallel_size, sequence_parallel)
+    # The local spec's WrappedTorchNorm refuses SP: the same dense layers with SP-capable norms.
+    spec = (get_gpt_block_inrank_spec(config, None, layers=()) if sequence_parallel
+            else get_gpt_layer_local_spec())
     return GPTModel(
-        config=_gpt_config(tensor_model_parallel_size, sequence_parallel),
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        config=config,
+        transformer_layer_spec=spec,
         vocab_size=VOCAB_SIZE,
         max_sequence_length=SEQ_LENGTH,
         # RoPE allocates its inv_freq on torch.cuda.current_device(): one more path to cover.
@@ -248,13 +252,6 @@ def test_sequence_parallel_linear_pair_matches_dense():
 
 @pytest.mark.slow
 def test_gpt_sequence_parallel_losses_match_tp1(tp1_losses):
-    try:
-        sp_losses = run_distributed(_train_gpt, 2, sequence_parallel=True)
-    except AssertionError as error:
-        # megatron/core/transformer/torch_norm.py, WrappedTorchNorm.__new__, line 32:
-        #   assert not config.sequence_parallel, f"sequence parallel not supported by torch ..."
-        if "sequence parallel not supported by torch LayerNorm" in str(error):
-            pytest.xfail("the local spec's WrappedTorchNorm refuses sequence_parallel=True")
-        raise
+    sp_losses = run_distributed(_train_gpt, 2, sequence_parallel=True)
     assert sp_losses[0] == sp_losses[1], "TP ranks disagree"
     assert sp_losses[0] == pytest.approx(tp1_losses, rel=1e-6, abs=1e-6)

@@ -71,7 +71,7 @@ class InRankFactorsMixin:
             self.w0 = None
         # Seed of the rows given to new capacity in cumulative mode, drawn with the factors so that
         # every TP rank (same CPU RNG stream) draws the same full rows.
-        self._extend_seed = int(torch.randint(0, 2**62, (1,)))
+        self._extend_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
 
     # ---- what the forward pass uses ---------------------------------------------------------
 

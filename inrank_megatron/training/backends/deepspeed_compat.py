@@ -364,10 +364,8 @@ def refresh_model_params(engine) -> None:
         opt.update_lp_params()
     elif layout == "zero3":
         with torch.no_grad():
-            for sub, flat in enumerate(opt.fp32_partitioned_groups_flat):
-                lp = opt.fp16_partitioned_groups_flat[sub]
-                if lp is not None:
-                    lp.data.copy_(flat.data)
+            for sub in range(len(opt.fp32_partitioned_groups_flat)):
+                opt._reassign_or_swap_out_partitioned_parameters(sub)  # what its step() does
             if opt.persistent_parameters:
                 opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
 
