@@ -59,17 +59,28 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
         raise ConfigError(f"output.resume: checkpoint {path} was trained with a different "
                           f"{', '.join(changed)}; resume with the same values (or start a new "
                           "output.dir)")
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    if (meta["world_size"], meta["tp"], meta["pp"]) != (world_size, tp, pp):
-        raise ConfigError(
-            f"output.resume: checkpoint {path} has world_size={meta['world_size']}, "
-            f"tp={meta['tp']}, pp={meta['pp']} but this run has {world_size}, {tp}, {pp}; "
-            "reshard it first with tools/convert_checkpoint.py")
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if meta["pp"] != pp:
+        raise ConfigError(f"output.resume: checkpoint {path} has pp={meta['pp']} but "
+                          f"parallel.pipeline_model_parallel_size={pp}; reshard it first with "
+                          "tools/convert_checkpoint.py")
     if meta["backend"] != cfg.parallel.backend:
         raise ConfigError(f"output.resume: checkpoint {path} was written by backend "
                           f"{meta['backend']!r}, this run uses parallel.backend="
                           f"{cfg.parallel.backend!r}; convert it with tools/convert_checkpoint.py")
     return path
+
+
+def check_supported(cfg: TrainConfig) -> None:
+    """What validate_layout accepts but this training loop cannot run (yet)."""
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if pp > 1:
+        raise ConfigError(f"parallel.pipeline_model_parallel_size={pp}: the training loop has no "
+                          "pipeline schedule yet; expected 1 (use TP and DP/ZeRO)")
+    if cfg.parallel.backend == "megatron":
+        raise ConfigError("parallel.backend='megatron' (megatron's DDP and distributed optimizer) "
+                          "is a GPU path not available in this build; expected 'torch' or "
+                          "'deepspeed'")
 
 
 def main(argv=None) -> int:
@@ -80,6 +91,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate_layout(cfg, env["world_size"])
+        check_supported(cfg)
         from inrank_megatron.training.data import check_data_config
 
         check_data_config(cfg)

@@ -4,7 +4,7 @@
 #   launch/deepspeed.sh [--nproc N] CONFIG [section.key=value ...]
 #
 #   launch/deepspeed.sh configs/tiny-cpu.yaml parallel.backend=deepspeed \
-#       parallel.deepspeed_config=configs/ds_zero1.json
+#       parallel.deepspeed_config=configs/deepspeed/zero1.json
 #
 # Runs `deepspeed --num_gpus N --master_port P --module inrank_megatron.train --config CONFIG ...`
 # (DeepSpeed 0.19.8's --module runs the package module like `python -m`; each process also gets

@@ -10,8 +10,10 @@
   on stderr and exit status 2 before any training process starts (no output directory appears).
 - Slow: ``mpirun.sh``, ``deepspeed.sh`` and ``torchrun.sh`` train the tiny config on 2 processes;
   on a real Slurm with two fake nodes on this host (``tests/slurm/start.sh``), ``sbatch -N2`` of
-  both SLURM scripts trains on 2 nodes x 1 process, evaluates, and writes metrics, a summary and
-  a checkpoint; a bad config fails the job with the one-line error. The Slurm fixture skips only
+  both SLURM scripts (the DeepSpeed one with srun and with one deepspeed launcher per node)
+  trains on 2 nodes x 1 process, evaluates, and writes metrics, a summary and a checkpoint; a
+  bad config fails the job with the one-line error. The DeepSpeed scripts run the DeepSpeed
+  backend (ZeRO-1, ``configs/deepspeed/zero1.json``). The Slurm fixture skips only
   where Slurm cannot be installed (apt fails, not root), and never under CI=true.
 
 Runs use the real ``inrank_megatron.train`` (``INRANK_TRAIN_MODULE`` selects another).
@@ -19,7 +21,6 @@ Runs use the real ``inrank_megatron.train`` (``INRANK_TRAIN_MODULE`` selects ano
 
 import csv
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -60,13 +61,6 @@ def _train_module_missing() -> bool:
 
 needs_train = pytest.mark.skipif(_train_module_missing(),
                                  reason=f"training entry {TRAIN_MODULE} does not exist yet")
-
-
-def _deepspeed_backend_available() -> bool:
-    """Whether the training loop builds ``parallel.backend=deepspeed`` (it is added after torch)."""
-    from inrank_megatron.training import backends
-
-    return '"deepspeed"' in inspect.getsource(backends.build_backend)
 
 
 def _env(**extra) -> dict:
@@ -362,14 +356,9 @@ def test_slurm_script_refuses_bad_input(script, case, tmp_path):
 
 
 # ------------------------------------------------------------------------- (c) single-node runs
-def _deepspeed_overrides(tmp_path):
-    """parallel.backend=deepspeed (ZeRO-1, fp32) once the training loop has that backend."""
-    if not _deepspeed_backend_available():
-        return []
-    ds = tmp_path / "ds_zero1.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0,
-                              "zero_allow_untested_optimizer": True}))
-    return ["parallel.backend=deepspeed", f"parallel.deepspeed_config={ds}"]
+# The DeepSpeed scripts train with the DeepSpeed backend (ZeRO-1, the shipped JSON).
+DEEPSPEED = ["parallel.backend=deepspeed",
+             "parallel.deepspeed_config=configs/deepspeed/zero1.json"]
 
 
 def _assert_trained(out_dir, world_size=2, steps=4):
@@ -381,7 +370,8 @@ def _assert_trained(out_dir, world_size=2, steps=4):
     assert isinstance(summary["valid_loss"], float) and summary["valid_loss"] > 0, summary
     with open(os.path.join(out_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert sorted(int(r["step"]) for r in rows if r["split"] == "train") == list(range(1, steps + 1))
+    train_steps = sorted(int(r["step"]) for r in rows if r["split"] == "train")
+    assert train_steps == list(range(1, steps + 1)), rows
     assert [int(r["step"]) for r in rows if r["split"] == "valid"] == [2, 4]
     ckpt = os.path.join(out_dir, "checkpoints")
     with open(os.path.join(ckpt, "latest")) as f:
@@ -394,7 +384,7 @@ def _assert_trained(out_dir, world_size=2, steps=4):
 @pytest.mark.parametrize("script", SINGLE_NODE)
 def test_single_node_script_trains(script, tmp_path):
     out = tmp_path / "out"
-    extra = _deepspeed_overrides(tmp_path) if script == "deepspeed.sh" else []
+    extra = DEEPSPEED if script == "deepspeed.sh" else []
     start = time.monotonic()
     proc = _run_script(script, ["--nproc", "2", CONFIG, *SHORT, *extra, f"output.dir={out}"],
                        timeout=900)
@@ -483,7 +473,7 @@ def _sbatch_and_wait(script, args, tmp_path, env_extra=None, timeout=900):
 ], ids=["torchrun", "deepspeed-srun", "deepspeed-runner"])
 def test_slurm_script_trains_on_two_nodes(slurm, script, env_extra, tmp_path):
     out = tmp_path / "out"
-    extra = _deepspeed_overrides(tmp_path) if script == "slurm_deepspeed.sbatch" else []
+    extra = DEEPSPEED if script == "slurm_deepspeed.sbatch" else []
     start = time.monotonic()
     info, text = _sbatch_and_wait(script, [CONFIG, *SHORT, *extra, f"output.dir={out}"],
                                   tmp_path, env_extra)

@@ -167,6 +167,23 @@ def test_sigkill_then_resume_auto_is_bit_identical(uninterrupted, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_at_another_layout_continues(uninterrupted, tmp_path):
+    """Checkpoints hold model and AdamW state as megatron dist checkpoints sharded like the
+    parameters: a TP=2 checkpoint resumes at TP=1 x DP=2 and follows the TP=2 run."""
+    import shutil
+
+    out = str(tmp_path / "relayout")
+    shutil.copytree(os.path.join(uninterrupted, "checkpoints", "step_000012"),
+                    os.path.join(out, "checkpoints", "step_000012"))
+    with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
+        f.write("step_000012\n")
+    run_train([*SHORT, f"output.dir={out}", "output.resume=auto",
+               "parallel.tensor_model_parallel_size=1"])
+    ref = _summary(uninterrupted)["train_losses"][12:]
+    assert _summary(out)["train_losses"] == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.slow
 def test_cumulative_mode_grows_capacity(tmp_path):
     out = str(tmp_path / "cumulative")
     run_train([*SHORT, f"output.dir={out}", "inrank.mode=cumulative", "inrank.stage1_steps=null",

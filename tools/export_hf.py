@@ -41,9 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from inrank_megatron.export import export_hf, load_checkpoint
+    from inrank_megatron.export.checkpoint import read_checkpoint_config
+    from inrank_megatron.export.hf_gpt2 import check_gpt2_exportable
 
     try:
-        ckpt = load_checkpoint(args.checkpoint, tokenizer_model=args.tokenizer_model)
+        step_dir, _, cfg = read_checkpoint_config(args.checkpoint)
+        check_gpt2_exportable(cfg)  # before reading the tensors
+        ckpt = load_checkpoint(step_dir, tokenizer_model=args.tokenizer_model)
         result = export_hf(ckpt, args.out_dir, dtype=args.dtype)
     except (ValueError, OSError) as error:  # CheckpointError, UnsupportedModelError, exists
         print(f"export_hf.py: error: {error}", file=sys.stderr)

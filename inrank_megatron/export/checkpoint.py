@@ -33,6 +33,7 @@ META = "meta.json"  # inrank_megatron.training.checkpoint.META
 LATEST = "latest"
 GROWTH_FILE = "inrank_growth.json"  # inrank_megatron.checkpointing.GROWTH_FILE
 MODEL_DIR = "model"
+OPTIMIZER_PREFIXES = ("optimizer.",)
 
 
 class CheckpointError(ValueError):
@@ -209,9 +210,10 @@ class _MetadataUnpickler(pickle.Unpickler):
                                      "(only torch.distributed.checkpoint metadata is allowed)")
 
 
-def read_dist_tensors(model_dir: str) -> dict:
+def read_dist_tensors(model_dir: str, *, skip_prefixes=()) -> dict:
     """Every tensor of a megatron ``torch_dist`` checkpoint directory, assembled from its chunks,
-    by checkpoint key (stacked layers and all). Byte objects (``_extra_state``) are skipped."""
+    by checkpoint key (stacked layers and all). Byte objects (``_extra_state``) are skipped, and so
+    are keys starting with one of ``skip_prefixes``."""
     meta_file = os.path.join(model_dir, ".metadata")
     if not os.path.isfile(meta_file):
         raise CheckpointError(f"{model_dir}: no .metadata (not a megatron torch_dist checkpoint, "
@@ -225,7 +227,7 @@ def read_dist_tensors(model_dir: str) -> dict:
         raise CheckpointError(f"{meta_file}: unreadable checkpoint metadata: {error}") from None
     out, filled = {}, {}
     for key, md in metadata.state_dict_metadata.items():
-        if isinstance(md, TensorStorageMetadata):
+        if isinstance(md, TensorStorageMetadata) and not key.startswith(tuple(skip_prefixes)):
             out[key] = torch.zeros(md.size, dtype=md.properties.dtype)
             filled[key] = 0
     files: dict = {}
@@ -288,6 +290,20 @@ def checkpoint_vocab_size(cfg: TrainConfig, tokenizer_model: Optional[str] = Non
         raise CheckpointError(f"tokenizer of the checkpoint: {error}") from None
 
 
+def read_checkpoint_config(path: str) -> tuple[str, dict, TrainConfig]:
+    """``(step directory, meta.json, config)`` of a checkpoint, without reading its tensors (to
+    refuse early what a tool cannot handle)."""
+    step_dir = resolve_checkpoint(path)
+    try:
+        with open(os.path.join(step_dir, META)) as f:
+            meta = json.load(f)
+        cfg = from_dict(meta["config"], origin=f" in {step_dir}/{META}")
+    except (ValueError, KeyError, TypeError, ConfigError) as error:
+        raise CheckpointError(f"{step_dir}/{META}: unreadable or without a valid config: "
+                              f"{error}") from None
+    return step_dir, meta, cfg
+
+
 def load_checkpoint(path: str, *, tokenizer_model: Optional[str] = None) -> LoadedCheckpoint:
     """A training checkpoint, fully in memory, checked against its own records.
 
@@ -305,14 +321,7 @@ def load_checkpoint(path: str, *, tokenizer_model: Optional[str] = None) -> Load
             ``model/``, tensors missing or unexpected, or factor shapes that contradict
             ``inrank_growth.json`` (the message names the layer).
     """
-    step_dir = resolve_checkpoint(path)
-    try:
-        with open(os.path.join(step_dir, META)) as f:
-            meta = json.load(f)
-        cfg = from_dict(meta["config"], origin=f" in {step_dir}/{META}")
-    except (ValueError, KeyError, ConfigError) as error:
-        raise CheckpointError(f"{step_dir}/{META}: unreadable or without a valid config: "
-                              f"{error}") from None
+    step_dir, meta, cfg = read_checkpoint_config(path)
     model_dir = os.path.join(step_dir, MODEL_DIR)
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{step_dir}: no {MODEL_DIR}/ (a megatron dist checkpoint of the "
@@ -321,7 +330,8 @@ def load_checkpoint(path: str, *, tokenizer_model: Optional[str] = None) -> Load
     growth = _read_growth(step_dir)
     vocab_size = checkpoint_vocab_size(cfg, tokenizer_model)
     tensors = {}
-    for key, tensor in read_dist_tensors(model_dir).items():
+    # The torch backend stores AdamW's moments in the same dist checkpoint, under "optimizer.".
+    for key, tensor in read_dist_tensors(model_dir, skip_prefixes=OPTIMIZER_PREFIXES).items():
         tensors.update(unmap_dist_key(key, tensor))
     tensors = {k: v.float() for k, v in tensors.items()}
     layers = _layer_states(cfg, growth, step_dir)

@@ -83,12 +83,16 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
                                   if cfg.model.inrank else None)
     start_step = 0
     if resume_path is not None:
-        start_step = ckpt.read_meta(resume_path)["step"]
+        meta = ckpt.read_meta(resume_path)
+        start_step = meta["step"]
         ckpt.load_growth_state(resume_path, controller)  # reshapes cut factors before the build
     backend = build_backend(cfg, model, groups)
     if resume_path is not None:
         backend.load(resume_path)
-        set_rng_state(ckpt.load_rng_state(resume_path, groups.rank))
+        if meta["world_size"] == groups.world_size:
+            set_rng_state(ckpt.load_rng_state(resume_path, groups.rank))
+        else:  # another layout (resharded): per-rank streams cannot carry over; derive new ones
+            set_seeds(cfg.train.seed + start_step)
 
     writer = None
     if groups.rank == 0:

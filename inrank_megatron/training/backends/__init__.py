@@ -10,8 +10,12 @@ def build_backend(cfg, model, groups) -> Backend:
         from inrank_megatron.training.backends.torch_ddp import TorchBackend
 
         return TorchBackend(cfg, model, groups)
+    if name == "deepspeed":
+        from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, model, groups)
     raise ValueError(f"parallel.backend={name!r} is not available in this build of the training "
-                     "loop; expected 'torch'")
+                     "loop; expected 'torch' or 'deepspeed'")
 
 
 __all__ = ["Backend", "build_backend"]

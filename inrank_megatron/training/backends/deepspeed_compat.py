@@ -266,6 +266,7 @@ def group_steps(engine) -> list:
 
 
 # ------------------------------------------------------------------------------ writing state
+@torch.no_grad()
 def create_zeroed_state(engine, steps: list) -> None:
     """Zero Adam moments with the given ``step`` per param group, before any ``engine.step()``.
 
@@ -300,10 +301,13 @@ def relink_optimizer_state(engine) -> None:
     """Point every parameter's ``_hp_mapping`` at the optimizer's current state tensors.
 
     DeepSpeed behaviour: ZeRO 1/2 and BF16_Optimizer link each parameter to its slice of the Adam
-    state once (``_lazy_init_hp_params_optimizer_state``, guarded by ``_hp_optimizer_states_linked``)
-    at the first step. ``load_checkpoint`` replaces the state tensors but leaves the flag set, so
-    ``safe_get_full_optimizer_state`` then fails (TypeError) or reads stale tensors; state created
-    by :func:`create_zeroed_state` is not linked at all.
+    state once (``_lazy_init_hp_params_optimizer_state``, guarded by ``_hp_optimizer_states_linked``):
+    ZeRO 1/2 right after stepping its *first* param group, when the other groups have no state
+    yet, so their parameters stay unlinked for good and ``safe_get_full_optimizer_state`` raises
+    "exp_avg not found" for them. ``load_checkpoint`` replaces the state tensors but leaves the
+    flag set (the getters then fail with TypeError or read stale tensors), and state created by
+    :func:`create_zeroed_state` is not linked at all. Call after the first step, after a load and
+    after creating state.
     """
     opt = engine.optimizer
     if optimizer_layout(engine) != "flat":
@@ -314,6 +318,7 @@ def relink_optimizer_state(engine) -> None:
     opt._lazy_init_hp_params_optimizer_state()
 
 
+@torch.no_grad()
 def write_local(engine, param, value: torch.Tensor, key: Optional[str] = None) -> None:
     """Write this rank's slice of ``value`` (the full fp32 master, ``key=None``, or Adam moment
     ``key``) of ``param``. No collective.
@@ -368,6 +373,47 @@ def refresh_model_params(engine) -> None:
                 opt._reassign_or_swap_out_partitioned_parameters(sub)  # what its step() does
             if opt.persistent_parameters:
                 opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+
+
+# ----------------------------------------------------------------------- sequence parallelism
+def allreduce_sequence_parallel_grads(engine, params, group) -> None:
+    """Collective over ``group`` (TP): sum the reduced gradients of ``params`` (those megatron
+    marks ``sequence_parallel``: partial sums over sequence shards), between the accumulation
+    boundary's backward and ``engine.step()``.
+
+    DeepSpeed behaviour: ZeRO reduces gradients over data parallelism inside ``backward`` (stage
+    2/3: in per-parameter hooks) and keeps the result in its own partitioned buffers, so there is
+    no point *before* its reduction where megatron's TP sum (``finalize_model_grads``) could run.
+    Summing over TP and averaging over DP commute, so the TP sum runs *after* it, on each rank's
+    slice of the reduced gradient: TP peers have identical parameter shapes and data-parallel
+    ranks, hence identical ZeRO partitions, and one flat all-reduce of the slices suffices.
+    """
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return
+    layout = optimizer_layout(engine)
+    if layout == "torch":
+        grads = [p.grad for p in params if p.grad is not None]
+        setters = None
+    elif layout == "flat":
+        grads = [p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+                 for p in params if getattr(p, "_hp_mapping", None) is not None]
+        setters = None
+    else:
+        opt = engine.optimizer
+        owned = [p for p in params if p.requires_grad]
+        grads = [opt.get_local_fp32_grad_for_param(p) for p in owned]
+        setters = owned
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors([g.detach().reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, group=group)
+    synced = torch._utils._unflatten_dense_tensors(flat, [g.reshape(-1) for g in grads])
+    if setters is None:
+        for g, s in zip(grads, synced):
+            g.detach().copy_(s.reshape(g.shape))
+    else:
+        for p, s in zip(setters, synced):
+            engine.optimizer.set_local_grad_for_param(s, p)
 
 
 # --------------------------------------------------------------------------------- ZeRO-3 factors

@@ -109,36 +109,70 @@ class TorchBackend(Backend):
 
     # ---- checkpoints --------------------------------------------------------------------------
 
+    def _init_state(self) -> None:
+        """Give every parameter (zero) AdamW state, so a sharded load has tensors to fill."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p not in self.optimizer.state or not self.optimizer.state[p]:
+                    self.optimizer.state[p] = {
+                        "step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                        "exp_avg_sq": torch.zeros_like(p)}
+
+    def _sharded_state(self, model_sd):
+        """AdamW moments as ShardedTensors sharded like their parameters (megatron's recipe for
+        torch optimizers), so the checkpoint loads at any TP/DP layout; the step count is common."""
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map, optim_state_to_sharding_state,
+        )
+
+        state = self.optimizer.state_dict()
+        steps = {float(s["step"]) for s in state["state"].values()}
+        if len(steps) > 1:
+            raise RuntimeError(f"AdamW step counts differ across parameters ({sorted(steps)}); "
+                               "a common step is required for a sharded checkpoint")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sd, params),
+                                      exclude_keys=("step",))
+        state["state"]["common_step"] = steps.pop() if steps else 0.0
+        return state
+
     def save(self, path: str) -> None:
-        """Model as a megatron dist checkpoint (``model/``, reshardable); optimizer, scheduler and
-        loss scaler per rank (``optim/rank_*.pt``)."""
+        """Model and AdamW state as one megatron dist checkpoint (``model/``), reshardable to any
+        TP/DP layout; scheduler and loss-scaler state (the same on every rank) in ``train.pt``."""
         from megatron.core import dist_checkpointing
 
-        model_dir, optim_dir = os.path.join(path, "model"), os.path.join(path, "optim")
+        model_dir = os.path.join(path, "model")
         if self.groups.rank == 0:
             os.makedirs(model_dir, exist_ok=True)
-            os.makedirs(optim_dir, exist_ok=True)
         torch.distributed.barrier()
-        dist_checkpointing.save(self.model.sharded_state_dict(), model_dir)
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        file = os.path.join(optim_dir, f"rank_{self.groups.rank:05d}.pt")
-        torch.save(state, file + ".part")
-        os.replace(file + ".part", file)
+        self._init_state()
+        model_sd = self.model.sharded_state_dict()
+        dist_checkpointing.save({"model": model_sd, "optimizer": self._sharded_state(model_sd)},
+                                model_dir)
+        if self.groups.rank == 0:
+            file = os.path.join(path, "train.pt")
+            torch.save({"scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict() if self.scaler is not None else None},
+                       file + ".part")
+            os.replace(file + ".part", file)
 
     def load(self, path: str) -> None:
         from megatron.core import dist_checkpointing
 
+        self._init_state()
+        model_sd = self.model.sharded_state_dict()
         with torch.no_grad():
-            state = dist_checkpointing.load(self.model.sharded_state_dict(),
-                                            os.path.join(path, "model"))
-        self.model.load_state_dict(state, strict=True)
-        file = os.path.join(path, "optim", f"rank_{self.groups.rank:05d}.pt")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file} missing: checkpoint {path} was written by another "
-                                    "layout or backend")
-        state = torch.load(file, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+            state = dist_checkpointing.load({"model": model_sd, "optimizer": self._sharded_state(
+                model_sd)}, os.path.join(path, "model"))
+        self.model.load_state_dict(state["model"], strict=True)
+        optim = state["optimizer"]
+        step = optim["state"].pop("common_step")
+        for s in optim["state"].values():
+            s["step"] = torch.tensor(float(step))
+        optim["param_groups"] = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict(optim)
+        train = torch.load(os.path.join(path, "train.pt"), weights_only=True)
+        self.scheduler.load_state_dict(train["scheduler"])
+        self.scheduler.step(0)  # the restored step's lr and weight decay into the param groups
+        if self.scaler is not None and train.get("scaler"):
+            self.scaler.load_state_dict(train["scaler"])

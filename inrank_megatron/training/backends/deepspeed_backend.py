@@ -1,0 +1,569 @@
+"""The DeepSpeed backend: ZeRO stage 0-3 around megatron.core's GPTModel, torch AdamW inside
+DeepSpeed's optimizer, megatron's LR scheduler, and InRank resizes that carry the optimizer state.
+
+    torchrun --nproc_per_node 2 -m inrank_megatron.train --config configs/tiny-cpu.yaml \\
+        parallel.backend=deepspeed parallel.tensor_model_parallel_size=1 \\
+        parallel.deepspeed_config=configs/deepspeed/zero2.json
+
+What comes from where:
+
+- The DeepSpeed JSON holds ZeRO settings only; batch sizes, ``gradient_clipping`` and bf16/fp16
+  are written into it from the YAML (:func:`deepspeed_config`); a JSON that sets them otherwise is
+  refused (:func:`check_deepspeed_config`).
+- ``torch.optim.AdamW`` over three param groups: dense matrices (decayed), 1-D parameters (not
+  decayed) and the InRank factors (decayed) in a group of their own, because ZeRO keeps one Adam
+  ``step`` per group (see :meth:`DeepSpeedBackend.resize`). megatron's ``OptimizerParamScheduler``
+  sets the groups' lr and weight decay once per optimizer step, as in the torch backend.
+- ``mpu=`` is :class:`~inrank_megatron.training.backends.deepspeed_compat.MegatronMPU`, so that
+  ZeRO partitions over megatron's data-parallel group and counts TP shards once in the norm.
+
+A resize (the stage cut, cumulative capacity growth) rebuilds the engine: this rank's pieces of the
+old optimizer state are kept (no copy), the engine is rebuilt around the module with the new
+factors, zeroed state carrying the old step counts is created, and every parameter's fp32 master
+and Adam moments move over by name, one parameter at a time, through the resize policy
+(:func:`inrank_megatron.core.map_slot_state`). Every DeepSpeed workaround lives in
+:mod:`~inrank_megatron.training.backends.deepspeed_compat`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+from inrank_megatron.checkpointing import GROWTH_FILE
+from inrank_megatron.config import ConfigError, TrainConfig, data_parallel_size
+from inrank_megatron.core.resize import MOMENTS, map_slot_state
+from inrank_megatron.growth.controller import named_inrank_layers
+from inrank_megatron.training.backends import deepspeed_compat as compat
+from inrank_megatron.training.backends.base import Backend
+from inrank_megatron.training.optim import build_scheduler, global_grad_norm
+
+TAG = "deepspeed"  # the DeepSpeed checkpoint lives in <step dir>/deepspeed/
+META_FILE = "inrank_deepspeed.json"  # parameter shapes and TP layout, for checks and zero_to_fp32
+FACTOR_GROUP = "inrank_factors"
+_KEY = "parallel.deepspeed_config"
+# JSON keys the YAML owns: (DeepSpeed key, YAML key).
+_FROM_YAML = (("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
+              ("gradient_accumulation_steps", "train.global_batch_size / (train.micro_batch_size"
+                                              " * data-parallel size)"),
+              ("train_batch_size", "train.global_batch_size"),
+              ("gradient_clipping", "train.clip_grad"))
+
+
+# ------------------------------------------------------------------------------- configuration
+def _read_json(cfg: TrainConfig) -> dict:
+    path = cfg.parallel.deepspeed_config
+    if path is None:
+        raise ConfigError(f"{_KEY} is required when parallel.backend=deepspeed; expected the path "
+                          "of a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{_KEY}={path!r} is not readable JSON ({error}); expected a DeepSpeed "
+                          "JSON object") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{_KEY}={path!r} holds a {type(ds).__name__}; expected a JSON object")
+    return ds
+
+
+def _world_size(world_size: Optional[int]) -> Optional[int]:
+    if world_size is not None:
+        return world_size
+    env = os.environ.get("WORLD_SIZE", "")
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
+def zero_stage(cfg: TrainConfig, ds: Optional[dict] = None) -> int:
+    """``parallel.zero_stage``, else the JSON's ``zero_optimization.stage`` (DeepSpeed's default 0)."""
+    if cfg.parallel.zero_stage is not None:
+        return cfg.parallel.zero_stage
+    ds = _read_json(cfg) if ds is None else ds
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+def _yaml_values(cfg: TrainConfig, world_size: Optional[int]) -> dict:
+    t = cfg.train
+    values = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
+              "train_batch_size": t.global_batch_size, "gradient_clipping": float(t.clip_grad)}
+    if world_size is not None:
+        dp = data_parallel_size(cfg, world_size)
+        values["gradient_accumulation_steps"] = t.global_batch_size // (t.micro_batch_size * dp)
+    return values
+
+
+def check_deepspeed_config(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
+    """Refuse, before training starts, a DeepSpeed JSON that DeepSpeed would reject, that
+    contradicts the YAML, or that asks for what this backend does not support.
+
+    Args:
+        cfg: the run's configuration (a no-op unless ``parallel.backend=deepspeed``).
+        world_size: processes of the run; default ``$WORLD_SIZE`` (without it the
+            ``gradient_accumulation_steps`` comparison is skipped).
+
+    Raises:
+        ConfigError: naming the JSON key and the YAML key it conflicts with.
+    """
+    p, t = cfg.parallel, cfg.train
+    if p.backend != "deepspeed":
+        return
+    ds = _read_json(cfg)
+    path = p.deepspeed_config
+    where = f"{_KEY}={path!r}"
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{where} has a {key!r} section, which this backend does not use "
+                              "(it builds torch AdamW and megatron's LR schedule from train.*); "
+                              "remove it")
+    if ds.get("zero_allow_untested_optimizer", True) is not True:
+        raise ConfigError(f"{where} sets zero_allow_untested_optimizer="
+                          f"{ds['zero_allow_untested_optimizer']!r}; the backend runs ZeRO with "
+                          "torch AdamW, which needs true (or leave the key out)")
+    for ds_key, value in _yaml_values(cfg, _world_size(world_size)).items():
+        if ds_key in ds and ds[ds_key] != value:
+            yaml_key = dict(_FROM_YAML)[ds_key]
+            raise ConfigError(f"{where} sets {ds_key}={ds[ds_key]!r} but {yaml_key} gives {value!r}; "
+                              f"remove {ds_key} from the JSON (the backend writes it from the YAML) "
+                              "or make them agree")
+    for name, precision in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16")):
+        if name not in ds:
+            continue
+        section = ds[name]
+        enabled = section.get("enabled", False) if isinstance(section, dict) else section
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{where}: {name}.enabled={enabled!r}; expected true or false "
+                              "(or leave the section out: train.precision decides)")
+        if enabled != (t.precision == precision):
+            raise ConfigError(f"{where} sets {name}.enabled={str(enabled).lower()} but "
+                              f"train.precision={t.precision!r}; remove the {name} section (the "
+                              "backend writes it from train.precision) or make them agree")
+    if t.precision == "fp16" and not torch.cuda.is_available() and not _cpu_fp16_supported():
+        raise ConfigError("train.precision='fp16' with parallel.backend=deepspeed: DeepSpeed's CPU "
+                          "accelerator has no fp16 support on this machine (no mkldnn fp16); "
+                          "expected fp32 or bf16")
+    for key in ("tensor_parallel", "sequence_parallel_size", "data_parallel_size", "pipeline"):
+        if key in ds:
+            raise ConfigError(f"{where} sets {key!r}: model parallelism comes from megatron "
+                              "(parallel.tensor_model_parallel_size) and data parallelism takes "
+                              "the remaining ranks; remove it")
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: zero_optimization must be an object, got {zero!r}")
+    zero = dict(zero)
+    if p.zero_stage is not None:
+        zero["stage"] = p.zero_stage
+    from pydantic import ValidationError
+
+    from deepspeed.runtime import config as ds_config_module
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        ds_config_module._reject_removed_config_keys(ds)  # e.g. MiCS, elasticity
+    except ds_config_module.DeepSpeedConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    try:
+        zc = DeepSpeedZeroConfig(**zero)
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"{where}: zero_optimization.{loc}: {first['msg']} (got "
+                          f"{first.get('input')!r}); DeepSpeed would refuse it") from None
+    for name in ("offload_param", "offload_optimizer"):
+        offload = getattr(zc, name)
+        if offload is not None and str(getattr(offload.device, "value", offload.device)) != "none":
+            raise ConfigError(f"{where}: zero_optimization.{name} is not supported by this backend "
+                              "(its optimizer is torch AdamW, whose state moves by name at resizes; "
+                              "offloading needs DeepSpeed's CPU Adam); remove it")
+    if zc.zero_hpz_partition_size > 1:
+        raise ConfigError(f"{where}: zero_optimization.zero_hpz_partition_size="
+                          f"{zc.zero_hpz_partition_size} (ZeRO++ hpZ) partitions parameters over "
+                          "groups other than data parallelism, which resizes do not handle; "
+                          "remove it")
+    if zc.zero_quantized_weights or zc.zero_quantized_gradients:
+        raise ConfigError(f"{where}: zero_optimization.zero_quantized_weights / "
+                          "zero_quantized_gradients (ZeRO++) need CUDA kernels and break exact "
+                          "state moves at resizes; remove them")
+
+
+def _cpu_fp16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:  # noqa: BLE001 - older torch builds lack the op
+        return False
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The JSON merged with the YAML: batch sizes, clipping, precision, ZeRO stage."""
+    check_deepspeed_config(cfg, world_size)
+    ds = copy.deepcopy(_read_json(cfg))
+    ds.update(_yaml_values(cfg, world_size))
+    ds["zero_optimization"] = dict(ds.get("zero_optimization") or {})
+    ds["zero_optimization"]["stage"] = zero_stage(cfg, ds)
+    ds.pop("bfloat16", None)
+    ds["bf16"] = dict(ds.get("bf16") or {}, enabled=cfg.train.precision == "bf16")
+    ds["fp16"] = dict(ds.get("fp16") or {}, enabled=cfg.train.precision == "fp16")
+    if cfg.train.precision == "fp16":
+        ds["fp16"].setdefault("initial_scale_power", int(round(math.log2(
+            cfg.train.initial_loss_scale))))
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 2**62)  # the training loop logs
+    return ds
+
+
+# ---------------------------------------------------------------------------------- the backend
+class DeepSpeedBackend(Backend):
+    """Args: cfg (TrainConfig), model (megatron GPTModel on this rank), groups (ParallelGroups)."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg, model, groups):
+        super().__init__(cfg, model, groups)
+        compat.skip_shm_op_build()
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.ds_config = deepspeed_config(cfg, groups.world_size)
+        self.stage = self.ds_config["zero_optimization"]["stage"]
+        self.mpu = compat.MegatronMPU()
+        self.engine = self._build_engine()
+        self.scheduler = build_scheduler(cfg, self.engine.optimizer)
+        self.scheduler.step(0)  # set the step-0 learning rate in the groups
+
+    # ---- engine -------------------------------------------------------------------------------
+
+    def factor_params(self) -> list:
+        """The InRank factors (``A``, ``B`` of every InRank layer), in module order."""
+        return [p for _, layer in named_inrank_layers(self.model) for p in (layer.A, layer.B)]
+
+    def param_groups(self) -> list:
+        """AdamW groups: the reference's decay split (``training.optim.param_groups``), with the
+        InRank factors (decayed) moved to a group of their own."""
+        factors = {id(p) for p in self.factor_params()}
+        decay, no_decay, grown = [], [], []
+        for p in self.model.parameters():
+            if not p.requires_grad:
+                continue
+            if id(p) in factors:
+                grown.append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "wd_mult": 1.0, "name": "decay"},
+                  {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"},
+                  {"params": grown, "wd_mult": 1.0, "name": FACTOR_GROUP}]
+        return [g for g in groups if g["params"]]
+
+    def _build_engine(self):
+        import deepspeed
+
+        t = self.cfg.train
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=t.lr,
+                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                      weight_decay=t.weight_decay)
+        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                               config=copy.deepcopy(self.ds_config), mpu=self.mpu)
+        compat.keep_full(engine, self.factor_params())
+        self._state_linked = False
+        return engine
+
+    # ---- one optimizer step -----------------------------------------------------------------
+
+    def forward_backward(self, batch: dict, num_microbatches: int, *, last: bool) -> torch.Tensor:
+        """DeepSpeed's protocol per micro-batch: forward, ``engine.backward`` (which divides by
+        ``gradient_accumulation_steps``, as the torch backend divides by ``num_microbatches``),
+        ``engine.step`` (a no-op before the accumulation boundary). The boundary's step is
+        :meth:`step`'s."""
+        engine = self.engine
+        if num_microbatches != engine.gradient_accumulation_steps():
+            raise ValueError(f"{num_microbatches} micro-batches per step, but the DeepSpeed config "
+                             f"has gradient_accumulation_steps={engine.gradient_accumulation_steps()}")
+        if engine.is_gradient_accumulation_boundary() != last:
+            raise RuntimeError("DeepSpeed's micro-step counter is out of step with the loop "
+                               f"(boundary={engine.is_gradient_accumulation_boundary()}, last={last})")
+        loss = self.loss(engine, batch)
+        engine.backward(loss)
+        if not last:
+            engine.step()
+        return loss.detach()
+
+    def step(self) -> dict:
+        engine = self.engine
+        if self.groups.tp_size > 1 and self.cfg.parallel.sequence_parallel:
+            compat.allreduce_sequence_parallel_grads(
+                engine, [p for p in self.model.parameters() if getattr(p, "sequence_parallel", False)],
+                self.groups.tp_group)
+        norm = None
+        if compat.optimizer_layout(engine) == "torch":
+            # Stage 0 in fp32 clips inside engine.step (deepspeed.runtime.utils.clip_grad_norm_)
+            # without keeping the norm; the gradients are already averaged over DP here.
+            params = [p for g in engine.optimizer.param_groups for p in g["params"]]
+            norm = global_grad_norm(params, tp_group=self.groups.tp_group,
+                                    tp_rank=self.groups.tp_rank)
+        engine.step()
+        if not self._state_linked:
+            compat.relink_optimizer_state(engine)
+            self._state_linked = True
+        self.scheduler.step(1)
+        if norm is None:
+            norm = engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else float("nan")
+        scale = engine.optimizer.cur_scale if self.cfg.train.precision == "fp16" else None
+        return {"grad_norm": norm, "lr": self.lr(), "loss_scale": scale}
+
+    def lr(self) -> float:
+        return self.engine.optimizer.param_groups[0]["lr"]
+
+    # ---- resize ------------------------------------------------------------------------------
+
+    def resize(self, resizes, policy: str) -> None:
+        """Rebuild the engine around the resized factors and move every parameter's fp32 master
+        and Adam moments to it by name.
+
+        - Resized factors: moments through ``map_slot_state(policy)``; master = the layer's new
+          factor (fp32 parameters: computed by the layer in fp64 from the old factors, so equal to
+          ``map_slot_state(kind="param")`` of the old master), or, for bf16/fp16 parameters, the
+          old fp32 master mapped (truncate) or kept with the new slots' init (extend).
+        - Every other parameter: master and moments carried bit for bit.
+        - Adam ``step``: carried per group, except that when ``policy == "reset"`` re-zeroes the
+          moments of every factor at a cut, the factor group's step restarts at 0, so that the
+          fresh moments get a fresh Adam's bias correction (ZeRO keeps one step per group; the
+          factors have a group of their own for this). New slots of an ``extend`` keep the
+          group's step: one step cannot serve old and new slots of one tensor.
+        - Engine counters (``global_steps``, ``global_samples``, micro-steps) and megatron's
+          scheduler continue.
+
+        Memory: this rank's old partitions stay alive until the move is done (no copy), the new
+        engine allocates its own, and at most one parameter's full master and moments are
+        materialised at a time (``tools/bench_resize.py`` measures the peak).
+        """
+        replaced = {}  # id(new param) -> (role, event, old param)
+        for event in resizes:
+            for role, old, new in event.pairs():
+                replaced[id(new)] = (role, event, old)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        old_state = compat.LocalState(
+            self.engine, [(n, replaced[id(p)][2] if id(p) in replaced else p) for n, p in named])
+        steps = self._carried_steps(old_state.group_steps, replaced, resizes, policy)
+        # The layer's new factor values (full: ZeRO-3 keeps factors materialised), before the
+        # rebuild partitions them; only the resized factors.
+        new_values = {id(p): p.detach().to(torch.float32).clone()
+                      for _, p in named if id(p) in replaced}
+        counters = compat.engine_counters(self.engine)
+        self.engine.destroy()
+        self.engine = None
+        gc.collect()
+        self.engine = self._build_engine()
+        compat.create_zeroed_state(self.engine, steps)
+        self._state_linked = True
+        for name, p in named:
+            if id(p) in replaced:
+                role, event, _ = replaced[id(p)]
+                master = self._resized_master(old_state, name, new_values.pop(id(p)), p, role,
+                                              event)
+                moments = {k: map_slot_state(old_state.full(name, k), role, event, policy=policy,
+                                             kind=k) for k in MOMENTS}
+            else:
+                master = old_state.full(name)
+                moments = {k: old_state.full(name, k) for k in MOMENTS}
+            compat.write_local(self.engine, p, master)
+            for k in MOMENTS:
+                compat.write_local(self.engine, p, moments[k], k)
+            del master, moments
+        del old_state
+        gc.collect()
+        compat.refresh_model_params(self.engine)
+        compat.set_engine_counters(self.engine, counters)
+        self.scheduler.optimizer = self.engine.optimizer
+        self.scheduler.step(0)  # the current lr and weight decay into the new groups
+
+    def _carried_steps(self, steps: list, replaced: dict, resizes, policy: str) -> list:
+        steps = [s.clone() for s in steps]
+        names = [g["name"] for g in self.param_groups()]
+        if FACTOR_GROUP not in names or policy != "reset":
+            return steps
+        every_factor_reset = all(e.kind == "truncate" for e in resizes) and \
+            all(id(p) in replaced for p in self.factor_params())
+        if every_factor_reset:
+            steps[names.index(FACTOR_GROUP)].zero_()
+        return steps
+
+    @staticmethod
+    def _resized_master(old_state, name, new_value, param, role, event) -> torch.Tensor:
+        if param.dtype == torch.float32:
+            return new_value
+        old_master = old_state.full(name)
+        if event.kind == "truncate":
+            return map_slot_state(old_master, role, event, policy="slice", kind="param")
+        out = new_value.clone()  # extend: old slots exact from the master, new slots as drawn
+        dim = 0 if role == "A" else 1
+        out.narrow(dim, 0, event.old_slots).copy_(old_master)
+        return out
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def save(self, path: str) -> None:
+        """DeepSpeed's checkpoint under ``path/deepspeed/`` (module, ZeRO partitions, our LR
+        scheduler as client state) and ``path/inrank_deepspeed.json`` (shapes, TP layout)."""
+        self.engine.save_checkpoint(path, tag=TAG, save_latest=False,
+                                    client_state={"inrank_scheduler": self.scheduler.state_dict()})
+        if self.groups.rank == 0:
+            meta = {"zero_stage": self.stage, "tp": self.groups.tp_size, "dp": self.groups.dp_size,
+                    "precision": self.cfg.train.precision, "params": {}}
+            for name, p in self.model.named_parameters():
+                shape = getattr(p, "ds_shape", p.shape)
+                meta["params"][name] = {
+                    "shape": list(shape),
+                    "tensor_model_parallel": bool(getattr(p, "tensor_model_parallel", False)),
+                    "partition_dim": int(getattr(p, "partition_dim", -1))}
+            tmp = os.path.join(path, META_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(meta, f, indent=1)
+            os.replace(tmp, os.path.join(path, META_FILE))
+        torch.distributed.barrier()
+
+    def load(self, path: str) -> None:
+        check_deepspeed_checkpoint(path)
+        load_path, client = self.engine.load_checkpoint(
+            path, tag=TAG, load_module_strict=True, load_optimizer_states=True,
+            load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"{os.path.join(path, TAG)}: no DeepSpeed checkpoint (written "
+                                    "by another backend?)")
+        compat.relink_optimizer_state(self.engine)
+        self._state_linked = True
+        compat.refresh_model_params(self.engine)
+        self.scheduler.load_state_dict(client["inrank_scheduler"])
+
+
+# ----------------------------------------------------------------------- checkpoint inspection
+def check_deepspeed_checkpoint(path: str) -> None:
+    """Refuse a checkpoint whose factor shapes contradict its recorded growth state.
+
+    Reads ``inrank_growth.json`` and ``inrank_deepspeed.json`` only (no tensors). Each InRank
+    layer's ``A`` / ``B`` must have ``allocated_slots`` slots, its active slots (rank + buffer)
+    must fit, and a layer past the cut must hold exactly its rank.
+
+    Raises:
+        ConfigError: naming the checkpoint, the parameter and both numbers.
+    """
+    meta_file, growth_file = os.path.join(path, META_FILE), os.path.join(path, GROWTH_FILE)
+    for file in (meta_file, growth_file):
+        if not os.path.isfile(file):
+            raise ConfigError(f"output.resume: {path} is not a DeepSpeed checkpoint of this project "
+                              f"({os.path.basename(file)} missing)")
+    with open(meta_file) as f:
+        shapes = {name: info["shape"] for name, info in json.load(f)["params"].items()}
+    with open(growth_file) as f:
+        growth = json.load(f)
+    for layer, state in sorted(growth.items()):
+        g, slots = state["growth"], int(state["allocated_slots"])
+        where = (f"output.resume: checkpoint {path}, layer {layer}: {GROWTH_FILE} records "
+                 f"rank={g['rank']}, buffer={g['buffer']}, stage={g['stage']}, "
+                 f"allocated_slots={slots}")
+        if g["rank"] + g["buffer"] > slots or (g["stage"] == "fixed" and slots != g["rank"]):
+            raise ConfigError(f"{where}, which is inconsistent (expected rank + buffer <= "
+                              "allocated_slots, and allocated_slots == rank after the cut)")
+        for role, dim in (("A", 0), ("B", 1)):
+            name = f"{layer}.{role}"
+            if name not in shapes:
+                raise ConfigError(f"{where}, but the DeepSpeed checkpoint has no parameter {name}")
+            if shapes[name][dim] != slots:
+                raise ConfigError(f"{where}, but its parameter {name} has shape {shapes[name]} "
+                                  f"({shapes[name][dim]} slots); the checkpoint's factors and "
+                                  "growth state do not belong together")
+
+
+def _model_state_file(ds_dir: str, stage: int, mp: int) -> str:
+    if stage == 3:
+        return os.path.join(ds_dir, f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt")
+    return os.path.join(ds_dir, f"mp_rank_{mp:02d}_model_states.pt")
+
+
+def _fp32_state_of_mp_rank(ds_dir: str, stage: int, mp: int, tp: int) -> dict:
+    """The fp32 master state dict of one TP rank's model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    optim = [f for f in os.listdir(ds_dir)
+             if f.endswith(f"mp_rank_{mp:02d}_optim_states.pt") and "zero_pp_rank" in f]
+    if stage == 0 and not optim:
+        # ZeRO stage 0 in fp32 saves the full module; its parameters are the masters.
+        state = torch.load(_model_state_file(ds_dir, stage, mp), map_location="cpu",
+                           weights_only=False)["module"]
+        return {k: v.float() for k, v in state.items() if torch.is_tensor(v)}
+    if tp == 1:
+        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ds_dir),
+                                                        tag=os.path.basename(ds_dir))
+    # deepspeed.utils.zero_to_fp32 globs every *_optim_states.pt of the directory and expects one
+    # per data-parallel rank; with TP it would see TP x DP files. Give it one TP rank's files.
+    with tempfile.TemporaryDirectory() as root:
+        view = os.path.join(root, TAG)
+        os.makedirs(view)
+        for f in os.listdir(ds_dir):
+            if f"mp_rank_{mp:02d}_" in f:
+                os.symlink(os.path.join(os.path.abspath(ds_dir), f), os.path.join(view, f))
+        return get_fp32_state_dict_from_zero_checkpoint(root, tag=TAG)
+
+
+def consolidate_checkpoint(step_dir: str) -> dict:
+    """One fp32 state dict of the full model (TP shards joined) from a DeepSpeed checkpoint of
+    ours at any ZeRO stage, keyed by the model's parameter names, plus the growth state.
+
+    Args:
+        step_dir: a training checkpoint directory (``.../checkpoints/step_000100``).
+
+    Returns:
+        ``{"state_dict": {name: fp32 tensor}, "inrank_growth": {...}, "meta": {...}}``.
+    """
+    meta_file = os.path.join(step_dir, META_FILE)
+    ds_dir = os.path.join(step_dir, TAG)
+    if not os.path.isfile(meta_file) or not os.path.isdir(ds_dir):
+        raise FileNotFoundError(f"{step_dir} is not a DeepSpeed checkpoint of this project "
+                                f"({META_FILE} or {TAG}/ missing)")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    tp, stage = meta["tp"], meta["zero_stage"]
+    shards = [_fp32_state_of_mp_rank(ds_dir, stage, mp, tp) for mp in range(tp)]
+    state = {}
+    for name in shards[0]:
+        info = meta["params"].get(name)
+        if tp > 1 and info is not None and info["tensor_model_parallel"]:
+            state[name] = torch.cat([s[name] for s in shards], dim=info["partition_dim"])
+        else:
+            state[name] = shards[0][name]
+    missing = sorted(set(meta["params"]) - set(state))
+    if missing:
+        raise ValueError(f"{step_dir}: consolidated state lacks parameters {missing[:3]}")
+    with open(os.path.join(step_dir, GROWTH_FILE)) as f:
+        growth = json.load(f)
+    return {"state_dict": {k: v.contiguous() for k, v in state.items()},
+            "inrank_growth": growth, "meta": meta}
+
+
+def save_consolidated(step_dir: str, out: str) -> dict:
+    """Write :func:`consolidate_checkpoint` to ``out``: ``.pt`` (torch.save of the whole dict) or
+    ``.safetensors`` (the state dict; growth state and meta as JSON metadata). Returns it."""
+    result = consolidate_checkpoint(step_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".part"
+    if out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(result["state_dict"], tmp,
+                  metadata={"inrank_growth": json.dumps(result["inrank_growth"]),
+                            "inrank_deepspeed": json.dumps(result["meta"])})
+    elif out.endswith(".pt"):
+        torch.save(result, tmp)
+    else:
+        raise ValueError(f"{out}: expected a .pt or .safetensors output path")
+    shutil.move(tmp, out)
+    return result

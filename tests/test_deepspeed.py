@@ -1,0 +1,397 @@
+"""The DeepSpeed backend (ZeRO 0-3, CPU, gloo) pinned down against DeepSpeed's own getters and
+against the torch backend.
+
+- Resize (stage cut, every policy; capacity growth): after ``backend.resize``, every parameter's
+  fp32 master and Adam moments, read back with ``deepspeed.utils.safe_get_full_fp32_param`` /
+  ``safe_get_full_optimizer_state``, equal the policy's definition exactly (moved parameters bit
+  for bit), including parameters whose numel is not divisible by the data-parallel size; an
+  ``extend`` carries every moment with zero new slots; step counts carry (a ``reset`` cut restarts
+  the factor group's). DP=2 at every stage and TP=2 x DP=2 at stage 3; the consolidated checkpoint
+  (``tools/zero_to_fp32.py``) equals the masters.
+- End to end (``python -m inrank_megatron.train``, 2 processes, growth and the cut): the losses of
+  ZeRO 0, 1, 2 and 3 equal the torch AdamW + DDP backend's to 1e-6; TP=2 x DP=2 with sequence
+  parallelism under ZeRO-2 too (4 processes).
+- Resume: a DeepSpeed checkpoint taken before the cut resumes and cuts again identically; one taken
+  after the cut loads into the cut shapes; both reproduce the uninterrupted losses.
+- Bad input: a JSON that contradicts the YAML or asks for unsupported ZeRO features, and a
+  checkpoint whose factor shapes contradict its growth state, fail with a message naming the key.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.test_train_runs import REPO, SHORT, _summary, run_train
+
+VOCAB = 128
+POLICIES = ("slice", "reset", "project")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+# ------------------------------------------------------------------------------ resize, by stage
+def _config(tmpdir, stage, tp, mode, ffn, world_size):
+    from inrank_megatron.config import from_dict
+
+    ds_json = os.path.join(tmpdir, f"zero{stage}.json")
+    with open(ds_json, "w") as f:
+        # Threshold 0: ZeRO-3 partitions every parameter (the factors are kept full by the backend);
+        # small sub-groups: several ZeRO-3 sub-groups per param group.
+        json.dump({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
+                                         "sub_group_size": 20000}}, f)
+    dp = world_size // tp
+    return from_dict({
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                  "ffn_hidden_size": ffn, "seq_length": 16},
+        "inrank": {"mode": mode, "rank": 2, "buffer": 6, "warmup": 1, "gap": 1,
+                   "stage1_steps": None},
+        "parallel": {"tensor_model_parallel_size": tp, "backend": "deepspeed",
+                     "deepspeed_config": ds_json},
+        "train": {"micro_batch_size": 2, "global_batch_size": 4 * dp, "lr": 1e-2, "clip_grad": 0.5,
+                  "lr_warmup_steps": 1, "steps": 10},
+        "data": {"tokenizer_model": "unused"},
+    })
+
+
+def _batches(n, dp_rank, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, VOCAB, (2, 2, 17), generator=gen)[dp_rank]  # per-DP-rank data
+        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                    "loss_mask": torch.ones(2, 16), "position_ids": torch.arange(16).expand(2, 16)})
+    return out
+
+
+def _train(backend, batches):
+    losses = []
+    for b in batches:
+        n = backend.engine.gradient_accumulation_steps()
+        for i in range(n):
+            losses.append(backend.forward_backward(b, n, last=i == n - 1).item())
+        info = backend.step()
+        assert torch.isfinite(torch.tensor(info["grad_norm"])) and info["lr"] > 0
+    return losses
+
+
+def _full_state(engine, p, stage):
+    """fp32 master and moments through DeepSpeed's getters (stage 0: the client AdamW, whose
+    getters return None)."""
+    import deepspeed
+
+    if stage == 0:
+        state = engine.optimizer.state[p]
+        return {None: p.detach().float().clone(), **{k: state[k].clone() for k in MOMENTS}}
+    out = {None: deepspeed.utils.safe_get_full_fp32_param(p)}
+    for k in MOMENTS:
+        out[k] = deepspeed.utils.safe_get_full_optimizer_state(p, k)
+    return {k: v.clone() for k, v in out.items()}
+
+
+def _snapshot(backend, stage):
+    return {n: _full_state(backend.engine, p, stage) for n, p in backend.model.named_parameters()}
+
+
+def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
+    """Build, train 2 steps, reallocate (cut or extend), resize; return what differs."""
+    from megatron.core import parallel_state
+
+    from inrank_megatron.core.resize import map_slot_state
+    from inrank_megatron.growth.controller import named_inrank_layers
+    from inrank_megatron.training.backends import deepspeed_compat as compat
+    from inrank_megatron.training.backends.deepspeed_backend import FACTOR_GROUP, DeepSpeedBackend
+    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.training.parallel import init_parallel, set_seeds
+
+    cfg = _config(tmpdir, stage, tp, mode, ffn, world_size)
+    groups = init_parallel(tp, 1, backend="gloo")
+    set_seeds(1234)
+    model = build_model(cfg, VOCAB, tp)
+    layers = named_inrank_layers(model)
+    if mode == "efficient":
+        for _, layer in layers:
+            layer.set_rank(5)  # 11 active slots, cut to 5: odd slot counts
+    backend = DeepSpeedBackend(cfg, model, groups)
+    batches = _batches(3, parallel_state.get_data_parallel_rank())
+    _train(backend, batches[:2])
+    before = _snapshot(backend, stage)
+    steps_before = compat.group_steps(backend.engine)
+    events, new_values = [], {}
+    for name, layer in layers:
+        event = layer.cut(2) if mode == "efficient" else \
+            layer.extend_capacity(layer.allocated_slots + 3)
+        events.append(event)
+        for role, _, new in event.pairs():
+            new_values[f"{name}.{role}"] = (role, event, new.detach().float().clone())
+    backend.resize(events, policy)
+    after = _snapshot(backend, stage)
+    problems = []
+    for name, state in after.items():
+        if name in new_values:
+            role, event, value = new_values[name]
+            want = {None: value}
+            if event.kind == "truncate":
+                mapped = map_slot_state(before[name][None], role, event, policy=policy, kind="param")
+                if not torch.equal(mapped, value):
+                    problems.append(f"{name}: layer's new factor != map_slot_state(param)")
+            for k in MOMENTS:
+                want[k] = map_slot_state(before[name][k], role, event, policy=policy, kind=k)
+                if event.kind == "extend":
+                    dim = 0 if role == "A" else 1
+                    old = want[k].narrow(dim, 0, event.old_slots)
+                    if not (torch.equal(old, before[name][k]) and
+                            not want[k].narrow(dim, event.old_slots, 3).any()):
+                        problems.append(f"{name}: extend does not carry {k} with zero new slots")
+        else:
+            want = before[name]
+        for k in (None,) + MOMENTS:
+            if state[k].shape != want[k].shape or not torch.equal(state[k], want[k]):
+                problems.append(f"{name} {k or 'master'}: not equal to the policy's definition")
+    if not any(p.numel() % (world_size // tp) for _, layer in layers for p in (layer.A, layer.B)):
+        problems.append("no factor with a numel not divisible by the DP size")
+    steps_after = compat.group_steps(backend.engine)
+    names_of_groups = [g["name"] for g in backend.param_groups()]
+    for gi, (a, b) in enumerate(zip(steps_before, steps_after)):
+        reset = policy == "reset" and mode == "efficient" and names_of_groups[gi] == FACTOR_GROUP
+        if b.item() != (0.0 if reset else a.item()):
+            problems.append(f"group {names_of_groups[gi]}: step {a.item()} -> {b.item()}")
+    losses = _train(backend, batches[2:])  # trains on after the rebuild
+    engine = backend.engine
+    if engine.global_steps != 3 or engine.global_samples != 3 * cfg.train.global_batch_size:
+        problems.append(f"engine counters {engine.global_steps}, {engine.global_samples}")
+    engine.destroy()
+    parallel_state.destroy_model_parallel()
+    return problems, losses
+
+
+def _resize_body(rank, world_size, tmpdir, stage, tp, ffn, save_dir=None):
+    import torch.distributed
+
+    out = {}
+    for mode, policies in (("efficient", POLICIES), ("cumulative", ("slice",))):
+        for policy in policies:
+            problems, losses = _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn)
+            out[(mode, policy)] = problems
+            assert all(map(torch.isfinite, torch.tensor(losses)))
+    torch.distributed.barrier()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_resize_carries_state_exactly_dp2(stage, tmp_path):
+    # ffn 129: fc1's B [129, 5], bias [129] and fc2's A [5, 129] have odd numels.
+    results = run_distributed(_resize_body, 2, str(tmp_path), stage, 1, 129, timeout=900)
+    for rank_result in results:
+        assert rank_result == {key: [] for key in rank_result}
+
+
+@pytest.mark.slow
+def test_resize_carries_state_exactly_tp2_dp2_zero3(tmp_path):
+    # ffn 258 over TP 2: per-rank shards of 129 rows/columns, odd numels again.
+    results = run_distributed(_resize_body, 4, str(tmp_path), 3, 2, 258, timeout=1200)
+    for rank_result in results:
+        assert rank_result == {key: [] for key in rank_result}
+
+
+# ----------------------------------------------------------------- checkpoints, zero_to_fp32
+def _checkpoint_body(rank, world_size, tmpdir, stage, tp):
+    """Train, cut, save; return this rank's full masters (all ranks agree on replicated ones)."""
+    from megatron.core import parallel_state
+
+    from inrank_megatron.growth.controller import GrowthController
+    from inrank_megatron.training import checkpoint as ckpt
+    from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
+    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.training.parallel import init_parallel, rng_state, set_seeds
+
+    cfg = _config(tmpdir, stage, tp, "efficient", 128, world_size)
+    groups = init_parallel(tp, 1, backend="gloo")
+    set_seeds(1234)
+    model = build_model(cfg, VOCAB, tp)
+    controller = GrowthController(model, stage1_steps=2)
+    backend = DeepSpeedBackend(cfg, model, groups)
+    for step, batch in enumerate(_batches(2, parallel_state.get_data_parallel_rank()), start=1):
+        _train(backend, [batch])
+        report = controller.step(step)
+        if report.resizes:
+            backend.resize(report.resizes, "project")
+    path = ckpt.save_training_checkpoint(os.path.join(tmpdir, "ckpt"), 2, controller=controller,
+                                         backend=backend, groups=groups, rng=rng_state(),
+                                         meta={"step": 2})
+    masters = {n: _full_state(backend.engine, p, stage)[None] for n, p in model.named_parameters()}
+    shard = {n: (bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", -1))
+             for n, p in model.named_parameters()}
+    backend.engine.destroy()
+    return path, parallel_state.get_tensor_model_parallel_rank(), masters, shard
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,tp,world", [(0, 1, 2), (2, 1, 2), (3, 2, 4)])
+def test_zero_to_fp32_consolidates_masters(stage, tp, world, tmp_path):
+    from inrank_megatron.training.backends.deepspeed_backend import save_consolidated
+
+    results = run_distributed(_checkpoint_body, world, str(tmp_path), stage, tp, timeout=900)
+    path = results[0][0]
+    per_tp = {r[1]: r[2] for r in results}
+    shard = results[0][3]
+    out = str(tmp_path / "full.safetensors")
+    got = save_consolidated(path, out)
+    from safetensors.torch import load_file
+
+    assert set(load_file(out)) == set(per_tp[0])
+    for name, (sharded, dim) in shard.items():
+        want = torch.cat([per_tp[i][name] for i in range(tp)], dim=dim) if sharded and tp > 1 \
+            else per_tp[0][name]
+        assert torch.equal(got["state_dict"][name], want), name
+    assert all(s["growth"]["stage"] == "fixed" for s in got["inrank_growth"].values())
+    torch.save(got, tmp_path / "x.pt")
+
+
+# ------------------------------------------------------------------------------ end to end
+DS = ["parallel.backend=deepspeed", "parallel.tensor_model_parallel_size=1"]
+DP2 = [*SHORT, "parallel.tensor_model_parallel_size=1", "train.save_interval=16"]
+
+
+@pytest.fixture(scope="module")
+def torch_dp2(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("torch_dp2"))
+    run_train([*DP2, f"output.dir={out}"])
+    return _summary(out)
+
+
+@pytest.fixture(scope="module")
+def zero2_dp2(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("zero2_dp2"))
+    run_train([*DP2, *DS, "parallel.deepspeed_config=configs/deepspeed/zero2.json",
+               f"output.dir={out}", "train.save_interval=4"])
+    return out
+
+
+def _close(a, b, tol=1e-6):
+    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) <= tol
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_losses_equal_torch_backend(stage, torch_dp2, zero2_dp2, tmp_path):
+    if stage == 2:
+        s = _summary(zero2_dp2)
+    else:
+        out = str(tmp_path / f"zero{stage}")
+        run_train([*DP2, *DS, f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json",
+                   f"output.dir={out}"])
+        s = _summary(out)
+    ref = torch_dp2
+    assert s["stage"] == "fixed" and s["ranks"] == ref["ranks"]
+    deltas = [abs(a - b) for a, b in zip(s["train_losses"], ref["train_losses"])]
+    assert _close(s["train_losses"], ref["train_losses"]), deltas
+
+
+@pytest.mark.slow
+def test_tp2_dp2_sequence_parallel_zero2_equals_torch(tmp_path):
+    common = [*SHORT, "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+              "train.global_batch_size=8", "train.steps=10", "train.save_interval=10"]
+    ref_out, ds_out = str(tmp_path / "torch"), str(tmp_path / "ds")
+    run_train([*common, f"output.dir={ref_out}"], nproc=4, timeout=1200)
+    run_train([*common, "parallel.backend=deepspeed",
+               "parallel.deepspeed_config=configs/deepspeed/zero2.json", f"output.dir={ds_out}"],
+              nproc=4, timeout=1200)
+    ref, s = _summary(ref_out), _summary(ds_out)
+    assert s["ranks"] == ref["ranks"]
+    assert _close(s["train_losses"], ref["train_losses"]), \
+        [abs(a - b) for a, b in zip(s["train_losses"], ref["train_losses"])]
+
+
+@pytest.mark.slow
+def test_resume_before_and_after_cut_reproduces_losses(zero2_dp2, tmp_path):
+    ref = _summary(zero2_dp2)["train_losses"]
+    cfg = [*DP2, *DS, "parallel.deepspeed_config=configs/deepspeed/zero2.json"]
+    before = str(tmp_path / "before")  # stop at 6, resume=auto: the cut at 8 happens after resume
+    run_train([*cfg, f"output.dir={before}", "train.exit_after_step=6"])
+    assert _summary(before)["train_losses"] == ref[:6]
+    run_train([*cfg, f"output.dir={before}", "output.resume=auto"])
+    assert _close(_summary(before)["train_losses"], ref[6:], tol=0)
+    after = str(tmp_path / "after")  # the uninterrupted run's step-12 checkpoint: cut shapes
+    step12 = os.path.join(zero2_dp2, "checkpoints", "step_000012")
+    run_train([*cfg, f"output.dir={after}", f"output.resume={step12}"])
+    assert _close(_summary(after)["train_losses"], ref[12:], tol=0)
+
+
+# ------------------------------------------------------------------------------ bad input
+def _cfg(tmp_path, ds: dict, **train):
+    from inrank_megatron.config import from_dict
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    return from_dict({"parallel": {"backend": "deepspeed", "deepspeed_config": str(path)},
+                      "train": {"micro_batch_size": 2, "global_batch_size": 8, **train}})
+
+
+@pytest.mark.parametrize("ds,key", [
+    ({"train_micro_batch_size_per_gpu": 4}, "train.micro_batch_size"),
+    ({"train_batch_size": 16}, "train.global_batch_size"),
+    ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps"),
+    ({"gradient_clipping": 1.0}, "train.clip_grad"),
+    ({"bf16": {"enabled": True}}, "train.precision"),
+    ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
+     "zero_optimization.reduce_bucket_size"),
+    ({"zero_optimization": {"stage": 2, "bogus": 1}}, "zero_optimization.bogus"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+     "zero_optimization.offload_param"),
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "zero_hpz_partition_size"),
+])
+def test_bad_deepspeed_json_is_refused_naming_the_key(ds, key, tmp_path):
+    from inrank_megatron.config import ConfigError
+    from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_config
+
+    cfg = _cfg(tmp_path, ds, clip_grad=0.5)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")):
+        check_deepspeed_config(cfg, world_size=2)
+
+
+def test_matching_json_and_yaml_pass(tmp_path):
+    from inrank_megatron.training.backends.deepspeed_backend import (
+        check_deepspeed_config, deepspeed_config,
+    )
+
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+          "train_batch_size": 8, "gradient_clipping": 0.5, "bf16": {"enabled": False},
+          "zero_optimization": {"stage": 1}}
+    cfg = _cfg(tmp_path, ds, clip_grad=0.5)
+    check_deepspeed_config(cfg, world_size=2)
+    merged = deepspeed_config(cfg, world_size=2)
+    assert merged["gradient_clipping"] == 0.5 and merged["zero_allow_untested_optimizer"]
+    for stage in range(4):  # the shipped JSONs leave the YAML's keys to the YAML
+        cfg.parallel.deepspeed_config = os.path.join(REPO, "configs", "deepspeed",
+                                                     f"zero{stage}.json")
+        assert deepspeed_config(cfg, world_size=2)["zero_optimization"]["stage"] == stage
+
+
+def _fake_checkpoint(path, slots, shape_slots, rank, stage="fixed"):
+    os.makedirs(path)
+    layer = "decoder.layers.0.mlp.linear_fc1"
+    growth = {layer: {"growth": {"rank": rank, "buffer": 0 if stage == "fixed" else 6,
+                                 "stage": stage}, "allocated_slots": slots, "extend_seed": 1}}
+    meta = {"params": {f"{layer}.A": {"shape": [shape_slots, 64]},
+                       f"{layer}.B": {"shape": [256, shape_slots]}}}
+    (path / "inrank_growth.json").write_text(json.dumps(growth))
+    (path / "inrank_deepspeed.json").write_text(json.dumps(meta))
+
+
+def test_checkpoint_with_contradicting_factor_shapes_is_refused(tmp_path):
+    from inrank_megatron.config import ConfigError
+    from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_checkpoint
+
+    _fake_checkpoint(tmp_path / "ok", 7, 7, 7)
+    check_deepspeed_checkpoint(str(tmp_path / "ok"))
+    _fake_checkpoint(tmp_path / "shape", 7, 32, 7)
+    with pytest.raises(ConfigError, match=r"linear_fc1\.A has shape \[32, 64\]"):
+        check_deepspeed_checkpoint(str(tmp_path / "shape"))
+    _fake_checkpoint(tmp_path / "rank", 32, 32, 7)  # cut layer must hold exactly its rank
+    with pytest.raises(ConfigError, match="allocated_slots=32"):
+        check_deepspeed_checkpoint(str(tmp_path / "rank"))
