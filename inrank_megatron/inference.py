@@ -285,9 +285,8 @@ class GPT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- loading
-def _inrank_specs(layers: dict, cumulative: bool) -> dict:
-    return {name: {"slots": layer.active_slots if hasattr(layer, "active_slots")
-                   else int(layer["active_slots"]), "w0": cumulative} for name, layer in layers.items()}
+def _inrank_specs(active_slots: dict, cumulative: bool) -> dict:
+    return {name: {"slots": int(k), "w0": cumulative} for name, k in active_slots.items()}
 
 
 def load(path: str, *, tokenizer_model: Optional[str] = None) -> GPT:
@@ -305,7 +304,8 @@ def load(path: str, *, tokenizer_model: Optional[str] = None) -> GPT:
     from inrank_megatron.export.checkpoint import load_checkpoint
     from inrank_megatron.export.files import SENTENCEPIECE_FILE, SOURCE_FILE
     from inrank_megatron.export.hf_gpt2 import (
-        HF_CONFIG, from_hf_state_dict, hf_activation_is_exact, model_section_from_hf, read_hf_dir,
+        GPT2_VOCAB_SIZE, HF_CONFIG, from_hf_state_dict, hf_activation_is_exact,
+        model_section_from_hf, read_hf_dir,
     )
     from inrank_megatron.export.native import is_inrank_export, read_inrank_export
 
@@ -314,7 +314,8 @@ def load(path: str, *, tokenizer_model: Optional[str] = None) -> GPT:
         cfg = meta["_config"]
         config = GPTConfig.from_model_section(
             cfg.model, meta["vocab_size"],
-            _inrank_specs(meta["layers"], meta.get("mode") == "cumulative"))
+            _inrank_specs({n: l["active_slots"] for n, l in meta["layers"].items()},
+                          meta.get("mode") == "cumulative"))
         model = GPT.from_tensors(config, tensors)
         model.tokenizer_info = _relative_tokenizer(meta.get("tokenizer"), path)
     elif os.path.isdir(path) and os.path.isfile(os.path.join(path, HF_CONFIG)):
@@ -334,13 +335,17 @@ def load(path: str, *, tokenizer_model: Optional[str] = None) -> GPT:
             info = {"kind": "hf", "path": path}
         elif os.path.isfile(os.path.join(path, SENTENCEPIECE_FILE)):
             info = {"kind": "sentencepiece", "model": os.path.join(path, SENTENCEPIECE_FILE)}
+        elif hf_config["vocab_size"] == GPT2_VOCAB_SIZE:
+            info = {"kind": "gpt2"}
         model.tokenizer_info = info
     else:
         ckpt = load_checkpoint(path, tokenizer_model=tokenizer_model)
         from inrank_megatron.export.native import native_tensors
 
         config = GPTConfig.from_model_section(
-            ckpt.cfg.model, ckpt.vocab_size, _inrank_specs(ckpt.layers, ckpt.mode == "cumulative"))
+            ckpt.cfg.model, ckpt.vocab_size,
+            _inrank_specs({n: l.active_slots for n, l in ckpt.layers.items()},
+                          ckpt.mode == "cumulative"))
         model = GPT.from_tensors(config, native_tensors(ckpt))
         d = ckpt.cfg.data
         model.tokenizer_info = {"kind": d.tokenizer, "model": tokenizer_model or d.tokenizer_model}

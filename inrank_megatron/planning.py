@@ -66,31 +66,16 @@ def tokenizer_vocab_size(cfg: TrainConfig) -> int:
 
 
 def padded_vocab(cfg: TrainConfig, *, vocab_size: Optional[int] = None) -> int:
-    """The vocabulary the model is built with: padded to a multiple of
-    ``model.make_vocab_size_divisible_by``, independently of TP (as
-    ``inrank_megatron.models.gpt.padded_vocab_size``; ``validate_layout`` checks that TP divides
-    the multiple, so the embedding splits evenly)."""
-    vocab = vocab_size or tokenizer_vocab_size(cfg)
-    multiple = cfg.model.make_vocab_size_divisible_by
-    return -(-vocab // multiple) * multiple
+    """The vocabulary the model is built with (``inrank_megatron.models.shape.padded_vocab_size``:
+    a multiple of ``model.make_vocab_size_divisible_by``, independent of TP)."""
+    return gpt_shape(cfg, vocab_size=vocab_size).vocab_size
 
 
 def gpt_shape(cfg: TrainConfig, *, vocab_size: Optional[int] = None):
-    """The :class:`inrank_megatron.models.gpt.GPTShape` of a config, as the training loop's
-    ``build_model`` makes it."""
-    from inrank_megatron.models.gpt import GPTShape
+    """The GPTShape the training loop's ``build_model`` makes of a config."""
+    from inrank_megatron.models.shape import shape_from_config
 
-    m = cfg.model
-    return GPTShape(
-        num_layers=m.num_layers, hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads, seq_length=m.seq_length,
-        vocab_size=padded_vocab(cfg, vocab_size=vocab_size),
-        ffn_hidden_size=m.ffn(), max_position_embeddings=m.max_positions(),
-        normalization=m.normalization, activation=m.activation,
-        position_embedding_type=m.position_embedding_type,
-        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
-        add_bias_linear=m.add_bias_linear, hidden_dropout=m.hidden_dropout,
-        attention_dropout=m.attention_dropout)
+    return shape_from_config(cfg, vocab_size or tokenizer_vocab_size(cfg))
 
 
 def _ceil(a: int, b: int) -> int:

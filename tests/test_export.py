@@ -257,7 +257,7 @@ def test_import_efficient_truncated_svd(hf_model, tmp_path):
     # Full rank (max_rank raised to min(in, out) = 64): the same function, up to the SVD's error.
     full = tmp_path / "full"
     proc = _tool("import_hf.py", hf_model, full, "--mode", "efficient", "--rank", 64,
-                 "inrank.max_rank=64")
+                 "inrank.max_rank=64", "inrank.buffer=4")
     assert proc.returncode == 0, proc.stderr
     ckpt = load_checkpoint(str(full))
     for name, layer in ckpt.layers.items():
@@ -273,7 +273,7 @@ def test_import_efficient_truncated_svd(hf_model, tmp_path):
     # A threshold picks each layer's rank by the explained-ratio rule.
     thr = tmp_path / "threshold"
     proc = _tool("import_hf.py", hf_model, thr, "--mode", "efficient", "--threshold", 0.5,
-                 "inrank.max_rank=64")
+                 "inrank.max_rank=64", "inrank.buffer=4")
     assert proc.returncode == 0, proc.stderr
     ckpt = load_checkpoint(str(thr))
     for i in range(2):
@@ -284,7 +284,8 @@ def test_import_efficient_truncated_svd(hf_model, tmp_path):
             assert ckpt.layers[f"decoder.layers.{i}.mlp.linear_{kind}"].rank == expected
     # Over max_rank (default min(in, out) // 2 = 32): refused, naming the layer; nothing written.
     over = tmp_path / "over"
-    proc = _tool("import_hf.py", hf_model, over, "--mode", "efficient", "--rank", 40)
+    proc = _tool("import_hf.py", hf_model, over, "--mode", "efficient", "--rank", 40,
+                 "inrank.buffer=4")
     assert proc.returncode != 0 and "decoder.layers.0.mlp.linear_fc1" in proc.stderr
     assert "max_rank" in proc.stderr and not over.exists()
 

@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 50, temperature: float = 0.8,
              top_k=40, top_p=0.95, seed: int = 0, num_samples: int = 1,
              tokenizer_model=None) -> list:
-    """The sampled texts (prompt included)."""
+    """The sampled texts, each the decoded prompt and its continuation."""
     import torch
 
     from inrank_megatron import inference
@@ -59,7 +59,7 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 50, temperat
         out = model.generate(tokens, max_new_tokens, temperature=temperature,
                              top_k=top_k or None, top_p=top_p if top_p < 1 else None,
                              seed=seed + i)
-        texts.append(prompt + tokenizer.decode(out[0, len(ids):].tolist()))
+        texts.append(tokenizer.decode(out[0].tolist()))  # whole, so pieces join as they should
     return texts
 
 

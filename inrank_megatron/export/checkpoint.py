@@ -19,7 +19,7 @@ import io
 import json
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -92,8 +92,7 @@ class LoadedCheckpoint:
     tensors: dict
     vocab_size: int
     padded_vocab_size: int
-    tokenizer_model: Optional[str] = None
-    extra: dict = field(default_factory=dict)
+    tokenizer_model: Optional[str] = None  # the SentencePiece model given instead of the recorded
 
     @property
     def mode(self) -> Optional[str]:
@@ -121,10 +120,8 @@ class LoadedCheckpoint:
         out = {}
         for key, value in self.tensors.items():
             layer, _, role = key.rpartition(".")
-            if layer in self.layers:
-                if role in ("A", "B", "w0"):
-                    continue
-            out[key] = value
+            if not (layer in self.layers and role in ("A", "B", "w0")):
+                out[key] = value
         for name in self.layers:
             out[name + ".weight"] = self.dense_weight(name)
         if unpad_vocab:

@@ -29,7 +29,6 @@ import torch
 from inrank_megatron.config import (
     ConfigError, TrainConfig, from_dict, parse_override, parse_yaml, to_dict, validate_layout,
 )
-from inrank_megatron.export.checkpoint import CheckpointError
 from inrank_megatron.export.hf_gpt2 import (
     GPT2_VOCAB_SIZE, from_hf_state_dict, hf_activation_is_exact, model_section_from_hf, read_hf_dir,
 )
@@ -278,9 +277,9 @@ def import_hf(hf_dir: str, out_dir: str, *, mode: str, rank: Optional[int] = Non
                           f"Hugging Face model {vocab}; expected the model's own tokenizer")
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                cfg.parallel.tensor_model_parallel_size)
-    for key in ("embedding.word_embeddings.weight",):
-        t = dense[key]
-        dense[key] = torch.cat([t, t.new_zeros(padded - t.shape[0], t.shape[1])])
+    wte = dense["embedding.word_embeddings.weight"]  # padding rows: zero, as never-seen ids
+    dense["embedding.word_embeddings.weight"] = torch.cat(
+        [wte, wte.new_zeros(padded - vocab, wte.shape[1])])
     tensors, growth = inrank_state(cfg, dense, rank=rank, threshold=threshold,
                                    seed=cfg.train.seed)
     notes = []

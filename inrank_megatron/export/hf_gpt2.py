@@ -26,6 +26,9 @@ import torch
 
 from inrank_megatron.config import TrainConfig
 from inrank_megatron.export.checkpoint import CheckpointError, LoadedCheckpoint
+from inrank_megatron.export.files import (
+    atomic_output_dir, checkpoint_tokenizer, dir_bytes, write_provenance,
+)
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -292,8 +295,6 @@ def export_hf(ckpt: LoadedCheckpoint, out_dir: str, *, dtype: str = "fp32") -> d
     """
     from safetensors.torch import save_file
 
-    from inrank_megatron.export.files import atomic_output_dir, dir_bytes, write_provenance
-
     check_gpt2_exportable(ckpt.cfg)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -314,8 +315,6 @@ def export_hf(ckpt: LoadedCheckpoint, out_dir: str, *, dtype: str = "fp32") -> d
 
 
 def _eod(ckpt: LoadedCheckpoint) -> Optional[int]:
-    from inrank_megatron.export.files import checkpoint_tokenizer
-
     try:
         return checkpoint_tokenizer(ckpt).eod
     except (ValueError, CheckpointError):

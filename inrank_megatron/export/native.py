@@ -20,6 +20,7 @@ import torch
 
 from inrank_megatron.config import ConfigError, from_dict, to_dict
 from inrank_megatron.export.checkpoint import CheckpointError, LoadedCheckpoint, unpad_vocabulary
+from inrank_megatron.export.files import atomic_output_dir, dir_bytes, write_tokenizer
 from inrank_megatron.export.layout import expected_shapes
 
 INRANK_JSON = "inrank.json"
@@ -60,8 +61,6 @@ def export_inrank(ckpt: LoadedCheckpoint, out_dir: str, *, dtype: str = "fp32") 
         ``{"path", "parameters", "dense_parameters", "bytes"}``.
     """
     from safetensors.torch import save_file
-
-    from inrank_megatron.export.files import atomic_output_dir, dir_bytes, write_tokenizer
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")

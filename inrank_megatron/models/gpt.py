@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -12,44 +11,9 @@ from megatron.core.transformer import TransformerConfig
 
 from inrank_megatron.core.config import InRankConfig
 from inrank_megatron.models.gpt_spec import get_gpt_block_inrank_spec
+from inrank_megatron.models.shape import GPTShape, padded_vocab_size, shape_from_config  # noqa: F401
 
 _ACTIVATIONS = {"gelu": F.gelu}
-
-
-@dataclass
-class GPTShape:
-    """Architecture of a GPT (GPT-2 style: learned positions, LayerNorm, GELU, tied embeddings)."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    seq_length: int
-    vocab_size: int  # padded vocabulary (divisible by make_vocab_size_divisible_by * TP)
-    ffn_hidden_size: Optional[int] = None
-    max_position_embeddings: Optional[int] = None
-    normalization: str = "LayerNorm"
-    activation: str = "gelu"
-    position_embedding_type: str = "learned_absolute"
-    untie_embeddings_and_output_weights: bool = False
-    add_bias_linear: bool = True
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    extra: dict = field(default_factory=dict)  # more TransformerConfig fields
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """The vocabulary padded to a multiple of ``divisible_by``, which TP must divide.
-
-    Megatron pads to a multiple of ``divisible_by * tp``, so the embedding's shape (and the random
-    stream of the initialisation after it) changes with the TP size; padding independently of TP
-    keeps a TP=2 model equal to the TP=1 model and checkpoints reshardable.
-    """
-    padded = ((vocab_size + divisible_by - 1) // divisible_by) * divisible_by
-    if padded % tp:
-        raise ValueError(f"model.make_vocab_size_divisible_by={divisible_by} gives a padded "
-                         f"vocabulary of {padded}, not divisible by the tensor-parallel size {tp}; "
-                         "choose a multiple of the TP size")
-    return padded
 
 
 def transformer_config(shape: GPTShape, *, tp: int = 1, pp: int = 1, sequence_parallel=False,

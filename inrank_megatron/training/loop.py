@@ -18,7 +18,8 @@ import torch
 
 from inrank_megatron.config import TrainConfig, save_config, to_dict
 from inrank_megatron.growth.controller import GrowthController
-from inrank_megatron.models.gpt import GPTShape, build_gpt, padded_vocab_size, transformer_config
+from inrank_megatron.models.gpt import build_gpt, transformer_config
+from inrank_megatron.models.shape import shape_from_config
 from inrank_megatron.training import checkpoint as ckpt
 from inrank_megatron.training.backends import build_backend
 from inrank_megatron.training.data import (
@@ -31,19 +32,10 @@ from inrank_megatron.training.parallel import (
 
 def build_model(cfg: TrainConfig, vocab_size: int, tp: int):
     """The GPTModel of this rank (fp32 master weights; bf16/fp16 run under autocast)."""
-    m = cfg.model
-    shape = GPTShape(num_layers=m.num_layers, hidden_size=m.hidden_size,
-                     num_attention_heads=m.num_attention_heads, seq_length=m.seq_length,
-                     vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp),
-                     ffn_hidden_size=m.ffn(), max_position_embeddings=m.max_positions(),
-                     normalization=m.normalization, activation=m.activation,
-                     position_embedding_type=m.position_embedding_type,
-                     untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
-                     add_bias_linear=m.add_bias_linear, hidden_dropout=m.hidden_dropout,
-                     attention_dropout=m.attention_dropout)
+    shape = shape_from_config(cfg, vocab_size, tp)
     config = transformer_config(shape, tp=tp, pp=cfg.parallel.pipeline_model_parallel_size,
                                 sequence_parallel=cfg.parallel.sequence_parallel)
-    inrank = cfg.inrank.to_core() if m.inrank else None
+    inrank = cfg.inrank.to_core() if cfg.model.inrank else None
     return build_gpt(shape, config, inrank=inrank, inrank_layers=tuple(cfg.inrank.layers))
 
 

@@ -236,6 +236,7 @@ class DeepSpeedBackend(Backend):
         self.ds_config = deepspeed_config(cfg, groups.world_size)
         self.stage = self.ds_config["zero_optimization"]["stage"]
         self.mpu = compat.MegatronMPU()
+        self._megatron_attributes = compat.parameter_attributes(model)
         self.engine = self._build_engine()
         self.scheduler = build_scheduler(cfg, self.engine.optimizer)
         self.scheduler.step(0)  # set the step-0 learning rate in the groups
@@ -350,6 +351,8 @@ class DeepSpeedBackend(Backend):
         for event in resizes:
             for role, old, new in event.pairs():
                 replaced[id(new)] = (role, event, old)
+        compat.strip_deepspeed_attributes([new for e in resizes for _, _, new in e.pairs()],
+                                          self._megatron_attributes)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         old_state = compat.LocalState(
             self.engine, [(n, replaced[id(p)][2] if id(p) in replaced else p) for n, p in named])

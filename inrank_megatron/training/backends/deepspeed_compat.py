@@ -416,6 +416,29 @@ def allreduce_sequence_parallel_grads(engine, params, group) -> None:
             engine.optimizer.set_local_grad_for_param(s, p)
 
 
+# ---------------------------------------------------------------------------- new parameters
+def parameter_attributes(module) -> set:
+    """Names of the attributes the module's parameters carry before DeepSpeed touches them
+    (megatron's ``tensor_model_parallel``, ``partition_dim``, ``sequence_parallel``, ...)."""
+    return {key for p in module.parameters() for key in vars(p)}
+
+
+def strip_deepspeed_attributes(params, keep: set) -> None:
+    """Remove what DeepSpeed attached to a parameter, keeping the names in ``keep``.
+
+    DeepSpeed behaviour: ZeRO marks its parameters with attributes (stage 3: ``ds_id``,
+    ``ds_numel``, ``ds_tensor``, bound ``all_gather``/``partition``...; stage 1/2: ``_hp_mapping``,
+    ``_dp_group``, bound ``get_full_hp_param``...), and ``deepspeed.initialize`` treats a parameter
+    that has ``ds_id`` as already converted. The InRank layers build a resized factor with
+    ``replace_parameter``, which copies every attribute of the old parameter (to keep megatron's),
+    so the new factor would claim the old one's ZeRO-3 shape and partition (a later reduce-scatter
+    fails with "Cannot reduce scatter gradients whose size is not same as the params").
+    """
+    for p in params:
+        for key in [k for k in vars(p) if k not in keep]:
+            delattr(p, key)
+
+
 # --------------------------------------------------------------------------------- ZeRO-3 factors
 def keep_full(engine, params) -> None:
     """Collective: keep ZeRO-3 parameters materialised on every rank between steps.
