@@ -29,9 +29,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from inrank_megatron.core.config import MODES
-from inrank_megatron.core.rank_rule import RULES
-from inrank_megatron.core.resize import POLICIES
+from inrank_megatron.core.names import MODES, POLICIES, RULES
 
 INRANK_LAYER_KINDS = ("fc1", "fc2", "qkv", "proj")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")

@@ -296,16 +296,17 @@ def test_deepspeed_jsons_are_zero_configs():
     for path in paths:
         with open(path, encoding="utf-8") as f:
             ds = json.load(f)
-        # Batch sizes and clipping come from the YAML (the training loop fills them in).
+        # Batch sizes, clipping and precision come from the YAML (the DeepSpeed backend fills
+        # them in and refuses a JSON that contradicts them).
         assert set(ds) <= {"zero_optimization", "bf16", "fp16", "zero_allow_untested_optimizer"}
-        assert ds["zero_allow_untested_optimizer"] is True
         DeepSpeedZeroConfig(**ds["zero_optimization"])
     for path in BIG:
         cfg = _load(path)
         if cfg.parallel.backend == "deepspeed":
             with open(cfg.parallel.deepspeed_config, encoding="utf-8") as f:
                 ds = json.load(f)
-            assert ds.get("bf16", {}).get("enabled", False) == (cfg.train.precision == "bf16")
+            if "bf16" in ds:
+                assert ds["bf16"].get("enabled", False) == (cfg.train.precision == "bf16")
 
 
 # ------------------------------------------------------------------------------------ bad layouts

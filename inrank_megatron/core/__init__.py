@@ -1,15 +1,27 @@
-"""InRank's mathematics (spec sections 2-4): no torch.distributed anywhere in this package."""
+"""InRank's mathematics (spec sections 2-4): no torch.distributed anywhere in this package.
 
-from inrank_megatron.core.config import MODES, InRankConfig
-from inrank_megatron.core.growth import STAGES, GrowthState
-from inrank_megatron.core.init import init_factors
-from inrank_megatron.core.rank_rule import RULES, explained_ratio, explained_ratios, select_rank
-from inrank_megatron.core.resize import POLICIES, FactorResize, map_slot_state
-from inrank_megatron.core.spectrum import factor_spectrum, r_factor, spectrum_from_r
-from inrank_megatron.core.truncation import TruncationMaps, truncate, truncation_maps
+Names are imported lazily (``inrank_megatron.core.names`` holds the settings' vocabulary without
+torch, for config checks that should not pay for importing it).
+"""
 
-__all__ = [
-    "MODES", "POLICIES", "RULES", "STAGES", "FactorResize", "GrowthState", "InRankConfig",
-    "TruncationMaps", "explained_ratio", "explained_ratios", "factor_spectrum", "init_factors",
-    "map_slot_state", "r_factor", "select_rank", "spectrum_from_r", "truncate", "truncation_maps",
-]
+import importlib
+
+from inrank_megatron.core.names import MODES, POLICIES, RULES, STAGES
+
+_EXPORTS = {
+    "InRankConfig": "config", "GrowthState": "growth", "init_factors": "init",
+    "explained_ratio": "rank_rule", "explained_ratios": "rank_rule", "select_rank": "rank_rule",
+    "FactorResize": "resize", "map_slot_state": "resize", "factor_spectrum": "spectrum",
+    "r_factor": "spectrum", "spectrum_from_r": "spectrum", "TruncationMaps": "truncation",
+    "truncate": "truncation", "truncation_maps": "truncation",
+}
+
+__all__ = sorted(["MODES", "POLICIES", "RULES", "STAGES", *_EXPORTS])
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"inrank_megatron.core.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'inrank_megatron.core' has no attribute {name!r}")

@@ -8,10 +8,10 @@ from typing import Optional
 
 import torch
 
-from inrank_megatron.core.rank_rule import RULES, check_rank_settings
+from inrank_megatron.core.names import MODES, RULES
+from inrank_megatron.core.rank_rule import check_rank_settings
 from inrank_megatron.core.validation import check_int
 
-MODES = ("efficient", "cumulative")
 
 
 @dataclass

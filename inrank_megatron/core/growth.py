@@ -6,10 +6,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from inrank_megatron.core.rank_rule import RULES, check_rank_settings, select_rank
+from inrank_megatron.core.names import RULES, STAGES
+from inrank_megatron.core.rank_rule import check_rank_settings, select_rank
 from inrank_megatron.core.validation import check_int
 
-STAGES = ("growing", "fixed")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 
 from inrank_megatron.core.validation import _where, check_finite, check_int, check_threshold
 
-RULES = ("variance", "energy")
+from inrank_megatron.core.names import RULES
 
 
 def _as_spectrum(s: torch.Tensor, name: str = "s") -> torch.Tensor:

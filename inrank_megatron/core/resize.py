@@ -20,9 +20,8 @@ from typing import Optional
 
 import torch
 
+from inrank_megatron.core.names import POLICIES
 from inrank_megatron.core.truncation import TruncationMaps
-
-POLICIES = ("slice", "reset", "project")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 SLOT_DIM = {"A": 0, "B": 1}
 
