@@ -117,6 +117,8 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     batches = _batches(3, parallel_state.get_data_parallel_rank())
     _train(backend, batches[:2])
     before = _snapshot(backend, stage)
+    groups_before = [sorted(n for n, p in model.named_parameters()
+                            if id(p) in {id(q) for q in g["params"]}) for g in backend.param_groups()]
     steps_before = compat.group_steps(backend.engine)
     events, new_values = [], {}
     for name, layer in layers:
@@ -152,7 +154,16 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     if not any(p.numel() % (world_size // tp) for _, layer in layers for p in (layer.A, layer.B)):
         problems.append("no factor with a numel not divisible by the DP size")
     steps_after = compat.group_steps(backend.engine)
-    names_of_groups = [g["name"] for g in backend.param_groups()]
+    names_of_groups = [g["name"] for g in backend.engine.optimizer.param_groups]
+    if names_of_groups != ["decay", "no_decay", FACTOR_GROUP] or len(steps_after) != 3:
+        problems.append(f"param groups after the rebuild: {names_of_groups}")
+    for group in backend.engine.optimizer.param_groups:
+        want_wd = cfg.train.weight_decay * (0.0 if group["name"] == "no_decay" else 1.0)
+        if group["lr"] != backend.scheduler.get_lr(group) or group["weight_decay"] != want_wd:
+            problems.append(f"group {group['name']}: lr {group['lr']}, wd {group['weight_decay']}")
+    if [sorted(n for n, p in model.named_parameters() if id(p) in {id(q) for q in g["params"]})
+            for g in backend.param_groups()] != groups_before:
+        problems.append("parameters changed param group in the rebuild")
     for gi, (a, b) in enumerate(zip(steps_before, steps_after)):
         reset = policy == "reset" and mode == "efficient" and names_of_groups[gi] == FACTOR_GROUP
         if b.item() != (0.0 if reset else a.item()):

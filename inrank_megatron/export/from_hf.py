@@ -43,11 +43,12 @@ def import_config(hf_config: dict, mode: str, config_path: Optional[str] = None,
                   overrides=()) -> TrainConfig:
     """The training configuration of an imported model: the YAML file and ``section.key=value``
     overrides as for training, with the architecture (``model.*``) taken from the HF config,
-    ``model.inrank=true`` and ``inrank.mode=mode``.
+    ``model.inrank=true``, ``inrank.mode=mode`` (and ``inrank.stage1_steps=null`` in cumulative
+    mode). These replace what the YAML file says; an override that contradicts them is an error.
 
     Raises:
-        ConfigError: an override that contradicts the HF architecture or the mode; a GPT-2 model
-            with another vocabulary than GPT-2's and no tokenizer given; any training-config error.
+        ConfigError: an override that contradicts the HF architecture or the mode; a model with
+            another vocabulary than GPT-2's and no tokenizer named; any training-config error.
     """
     data: dict = {}
     if config_path:
@@ -58,27 +59,23 @@ def import_config(hf_config: dict, mode: str, config_path: Optional[str] = None,
             raise ConfigError(f"config file not found: {config_path}") from None
         from_dict(loaded, origin=f" in {config_path}")
         data = {str(s): dict(v or {}) for s, v in loaded.items()}
+    given: dict = {}
     for text in overrides:
         section, key, value = parse_override(text)
+        given[(section, key)] = value
         data.setdefault(section, {})[key] = value
-    model = data.setdefault("model", {})
-    arch = model_section_from_hf(hf_config)
-    for key, value in arch.items():
-        given = model.get(key)
-        if given is not None and given != value:
-            raise ConfigError(f"model.{key}={given!r} contradicts the Hugging Face model "
-                              f"({value!r}); the architecture comes from its config.json")
-        model[key] = value
-    model.setdefault("seq_length", hf_config["n_positions"])
-    if model.get("inrank") is False:
-        raise ConfigError("model.inrank=false: import_hf writes an InRank model; expected true")
-    model["inrank"] = True
-    inrank = data.setdefault("inrank", {})
-    if inrank.get("mode", mode) != mode:
-        raise ConfigError(f"inrank.mode={inrank['mode']!r} contradicts --mode {mode}")
-    inrank["mode"] = mode
+    forced = {("model", key): value for key, value in model_section_from_hf(hf_config).items()}
+    forced.update({("model", "inrank"): True, ("inrank", "mode"): mode})
     if mode == "cumulative":
-        inrank.setdefault("stage1_steps", None)
+        forced[("inrank", "stage1_steps")] = None
+    for (section, key), value in forced.items():
+        if (section, key) in given and given[(section, key)] != value:
+            why = ("the architecture comes from the Hugging Face config.json" if section == "model"
+                   and key != "inrank" else f"import_hf --mode {mode} sets {value!r}")
+            raise ConfigError(f"{section}.{key}={given[(section, key)]!r}: {why}")
+        data.setdefault(section, {})[key] = value
+    if "seq_length" not in data["model"]:
+        data["model"]["seq_length"] = hf_config["n_positions"]
     d = data.setdefault("data", {})
     if "tokenizer" not in d:
         if hf_config["vocab_size"] != GPT2_VOCAB_SIZE:

@@ -258,7 +258,8 @@ class DeepSpeedBackend(Backend):
             if id(p) in factors:
                 grown.append(p)
             else:
-                (decay if p.dim() >= 2 else no_decay).append(p)
+                # ZeRO-3 leaves a partitioned parameter's data empty: its shape is ds_shape.
+                (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
         groups = [{"params": decay, "wd_mult": 1.0, "name": "decay"},
                   {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"},
                   {"params": grown, "wd_mult": 1.0, "name": FACTOR_GROUP}]
@@ -417,8 +418,9 @@ class DeepSpeedBackend(Backend):
     def save(self, path: str) -> None:
         """DeepSpeed's checkpoint under ``path/deepspeed/`` (module, ZeRO partitions, our LR
         scheduler as client state) and ``path/inrank_deepspeed.json`` (shapes, TP layout)."""
-        self.engine.save_checkpoint(path, tag=TAG, save_latest=False,
-                                    client_state={"inrank_scheduler": self.scheduler.state_dict()})
+        self.engine.save_checkpoint(path, tag=TAG, save_latest=False, client_state={
+            "inrank_scheduler": self.scheduler.state_dict(),
+            "inrank_adam_steps": [float(s) for s in compat.group_steps(self.engine)]})
         if self.groups.rank == 0:
             meta = {"zero_stage": self.stage, "tp": self.groups.tp_size, "dp": self.groups.dp_size,
                     "precision": self.cfg.train.precision, "params": {}}
@@ -442,6 +444,8 @@ class DeepSpeedBackend(Backend):
         if load_path is None:
             raise FileNotFoundError(f"{os.path.join(path, TAG)}: no DeepSpeed checkpoint (written "
                                     "by another backend?)")
+        # ZeRO-3 restores one Adam step for every group; the factor group's may differ.
+        compat.set_group_steps(self.engine, client["inrank_adam_steps"])
         compat.relink_optimizer_state(self.engine)
         self._state_linked = True
         compat.refresh_model_params(self.engine)

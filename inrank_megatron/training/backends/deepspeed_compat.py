@@ -265,6 +265,31 @@ def group_steps(engine) -> list:
     return [steps.get(i, zero.clone()) for i in range(len(opt.optimizer.param_groups))]
 
 
+@torch.no_grad()
+def set_group_steps(engine, steps: list) -> None:
+    """Set Adam's ``step`` of each param group (state must exist).
+
+    DeepSpeed behaviour: a ZeRO-3 checkpoint load may restore a single step for every sub-group
+    (``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` reads ``state[0]['step']``), while
+    this backend lets the InRank factor group's step differ from the others' after a reset cut.
+    """
+    opt = engine.optimizer
+    layout = optimizer_layout(engine)
+    if layout == "torch":
+        targets = [(opt.state[p], gi) for gi, g in enumerate(opt.param_groups) for p in g["params"]
+                   if p in opt.state]
+    elif layout == "flat":
+        targets = [(opt.optimizer.state[flat], gi) for gi, flat in enumerate(_flat_partitions(opt))
+                   if flat in opt.optimizer.state]
+    else:
+        targets = [(opt.optimizer.state[flat], group_id) for flat, group_id in
+                   zip(opt.fp32_partitioned_groups_flat, _zero3_group_of_subgroup(opt))
+                   if flat in opt.optimizer.state]
+    for state, gi in targets:
+        if "step" in state:
+            state["step"] = torch.tensor(float(steps[gi]), dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------ writing state
 @torch.no_grad()
 def create_zeroed_state(engine, steps: list) -> None:

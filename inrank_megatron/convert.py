@@ -1,0 +1,65 @@
+"""Checkpoint conversions (``tools/convert_checkpoint.py`` is the CLI).
+
+``reshard``: our torch-backend checkpoints store the model *and* the AdamW moments as megatron dist
+checkpoints, sharded like the parameters with global offsets, and the growth state as JSON; none of
+it depends on the TP/DP layout it was written at. Resharding therefore validates the target layout
+against the config (divisibility, heads, batch), rewrites ``meta.json`` and the saved config for
+it, and drops the per-rank RNG streams (which cannot carry over to another set of ranks); the
+tensors are copied unchanged. The training loop loads them at the new layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from inrank_megatron.config import ConfigError, from_dict, to_dict, validate_layout
+from inrank_megatron.training.checkpoint import META, read_meta
+
+
+def _resolve(path: str) -> str:
+    """A step directory, or the one ``latest`` names under a run dir / checkpoints dir."""
+    for root in (path, os.path.join(path, "checkpoints")):
+        latest = os.path.join(root, "latest")
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                return os.path.join(root, f.read().strip())
+    return path
+
+
+def reshard(src: str, dst: str, *, tp: int, pp: int = 1, world_size: int | None = None) -> dict:
+    """Write a copy of checkpoint ``src`` for TP=``tp``, PP=``pp`` at ``dst``; returns its meta.
+
+    Args:
+        src: a step directory (or a run / checkpoints directory: its latest step).
+        dst: the new step directory (must not exist; written to a temporary name, then renamed).
+        tp, pp: the target layout.
+        world_size: the target number of processes (default: ``tp * pp`` x the source DP size).
+
+    Raises:
+        ConfigError / FileNotFoundError: bad input; nothing is written and ``src`` is untouched.
+    """
+    src = _resolve(src)
+    meta = read_meta(src)
+    if meta.get("backend") != "torch":
+        raise ConfigError(f"{src} was written by backend {meta.get('backend')!r}; convert it to a "
+                          "torch (dist) checkpoint first (convert_checkpoint.py from-deepspeed)")
+    if pp != 1:
+        raise ConfigError(f"--pp {pp}: the training loop has no pipeline schedule; expected 1")
+    if os.path.exists(dst):
+        raise ConfigError(f"{dst} exists; refusing to overwrite it")
+    cfg = from_dict(meta["config"])
+    cfg.parallel.tensor_model_parallel_size = tp
+    cfg.parallel.pipeline_model_parallel_size = pp
+    world = world_size or tp * pp * meta["dp"]
+    validate_layout(cfg, world)  # ConfigError naming the key that does not divide
+    tmp = dst.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("rng_*.pt", META))
+    new_meta = dict(meta, tp=tp, pp=pp, dp=world // (tp * pp), world_size=world,
+                    config=to_dict(cfg), resharded_from=os.path.abspath(src))
+    with open(os.path.join(tmp, META), "w") as f:
+        json.dump(new_meta, f, indent=1)
+    os.replace(tmp, dst)
+    return new_meta

@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Convert InRank training checkpoints.
+
+    # another tensor-parallel layout (growth state and learned ranks preserved)
+    python tools/convert_checkpoint.py reshard runs/x/checkpoints/step_000200 runs/y/checkpoints/step_000200 --tp 4
+    # then train on: output.dir=runs/y output.resume=runs/y/checkpoints/step_000200 parallel.tensor_model_parallel_size=4
+
+A source may be a step directory, or a run / checkpoints directory (its latest step). Bad input
+(missing or partial checkpoint, a layout that does not divide) is one line on stderr and exit 2;
+the source is never modified and the destination appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reshard", help="write the checkpoint for another TP (/PP) layout")
+    r.add_argument("src", help="step directory (or run / checkpoints directory: its latest step)")
+    r.add_argument("dst", help="new step directory (must not exist)")
+    r.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
+    r.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (1)")
+    r.add_argument("--world-size", type=int, default=None,
+                   help="target number of processes (default: TP x PP x the source's DP size)")
+    args = p.parse_args(argv)
+
+    from inrank_megatron.config import ConfigError
+    from inrank_megatron.convert import reshard
+
+    try:
+        meta = reshard(args.src, args.dst, tp=args.tp, pp=args.pp, world_size=args.world_size)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}: step {meta['step']}, TP={meta['tp']} PP={meta['pp']} "
+          f"DP={meta['dp']} ({meta['world_size']} processes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
