@@ -152,7 +152,8 @@ class ParallelSection:
     deepspeed_config: Optional[str] = _field(
         None, "DeepSpeed JSON; required iff backend is deepspeed.")
     zero_stage: Optional[int] = _field(
-        None, "ZeRO stage, overriding the JSON's; null reads it from the JSON.",
+        None, "ZeRO stage, overriding the JSON's (deepspeed; null reads it from the JSON), or, "
+        "with backend megatron, 1 for megatron's distributed optimizer (0/null: not sharded).",
         choices=(0, 1, 2, 3))
 
 
@@ -609,11 +610,15 @@ def validate_layout(cfg: TrainConfig, world_size: int) -> None:
             raise ConfigError(f"parallel.pipeline_model_parallel_size={pp} is not supported with "
                               "parallel.backend=deepspeed; expected 1")
     else:
-        for key in ("deepspeed_config", "zero_stage"):
-            if getattr(p, key) is not None:
-                raise ConfigError(f"parallel.{key}={getattr(p, key)!r} is only read by "
-                                  f"parallel.backend=deepspeed (backend is {p.backend}); "
-                                  "expected null")
+        if p.deepspeed_config is not None:
+            raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config!r} is only read by "
+                              f"parallel.backend=deepspeed (backend is {p.backend}); expected null")
+        allowed = (None, 0, 1) if p.backend == "megatron" else (None,)
+        if p.zero_stage not in allowed:
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage!r} with parallel.backend="
+                              f"{p.backend}; expected {' or '.join('null' if a is None else str(a) for a in allowed)}"
+                              + (" (1 = megatron's distributed optimizer)"
+                                 if p.backend == "megatron" else ""))
 
     # InRank: which layers, and rank settings that fit each layer's full shape (spec section 2).
     if m.inrank:

@@ -1,8 +1,9 @@
-"""Run a trained model in one plain PyTorch process: no megatron, no torch.distributed.
+"""Run a trained model in one plain PyTorch process: no megatron, no process group.
 
     model = inrank_megatron.inference.load("exports/tiny-inrank")   # or an HF export, or a
     logits = model(tokens)                                          # training checkpoint
     out = model.generate(tokens, max_new_tokens=50, temperature=0.8, top_k=40, top_p=0.95, seed=0)
+    texts = inrank_megatron.inference.generate_text("exports/tiny-inrank", "The history of")
 
 :class:`GPT` is a small nanoGPT-style transformer with megatron ``GPTModel``'s parameter names
 (:mod:`inrank_megatron.export.layout`), so a checkpoint's tensors load unchanged. An InRank layer
@@ -397,3 +398,34 @@ def load_tokenizer(model: GPT, *, tokenizer_model: Optional[str] = None):
         return _HFTokenizer(info["path"])
     raise ValueError("no tokenizer is recorded for this model; pass a SentencePiece model "
                      "(--tokenizer-model)")
+
+
+def generate_text(checkpoint: str, prompt: str, *, max_new_tokens: int = 50,
+                  temperature: float = 0.8, top_k: Optional[int] = 40, top_p: Optional[float] = 0.95,
+                  seed: int = 0, num_samples: int = 1,
+                  tokenizer_model: Optional[str] = None) -> list:
+    """Samples from the model at ``checkpoint`` (anything :func:`load` reads), with its tokenizer.
+
+    Args:
+        checkpoint: export directory or training checkpoint.
+        prompt: text to continue (an empty prompt starts from the end-of-document id).
+        max_new_tokens, temperature, top_k, top_p: as :meth:`GPT.generate` (``top_k=0`` and
+            ``top_p=1`` disable those filters).
+        seed: seed of the first sample; sample ``i`` uses ``seed + i``.
+        num_samples: independent samples.
+        tokenizer_model: SentencePiece model to use instead of the recorded one.
+
+    Returns:
+        The decoded texts, prompt and continuation each.
+    """
+    model = load(checkpoint, tokenizer_model=tokenizer_model)
+    tokenizer = load_tokenizer(model, tokenizer_model=tokenizer_model)
+    ids = tokenizer.encode(prompt) or [tokenizer.eod]
+    tokens = torch.tensor([ids], dtype=torch.long)
+    texts = []
+    for i in range(num_samples):
+        out = model.generate(tokens, max_new_tokens, temperature=temperature,
+                             top_k=top_k or None, top_p=top_p if top_p and top_p < 1 else None,
+                             seed=seed + i)
+        texts.append(tokenizer.decode(out[0].tolist()))  # whole, so pieces join as they should
+    return texts

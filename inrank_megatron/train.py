@@ -78,9 +78,15 @@ def check_supported(cfg: TrainConfig) -> None:
         raise ConfigError(f"parallel.pipeline_model_parallel_size={pp}: the training loop has no "
                           "pipeline schedule yet; expected 1 (use TP and DP/ZeRO)")
     if cfg.parallel.backend == "megatron":
-        raise ConfigError("parallel.backend='megatron' (megatron's DDP and distributed optimizer) "
-                          "is a GPU path not available in this build; expected 'torch' or "
-                          "'deepspeed'")
+        import torch
+
+        # megatron-core 0.16.1's optimizers allocate with device='cuda' literals and accept only
+        # 'torch.cuda.*Tensor' parameters (see training/backends/megatron_backend.py).
+        if not torch.cuda.is_available():
+            raise ConfigError("parallel.backend='megatron' (megatron's DDP and optimizer) needs "
+                              "CUDA: megatron-core's optimizers allocate on 'cuda' and refuse CPU "
+                              "tensors; expected parallel.backend='torch' or 'deepspeed' on a "
+                              "machine without a GPU")
 
 
 def main(argv=None) -> int:

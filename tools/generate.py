@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sample text from a trained model in one plain PyTorch process (no megatron, no distributed).
+"""Sample text from a trained model in one plain PyTorch process (no megatron, no process group).
 
 --checkpoint takes an InRank-native export (tools/export_inrank.py), a Hugging Face GPT-2
 directory (tools/export_hf.py), or a training checkpoint (step directory, checkpoints/ or
@@ -40,29 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 50, temperature: float = 0.8,
-             top_k=40, top_p=0.95, seed: int = 0, num_samples: int = 1,
-             tokenizer_model=None) -> list:
-    """The sampled texts, each the decoded prompt and its continuation."""
-    import torch
-
-    from inrank_megatron import inference
-
-    model = inference.load(checkpoint, tokenizer_model=tokenizer_model)
-    tokenizer = inference.load_tokenizer(model, tokenizer_model=tokenizer_model)
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        ids = [tokenizer.eod]
-    tokens = torch.tensor([ids], dtype=torch.long)
-    texts = []
-    for i in range(num_samples):
-        out = model.generate(tokens, max_new_tokens, temperature=temperature,
-                             top_k=top_k or None, top_p=top_p if top_p < 1 else None,
-                             seed=seed + i)
-        texts.append(tokenizer.decode(out[0].tolist()))  # whole, so pieces join as they should
-    return texts
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1 \
@@ -70,11 +47,13 @@ def main(argv=None) -> int:
         print("generate.py: error: expected --max-new-tokens >= 0, --temperature >= 0, "
               "--top-k >= 0, 0 < --top-p <= 1, --num-samples >= 1", file=sys.stderr)
         return 2
+    from inrank_megatron.inference import generate_text
+
     try:
-        texts = generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         seed=args.seed, num_samples=args.num_samples,
-                         tokenizer_model=args.tokenizer_model)
+        texts = generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, num_samples=args.num_samples,
+                              tokenizer_model=args.tokenizer_model)
     except (ValueError, OSError) as error:
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 2

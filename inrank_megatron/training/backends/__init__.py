@@ -14,8 +14,12 @@ def build_backend(cfg, model, groups) -> Backend:
         from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg, model, groups)
+    if name == "megatron":  # GPU only; check_supported refuses it without CUDA
+        from inrank_megatron.training.backends.megatron_backend import MegatronBackend
+
+        return MegatronBackend(cfg, model, groups)
     raise ValueError(f"parallel.backend={name!r} is not available in this build of the training "
-                     "loop; expected 'torch' or 'deepspeed'")
+                     "loop; expected 'torch', 'megatron' or 'deepspeed'")
 
 
 __all__ = ["Backend", "build_backend"]

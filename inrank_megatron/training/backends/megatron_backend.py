@@ -1,0 +1,279 @@
+"""The megatron.core backend: megatron's ``DistributedDataParallel`` (contiguous grad buffers,
+bucketed DP reduce) and ``get_megatron_optimizer`` (AdamW, megatron's TP-aware clipping, optionally
+the distributed optimizer that shards fp32 state over DP), with megatron's LR scheduler.
+
+GPU only. megatron-core 0.16.1's optimizers allocate with ``device='cuda'`` literals
+(``FP32Optimizer.__init__``, ``MixedPrecisionOptimizer.__init__``, ``clip_grads.py``) and accept
+parameters only by ``Tensor.type() == 'torch.cuda.FloatTensor'`` (``DistributedOptimizer.
+_build_model_and_main_param_groups``); running them on CPU would need module-level ``torch``
+proxies or a global ``Tensor.type()`` override, which we do not ship. ``check_supported`` in
+``inrank_megatron.train`` refuses this backend without CUDA; ``tools/gpu_check.sh`` runs its tests.
+
+Selection: ``parallel.backend=megatron``; the distributed optimizer when
+``parallel.zero_stage >= 1`` (ZeRO-1: fp32 master weights and Adam moments sharded over DP).
+
+Resizes (the stage cut, cumulative growth) replace factor parameters, which megatron's DDP holds in
+its flat buffers and the optimizer in its groups (sharded, for the distributed optimizer). So a
+resize snapshots every parameter's full Adam moments by name, rebuilds DDP and the optimizer around
+the resized module, and writes the moments back, mapping resized factors through
+:func:`inrank_megatron.core.map_slot_state` exactly as the torch backend does. The model is fp32
+(bf16/fp16 run under autocast), so the model parameters are the fp32 master values and carry over
+with the module; the Adam step count and the LR schedule continue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+
+import torch
+
+from inrank_megatron.core.resize import map_slot_state
+from inrank_megatron.training.backends.base import Backend
+from inrank_megatron.training.optim import build_scheduler
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Distributed-optimizer checkpoints: one ShardedTensor per buffer, reshardable over DP
+# (DistributedOptimizer.sharded_state_dict).
+_DIST_OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def use_distributed_optimizer(cfg) -> bool:
+    """The distributed optimizer is megatron's ZeRO-1: selected by ``parallel.zero_stage >= 1``."""
+    return (cfg.parallel.zero_stage or 0) >= 1
+
+
+class MegatronBackend(Backend):
+    """Args: cfg (TrainConfig), model (megatron GPTModel on this rank), groups (ParallelGroups)."""
+
+    name = "megatron"
+
+    def __init__(self, cfg, model, groups):
+        if not torch.cuda.is_available():
+            raise RuntimeError("parallel.backend=megatron needs CUDA (megatron-core's optimizers "
+                               "allocate on 'cuda'); use parallel.backend=torch on CPU")
+        super().__init__(cfg, model, groups)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        model.cuda(self.device)  # use_cpu_initialization leaves the weights on the CPU
+        t = cfg.train
+        self.distributed = use_distributed_optimizer(cfg)
+        self.amp_dtype = _AMP_DTYPES.get(t.precision)
+        self._build()
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.scheduler.step(0)  # set the step-0 learning rate in the groups
+        self._step = 0  # Adam steps taken (torch.optim.AdamW keeps it per parameter)
+
+    def _build(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        t = self.cfg.train
+        # No overlap: gradients are reduced once, in finalize_model_grads after the last
+        # micro-batch, like torch DDP's reduce at the last backward.
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+            use_distributed_optimizer=self.distributed)
+        self.ddp = DistributedDataParallel(self.model.config, ddp_config, self.model)
+        # megatron's default groups are ours (optim.param_groups): 1-D parameters and biases get
+        # wd_mult 0, everything else is decayed; lr/min_lr become each group's max_lr/min_lr.
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad if t.clip_grad > 0 else 0.0,
+            bf16=t.precision == "bf16", fp16=t.precision == "fp16",
+            initial_loss_scale=t.initial_loss_scale if t.precision == "fp16" else 2 ** 32,
+            use_distributed_optimizer=self.distributed), [self.ddp])
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def _optimizers(self):
+        """The per-buffer megatron optimizers (``get_megatron_optimizer`` may chain several)."""
+        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+
+    # ---- one optimizer step -----------------------------------------------------------------
+
+    def _batch(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def forward_backward(self, batch: dict, num_microbatches: int, *, last: bool) -> torch.Tensor:
+        # Without overlap megatron's DDP only accumulates into main_grad here; the reduce waits
+        # for finalize_model_grads in step(), so no no_sync() is needed.
+        with self._autocast():
+            loss = self.loss(self.ddp, self._batch(batch))
+        scaled = loss / num_microbatches
+        scale = self.optimizer.get_loss_scale()  # 1 unless fp16
+        (scaled * scale).backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        self.model.eval()
+        try:
+            with self._autocast():
+                return self.loss(self.model, self._batch(batch))
+        finally:
+            self.model.train()
+
+    def step(self) -> dict:
+        from megatron.core.distributed import finalize_model_grads
+
+        # DP reduce of the grad buffers (averaged: megatron scales by 1/DP), plus the TP
+        # all-reduce of sequence-parallel parameters' grads.
+        finalize_model_grads([self.ddp])
+        ok, norm, _ = self.optimizer.step()  # unscale, TP-aware clip, AdamW; skipped on inf
+        if ok:
+            self._step += 1
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.scheduler.step(1)
+        scale = self.optimizer.get_loss_scale()
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": self.lr(),
+                "loss_scale": scale.item() if self.cfg.train.precision == "fp16" else None}
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---- per-parameter Adam state, whatever the sharding --------------------------------------
+
+    def _named_params(self):
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _full_state(self, param) -> dict:
+        """Full (DP-unsharded) ``exp_avg``/``exp_avg_sq`` of ``param``; collective when the
+        optimizer is distributed. Empty before the first step."""
+        for opt in self._optimizers():
+            if self.distributed:
+                if param not in opt.model_param_group_index_map:
+                    continue
+                # This rank holds elements [start, end) of the flattened parameter; the others
+                # hold the rest (or none), so a sum over DP assembles the full tensor.
+                prange = opt._get_model_param_range_map(param)["param"]
+                start, end = prange.start, prange.end
+                local = opt._get_main_param_and_optimizer_states(param)
+                if "exp_avg" not in local:
+                    return {}
+                out = {}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    full = torch.zeros(param.numel(), dtype=torch.float32, device=self.device)
+                    full[start:end] = local[key].detach().float().view(-1)
+                    torch.distributed.all_reduce(full, group=self.groups.dp_group)
+                    out[key] = full.view(param.shape)
+                return out
+            inner = opt.optimizer
+            for group in inner.param_groups:
+                for main in group["params"]:
+                    if main is param:  # fp32 model parameters are their own main parameters
+                        state = inner.state.get(main, {})
+                        return {k: state[k].detach().clone() for k in ("exp_avg", "exp_avg_sq")
+                                if k in state}
+        return {}
+
+    def _set_full_state(self, param, state: dict, step: int) -> None:
+        """Write full moments (and the step count) for ``param`` into the fresh optimizer."""
+        for opt in self._optimizers():
+            if self.distributed:
+                if param not in opt.model_param_group_index_map:
+                    continue
+                prange = opt._get_model_param_range_map(param)["param"]
+                gi, go = opt.model_param_group_index_map[param]
+                main = opt.optimizer.param_groups[gi]["params"][go]
+                opt.optimizer.state[main] = {
+                    "step": torch.tensor(float(step)),
+                    **{k: v.view(-1)[prange.start:prange.end].to(main.dtype).clone()
+                       for k, v in state.items()}}
+                return
+            for group in opt.optimizer.param_groups:
+                for main in group["params"]:
+                    if main is param:
+                        opt.optimizer.state[main] = {"step": torch.tensor(float(step)),
+                                                     **{k: v.to(main.dtype) for k, v in
+                                                        state.items()}}
+                        return
+
+    # ---- resize ----------------------------------------------------------------------------
+
+    def resize(self, resizes, policy: str) -> None:
+        """Rebuild DDP and the optimizer around the resized module; carry Adam moments by name."""
+        # The factor objects are already swapped in the module: read the old ones' state
+        # through the events, every other parameter's through its (unchanged) object.
+        old_by_new = {}
+        for event in resizes:
+            for role, old, new in event.pairs():
+                old_by_new[id(new)] = (role, old, event)
+        carried = {}
+        for name, p in self._named_params():
+            role, old, event = old_by_new.get(id(p), (None, p, None))
+            state = self._full_state(old)
+            if state and event is not None:
+                state = {k: map_slot_state(v, role, event, policy=policy, kind=k)
+                         for k, v in state.items()}
+            carried[name] = state
+        # Drop the old wrapper before the new one hooks the same parameters: its backward hooks
+        # (registered on the parameters' grad accumulators) stay alive as long as it does.
+        self.ddp.param_to_bucket_group = {}
+        del self.ddp, self.optimizer
+        gc.collect()
+        self._build()
+        self.scheduler.optimizer = self.optimizer
+        self.scheduler.step(0)  # the current lr and weight decay into the new groups
+        if self._step:
+            for name, p in self._named_params():
+                if carried.get(name):
+                    self._set_full_state(p, carried[name], self._step)
+            for opt in self._optimizers():  # any parameter with no state: zeros at the same step
+                inner = opt.optimizer
+                for group in inner.param_groups:
+                    for main in group["params"]:
+                        if not inner.state.get(main):
+                            inner.state[main] = {"step": torch.tensor(float(self._step)),
+                                                 "exp_avg": torch.zeros_like(main),
+                                                 "exp_avg_sq": torch.zeros_like(main)}
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def _sharded_state(self, model_sd, *, is_loading: bool):
+        return self.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading,
+            **({"metadata": _DIST_OPT_METADATA} if self.distributed else {}))
+
+    def save(self, path: str) -> None:
+        """Model and megatron optimizer state as one megatron dist checkpoint (``model/``), the
+        torch backend's layout; scheduler and step count in ``train.pt``."""
+        from megatron.core import dist_checkpointing
+
+        model_dir = os.path.join(path, "model")
+        if self.groups.rank == 0:
+            os.makedirs(model_dir, exist_ok=True)
+        torch.distributed.barrier()
+        model_sd = self.model.sharded_state_dict()
+        dist_checkpointing.save({"model": model_sd,
+                                 "optimizer": self._sharded_state(model_sd, is_loading=False)},
+                                model_dir)
+        if self.groups.rank == 0:
+            file = os.path.join(path, "train.pt")
+            torch.save({"scheduler": self.scheduler.state_dict(), "adam_step": self._step},
+                       file + ".part")
+            os.replace(file + ".part", file)
+
+    def load(self, path: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        model_sd = self.model.sharded_state_dict()
+        with torch.no_grad():
+            state = dist_checkpointing.load(
+                {"model": model_sd, "optimizer": self._sharded_state(model_sd, is_loading=True)},
+                os.path.join(path, "model"))
+            self.model.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+        # The grad/param buffers hold the parameters' storage, so the load above went into them;
+        # the distributed optimizer's fp32 shards are views of fp32 parameters as well.
+        train = torch.load(os.path.join(path, "train.pt"), weights_only=True)
+        self.scheduler.load_state_dict(train["scheduler"])
+        self.scheduler.step(0)  # the restored step's lr and weight decay into the param groups
+        self._step = int(train["adam_step"])
