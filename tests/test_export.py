@@ -243,6 +243,25 @@ def test_import_cumulative_round_trip(hf_model, tmp_path):
     (tp2_logits, _), = run_distributed(_megatron_logits, 2, [str(imported)], tokens, None)[0]
     torch.testing.assert_close(tp2_logits, ref, rtol=0, atol=1e-5)
 
+    # Continued training starts from it (weights only: fresh optimizer) at TP=2.
+    from inrank_megatron.config import save_config
+
+    config = tmp_path / "imported.yaml"
+    save_config(ckpt.cfg, str(config))
+    run = tmp_path / "continued"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "inrank_megatron.train", "--config", str(config), f"output.dir={run}",
+           f"output.resume={imported}", "output.plot=false", "train.steps=2",
+           "train.lr_warmup_steps=1", "train.eval_interval=2", "train.eval_iters=1",
+           "train.micro_batch_size=2", "train.global_batch_size=4", "train.save_interval=null",
+           f"data.prefix={tmp_path}/wiki_gpt2_text_document", "data.corpus=wiki",
+           "parallel.tensor_model_parallel_size=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(run / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["steps"] == 2 and len(summary["train_losses"]) == 2
+
 
 @pytest.mark.slow
 def test_import_efficient_truncated_svd(hf_model, tmp_path):

@@ -114,6 +114,16 @@ def load_growth_state(path: str, controller) -> None:
         controller.load_state_dict(json.load(f))
 
 
+def load_model_weights(path: str, model) -> None:
+    """Collective: only the model tensors of ``path/model`` (a megatron dist checkpoint)."""
+    from megatron.core import dist_checkpointing
+
+    with torch.no_grad():
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()},
+                                        os.path.join(path, "model"))
+    model.load_state_dict(state["model"], strict=True)
+
+
 def load_rng_state(path: str, rank: int) -> dict:
     """This rank's RNG state (``weights_only``: no pickled code runs)."""
     file = os.path.join(path, f"rng_{rank:05d}.pt")

@@ -73,13 +73,18 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
     model = build_model(cfg, tokenizer.vocab_size, groups.tp_size)
     controller = GrowthController(model, stage1_steps=cfg.inrank.stage1_steps
                                   if cfg.model.inrank else None)
-    start_step = 0
+    start_step, weights_only = 0, False
     if resume_path is not None:
         meta = ckpt.read_meta(resume_path)
         start_step = meta["step"]
         ckpt.load_growth_state(resume_path, controller)  # reshapes cut factors before the build
+        # A checkpoint with only weights (tools/import_hf.py): load them before the backend copies
+        # the module, and start the optimizer fresh.
+        weights_only = bool(meta.get("weights_only"))
+        if weights_only:
+            ckpt.load_model_weights(resume_path, model)
     backend = build_backend(cfg, model, groups)
-    if resume_path is not None:
+    if resume_path is not None and not weights_only:
         backend.load(resume_path)
         if meta["world_size"] == groups.world_size:
             set_rng_state(ckpt.load_rng_state(resume_path, groups.rank))
