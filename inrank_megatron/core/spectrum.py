@@ -58,16 +58,7 @@ def spectrum_from_r(R_A: torch.Tensor, R_B: torch.Tensor, n: int) -> torch.Tenso
     Returns:
         Descending singular values, length ``n``, dtype of the ``R`` factors.
     """
-    core = R_B @ R_A.T  # (k, k)
-    if core.dtype == torch.float64:
-        s = torch.linalg.svdvals(core)
-    else:
-        # fp32 factors: the core's singular values from the eigenvalues of M^T M in float64. A
-        # symmetric eigensolver is several times cheaper than an SVD, and float64 keeps the
-        # squaring harmless (absolute error <= ~sqrt(eps64) s_max = 1.5e-8 s_max, below fp32's
-        # own rounding of the factors).
-        core = core.to(torch.float64)
-        s = torch.linalg.eigvalsh(core.T @ core).clamp_min(0).sqrt().flip(0).to(R_A.dtype)
+    s = torch.linalg.svdvals(R_B @ R_A.T)  # (k,), in the dtype of the R factors
     if s.numel() >= n:
         return s[:n].contiguous()
     return torch.cat([s, s.new_zeros(n - s.numel())])
