@@ -63,3 +63,30 @@ def reshard(src: str, dst: str, *, tp: int, pp: int = 1, world_size: int | None 
         json.dump(new_meta, f, indent=1)
     os.replace(tmp, dst)
     return new_meta
+
+
+def to_dense(src: str, dst: str) -> dict:
+    """Merge every InRank layer into a plain weight (``W0 + B[:, :k] A[:k]``) and write a
+    weights-only checkpoint of the dense twin (``model.inrank=false``) at ``dst``: megatron's
+    dense GPT loads it, and the training loop continues from it with a fresh optimizer.
+
+    Returns the new checkpoint's meta.
+    """
+    import dataclasses
+
+    from inrank_megatron.export.checkpoint import load_checkpoint
+    from inrank_megatron.export.from_hf import write_training_checkpoint
+    from inrank_megatron.models.shape import padded_vocab_size
+
+    if os.path.exists(dst):
+        raise ConfigError(f"{dst} exists; refusing to overwrite it")
+    ckpt = load_checkpoint(src)
+    cfg = from_dict(to_dict(ckpt.cfg))
+    cfg.model = dataclasses.replace(cfg.model, inrank=False)
+    tensors = ckpt.dense_tensors(unpad_vocab=False)
+    padded = padded_vocab_size(ckpt.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
+    assert tensors["embedding.word_embeddings.weight"].shape[0] == padded
+    meta = dict(ckpt.meta, weights_only=True, config=to_dict(cfg),
+                merged_from=os.path.abspath(ckpt.path))
+    write_training_checkpoint(dst, cfg, ckpt.vocab_size, tensors, {}, meta)
+    return meta

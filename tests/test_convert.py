@@ -1,6 +1,7 @@
-"""Checkpoint resharding: a checkpoint trained at TP=2 and resharded to TP=1 and then TP=4 gives
+"""Checkpoint conversion: a checkpoint trained at TP=2 and resharded to TP=1 and then TP=4 gives
 identical losses on the same batch at every layout (model, growth state and learned ranks carried),
-resumed training after a reshard continues, and bad input (a partial checkpoint, a layout that does
+resumed training after a reshard continues, ``to-dense`` merges the factors into megatron's dense
+GPT with the same loss, and bad input (a partial checkpoint, a layout that does
 not divide) is refused with the source untouched and nothing written."""
 
 import os
@@ -35,7 +36,10 @@ def _loss_body(rank, world_size, step_dir):
     controller = GrowthController(model, stage1_steps=cfg.inrank.stage1_steps)
     ckpt.load_growth_state(step_dir, controller)
     backend = build_backend(cfg, model, groups)
-    backend.load(step_dir)
+    if meta.get("weights_only"):
+        ckpt.load_model_weights(step_dir, model)
+    else:
+        backend.load(step_dir)
     # The same global batch on every layout: DP ranks take their part, losses averaged.
     batches = step_microbatches(data.train, 0, cfg, groups.dp_size, groups.dp_rank)
     losses = torch.tensor([backend.eval_loss(b).item() for b in batches], dtype=torch.float64)
@@ -64,6 +68,12 @@ def test_reshard_tp2_to_tp1_to_tp4(tmp_path):
     assert all(r > 2 for r in ranks2.values())  # learned ranks, after the cut at step 8
     assert loss1 == pytest.approx(loss2, rel=1e-6)
     assert all(l == pytest.approx(loss2, rel=1e-6) for l, _ in results4)
+
+    # --to-dense: W0 + B A merged into megatron's dense GPT (model.inrank=false), same function.
+    dense = str(tmp_path / "dense" / "step_000010")
+    subprocess.run([*cmd[:-1], "to-dense", src, dense], check=True, cwd=REPO)
+    loss_dense, dense_ranks = run_distributed(_loss_body, 2, dense)[0]
+    assert dense_ranks == {} and loss_dense == pytest.approx(loss2, rel=1e-5)
 
     # Training continues from the resharded checkpoint (TP=1 x DP=2 on 2 processes).
     with open(os.path.join(os.path.dirname(tp1), "latest"), "w") as f:

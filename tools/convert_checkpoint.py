@@ -4,6 +4,8 @@
     # another tensor-parallel layout (growth state and learned ranks preserved)
     python tools/convert_checkpoint.py reshard runs/x/checkpoints/step_000200 runs/y/checkpoints/step_000200 --tp 4
     # then train on: output.dir=runs/y output.resume=runs/y/checkpoints/step_000200 parallel.tensor_model_parallel_size=4
+    # merge W0 + B A into plain weights: a checkpoint of the dense megatron GPT (model.inrank=false)
+    python tools/convert_checkpoint.py to-dense runs/x runs/x-dense/checkpoints/step_000200
 
 A source may be a step directory, or a run / checkpoints directory (its latest step). Bad input
 (missing or partial checkpoint, a layout that does not divide) is one line on stderr and exit 2;
@@ -26,14 +28,22 @@ def main(argv=None) -> int:
     r.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (1)")
     r.add_argument("--world-size", type=int, default=None,
                    help="target number of processes (default: TP x PP x the source's DP size)")
+    d = sub.add_parser("to-dense", help="merge W0 + B A into plain weights: a checkpoint of the "
+                       "dense twin (model.inrank=false), weights only")
+    d.add_argument("src", help="step directory (or run / checkpoints directory: its latest step)")
+    d.add_argument("dst", help="new step directory (must not exist)")
     args = p.parse_args(argv)
 
     from inrank_megatron.config import ConfigError
-    from inrank_megatron.convert import reshard
+    from inrank_megatron.convert import reshard, to_dense
 
     try:
+        if args.command == "to-dense":
+            meta = to_dense(args.src, args.dst)
+            print(f"wrote {args.dst}: dense twin of step {meta['step']} (weights only)")
+            return 0
         meta = reshard(args.src, args.dst, tp=args.tp, pp=args.pp, world_size=args.world_size)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError
         print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst}: step {meta['step']}, TP={meta['tp']} PP={meta['pp']} "
