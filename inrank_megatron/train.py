@@ -98,6 +98,10 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         validate_layout(cfg, env["world_size"])
         check_supported(cfg)
+        if cfg.parallel.backend == "deepspeed":
+            from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_config
+
+            check_deepspeed_config(cfg, env["world_size"])
         from inrank_megatron.training.data import check_data_config
 
         check_data_config(cfg)

@@ -118,7 +118,8 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     _train(backend, batches[:2])
     before = _snapshot(backend, stage)
     groups_before = [sorted(n for n, p in model.named_parameters()
-                            if id(p) in {id(q) for q in g["params"]}) for g in backend.param_groups()]
+                            if id(p) in {id(q) for q in g["params"]})
+                     for g in backend.param_groups()]
     steps_before = compat.group_steps(backend.engine)
     events, new_values = [], {}
     for name, layer in layers:
@@ -135,7 +136,8 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
             role, event, value = new_values[name]
             want = {None: value}
             if event.kind == "truncate":
-                mapped = map_slot_state(before[name][None], role, event, policy=policy, kind="param")
+                mapped = map_slot_state(before[name][None], role, event, policy=policy,
+                                        kind="param")
                 if not torch.equal(mapped, value):
                     problems.append(f"{name}: layer's new factor != map_slot_state(param)")
             for k in MOMENTS:
@@ -355,12 +357,13 @@ def _cfg(tmp_path, ds: dict, **train):
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
      "zero_optimization.offload_param"),
     ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "zero_hpz_partition_size"),
+    ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "ZeRO stage 0"),
 ])
 def test_bad_deepspeed_json_is_refused_naming_the_key(ds, key, tmp_path):
     from inrank_megatron.config import ConfigError
     from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_config
 
-    cfg = _cfg(tmp_path, ds, clip_grad=0.5)
+    cfg = _cfg(tmp_path, ds, clip_grad=0.5, precision="bf16" if "stage 0" in key else "fp32")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")):
         check_deepspeed_config(cfg, world_size=2)
 
@@ -381,6 +384,8 @@ def test_matching_json_and_yaml_pass(tmp_path):
         cfg.parallel.deepspeed_config = os.path.join(REPO, "configs", "deepspeed",
                                                      f"zero{stage}.json")
         assert deepspeed_config(cfg, world_size=2)["zero_optimization"]["stage"] == stage
+    cfg.parallel.zero_stage = 3  # parallel.zero_stage overrides the JSON's stage
+    assert deepspeed_config(cfg, world_size=2)["zero_optimization"]["stage"] == 3
 
 
 def _fake_checkpoint(path, slots, shape_slots, rank, stage="fixed"):

@@ -187,7 +187,8 @@ def _parameter_counts(model, groups: ParallelGroups) -> dict:
     """Trainable parameters of the full model (TP shards summed, replicas once)."""
     from inrank_megatron.training.optim import is_tp_duplicate
 
-    n = torch.tensor([sum(p.numel() for p in model.parameters()
+    # ZeRO-3 partitions parameters in place (numel 0); ds_numel keeps the real size.
+    n = torch.tensor([sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()
                           if not is_tp_duplicate(p, groups.tp_rank))], dtype=torch.float64)
     if groups.tp_size > 1:
         torch.distributed.all_reduce(n, group=groups.tp_group)

@@ -84,7 +84,7 @@ def _world_size(world_size: Optional[int]) -> Optional[int]:
 
 
 def zero_stage(cfg: TrainConfig, ds: Optional[dict] = None) -> int:
-    """``parallel.zero_stage``, else the JSON's ``zero_optimization.stage`` (DeepSpeed's default 0)."""
+    """``parallel.zero_stage``, else the JSON's ``zero_optimization.stage`` (default 0)."""
     if cfg.parallel.zero_stage is not None:
         return cfg.parallel.zero_stage
     ds = _read_json(cfg) if ds is None else ds
@@ -131,9 +131,9 @@ def check_deepspeed_config(cfg: TrainConfig, world_size: Optional[int] = None) -
     for ds_key, value in _yaml_values(cfg, _world_size(world_size)).items():
         if ds_key in ds and ds[ds_key] != value:
             yaml_key = dict(_FROM_YAML)[ds_key]
-            raise ConfigError(f"{where} sets {ds_key}={ds[ds_key]!r} but {yaml_key} gives {value!r}; "
-                              f"remove {ds_key} from the JSON (the backend writes it from the YAML) "
-                              "or make them agree")
+            raise ConfigError(f"{where} sets {ds_key}={ds[ds_key]!r} but {yaml_key} gives "
+                              f"{value!r}; remove {ds_key} from the JSON (the backend writes it "
+                              "from the YAML) or make them agree")
     for name, precision in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16")):
         if name not in ds:
             continue
@@ -150,6 +150,12 @@ def check_deepspeed_config(cfg: TrainConfig, world_size: Optional[int] = None) -
         raise ConfigError("train.precision='fp16' with parallel.backend=deepspeed: DeepSpeed's CPU "
                           "accelerator has no fp16 support on this machine (no mkldnn fp16); "
                           "expected fp32 or bf16")
+    stage = zero_stage(cfg, ds)
+    if stage == 0 and t.precision != "fp32":
+        raise ConfigError(f"train.precision={t.precision!r} with ZeRO stage 0 ({where}, "
+                          "parallel.zero_stage): DeepSpeed then wraps AdamW in its "
+                          "FP16_UnfusedOptimizer, whose fp32 masters resizes cannot move; expected "
+                          "train.precision=fp32 or zero_optimization.stage >= 1")
     for key in ("tensor_parallel", "sequence_parallel_size", "data_parallel_size", "pipeline"):
         if key in ds:
             raise ConfigError(f"{where} sets {key!r}: model parallelism comes from megatron "
@@ -180,9 +186,9 @@ def check_deepspeed_config(cfg: TrainConfig, world_size: Optional[int] = None) -
     for name in ("offload_param", "offload_optimizer"):
         offload = getattr(zc, name)
         if offload is not None and str(getattr(offload.device, "value", offload.device)) != "none":
-            raise ConfigError(f"{where}: zero_optimization.{name} is not supported by this backend "
-                              "(its optimizer is torch AdamW, whose state moves by name at resizes; "
-                              "offloading needs DeepSpeed's CPU Adam); remove it")
+            raise ConfigError(f"{where}: zero_optimization.{name} is not supported by this "
+                              "backend (its optimizer is torch AdamW, whose state moves by name at "
+                              "resizes; offloading needs DeepSpeed's CPU Adam); remove it")
     if zc.zero_hpz_partition_size > 1:
         raise ConfigError(f"{where}: zero_optimization.zero_hpz_partition_size="
                           f"{zc.zero_hpz_partition_size} (ZeRO++ hpZ) partitions parameters over "
@@ -286,12 +292,14 @@ class DeepSpeedBackend(Backend):
         ``engine.step`` (a no-op before the accumulation boundary). The boundary's step is
         :meth:`step`'s."""
         engine = self.engine
-        if num_microbatches != engine.gradient_accumulation_steps():
+        gas = engine.gradient_accumulation_steps()
+        if num_microbatches != gas:
             raise ValueError(f"{num_microbatches} micro-batches per step, but the DeepSpeed config "
-                             f"has gradient_accumulation_steps={engine.gradient_accumulation_steps()}")
-        if engine.is_gradient_accumulation_boundary() != last:
+                             f"has gradient_accumulation_steps={gas}")
+        boundary = engine.is_gradient_accumulation_boundary()
+        if boundary != last:
             raise RuntimeError("DeepSpeed's micro-step counter is out of step with the loop "
-                               f"(boundary={engine.is_gradient_accumulation_boundary()}, last={last})")
+                               f"(boundary={boundary}, last={last})")
         loss = self.loss(engine, batch)
         engine.backward(loss)
         if not last:
@@ -301,9 +309,8 @@ class DeepSpeedBackend(Backend):
     def step(self) -> dict:
         engine = self.engine
         if self.groups.tp_size > 1 and self.cfg.parallel.sequence_parallel:
-            compat.allreduce_sequence_parallel_grads(
-                engine, [p for p in self.model.parameters() if getattr(p, "sequence_parallel", False)],
-                self.groups.tp_group)
+            partial = [p for p in self.model.parameters() if getattr(p, "sequence_parallel", False)]
+            compat.allreduce_sequence_parallel_grads(engine, partial, self.groups.tp_group)
         norm = None
         if compat.optimizer_layout(engine) == "torch":
             # Stage 0 in fp32 clips inside engine.step (deepspeed.runtime.utils.clip_grad_norm_)
@@ -319,7 +326,7 @@ class DeepSpeedBackend(Backend):
         if norm is None:
             norm = engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
-        scale = engine.optimizer.cur_scale if self.cfg.train.precision == "fp16" else None
+        scale = engine._get_optimizer_loss_scale() if self.cfg.train.precision == "fp16" else None
         return {"grad_norm": norm, "lr": self.lr(), "loss_scale": scale}
 
     def lr(self) -> float:
@@ -466,8 +473,8 @@ def check_deepspeed_checkpoint(path: str) -> None:
     meta_file, growth_file = os.path.join(path, META_FILE), os.path.join(path, GROWTH_FILE)
     for file in (meta_file, growth_file):
         if not os.path.isfile(file):
-            raise ConfigError(f"output.resume: {path} is not a DeepSpeed checkpoint of this project "
-                              f"({os.path.basename(file)} missing)")
+            raise ConfigError(f"output.resume: {path} is not a DeepSpeed checkpoint of this "
+                              f"project ({os.path.basename(file)} missing)")
     with open(meta_file) as f:
         shapes = {name: info["shape"] for name, info in json.load(f)["params"].items()}
     with open(growth_file) as f:

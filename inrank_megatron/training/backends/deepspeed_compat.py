@@ -7,10 +7,11 @@ DeepSpeed's optimizers:
 
 - ZeRO stage 0, fp32: DeepSpeed hands back the client's ``torch.optim.AdamW``; state is
   ``optimizer.state[param]``, full tensors, and the ``safe_get_full_*`` getters return None.
-- ZeRO stage 1/2 (``DeepSpeedZeroOptimizer``) and stage 0 with bf16 (``BF16_Optimizer``): one flat
+- ZeRO stage 1/2 (``DeepSpeedZeroOptimizer``; ``BF16_Optimizer`` has the same layout): one flat
   fp32 partition per param group and rank; each parameter's slice of it is its ``_hp_mapping``
   (``lp_fragment_address`` inside the flattened parameter, ``hp_fragment`` /
-  ``optim_fragment[key]`` inside the flat partition and its Adam state).
+  ``optim_fragment[key]`` inside the flat partition and its Adam state). Stage 0 with bf16/fp16
+  (``FP16_UnfusedOptimizer``) is refused by the backend's config check.
 - ZeRO stage 3 (``DeepSpeedZeroOptimizer_Stage3``): rank ``r`` owns elements
   ``[r * n, (r + 1) * n)`` of the zero-padded flattened parameter (``n = ds_tensor.numel()``),
   stored at ``grad_position[param_id]`` of the sub-group's ``fp32_partitioned_groups_flat``.
@@ -108,7 +109,8 @@ def optimizer_layout(engine) -> str:
     opt = engine.optimizer
     if hasattr(opt, "fp32_partitioned_groups_flat"):
         return "zero3"
-    if hasattr(opt, "single_partition_of_fp32_groups") or hasattr(opt, "fp32_groups_flat_partition"):
+    if any(hasattr(opt, a) for a in ("single_partition_of_fp32_groups",
+                                     "fp32_groups_flat_partition")):
         return "flat"
     if isinstance(opt, torch.optim.Optimizer):
         return "torch"
@@ -255,8 +257,8 @@ def group_steps(engine) -> list:
             out.append(steps[0].clone() if steps else zero.clone())
         return out
     if layout == "flat":
-        return [opt.optimizer.state[flat]["step"].clone() if "step" in opt.optimizer.state.get(flat, {})
-                else zero.clone() for flat in _flat_partitions(opt)]
+        states = [opt.optimizer.state.get(flat, {}) for flat in _flat_partitions(opt)]
+        return [s["step"].clone() if "step" in s else zero.clone() for s in states]
     steps = {}
     for sub, group_id in enumerate(_zero3_group_of_subgroup(opt)):
         state = opt.optimizer.state.get(opt.fp32_partitioned_groups_flat[sub], {})
@@ -269,9 +271,11 @@ def group_steps(engine) -> list:
 def set_group_steps(engine, steps: list) -> None:
     """Set Adam's ``step`` of each param group (state must exist).
 
-    DeepSpeed behaviour: a ZeRO-3 checkpoint load may restore a single step for every sub-group
-    (``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` reads ``state[0]['step']``), while
-    this backend lets the InRank factor group's step differ from the others' after a reset cut.
+    DeepSpeed behaviour: its loaders assume one step for the whole optimizer (ZeRO-3's
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` gives every sub-group
+    ``state[0]['step']``; ZeRO 1/2 save ``param_groups[0]["step"]`` as *the* step), while this
+    backend lets the InRank factor group's step differ after a reset cut. The backend saves the
+    per-group steps itself and re-applies them after ``load_checkpoint``.
     """
     opt = engine.optimizer
     layout = optimizer_layout(engine)
@@ -326,7 +330,8 @@ def relink_optimizer_state(engine) -> None:
     """Point every parameter's ``_hp_mapping`` at the optimizer's current state tensors.
 
     DeepSpeed behaviour: ZeRO 1/2 and BF16_Optimizer link each parameter to its slice of the Adam
-    state once (``_lazy_init_hp_params_optimizer_state``, guarded by ``_hp_optimizer_states_linked``):
+    state once (``_lazy_init_hp_params_optimizer_state``, guarded by
+    ``_hp_optimizer_states_linked``):
     ZeRO 1/2 right after stepping its *first* param group, when the other groups have no state
     yet, so their parameters stay unlinked for good and ``safe_get_full_optimizer_state`` raises
     "exp_avg not found" for them. ``load_checkpoint`` replaces the state tensors but leaves the
@@ -492,7 +497,7 @@ def keep_full(engine, params) -> None:
 
 
 def full_numel(p) -> int:
-    """Elements of a parameter, also when ZeRO-3 has partitioned it (``param.numel()`` is then 0)."""
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (``numel()`` is then 0)."""
     return int(getattr(p, "ds_numel", p.numel()))
 
 
