@@ -21,21 +21,13 @@ the end, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", metavar="CKPT", help="Training checkpoint (step directory, "
-                        "checkpoints/ or output.dir).")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="Directory to create.")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="Weight dtype (default fp32).")
-    parser.add_argument("--tokenizer-model", metavar="PATH", help="SentencePiece model, when the "
-                        "checkpoint's recorded data.tokenizer_model does not resolve from here.")
-    return parser.parse_args(argv)
+def parse_args(argv=None):
+    from inrank_megatron.export.files import export_argument_parser
+
+    return export_argument_parser(__doc__).parse_args(argv)
 
 
 def main(argv=None) -> int:

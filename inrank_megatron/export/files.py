@@ -73,3 +73,19 @@ def write_provenance(out_dir: str, ckpt: LoadedCheckpoint, *, fmt: str) -> None:
               "ranks": {name: layer.rank for name, layer in ckpt.layers.items()}}
     with open(os.path.join(out_dir, SOURCE_FILE), "w") as f:
         json.dump(source, f, indent=1)
+
+
+def export_argument_parser(doc: str):
+    """The command line both export tools take: CKPT OUT_DIR [--dtype] [--tokenizer-model]."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", metavar="CKPT", help="Training checkpoint (step directory, "
+                        "checkpoints/ or output.dir).")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="Directory to create.")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="Weight dtype (default fp32).")
+    parser.add_argument("--tokenizer-model", metavar="PATH", help="SentencePiece model, when the "
+                        "checkpoint's recorded data.tokenizer_model does not resolve from here.")
+    return parser
