@@ -102,8 +102,8 @@ class _InRankParallelLinear(InRankFactorsMixin, torch.nn.Module):
             else:
                 setattr(self.bias, "sequence_parallel", self.sequence_parallel)
 
-    def _make_bias(self, size: int, dtype) -> None:
-        if self._has_bias:
+    def _make_bias(self, bias: bool, size: int, dtype) -> None:
+        if bias:
             self.bias = torch.nn.Parameter(torch.zeros(size, dtype=dtype))
         else:
             self.register_parameter("bias", None)
@@ -199,8 +199,7 @@ class InRankColumnParallelLinear(_InRankParallelLinear):
         self.output_size_per_partition = out_slice.stop - out_slice.start
         self._init_inrank(inrank_config, input_size, output_size, out_slice=out_slice,
                           params_dtype=config.params_dtype, layer=name)
-        self._has_bias = bias
-        self._make_bias(self.output_size_per_partition, config.params_dtype)
+        self._make_bias(bias, self.output_size_per_partition, config.params_dtype)
         self._finish_params()
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -272,8 +271,7 @@ class InRankRowParallelLinear(_InRankParallelLinear):
         self.input_size_per_partition = in_slice.stop - in_slice.start
         self._init_inrank(inrank_config, input_size, output_size, in_slice=in_slice,
                           params_dtype=config.params_dtype, layer=name)
-        self._has_bias = bias
-        self._make_bias(output_size, config.params_dtype)
+        self._make_bias(bias, output_size, config.params_dtype)
         self._finish_params()
 
     def forward(self, input_: torch.Tensor):
