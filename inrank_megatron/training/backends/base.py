@@ -19,6 +19,7 @@ class Backend:
     """
 
     name = "base"
+    scheduler = None  # megatron's OptimizerParamScheduler over this backend's optimizer
 
     def __init__(self, cfg, model, groups):
         self.cfg = cfg
@@ -64,4 +65,18 @@ class Backend:
     def load(self, path: str) -> None:
         """Collective: read what :meth:`save` wrote (the model already has the checkpoint's factor
         shapes: growth state is restored before the backend is built)."""
+        raise NotImplementedError
+
+    # ---- backend-neutral state (tools/convert_checkpoint.py from-deepspeed / to-deepspeed) ----
+
+    def export_state(self):
+        """Collective (every rank, same order): yield ``(name, master, moments, step)`` for every
+        trainable parameter in module order: its fp32 master value (this TP rank's shard, whole
+        over data parallelism), AdamW's ``{"exp_avg", "exp_avg_sq"}`` shaped like it (zeros
+        before the first step) and its Adam step count (a float)."""
+        raise NotImplementedError
+
+    def import_state(self, items) -> None:
+        """Collective: take :meth:`export_state`'s items (another backend's, same model and
+        layout) as this backend's masters, moments and steps; the module's parameters follow."""
         raise NotImplementedError

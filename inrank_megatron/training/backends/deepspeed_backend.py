@@ -459,6 +459,47 @@ class DeepSpeedBackend(Backend):
         self.scheduler.load_state_dict(client["inrank_scheduler"])
 
 
+    # ---- backend-neutral state ---------------------------------------------------------------
+
+    def _named_trainable(self) -> list:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def export_state(self):
+        named = self._named_trainable()
+        state = compat.LocalState(self.engine, named)
+        for name, _ in named:
+            step = float(state.group_steps[state.pieces[name].param_group])
+            yield name, state.full(name), {k: state.full(name, k) for k in MOMENTS}, step
+
+    def import_state(self, items) -> None:
+        """Zeroed state is created first, then each item's master and moments are written to this
+        rank's partitions. ZeRO keeps one Adam step per param group: the items of one group
+        must agree (a ValueError names the parameter otherwise)."""
+        groups = self.param_groups()
+        group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
+        steps = [None] * len(groups)
+        compat.create_zeroed_state(self.engine, [torch.tensor(0.0)] * len(groups))
+        params = dict(self._named_trainable())
+        for name, master, moments, step in items:
+            p = params.pop(name)
+            gi = group_of[id(p)]
+            if steps[gi] is None:
+                steps[gi] = float(step)
+            elif steps[gi] != float(step):
+                raise ValueError(f"parameter {name} has Adam step {step:g}, other parameters of "
+                                 f"its DeepSpeed param group {groups[gi]['name']!r} have "
+                                 f"{steps[gi]:g}; ZeRO keeps one step per group")
+            compat.write_local(self.engine, p, master)
+            for k in MOMENTS:
+                compat.write_local(self.engine, p, moments[k], k)
+        if params:
+            raise RuntimeError(f"import_state: no state given for {sorted(params)[:3]}")
+        compat.set_group_steps(self.engine, [s or 0.0 for s in steps])
+        compat.relink_optimizer_state(self.engine)
+        self._state_linked = True
+        compat.refresh_model_params(self.engine)
+
+
 # ----------------------------------------------------------------------- checkpoint inspection
 def check_deepspeed_checkpoint(path: str) -> None:
     """Refuse a checkpoint whose factor shapes contradict its recorded growth state.

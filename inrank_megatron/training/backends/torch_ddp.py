@@ -118,22 +118,31 @@ class TorchBackend(Backend):
                         "step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                         "exp_avg_sq": torch.zeros_like(p)}
 
-    def _sharded_state(self, model_sd):
+    def _steps_by_name(self) -> dict:
+        """AdamW's step count of every trainable parameter, by name (0.0 without state)."""
+        return {name: float(self.optimizer.state.get(p, {}).get("step", 0.0))
+                for name, p in self.model.named_parameters() if p.requires_grad}
+
+    @staticmethod
+    def _common_step(steps: dict) -> float:
+        """The step most parameters share (all of them, unless the state came from a DeepSpeed
+        run whose ``reset`` cut restarted the factor group's step)."""
+        values = list(steps.values())
+        return max(set(values), key=values.count) if values else 0.0
+
+    def _sharded_state(self, model_sd, common_step: float):
         """AdamW moments as ShardedTensors sharded like their parameters (megatron's recipe for
-        torch optimizers), so the checkpoint loads at any TP/DP layout; the step count is common."""
+        torch optimizers), so the checkpoint loads at any TP/DP layout; the step is stored once
+        (``common_step``; parameters that differ are listed by name in ``train.pt``)."""
         from megatron.core.dist_checkpointing.optimizer import (
             get_param_id_to_sharded_param_map, optim_state_to_sharding_state,
         )
 
         state = self.optimizer.state_dict()
-        steps = {float(s["step"]) for s in state["state"].values()}
-        if len(steps) > 1:
-            raise RuntimeError(f"AdamW step counts differ across parameters ({sorted(steps)}); "
-                               "a common step is required for a sharded checkpoint")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sd, params),
                                       exclude_keys=("step",))
-        state["state"]["common_step"] = steps.pop() if steps else 0.0
+        state["state"]["common_step"] = common_step
         return state
 
     def save(self, path: str) -> None:
@@ -146,13 +155,16 @@ class TorchBackend(Backend):
             os.makedirs(model_dir, exist_ok=True)
         torch.distributed.barrier()
         self._init_state()
+        steps = self._steps_by_name()
+        common = self._common_step(steps)
         model_sd = self.model.sharded_state_dict()
-        dist_checkpointing.save({"model": model_sd, "optimizer": self._sharded_state(model_sd)},
-                                model_dir)
+        dist_checkpointing.save({"model": model_sd,
+                                 "optimizer": self._sharded_state(model_sd, common)}, model_dir)
         if self.groups.rank == 0:
             file = os.path.join(path, "train.pt")
             torch.save({"scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict() if self.scaler is not None else None},
+                        "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                        "adam_steps": {n: s for n, s in steps.items() if s != common}},
                        file + ".part")
             os.replace(file + ".part", file)
 
@@ -163,16 +175,40 @@ class TorchBackend(Backend):
         model_sd = self.model.sharded_state_dict()
         with torch.no_grad():
             state = dist_checkpointing.load({"model": model_sd, "optimizer": self._sharded_state(
-                model_sd)}, os.path.join(path, "model"))
+                model_sd, 0.0)}, os.path.join(path, "model"))
         self.model.load_state_dict(state["model"], strict=True)
+        train = torch.load(os.path.join(path, "train.pt"), weights_only=True)
         optim = state["optimizer"]
         step = optim["state"].pop("common_step")
         for s in optim["state"].values():
             s["step"] = torch.tensor(float(step))
         optim["param_groups"] = self.optimizer.state_dict()["param_groups"]
         self.optimizer.load_state_dict(optim)
-        train = torch.load(os.path.join(path, "train.pt"), weights_only=True)
+        params = dict(self.model.named_parameters())
+        for name, own in train.get("adam_steps", {}).items():
+            self.optimizer.state[params[name]]["step"] = torch.tensor(float(own))
         self.scheduler.load_state_dict(train["scheduler"])
         self.scheduler.step(0)  # the restored step's lr and weight decay into the param groups
         if self.scaler is not None and train.get("scaler"):
             self.scaler.load_state_dict(train["scaler"])
+
+    # ---- backend-neutral state ---------------------------------------------------------------
+
+    def export_state(self):
+        self._init_state()
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                state = self.optimizer.state[p]
+                yield (name, p.detach().to(torch.float32),
+                       {k: state[k] for k in ("exp_avg", "exp_avg_sq")}, float(state["step"]))
+
+    @torch.no_grad()
+    def import_state(self, items) -> None:
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        for name, master, moments, step in items:
+            p = params.pop(name)
+            p.copy_(master.reshape(p.shape))
+            self.optimizer.state[p] = {"step": torch.tensor(float(step)), **{
+                k: v.detach().to(p.dtype).reshape(p.shape).clone() for k, v in moments.items()}}
+        if params:
+            raise RuntimeError(f"import_state: no state given for {sorted(params)[:3]}")
