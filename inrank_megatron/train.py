@@ -64,10 +64,13 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
         raise ConfigError(f"output.resume: checkpoint {path} has pp={meta['pp']} but "
                           f"parallel.pipeline_model_parallel_size={pp}; reshard it first with "
                           "tools/convert_checkpoint.py")
-    if meta["backend"] != cfg.parallel.backend:
+    # A weights-only checkpoint (tools/import_hf.py, to-dense) is a megatron dist checkpoint of the
+    # model and nothing else: every backend starts from it with a fresh optimizer.
+    if meta["backend"] != cfg.parallel.backend and not meta.get("weights_only"):
         raise ConfigError(f"output.resume: checkpoint {path} was written by backend "
                           f"{meta['backend']!r}, this run uses parallel.backend="
-                          f"{cfg.parallel.backend!r}; convert it with tools/convert_checkpoint.py")
+                          f"{cfg.parallel.backend!r}; convert it with tools/convert_checkpoint.py "
+                          f"{'from' if meta['backend'] == 'deepspeed' else 'to'}-deepspeed")
     return path
 
 

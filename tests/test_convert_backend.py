@@ -145,3 +145,18 @@ def test_bad_input_is_refused_before_any_process_starts(torch_run, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-1500:])
         assert not os.path.exists(dst)
     assert sorted(os.listdir(src)) == before
+
+
+@pytest.mark.slow
+def test_weights_only_checkpoint_starts_a_deepspeed_run(torch_run, tmp_path):
+    """A weights-only checkpoint (here ``to-dense``'s merge of the torch run's step 12) has no
+    optimizer state to convert: any backend starts from it. The DeepSpeed run's first loss (before
+    its first update) is the torch run's loss on the same batch."""
+    src = os.path.join(torch_run, "checkpoints", "step_000012")
+    dense = str(tmp_path / "dense" / "step_000012")
+    _convert("to-dense", src, dense)
+    out = str(tmp_path / "ds")
+    run_train([*DP2, *ZERO2, "model.inrank=false", f"output.dir={out}",
+               f"output.resume={dense}", "train.steps=13"])
+    first = _summary(out)["train_losses"]
+    assert len(first) == 1 and abs(first[0] - _summary(torch_run)["train_losses"][12]) < 1e-5

@@ -321,9 +321,11 @@ def load_checkpoint(path: str, *, tokenizer_model: Optional[str] = None) -> Load
     step_dir, meta, cfg = read_checkpoint_config(path)
     model_dir = os.path.join(step_dir, MODEL_DIR)
     if not os.path.isdir(model_dir):
+        hint = (f"convert it first: tools/convert_checkpoint.py from-deepspeed {step_dir} <new "
+                "step dir>" if meta.get("backend") == "deepspeed" else "checkpoints of backend "
+                f"{meta.get('backend')!r} keep the model elsewhere")
         raise CheckpointError(f"{step_dir}: no {MODEL_DIR}/ (a megatron dist checkpoint of the "
-                              f"model); checkpoints of backend {meta.get('backend')!r} keep the "
-                              "model elsewhere and are not supported here")
+                              f"model); {hint}")
     growth = _read_growth(step_dir)
     vocab_size = checkpoint_vocab_size(cfg, tokenizer_model)
     tensors = {}
