@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
     try:
         if args.command in ("from-deepspeed", "to-deepspeed"):
-            from inrank_megatron.backend_convert import convert_backend
+            from inrank_megatron.convert import convert_backend
 
             options = {k: getattr(args, k, None) for k in ("zero_stage", "tp", "world_size")}
             meta = convert_backend(args.src, args.dst, direction=args.command,

@@ -1,4 +1,4 @@
-"""Checkpoint conversions (``tools/convert_checkpoint.py`` is the CLI).
+"""Layout conversions of torch-backend checkpoints: ``reshard`` and ``to_dense``.
 
 ``reshard``: our torch-backend checkpoints store the model *and* the AdamW moments as megatron dist
 checkpoints, sharded like the parameters with global offsets, and the growth state as JSON; none of
