@@ -142,9 +142,8 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
         if deepspeed_config is None:
             raise ConfigError("to-deepspeed needs --deepspeed-config (the target's ZeRO settings, "
                               "e.g. configs/deepspeed/zero2.json)")
-        for name, value in (("--zero-stage", zero_stage),):
-            if value is not None and value not in (0, 1, 2, 3):
-                raise ConfigError(f"{name} {value}; expected 0, 1, 2 or 3")
+        if zero_stage is not None and zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero-stage {zero_stage}; expected 0, 1, 2 or 3")
         for name, value in (("--tp", tp), ("--world-size", world_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} {value}; expected a positive integer")
@@ -244,11 +243,13 @@ def convert_backend(src: str, dst: str, *, direction: str, **options) -> dict:
     """Plan, then run the conversion: on the launched ranks under torchrun / srun / mpirun (the
     launch must have ``plan.world_size`` processes), else on that many local processes started
     here. Returns the destination's meta. Options: see :func:`plan_conversion`."""
-    from inrank_megatron.launch_env import free_port, init_distributed_env
+    from inrank_megatron.launch_env import DIST_VARS, free_port, init_distributed_env
 
     plan = plan_conversion(src, dst, direction=direction, **options)
-    env = init_distributed_env()  # exports RANK, WORLD_SIZE, ... when launched
+    resolved = dict(os.environ)
+    env = init_distributed_env(resolved)
     if env["launcher"] != "single":
+        os.environ.update({name: resolved[name] for name in DIST_VARS})  # for env:// rendezvous
         if env["world_size"] != plan.world_size:
             raise ConfigError(f"launched with {env['world_size']} processes; this conversion "
                               f"runs on {plan.world_size} (the DeepSpeed side's TP x DP layout)")

@@ -14,7 +14,7 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from inrank_megatron.core.resize import map_slot_state
+from inrank_megatron.core.resize import MOMENTS, map_slot_state
 from inrank_megatron.tensor_parallel.layers import allreduce_sequence_parallel_grads
 from inrank_megatron.training.backends.base import Backend
 from inrank_megatron.training.optim import build_scheduler, clip_gradients, param_groups
@@ -119,8 +119,8 @@ class TorchBackend(Backend):
                         "exp_avg_sq": torch.zeros_like(p)}
 
     def _steps_by_name(self) -> dict:
-        """AdamW's step count of every trainable parameter, by name (0.0 without state)."""
-        return {name: float(self.optimizer.state.get(p, {}).get("step", 0.0))
+        """AdamW's step count of every trainable parameter, by name (after ``_init_state``)."""
+        return {name: float(self.optimizer.state[p]["step"])
                 for name, p in self.model.named_parameters() if p.requires_grad}
 
     @staticmethod
@@ -200,7 +200,7 @@ class TorchBackend(Backend):
             if p.requires_grad:
                 state = self.optimizer.state[p]
                 yield (name, p.detach().to(torch.float32),
-                       {k: state[k] for k in ("exp_avg", "exp_avg_sq")}, float(state["step"]))
+                       {k: state[k] for k in MOMENTS}, float(state["step"]))
 
     @torch.no_grad()
     def import_state(self, items) -> None:
