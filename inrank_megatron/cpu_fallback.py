@@ -26,6 +26,7 @@ Usage::
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
 """
 
+import contextlib
 import logging
 
 import torch
@@ -145,3 +146,24 @@ def enable_cpu_fallback() -> bool:
 
     _enabled = True
     return True
+
+
+@contextlib.contextmanager
+def tensor_cuda_is_identity():
+    """Within the block, ``Tensor.cuda()`` returns the tensor itself on a CPU-only torch (a no-op
+    context with CUDA).
+
+    Scoped, not process-wide: only ``GPTModel`` construction at pipeline size > 1 needs it, where
+    megatron's ``LanguageModule.setup_embeddings_and_output_layer`` moves the last stage's copy of
+    the tied word embedding with ``weight.data = weight.data.cuda()`` before all-reducing it over
+    the embedding group (first and last stage).
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original

@@ -59,11 +59,6 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
         raise ConfigError(f"output.resume: checkpoint {path} was trained with a different "
                           f"{', '.join(changed)}; resume with the same values (or start a new "
                           "output.dir)")
-    pp = cfg.parallel.pipeline_model_parallel_size
-    if meta["pp"] != pp:
-        raise ConfigError(f"output.resume: checkpoint {path} has pp={meta['pp']} but "
-                          f"parallel.pipeline_model_parallel_size={pp}; reshard it first with "
-                          "tools/convert_checkpoint.py")
     # A weights-only checkpoint (tools/import_hf.py, to-dense) is a megatron dist checkpoint of the
     # model and nothing else: every backend starts from it with a fresh optimizer.
     if meta["backend"] != cfg.parallel.backend and not meta.get("weights_only"):
@@ -77,9 +72,13 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
 def check_supported(cfg: TrainConfig) -> None:
     """What validate_layout accepts but this training loop cannot run (yet)."""
     pp = cfg.parallel.pipeline_model_parallel_size
-    if pp > 1:
-        raise ConfigError(f"parallel.pipeline_model_parallel_size={pp}: the training loop has no "
-                          "pipeline schedule yet; expected 1 (use TP and DP/ZeRO)")
+    if pp > 1 and cfg.parallel.backend != "torch":
+        raise ConfigError(f"parallel.pipeline_model_parallel_size={pp} with parallel.backend="
+                          f"{cfg.parallel.backend!r}: the pipeline schedule runs with the torch "
+                          "backend; expected parallel.backend='torch' or pipeline size 1")
+    if pp > 1 and cfg.train.precision == "fp16":
+        raise ConfigError(f"parallel.pipeline_model_parallel_size={pp} with train.precision='fp16':"
+                          " the loss scaler's skip decision is per stage; expected bf16 or fp32")
     if cfg.parallel.backend == "megatron":
         import torch
 

@@ -24,7 +24,7 @@ import pytest
 
 from inrank_megatron.config import load_config, validate_layout
 from inrank_megatron.planning import (
-    STRATEGIES, count_parameters, flops_per_token, format_plan, gpt_shape, memory_per_gpu, plan,
+    STRATEGIES, count_parameters, flops_per_token, format_plan, memory_per_gpu, plan,
     rank_checks, tokenizer_vocab_size,
 )
 from tests.distributed import run_distributed
@@ -87,14 +87,12 @@ def _build_counts(rank, world_size, cases):
     """Build every case's GPTModel on the meta device at each layout; return this rank's parameter
     and buffer element counts per layout and case. At TP=1 (DP=2) the ranks split the cases.
 
-    Without PP the model is the training loop's own (``training.loop.build_model``); its
-    ``build_model`` does not pass the pipeline stage, so PP=2 builds ``build_gpt`` of
-    ``planning.gpt_shape`` with this rank's ``pre_process`` / ``post_process``."""
+    The model is the training loop's own (``training.loop.build_model``: this rank's pipeline
+    stage)."""
     import torch
     from megatron.core import parallel_state
 
     from inrank_megatron import enable_cpu_fallback
-    from inrank_megatron.models.gpt import build_gpt, transformer_config
     from inrank_megatron.training.loop import build_model
 
     enable_cpu_fallback()
@@ -121,16 +119,7 @@ def _build_counts(rank, world_size, cases):
             for name in names:
                 cfg, vocab = cases[layout][name]
                 with torch.device("meta"):
-                    if pp == 1:
-                        model = build_model(cfg, vocab, tp)
-                    else:
-                        shape = gpt_shape(cfg, vocab_size=vocab)
-                        model = build_gpt(
-                            shape, transformer_config(shape, tp=tp, pp=pp),
-                            inrank=cfg.inrank.to_core() if cfg.model.inrank else None,
-                            inrank_layers=tuple(cfg.inrank.layers),
-                            pre_process=parallel_state.is_pipeline_first_stage(),
-                            post_process=parallel_state.is_pipeline_last_stage())
+                    model = build_model(cfg, vocab, tp)  # this rank's pipeline stage
                 assert all(p.device.type == "meta" for p in model.parameters()), name
                 buffers = dict(model.named_buffers())
                 out[layout][name] = (

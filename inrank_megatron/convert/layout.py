@@ -45,8 +45,6 @@ def reshard(src: str, dst: str, *, tp: int, pp: int = 1, world_size: int | None 
     if meta.get("backend") != "torch":
         raise ConfigError(f"{src} was written by backend {meta.get('backend')!r}; convert it to a "
                           "torch (dist) checkpoint first (convert_checkpoint.py from-deepspeed)")
-    if pp != 1:
-        raise ConfigError(f"--pp {pp}: the training loop has no pipeline schedule; expected 1")
     if os.path.exists(dst):
         raise ConfigError(f"{dst} exists; refusing to overwrite it")
     cfg = from_dict(meta["config"])

@@ -44,6 +44,10 @@ def r_factor(M: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Te
     # geqrf leaves R in the upper triangle of its first min(m, k) rows; it skips the copy and the
     # bookkeeping of linalg.qr(mode="r"), ~1.5 ms of a 4096 x 200 factor on a 2-core CPU.
     R = torch.geqrf(M.detach().to(dtype))[0][: min(m, k)].triu()  # (min(m, k), k)
+    # QR is unique up to the signs of R's rows; fix them (diagonal >= 0) so that R does not depend
+    # on how the rows of M were split (TSQR over TP shards vs one QR): the cut's factors then
+    # agree across parallel layouts, not only their product.
+    R = R * torch.where(R.diagonal() < 0, -1.0, 1.0).to(dtype)[:, None]
     if m < k:
         R = torch.cat([R, R.new_zeros(k - m, k)])
     return R

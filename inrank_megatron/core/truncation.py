@@ -48,6 +48,10 @@ def truncation_maps(R_A: torch.Tensor, R_B: torch.Tensor, rank: int) -> Truncati
     R_A = R_A.to(torch.float64)
     R_B = R_B.to(torch.float64)
     U, S, Vh = torch.linalg.svd(R_B @ R_A.T)  # (k, k), (k,), (k, k)
+    # Singular vectors are unique up to a sign per pair: make each U column's largest entry
+    # positive, so that the balanced factors (not only their product) are reproducible.
+    flip = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True))[0] < 0, -1.0, 1.0)
+    U, Vh = U * flip, Vh * flip[:, None]
     tol = S[0] * k * torch.finfo(torch.float64).eps if k else 0.0
     S_r = S[:rank]
     inv_sqrt = torch.where(S_r > tol, S_r.clamp_min(tol).rsqrt(), torch.zeros_like(S_r))

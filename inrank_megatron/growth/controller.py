@@ -157,8 +157,29 @@ class GrowthController:
                 f"(this rank: {mine[bad[0]].tolist()}); the factors have diverged between replicas")
 
     def ranks(self) -> dict:
-        """``{layer name: current rank}``."""
+        """``{layer name: current rank}`` of this rank's layers."""
         return {name: layer.growth.rank for name, layer in self.layers}
+
+    def over_pipeline(self, local):
+        """Collective over the pipeline group: the list of ``local`` of every stage (in stage
+        order); ``[local]`` without pipeline parallelism."""
+        from megatron.core import parallel_state
+
+        if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()) \
+                or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return [local]
+        out = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        torch.distributed.all_gather_object(
+            out, local, group=parallel_state.get_pipeline_model_parallel_group())
+        return out
+
+    def all_ranks(self) -> dict:
+        """Collective: :meth:`ranks` of every pipeline stage's layers."""
+        return {k: v for part in self.over_pipeline(self.ranks()) for k, v in part.items()}
+
+    def full_state_dict(self) -> dict:
+        """Collective: :meth:`state_dict` of every pipeline stage's layers."""
+        return {k: v for part in self.over_pipeline(self.state_dict()) for k, v in part.items()}
 
     def state_dict(self) -> dict:
         return {name: layer.inrank_state() for name, layer in self.layers}

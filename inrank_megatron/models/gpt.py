@@ -50,9 +50,12 @@ def build_gpt(shape: GPTShape, config: TransformerConfig, *, inrank: Optional[In
     """
     spec = get_gpt_block_inrank_spec(config, inrank, layers=inrank_layers if inrank else (),
                                      layer_numbers=layer_numbers, vp_stage=vp_stage)
-    return GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=shape.vocab_size,
-        max_sequence_length=shape.max_position_embeddings or shape.seq_length,
-        pre_process=pre_process, post_process=post_process, parallel_output=True,
-        share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
-        position_embedding_type=shape.position_embedding_type, vp_stage=vp_stage)
+    from inrank_megatron.cpu_fallback import tensor_cuda_is_identity
+
+    with tensor_cuda_is_identity():  # the tied embedding's copy on the last pipeline stage
+        return GPTModel(
+            config=config, transformer_layer_spec=spec, vocab_size=shape.vocab_size,
+            max_sequence_length=shape.max_position_embeddings or shape.seq_length,
+            pre_process=pre_process, post_process=post_process, parallel_output=True,
+            share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
+            position_embedding_type=shape.position_embedding_type, vp_stage=vp_stage)

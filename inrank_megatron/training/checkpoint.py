@@ -74,10 +74,11 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
     part = os.path.join(tmp, f"rng_{groups.rank:05d}.pt")
     torch.save(_portable_rng(rng), part + ".part")
     os.replace(part + ".part", part)
+    growth = controller.full_state_dict()  # collective over pipeline stages
     _barrier()
     if groups.rank == 0:
         _write_text(os.path.join(tmp, GROWTH_FILE),
-                    json.dumps(controller.state_dict(), indent=1, sort_keys=True))
+                    json.dumps(growth, indent=1, sort_keys=True))
         _write_text(os.path.join(tmp, META), json.dumps(dict(meta, step=step), indent=1))
         if os.path.exists(final):  # re-saving a step after a resume: replace it whole
             shutil.rmtree(final)

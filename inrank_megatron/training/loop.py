@@ -31,12 +31,18 @@ from inrank_megatron.training.parallel import (
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, tp: int):
-    """The GPTModel of this rank (fp32 master weights; bf16/fp16 run under autocast)."""
+    """The GPTModel (this rank's pipeline stage of it) with fp32 master weights; bf16/fp16 run
+    under autocast. The pipeline layout is megatron's parallel state (1 outside a PP job)."""
+    from megatron.core import parallel_state
+
     shape = shape_from_config(cfg, vocab_size, tp)
-    config = transformer_config(shape, tp=tp, pp=cfg.parallel.pipeline_model_parallel_size,
+    config = transformer_config(shape, tp=tp,
+                                pp=parallel_state.get_pipeline_model_parallel_world_size(),
                                 sequence_parallel=cfg.parallel.sequence_parallel)
     inrank = cfg.inrank.to_core() if cfg.model.inrank else None
-    return build_gpt(shape, config, inrank=inrank, inrank_layers=tuple(cfg.inrank.layers))
+    return build_gpt(shape, config, inrank=inrank, inrank_layers=tuple(cfg.inrank.layers),
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage())
 
 
 class _Averager:
@@ -86,11 +92,19 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
     backend = build_backend(cfg, model, groups)
     if resume_path is not None and not weights_only:
         backend.load(resume_path)
-        if meta["world_size"] == groups.world_size:
+        same_layout = (meta["world_size"], meta["tp"], meta.get("pp", 1)) == \
+            (groups.world_size, groups.tp_size, groups.pp_size)
+        if same_layout and not meta.get("resharded_from"):
             set_rng_state(ckpt.load_rng_state(resume_path, groups.rank))
-        else:  # another layout (resharded): per-rank streams cannot carry over; derive new ones
+        else:  # another layout (or resharded): per-rank streams cannot carry over; derive new ones
             set_seeds(cfg.train.seed + start_step)
 
+    schedule = None
+    if groups.pp_size > 1:
+        from inrank_megatron.training.pipeline import PipelineSchedule
+
+        schedule = PipelineSchedule(backend, groups, cfg)
+    all_ranks = controller.all_ranks()  # collective over pipeline stages
     writer = None
     if groups.rank == 0:
         from inrank_megatron.training.metrics import MetricsWriter
@@ -100,7 +114,7 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
         if resume_path is not None:
             writer.log_event(start_step, "resume", resume_path)
         else:
-            writer.log_ranks(0, controller.ranks(), None)
+            writer.log_ranks(0, all_ranks, None)
     mean = _Averager(groups)
     t = cfg.train
     last_step = min(t.steps, t.exit_after_step or t.steps)
@@ -110,7 +124,8 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
     def evaluate(step):
         if not valid_batches:
             return None
-        loss = mean([backend.eval_loss(b).item() for b in valid_batches])
+        loss = mean([schedule.eval_loss(b) if schedule else backend.eval_loss(b).item()
+                     for b in valid_batches])
         if writer:
             writer.log_eval(step, split="valid", loss=loss)
         return loss
@@ -125,27 +140,38 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
     for step in range(start_step + 1, last_step + 1):
         tic = time.time()
         micro = step_microbatches(datasets.train, step - 1, cfg, groups.dp_size, groups.dp_rank)
-        losses = [backend.forward_backward(b, len(micro), last=i == len(micro) - 1).item()
-                  for i, b in enumerate(micro)]
+        if schedule:
+            losses = schedule.forward_backward(micro)
+        else:
+            losses = [backend.forward_backward(b, len(micro), last=i == len(micro) - 1).item()
+                      for i, b in enumerate(micro)]
         info = backend.step()
         report = controller.step(step)
         if report.resizes:
             backend.resize(report.resizes, cfg.inrank.resize_policy)
+        # Every stage's checks (each holds its own layers): (layer, new rank, explained ratio).
+        checks = [(c.layer, c.new_rank, c.explained_ratio) for c in report.checks]
+        cut = report.cut
+        if schedule:
+            parts = controller.over_pipeline((checks, cut))
+            checks, cut = [c for part, _ in parts for c in part], any(p[1] for p in parts)
+        if cut:
+            all_ranks = controller.all_ranks()
         loss = mean(losses)
         history.append(loss)
         stage = "fixed" if any(l.growth.stage == "fixed" for _, l in controller.layers) \
             else ("growing" if controller.layers else "dense")
         if writer:
-            if step % t.log_interval == 0 or step == last_step or report.checks or report.cut:
+            if step % t.log_interval == 0 or step == last_step or checks or cut:
                 writer.log_train(step, loss=loss, lr=info["lr"], grad_norm=info["grad_norm"],
                                  tokens_per_s=tokens_per_step / (time.time() - tic), stage=stage,
                                  loss_scale=info["loss_scale"])
-            if report.checks:
-                writer.log_ranks(step, {c.layer: c.new_rank for c in report.checks},
-                                 {c.layer: c.explained_ratio for c in report.checks})
-            if report.cut:
-                writer.log_event(step, "cut", f"stage 2 at ranks {sorted(set(controller.ranks().values()))}")
-                writer.log_ranks(step, controller.ranks(), None)
+            if checks:
+                writer.log_ranks(step, {layer: r for layer, r, _ in checks},
+                                 {layer: ratio for layer, _, ratio in checks})
+            if cut:
+                writer.log_event(step, "cut", f"stage 2 at ranks {sorted(set(all_ranks.values()))}")
+                writer.log_ranks(step, all_ranks, None)
         if t.eval_interval and step % t.eval_interval == 0:
             val_loss = evaluate(step)
         if bar:
@@ -167,7 +193,7 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
         "steps": last_step, "finished": last_step == t.steps, "train_loss_last": history[-1]
         if history else None, "train_losses": history, "valid_loss": val_loss,
         "valid_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
-        "ranks": controller.ranks(), "stage": (controller.layers[0][1].growth.stage
+        "ranks": controller.all_ranks(), "stage": (controller.layers[0][1].growth.stage
                                                if controller.layers else "dense"),
         "wall_s": time.time() - t0, "world_size": groups.world_size,
         "parameters": _parameter_counts(model, groups),
@@ -184,12 +210,16 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
 
 
 def _parameter_counts(model, groups: ParallelGroups) -> dict:
-    """Trainable parameters of the full model (TP shards summed, replicas once)."""
+    """Trainable parameters of the full model (TP shards and pipeline stages summed, replicas
+    once)."""
     from inrank_megatron.training.optim import is_tp_duplicate
 
     # ZeRO-3 partitions parameters in place (numel 0); ds_numel keeps the real size.
+    # The last pipeline stage's copy of the tied word embedding (megatron's ``shared``) once.
     n = torch.tensor([sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()
-                          if not is_tp_duplicate(p, groups.tp_rank))], dtype=torch.float64)
-    if groups.tp_size > 1:
-        torch.distributed.all_reduce(n, group=groups.tp_group)
+                          if not is_tp_duplicate(p, groups.tp_rank)
+                          and not getattr(p, "shared", False))], dtype=torch.float64)
+    for size, group in ((groups.tp_size, groups.tp_group), (groups.pp_size, groups.pp_group)):
+        if size > 1:
+            torch.distributed.all_reduce(n, group=group)
     return {"total": int(n.item())}

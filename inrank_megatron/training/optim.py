@@ -39,23 +39,28 @@ def is_tp_duplicate(p: torch.nn.Parameter, tp_rank: int) -> bool:
     return not getattr(p, "tensor_model_parallel", False) and tp_rank > 0
 
 
-def global_grad_norm(params, *, tp_group=None, tp_rank: int = 0) -> float:
+def global_grad_norm(params, *, tp_group=None, tp_rank: int = 0, pp_group=None) -> float:
     """L2 norm of the full model's gradient: each TP shard once, each replicated parameter once,
-    summed over the TP group. DP replicas hold the same (averaged) gradient."""
+    summed over the TP group, then over the pipeline stages (the last stage's copy of the tied
+    word embedding, megatron's ``shared`` parameter, is left out). DP replicas hold the same
+    (averaged) gradient."""
     sq = torch.zeros((), dtype=torch.float64)
     for p in params:
-        if p.grad is not None and not is_tp_duplicate(p, tp_rank):
+        if p.grad is not None and not is_tp_duplicate(p, tp_rank) and \
+                not getattr(p, "shared", False):
             sq += p.grad.detach().double().pow(2).sum().cpu()
-    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
-        torch.distributed.all_reduce(sq, group=tp_group)
+    for group in (tp_group, pp_group):
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(sq, group=group)
     return math.sqrt(sq.item())
 
 
-def clip_gradients(params, max_norm: float, *, tp_group=None, tp_rank: int = 0) -> float:
+def clip_gradients(params, max_norm: float, *, tp_group=None, tp_rank: int = 0,
+                   pp_group=None) -> float:
     """Scale gradients so their global norm is at most ``max_norm`` (``<= 0``: no clipping, as
     megatron's ``clip_grad``). Returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]
-    norm = global_grad_norm(params, tp_group=tp_group, tp_rank=tp_rank)
+    norm = global_grad_norm(params, tp_group=tp_group, tp_rank=tp_rank, pp_group=pp_group)
     if max_norm > 0 and math.isfinite(norm):
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:

@@ -24,6 +24,16 @@ class ParallelGroups:
     dp_rank: int
     tp_group: object
     dp_group: object
+    pp_rank: int = 0
+    pp_group: object = None
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
     @property
     def is_logging_rank(self) -> bool:
@@ -52,7 +62,9 @@ def init_parallel(tp: int, pp: int, *, backend: str, timeout_s: int = 1800) -> P
         dp_size=parallel_state.get_data_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
-        dp_group=parallel_state.get_data_parallel_group())
+        dp_group=parallel_state.get_data_parallel_group(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group())
 
 
 def set_seeds(seed: int) -> None:

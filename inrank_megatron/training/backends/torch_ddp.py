@@ -42,7 +42,9 @@ class TorchBackend(Backend):
         self._wrap()
 
     def _wrap(self):
-        if self.groups.dp_size > 1:
+        # With pipeline stages, 1F1B interleaves micro-batches, which DDP's hooks cannot follow:
+        # step() averages the gradients over data parallelism itself.
+        if self.groups.dp_size > 1 and self.groups.pp_size == 1:
             self.ddp = DistributedDataParallel(self.model, process_group=self.groups.dp_group,
                                                broadcast_buffers=False)
         else:
@@ -66,13 +68,38 @@ class TorchBackend(Backend):
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
+    def _reduce_pipeline_grads(self) -> None:
+        """Pipeline parallelism: average gradients over data parallelism (one flat buffer), then
+        sum the tied word embedding's gradient over its two copies (first and last stage), as
+        megatron's ``finalize_model_grads``."""
+        from megatron.core import parallel_state
+
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.groups.dp_size > 1 and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat, group=self.groups.dp_group)
+            flat /= self.groups.dp_size
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+        if self.model.share_embeddings_and_output_weights and \
+                parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+            weight = self.model.shared_embedding_or_output_weight()
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+
     def step(self) -> dict:
         allreduce_sequence_parallel_grads(self.model, self.groups.tp_group)
+        if self.groups.pp_size > 1:
+            self._reduce_pipeline_grads()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = clip_gradients(params, self.cfg.train.clip_grad, tp_group=self.groups.tp_group,
-                              tp_rank=self.groups.tp_rank)
+                              tp_rank=self.groups.tp_rank, pp_group=self.groups.pp_group
+                              if self.groups.pp_size > 1 else None)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step on inf/nan gradients
             self.scaler.update()

@@ -1,0 +1,82 @@
+"""Pipeline parallelism (torch backend, 1F1B over megatron's pipeline stages).
+
+Megatron's initialisation depends on the pipeline layout (each stage draws its own layers), so the
+reference is a checkpoint: a PP=2 run saves at step 4 (before the growth checks at 4, 6, 8 and the
+cut after step 8 have all happened); the same checkpoint resumed at TP=2 (no pipeline) and at
+PP=2 x DP=2 (resharded with ``convert_checkpoint.py reshard --pp 2``, 4 processes) must continue
+with the PP=2 run's losses, ranks and validation loss. That pins down the schedule, the loss on the
+last stage, the tied-embedding gradient over the embedding group, data-parallel averaging without
+DDP, the gradient norm over stages, growth decisions per stage, growth state gathered over stages
+into the checkpoint, and the dist checkpoint's layout independence in PP.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train_runs import REPO, SHORT, _env, _summary, run_train
+
+PP2 = [*SHORT, "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"]
+
+
+def _close(a, b, tol):
+    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) <= tol
+
+
+@pytest.fixture(scope="module")
+def pp_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pp2"))
+    run_train([*PP2, f"output.dir={out}"])
+    return out
+
+
+@pytest.mark.slow
+def test_pp2_run_resumed_at_tp2_continues_it(pp_run, tmp_path):
+    s = _summary(pp_run)
+    assert s["finished"] and s["stage"] == "fixed" and len(s["ranks"]) == 8  # both stages' layers
+    step4 = os.path.join(pp_run, "checkpoints", "step_000004")
+    with open(os.path.join(step4, "inrank_growth.json")) as f:
+        assert sorted(json.load(f)) == sorted(s["ranks"])
+    with open(os.path.join(pp_run, "ranks.csv")) as f:
+        rows = list(csv.DictReader(f))
+    for step in ("0", "2", "8"):  # start, a check, the cut: every stage's layers are logged
+        assert {r["layer"] for r in rows if r["step"] == step} == set(s["ranks"]), step
+
+    out = str(tmp_path / "tp2")
+    run_train([*SHORT, f"output.dir={out}", f"output.resume={step4}"])  # TP=2, no pipeline
+    t = _summary(out)
+    assert t["ranks"] == s["ranks"] and t["parameters"] == s["parameters"]
+    assert _close(t["train_losses"], s["train_losses"][4:], 1e-6), \
+        [a - b for a, b in zip(t["train_losses"], s["train_losses"][4:])]
+    assert abs(t["valid_loss"] - s["valid_loss"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_pp2_dp2_from_a_resharded_checkpoint_continues_the_pp2_run(pp_run, tmp_path):
+    src = os.path.join(pp_run, "checkpoints", "step_000004")
+    dst = str(tmp_path / "pp2dp2" / "checkpoints" / "step_000004")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"),
+                           "reshard", src, dst, "--tp", "1", "--pp", "2", "--world-size", "4"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = str(tmp_path / "pp2dp2")
+    run_train([*PP2, f"output.dir={out}", f"output.resume={dst}"], nproc=4, timeout=900)
+    s, t = _summary(pp_run), _summary(out)
+    assert t["ranks"] == s["ranks"] and t["parameters"] == s["parameters"]
+    assert _close(t["train_losses"], s["train_losses"][4:], 1e-5), \
+        [a - b for a, b in zip(t["train_losses"], s["train_losses"][4:])]
+
+
+def test_pipeline_refuses_what_it_cannot_run():
+    from inrank_megatron.config import ConfigError, from_dict
+    from inrank_megatron.train import check_supported
+
+    cfg = from_dict({"parallel": {"pipeline_model_parallel_size": 2},
+                     "train": {"precision": "fp16"}, "data": {"tokenizer_model": "unused"}})
+    with pytest.raises(ConfigError, match=r"pipeline_model_parallel_size=2 with "
+                                          r"train.precision='fp16'.*expected bf16 or fp32"):
+        check_supported(cfg)
