@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert InRank training checkpoints.
 
-    # another tensor-parallel layout (growth state and learned ranks preserved)
+    # another tensor / pipeline layout (growth state and learned ranks preserved; --pp N too)
     python tools/convert_checkpoint.py reshard runs/x/checkpoints/step_000200 runs/y/checkpoints/step_000200 --tp 4
     # then train on: output.dir=runs/y output.resume=runs/y/checkpoints/step_000200 parallel.tensor_model_parallel_size=4
     # merge W0 + B A into plain weights: a checkpoint of the dense megatron GPT (model.inrank=false)
