@@ -83,9 +83,10 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
             settings). ``from-deepspeed``: the one the source trained with (default: the path its
             config records; ZeRO-3's ``sub_group_size`` shapes the saved partitions).
         zero_stage: ``to-deepspeed``: overrides the JSON's ``zero_optimization.stage``.
-        tp, world_size: ``to-deepspeed``: the target layout (default: the source's TP, and TP x the
-            source's DP processes). ``from-deepspeed`` runs at the source's layout; the torch
-            checkpoint it writes loads at any.
+        tp, world_size: ``to-deepspeed``: the target layout (default: the source's TP, and TP x
+            the source's PP x DP processes; DeepSpeed runs without pipeline stages).
+            ``from-deepspeed`` runs at the source's layout; the torch checkpoint it writes loads
+            at any.
         tokenizer_model: SentencePiece model when the recorded relative path does not resolve.
 
     Raises:
@@ -111,9 +112,6 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
     if meta.get("weights_only"):
         raise ConfigError(f"{step_dir} holds weights only (no optimizer state to convert); "
                           "resume it directly with any parallel.backend")
-    if meta.get("pp", 1) != 1:
-        raise ConfigError(f"{step_dir} has pp={meta['pp']}; the training loop has no pipeline "
-                          "schedule, expected 1")
     if cfg.train.precision == "fp16":
         raise ConfigError(f"{step_dir} trained with train.precision='fp16': the two backends' "
                           "loss scalers keep different state; convert bf16 or fp32 runs")
@@ -147,13 +145,16 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
         for name, value in (("--tp", tp), ("--world-size", world_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} {value}; expected a positive integer")
+        for c in (src_cfg, dst_cfg):  # DeepSpeed runs TP x DP; the torch source loads at any
+            c.parallel.pipeline_model_parallel_size = 1
         dst_cfg.parallel.backend = "deepspeed"
         dst_cfg.parallel.deepspeed_config = _readable_json(deepspeed_config, "--deepspeed-config")
         dst_cfg.parallel.zero_stage = zero_stage
         if tp is not None:
             dst_cfg.parallel.tensor_model_parallel_size = tp
             src_cfg.parallel.tensor_model_parallel_size = tp
-        world = world_size or dst_cfg.parallel.tensor_model_parallel_size * int(meta["dp"])
+        world = world_size or dst_cfg.parallel.tensor_model_parallel_size * \
+            int(meta.get("pp", 1)) * int(meta["dp"])
         validate_layout(src_cfg, world)
         check_deepspeed_config(dst_cfg, world)
     validate_layout(dst_cfg, world)
