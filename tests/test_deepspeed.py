@@ -9,7 +9,7 @@ against the torch backend.
   the factor group's). DP=2 at every stage and TP=2 x DP=2 at stage 3; the consolidated checkpoint
   (``tools/zero_to_fp32.py``) equals the masters.
 - End to end (``python -m inrank_megatron.train``, 2 processes, growth and the cut): the losses of
-  ZeRO 0, 1, 2 and 3 equal the torch AdamW + DDP backend's to 1e-6; TP=2 x DP=2 with sequence
+  ZeRO 0, 1, 2 and 3 equal the torch AdamW + DDP backend's to two fp32 ulps; TP=2 x DP=2 with sequence
   parallelism under ZeRO-2 too (4 processes).
 - Resume: a DeepSpeed checkpoint taken before the cut resumes and cuts again identically; one taken
   after the cut loads into the cut shapes; both reproduce the uninterrupted losses.
@@ -20,6 +20,7 @@ against the torch backend.
 import json
 import os
 
+import numpy
 import pytest
 import torch
 
@@ -283,8 +284,15 @@ def zero2_dp2(tmp_path_factory):
     return out
 
 
-def _close(a, b, tol=1e-6):
-    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) <= tol
+def _close(a, b, tol=None):
+    """Equal to ``tol``; by default to two float32 ulps of the loss (9.5e-7 each at a loss of 8):
+    DeepSpeed averages gradients over DP in another order than DDP, which moves the last bit."""
+    if len(a) != len(b):
+        return False
+    if tol is None:
+        return all(abs(x - y) <= 2 * float(numpy.spacing(numpy.float32(max(abs(x), abs(y)))))
+                   for x, y in zip(a, b))
+    return max(abs(x - y) for x, y in zip(a, b)) <= tol
 
 
 @pytest.mark.slow
