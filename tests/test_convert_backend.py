@@ -123,7 +123,10 @@ def test_round_trip_through_zero3_at_tp2_is_bit_identical(torch_run, tmp_path):
         assert json.load(f) == json.load(g)
 
 
-def test_bad_input_is_refused_before_any_process_starts(torch_run, tmp_path):
+def test_bad_input_is_refused_before_any_process_starts(torch_run, tmp_path, capsys,
+                                                        monkeypatch):
+    import tools.convert_checkpoint as cli
+
     src = os.path.join(torch_run, "checkpoints", "step_000012")
     dst = str(tmp_path / "out" / "step_000012")
     cases = [
@@ -140,9 +143,11 @@ def test_bad_input_is_refused_before_any_process_starts(torch_run, tmp_path):
          "refusing to overwrite"),
     ]
     before = sorted(os.listdir(src))
+    monkeypatch.chdir(REPO)  # the JSON paths are relative to the repository, as in a shell
     for args, message in cases:
-        proc = _convert(*args, check=False)
-        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-1500:])
+        code = cli.main(list(args))
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (args, err[-1500:])
         assert not os.path.exists(dst)
     assert sorted(os.listdir(src)) == before
 
