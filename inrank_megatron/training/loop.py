@@ -150,11 +150,9 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
         if report.resizes:
             backend.resize(report.resizes, cfg.inrank.resize_policy)
         # Every stage's checks (each holds its own layers): (layer, new rank, explained ratio).
-        checks = [(c.layer, c.new_rank, c.explained_ratio) for c in report.checks]
-        cut = report.cut
-        if schedule:
-            parts = controller.over_pipeline((checks, cut))
-            checks, cut = [c for part, _ in parts for c in part], any(p[1] for p in parts)
+        parts = controller.over_pipeline(
+            ([(c.layer, c.new_rank, c.explained_ratio) for c in report.checks], report.cut))
+        checks, cut = [c for part, _ in parts for c in part], any(p[1] for p in parts)
         if cut:
             all_ranks = controller.all_ranks()
         loss = mean(losses)

@@ -48,6 +48,10 @@ def init_parallel(tp: int, pp: int, *, backend: str, timeout_s: int = 1800) -> P
     from inrank_megatron.cpu_fallback import enable_cpu_fallback
 
     enable_cpu_fallback()
+    if backend == "nccl":
+        # The loop's small CPU tensors (loss averages, norms, gathered objects) go over gloo, the
+        # model's CUDA tensors over NCCL.
+        backend = "cpu:gloo,cuda:nccl"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend=backend, timeout=datetime.timedelta(seconds=timeout_s),

@@ -38,11 +38,14 @@ class PipelineSchedule:
         self.prev = ranks[groups.pp_rank - 1] if not groups.first_stage else None
         self.next = ranks[groups.pp_rank + 1] if not groups.last_stage else None
         self._sends = []
+        # NCCL moves CUDA tensors only; gloo CPU ones.
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
 
     # ---- point to point ------------------------------------------------------------------------
 
     def _recv(self, src: int) -> torch.Tensor:
-        t = torch.empty(self.shape, dtype=torch.float32)
+        t = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         torch.distributed.recv(t, src, group=self.groups.pp_group)
         return t
 
@@ -85,7 +88,8 @@ class PipelineSchedule:
 
     def _broadcast_losses(self, losses: list, n: int) -> list:
         """The last stage's losses on every stage of the pipeline."""
-        t = torch.tensor(losses if self.groups.last_stage else [0.0] * n, dtype=torch.float64)
+        t = torch.tensor(losses if self.groups.last_stage else [0.0] * n, dtype=torch.float64,
+                         device=self.device)
         last = torch.distributed.get_process_group_ranks(self.groups.pp_group)[-1]
         torch.distributed.broadcast(t, last, group=self.groups.pp_group)
         return t.tolist()
@@ -126,9 +130,3 @@ class PipelineSchedule:
             b.model.train()
         self._wait_sends()
         return self._broadcast_losses([loss.item()] if loss is not None else [], 1)[0]
-
-    def gather(self, obj) -> list:
-        """``obj`` of every stage, in stage order (every rank)."""
-        out = [None] * self.groups.pp_size
-        torch.distributed.all_gather_object(out, obj, group=self.groups.pp_group)
-        return out
