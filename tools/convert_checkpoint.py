@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                            help="override the JSON's zero_optimization.stage")
             c.add_argument("--tp", type=int, default=None, help="target TP size (the source's)")
             c.add_argument("--world-size", type=int, default=None,
-                           help="target processes (default: TP x the source's DP size)")
+                           help="target processes (default: TP x the source's PP x DP)")
     args = p.parse_args(argv)
 
     from inrank_megatron.config import ConfigError
