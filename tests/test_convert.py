@@ -6,8 +6,6 @@ not divide) is refused with the source untouched and nothing written."""
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -49,7 +47,10 @@ def _loss_body(rank, world_size, step_dir):
 
 
 @pytest.mark.slow
-def test_reshard_tp2_to_tp1_to_tp4(tmp_path):
+def test_reshard_tp2_to_tp1_to_tp4(tmp_path, capsys, monkeypatch):
+    import tools.convert_checkpoint as cli
+
+    monkeypatch.chdir(REPO)
     out = str(tmp_path / "run")
     run_train([*SHORT, f"output.dir={out}", "train.steps=10", "train.save_interval=10"])
     src = os.path.join(out, "checkpoints", "step_000010")
@@ -57,12 +58,11 @@ def test_reshard_tp2_to_tp1_to_tp4(tmp_path):
 
     tp1 = str(tmp_path / "tp1" / "checkpoints" / "step_000010")
     os.makedirs(os.path.dirname(tp1))
-    cmd = [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "reshard"]
-    subprocess.run([*cmd, src, tp1, "--tp", "1"], check=True, cwd=REPO)
+    assert cli.main(["reshard", src, tp1, "--tp", "1"]) == 0
     loss1, ranks1 = run_distributed(_loss_body, 1, tp1)[0]
     tp4 = str(tmp_path / "tp4" / "checkpoints" / "step_000010")
     os.makedirs(os.path.dirname(tp4))
-    subprocess.run([*cmd, tp1, tp4, "--tp", "4"], check=True, cwd=REPO)
+    assert cli.main(["reshard", tp1, tp4, "--tp", "4"]) == 0
     results4 = run_distributed(_loss_body, 4, tp4)
     assert ranks1 == ranks2 and all(r == ranks2 for _, r in results4)
     assert all(r > 2 for r in ranks2.values())  # learned ranks, after the cut at step 8
@@ -71,7 +71,7 @@ def test_reshard_tp2_to_tp1_to_tp4(tmp_path):
 
     # --to-dense: W0 + B A merged into megatron's dense GPT (model.inrank=false), same function.
     dense = str(tmp_path / "dense" / "step_000010")
-    subprocess.run([*cmd[:-1], "to-dense", src, dense], check=True, cwd=REPO)
+    assert cli.main(["to-dense", src, dense]) == 0
     loss_dense, dense_ranks = run_distributed(_loss_body, 2, dense)[0]
     assert dense_ranks == {} and loss_dense == pytest.approx(loss2, rel=1e-5)
 
@@ -84,14 +84,13 @@ def test_reshard_tp2_to_tp1_to_tp4(tmp_path):
     assert s["steps"] == 12 and len(s["train_losses"]) == 2
 
     # Bad input: a layout that does not divide (TP=3), a partial checkpoint.
-    bad = subprocess.run([*cmd, src, str(tmp_path / "tp3"), "--tp", "3"], cwd=REPO,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "not divisible" in bad.stderr
+    capsys.readouterr()
+    assert cli.main(["reshard", src, str(tmp_path / "tp3"), "--tp", "3"]) == 2
+    assert "not divisible" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "tp3")
     partial = str(tmp_path / "partial")
     shutil.copytree(src, partial)
     os.remove(os.path.join(partial, "meta.json"))
-    bad = subprocess.run([*cmd, partial, str(tmp_path / "x"), "--tp", "1"], cwd=REPO,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "not a complete checkpoint" in bad.stderr
+    assert cli.main(["reshard", partial, str(tmp_path / "x"), "--tp", "1"]) == 2
+    assert "not a complete checkpoint" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")

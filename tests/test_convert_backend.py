@@ -158,8 +158,10 @@ def test_weights_only_checkpoint_starts_a_deepspeed_run(torch_run, tmp_path):
     optimizer state to convert: any backend starts from it. The DeepSpeed run's first loss (before
     its first update) is the torch run's loss on the same batch."""
     src = os.path.join(torch_run, "checkpoints", "step_000012")
+    import tools.convert_checkpoint as cli
+
     dense = str(tmp_path / "dense" / "step_000012")
-    _convert("to-dense", src, dense)
+    assert cli.main(["to-dense", src, dense]) == 0
     out = str(tmp_path / "ds")
     run_train([*DP2, *ZERO2, "model.inrank=false", f"output.dir={out}",
                f"output.resume={dense}", "train.steps=13"])

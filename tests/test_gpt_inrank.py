@@ -164,7 +164,9 @@ def _ckpt_body(rank, world_size, ckpt_dir, action, cut):
 def test_dist_checkpoint_saved_at_tp2_loads_at_tp1_and_tp4(tmp_path, cut):
     ckpt = str(tmp_path / "ckpt")
     saved = run_distributed(_ckpt_body, 2, ckpt, "save", cut)
-    for tp in (1, 4):
+    # After the cut, TP=4 is covered by tests/test_convert.py (a trained checkpoint resharded
+    # TP 2 -> 1 -> 4 gives the same loss); here TP=1 only, to keep CI short.
+    for tp in (1,) if cut else (1, 4):
         loaded = run_distributed(_ckpt_body, tp, ckpt, "load", cut)
         for loss, state in loaded:
             assert loss == pytest.approx(saved[0][0], abs=1e-6)

@@ -13,12 +13,10 @@ into the checkpoint, and the dist checkpoint's layout independence in PP.
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.test_train_runs import REPO, SHORT, _env, _summary, run_train
+from tests.test_train_runs import SHORT, _summary, run_train
 
 PP2 = [*SHORT, "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"]
 
@@ -57,12 +55,11 @@ def test_pp2_run_resumed_at_tp2_continues_it(pp_run, tmp_path):
 
 @pytest.mark.slow
 def test_pp2_dp2_from_a_resharded_checkpoint_continues_the_pp2_run(pp_run, tmp_path):
+    import tools.convert_checkpoint as cli
+
     src = os.path.join(pp_run, "checkpoints", "step_000004")
     dst = str(tmp_path / "pp2dp2" / "checkpoints" / "step_000004")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"),
-                           "reshard", src, dst, "--tp", "1", "--pp", "2", "--world-size", "4"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cli.main(["reshard", src, dst, "--tp", "1", "--pp", "2", "--world-size", "4"]) == 0
     out = str(tmp_path / "pp2dp2")
     run_train([*PP2, f"output.dir={out}", f"output.resume={dst}"], nproc=4, timeout=900)
     s, t = _summary(pp_run), _summary(out)
