@@ -98,8 +98,7 @@ class TorchBackend(Backend):
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = clip_gradients(params, self.cfg.train.clip_grad, tp_group=self.groups.tp_group,
-                              tp_rank=self.groups.tp_rank, pp_group=self.groups.pp_group
-                              if self.groups.pp_size > 1 else None)
+                              tp_rank=self.groups.tp_rank, pp_group=self.groups.pp_group)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step on inf/nan gradients
             self.scaler.update()
