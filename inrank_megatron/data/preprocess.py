@@ -26,7 +26,8 @@ from typing import Sequence
 
 import numpy
 
-from inrank_megatron.data.corpus import DOCUMENT_BOUNDARIES, check_inputs, iter_documents
+from inrank_megatron.data.corpus import DOCUMENT_BOUNDARIES, check_inputs, corpus_documents
+from inrank_megatron.data.corpus import iter_documents
 from inrank_megatron.data.tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def preprocess(
     document_boundary: str = "blank-line",
     limit: int | None = None,
     overwrite: bool = False,
+    corpus: str | None = None,
 ) -> PreprocessResult:
     """Tokenizes documents into `<output_prefix>_<json_key>_document.bin/.idx`.
 
@@ -143,6 +145,8 @@ def preprocess(
         document_boundary: How plain-text files split into documents ("blank-line" or "file").
         limit: Tokenize at most this many documents (None: all).
         overwrite: Replace an existing dataset at this prefix.
+        corpus: A built-in corpus instead of ``inputs`` (``corpus.corpus_documents``: "wiki",
+            "wiki+books").
 
     Returns:
         What was written and how long it took.
@@ -166,9 +170,14 @@ def preprocess(
     )
     data_prefix = data_prefix_for(output_prefix, json_key)
 
-    documents = iter_documents(
-        inputs, json_key=json_key, document_boundary=document_boundary, limit=limit
-    )
+    if corpus is not None and inputs:
+        raise ValueError("give inputs or a built-in corpus, not both")
+    if corpus is not None:
+        documents = itertools.islice(corpus_documents(corpus), limit)
+    else:
+        documents = iter_documents(
+            inputs, json_key=json_key, document_boundary=document_boundary, limit=limit
+        )
     first = next(documents, None)
     if first is None:
         raise ValueError(f"--input: no non-empty documents in {list(inputs or ['(wiki sample)'])}")
@@ -217,7 +226,7 @@ def preprocess(
                 }
             },
             "source": {
-                "inputs": list(inputs) if inputs else "wiki-sample (gensim)",
+                "inputs": list(inputs) if inputs else (corpus or "wiki-sample (gensim)"),
                 "json_key": json_key,
                 "document_boundary": document_boundary,
                 "limit": limit,

@@ -28,7 +28,8 @@ def check_data_config(cfg: TrainConfig) -> None:
                           "(PREFIX.bin/.idx), e.g. data/wiki_sp8k_text_document")
     if not _exists(d.prefix) and d.corpus == "none":
         raise ConfigError(f"data.prefix={d.prefix!r}: {d.prefix}.bin/.idx not found and "
-                          "data.corpus=none; run tools/preprocess_data.py or set data.corpus=wiki")
+                          "data.corpus=none; run tools/preprocess_data.py or set data.corpus=wiki "
+                          "(or wiki+books)")
     if not _exists(d.prefix) and not d.prefix.endswith("_text_document"):
         raise ConfigError(f"data.prefix={d.prefix!r} does not exist and cannot be built: a prefix "
                           "that prepare builds must end in '_text_document'")
@@ -36,7 +37,7 @@ def check_data_config(cfg: TrainConfig) -> None:
 
 def prepare_data(cfg: TrainConfig) -> None:
     """Build the tokenizer and the default corpus dataset when missing. Call on one rank only."""
-    from inrank_megatron.data.corpus import wiki_articles
+    from inrank_megatron.data.corpus import corpus_documents
     from inrank_megatron.data.preprocess import preprocess
     from inrank_megatron.data.tokenizers import build_tokenizer
     from inrank_megatron.data.train_tokenizer import train_sentencepiece
@@ -48,9 +49,9 @@ def prepare_data(cfg: TrainConfig) -> None:
     if d.tokenizer == "sentencepiece" and not os.path.isfile(d.tokenizer_model):
         model_prefix = d.tokenizer_model.removesuffix(".model")
         os.makedirs(os.path.dirname(model_prefix) or ".", exist_ok=True)
-        train_sentencepiece(model_prefix, documents=wiki_articles())
+        train_sentencepiece(model_prefix, documents=corpus_documents(d.corpus))
     tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_model)
-    preprocess(d.prefix.removesuffix("_text_document"), tokenizer=tokenizer)
+    preprocess(d.prefix.removesuffix("_text_document"), tokenizer=tokenizer, corpus=d.corpus)
 
 
 def build_datasets(cfg: TrainConfig, tokenizer, dp_size: int):
