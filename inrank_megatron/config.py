@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import json
-import os
 import re
 import typing
 from collections.abc import Mapping
@@ -542,129 +540,16 @@ def inrank_layer_shapes(cfg: TrainConfig) -> dict[str, tuple[int, int]]:
     return {kind: shapes[kind] for kind in cfg.inrank.layers}
 
 
-def _multiple(key: str, value: int, divisor_text: str, divisor: int, why: str = "") -> None:
-    if value % divisor:
-        raise ConfigError(f"{key}={value} is not divisible by {divisor_text}={divisor}{why}; "
-                          f"expected a multiple of {divisor}")
-
-
-_SPLIT = re.compile(r"^\s*\d+(?:\.\d*)?(?:\s*[,/]\s*\d+(?:\.\d*)?){0,2}\s*$")
-
-
 def validate_layout(cfg: TrainConfig, world_size: int) -> None:
-    """Every rule that spans keys, for a run on ``world_size`` processes.
-
-    Checks the fields again (a config may be built in code), then the parallel layout, batch
-    sizes, backend, InRank layer choice and rank settings per layer shape, LR schedule and data.
+    """Every rule that spans keys (:data:`inrank_megatron.rules.RULES`, scope ``config``), for a run
+    on ``world_size`` processes; the fields are re-checked first (a config may be built in code).
 
     Raises:
-        ConfigError: naming the key and the value expected; the first problem found.
+        ConfigError: listing every failure, each naming the key and the value expected.
     """
-    check_fields(cfg)
-    m, ir, p, d, t = cfg.model, cfg.inrank, cfg.parallel, cfg.data, cfg.train
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    tp_text = "parallel.tensor_model_parallel_size"
+    from inrank_megatron import rules
 
-    # Parallel layout: Megatron's own asserts (megatron.training.arguments), named by key.
-    data_parallel_size(cfg, world_size)
-    _multiple("model.hidden_size", m.hidden_size, "model.num_attention_heads",
-              m.num_attention_heads)
-    _multiple("model.hidden_size", m.hidden_size, tp_text, tp)
-    _multiple("model.num_attention_heads", m.num_attention_heads, tp_text, tp)
-    _multiple("model.ffn_hidden_size (resolved)", m.ffn(), tp_text, tp)
-    _multiple("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, tp_text, tp,
-              " (the padded vocabulary is split over TP)")
-    if p.sequence_parallel:
-        if tp == 1:
-            raise ConfigError("parallel.sequence_parallel=true needs tensor parallelism; "
-                              "expected parallel.tensor_model_parallel_size > 1 (or "
-                              "parallel.sequence_parallel=false)")
-        _multiple("model.seq_length", m.seq_length, tp_text, tp,
-                  " (sequence parallelism splits the sequence over TP ranks)")
-    _multiple("model.num_layers", m.num_layers, "parallel.pipeline_model_parallel_size", pp)
-    grad_accumulation_steps(cfg, world_size)
-    if m.position_embedding_type == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
-        raise ConfigError(f"model.position_embedding_type=rope needs an even head dimension, got "
-                          f"model.hidden_size / model.num_attention_heads = "
-                          f"{m.hidden_size // m.num_attention_heads}; expected an even value")
-    if m.position_embedding_type == "learned_absolute" and m.max_positions() < m.seq_length:
-        raise ConfigError(f"model.max_position_embeddings={m.max_position_embeddings} is below "
-                          f"model.seq_length={m.seq_length}; expected >= {m.seq_length} or null")
-
-    # Backend.
-    if p.backend == "deepspeed":
-        if p.deepspeed_config is None:
-            raise ConfigError("parallel.deepspeed_config is required when "
-                              "parallel.backend=deepspeed; expected the path of a DeepSpeed JSON")
-        if not os.path.isfile(p.deepspeed_config):
-            raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config!r}: file not found; "
-                              "expected the path of a DeepSpeed JSON")
-        try:
-            with open(p.deepspeed_config, encoding="utf-8") as f:
-                ds = json.load(f)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config!r} is not readable "
-                              f"JSON ({error}); expected a DeepSpeed JSON object") from None
-        if not isinstance(ds, dict):
-            raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config!r} holds a "
-                              f"{type(ds).__name__}; expected a DeepSpeed JSON object")
-        if pp > 1:
-            raise ConfigError(f"parallel.pipeline_model_parallel_size={pp} is not supported with "
-                              "parallel.backend=deepspeed; expected 1")
-    else:
-        if p.deepspeed_config is not None:
-            raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config!r} is only read by "
-                              f"parallel.backend=deepspeed (backend is {p.backend}); expected null")
-        allowed = (None, 0, 1) if p.backend == "megatron" else (None,)
-        if p.zero_stage not in allowed:
-            raise ConfigError(f"parallel.zero_stage={p.zero_stage!r} with parallel.backend="
-                              f"{p.backend}; expected {' or '.join('null' if a is None else str(a) for a in allowed)}"
-                              + (" (1 = megatron's distributed optimizer)"
-                                 if p.backend == "megatron" else ""))
-
-    # InRank: which layers, and rank settings that fit each layer's full shape (spec section 2).
-    if m.inrank:
-        if m.activation == "swiglu" and "fc1" in ir.layers:
-            raise ConfigError("inrank.layers contains fc1 but model.activation=swiglu (gated fc1), "
-                              "which InRank layers do not support; expected inrank.layers without "
-                              "fc1 (or model.activation=gelu)")
-        if ir.mode == "cumulative" and ir.stage1_steps is not None:
-            raise ConfigError(f"inrank.stage1_steps={ir.stage1_steps} with inrank.mode=cumulative "
-                              "(the cut is an efficient-mode stage); expected null")
-        for kind, (n_in, n_out) in inrank_layer_shapes(cfg).items():
-            n = min(n_in, n_out)
-            max_rank = ir.layer_max_rank(n_in, n_out)
-            shape = f"layer {kind} ({n_in} -> {n_out}) has max_rank={max_rank}"
-            if max_rank > n:
-                raise ConfigError(f"inrank.max_rank={max_rank} exceeds min(in, out)={n} of layer "
-                                  f"{kind} ({n_in} -> {n_out}); expected <= {n}")
-            if ir.buffer >= max_rank:
-                raise ConfigError(f"inrank.buffer={ir.buffer} is too large: {shape}; expected "
-                                  f"inrank.buffer < {max_rank}")
-            if ir.rank + ir.buffer > max_rank:
-                raise ConfigError(f"inrank.rank + inrank.buffer = {ir.rank} + {ir.buffer} = "
-                                  f"{ir.rank + ir.buffer} does not fit: {shape}; expected "
-                                  f"inrank.rank <= {max_rank - ir.buffer}")
-
-    # Schedule.
-    if t.min_lr > t.lr:
-        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; expected <= {t.lr}")
-    if t.lr_decay_style != "constant" and t.lr_warmup_steps >= t.decay_steps():
-        raise ConfigError(f"train.lr_warmup_steps={t.lr_warmup_steps} is not below the decay "
-                          f"length (train.lr_decay_steps, null = train.steps) = {t.decay_steps()}; "
-                          f"expected < {t.decay_steps()}")
-
-    # Data.
-    if d.tokenizer == "sentencepiece" and d.tokenizer_model is None:
-        raise ConfigError("data.tokenizer_model is required when data.tokenizer=sentencepiece; "
-                          "expected the path of a SentencePiece .model")
-    if d.prefix is None and d.corpus == "none":
-        raise ConfigError("data.prefix is null and data.corpus=none: nothing to train on; "
-                          "expected a dataset prefix (or data.corpus=wiki)")
-    weights = [float(w) for w in re.split(r"[,/]", d.split)] if _SPLIT.match(d.split) else []
-    if not weights or weights[0] <= 0:
-        raise ConfigError(f"data.split={d.split!r}; expected up to three non-negative weights "
-                          "train,valid,test with train > 0, e.g. 969,30,1")
+    rules.validate(cfg, world_size)
 
 
 # Keys that may not change when a run resumes from a checkpoint: they change the parameters or the
@@ -736,23 +621,12 @@ ignores the `inrank` section: the comparison run is a one-key change.
 Loading (`load_config`) fails with a `ConfigError` naming the full dotted key for an unknown
 section or key (with a "did you mean" hint), a value of the wrong type (an int is accepted for
 a float and for text; a boolean is not an int; a quoted number is text), a value outside the
-allowed ones or the range below, and an override without `=`. Before training,
-`validate_layout(cfg, world_size)` checks the keys together, naming the key and the value
-expected:
+allowed ones or the range below, and an override without `=`. Then every rule that spans keys
+(`inrank_megatron/rules.py`, one list used by the trainer, the launch scripts' pre-flight and
+`tools/plan.py`) is checked, and all failures are reported together, each naming the key and the
+value expected:
 
-- TP * PP divides the world size, and micro batch * DP divides the global batch;
-- heads divide hidden; TP divides heads, hidden and ffn; PP divides the layers;
-- sequence parallelism needs TP > 1 and TP dividing the sequence length;
-- `parallel.deepspeed_config` names an existing JSON iff the backend is deepspeed (and
-  `parallel.zero_stage` is null otherwise); deepspeed does not support PP > 1;
-- with `model.inrank=true`: no InRank fc1 with swiglu; `inrank.stage1_steps` null in cumulative
-  mode; and for every InRank layer (fc1: hidden -> ffn, fc2: ffn -> hidden, qkv: hidden ->
-  3 hidden, proj: hidden -> hidden), with `max_rank` = `inrank.max_rank` or `min(in, out) // 2`:
-  `max_rank <= min(in, out)`, `inrank.buffer < max_rank` and
-  `inrank.rank + inrank.buffer <= max_rank`;
-- learned positions cover the sequence, rope has an even head dimension, `min_lr <= lr`, the
-  warm-up is shorter than the decay, sentencepiece has a `data.tokenizer_model`, there is data
-  (`data.prefix` or `data.corpus=wiki`) and `data.split` reads as `train,valid,test` weights.
+{rules}
 
 ## Resuming
 
@@ -766,7 +640,9 @@ checkpoint format allows.
 
 def render_reference() -> str:
     """``configs/README.md``: the CLI, overrides, checks, then a table per section."""
-    parts = [_README_HEADER]
+    from inrank_megatron.rules import render_rules
+
+    parts = [_README_HEADER.replace("{rules}\n", render_rules())]
     for section, cls in SECTIONS.items():
         parts.append(f"\n## `{section}`\n\n{(cls.__doc__ or '').strip()}\n\n"
                      "| key | type | default | meaning |\n|---|---|---|---|\n")

@@ -29,14 +29,13 @@ backward.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from inrank_megatron import rules
 from inrank_megatron.config import (
     ConfigError, TrainConfig, data_parallel_size, grad_accumulation_steps, inrank_layer_shapes,
-    validate_layout,
 )
 
 # Ids of the GPT-2 byte-level BPE (inrank_megatron.data.tokenizers.GPT2Tokenizer.vocab_size).
@@ -164,13 +163,11 @@ def _slot_rule(cfg: TrainConfig, stage: str, rank_fraction: float) -> Callable[[
 
 
 def _check_inrank(cfg: TrainConfig) -> None:
-    """The InRank settings fit every InRank layer (as the layers check when they are built)."""
-    core = cfg.inrank.to_core()
-    for kind, (n_in, n_out) in inrank_layer_shapes(cfg).items():
-        try:
-            core.check_layer(n_in, n_out, layer=kind)
-        except ValueError as error:
-            raise ConfigError(f"inrank: {error}") from None
+    """The InRank settings fit every InRank layer (the rule ``InRank rank fits``), whatever
+    ``model.inrank`` says."""
+    failures = rules.inrank_fit_failures(cfg)
+    if failures:
+        raise ConfigError("; ".join(str(f) for f in failures))
 
 
 # ------------------------------------------------------------------------------------ parameters
@@ -404,21 +401,19 @@ def memory_per_gpu(cfg: TrainConfig, world_size: int, *, inrank: Optional[bool] 
 
 def selected_strategy(cfg: TrainConfig) -> str:
     """The strategy the config's backend runs: torch is DDP (ZeRO-0); deepspeed the ZeRO stage of
-    ``parallel.zero_stage`` or, when null, of the JSON (``zero_optimization.stage``, default 0);
-    megatron its distributed optimizer."""
+    ``parallel.zero_stage`` or, when null, of the JSON (``zero_optimization.stage``, default 0;
+    0 when the JSON cannot be read); megatron its distributed optimizer with
+    ``parallel.zero_stage=1``, else DDP with the optimizer state replicated, as ZeRO-0 (the model
+    is fp32 under autocast, as in the torch backend)."""
     p = cfg.parallel
     if p.backend == "torch":
         return "zero0"
     if p.backend == "megatron":
-        return "megatron"
-    stage = p.zero_stage
-    if stage is None:
-        try:
-            with open(p.deepspeed_config, encoding="utf-8") as f:
-                stage = int(json.load(f).get("zero_optimization", {}).get("stage", 0))
-        except (OSError, TypeError, ValueError, AttributeError):
-            stage = 0
-    return f"zero{stage}"
+        return "megatron" if (p.zero_stage or 0) >= 1 else "zero0"
+    try:
+        return f"zero{rules.zero_stage(cfg)}"
+    except (ConfigError, TypeError, ValueError, AttributeError):
+        return "zero0"
 
 
 # ----------------------------------------------------------------------------------------- FLOPs
@@ -494,92 +489,15 @@ class Check:
     detail: str
 
 
-def _divides(key: str, value: int, by_key: str, by: int) -> str:
-    if value % by:
-        raise ConfigError(f"{key}={value} is not divisible by {by_key}={by}; expected a "
-                          f"multiple of {by}")
-    return f"{value} / {by} = {value // by}"
-
-
 def layout_checks(cfg: TrainConfig, world_size: int) -> list[Check]:
-    """Each rule of :func:`inrank_megatron.config.validate_layout` on its own (so that every
-    problem shows, not only the first), then ``validate_layout(cfg, world_size)`` itself."""
-    m, ir, p = cfg.model, cfg.inrank, cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    TP, PP = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
-
-    def world():
-        dp = data_parallel_size(cfg, world_size)
-        return f"DP = {world_size} / ({tp} x {pp}) = {dp}"
-
-    def sequence_parallel():
-        if not p.sequence_parallel:
-            return "off"
-        if tp == 1:
-            raise ConfigError(f"parallel.sequence_parallel=true needs tensor parallelism; "
-                              f"expected {TP} > 1")
-        return "on, seq " + _divides("model.seq_length", m.seq_length, TP, tp) + " per TP rank"
-
-    def batch():
-        acc = grad_accumulation_steps(cfg, world_size)
-        dp = data_parallel_size(cfg, world_size)
-        return (f"{cfg.train.micro_batch_size} x DP {dp} x {acc} accumulation steps = "
-                f"{cfg.train.global_batch_size}")
-
-    def backend():
-        if p.backend != "deepspeed":
-            for key in ("deepspeed_config", "zero_stage"):
-                if getattr(p, key) is not None:
-                    raise ConfigError(f"parallel.{key}={getattr(p, key)!r} is only read by "
-                                      f"parallel.backend=deepspeed; expected null")
-            return {"torch": "torch: DDP + AdamW", "megatron": "megatron: distributed optimizer"}[
-                p.backend]
-        if p.deepspeed_config is None or not os.path.isfile(p.deepspeed_config):
-            raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config!r}: file not found; "
-                              "expected the path of a DeepSpeed JSON")
-        if pp > 1:
-            raise ConfigError(f"{PP}={pp} is not supported with parallel.backend=deepspeed; "
-                              "expected 1")
-        return f"deepspeed {p.deepspeed_config}, ZeRO stage {selected_strategy(cfg)[-1]}"
-
-    def inrank_fit():
-        if not m.inrank:
-            return "dense (model.inrank=false): not checked"
-        _check_inrank(cfg)
-        fits = [f"{k} max_rank {ir.layer_max_rank(i, o)}"
-                for k, (i, o) in inrank_layer_shapes(cfg).items()]
-        return f"rank + buffer = {ir.rank + ir.buffer} <= " + ", ".join(fits)
-
-    rules = [
-        ("world size", (TP, PP), world),
-        ("heads divide hidden", ("model.hidden_size", "model.num_attention_heads"),
-         lambda: "head dim " + _divides("model.hidden_size", m.hidden_size,
-                                        "model.num_attention_heads", m.num_attention_heads)),
-        ("TP divides heads", (TP, "model.num_attention_heads"),
-         lambda: "heads per TP rank " + _divides("model.num_attention_heads",
-                                                 m.num_attention_heads, TP, tp)),
-        ("TP divides hidden", (TP, "model.hidden_size"),
-         lambda: _divides("model.hidden_size", m.hidden_size, TP, tp)),
-        ("TP divides ffn", (TP, "model.ffn_hidden_size"),
-         lambda: _divides("model.ffn_hidden_size (resolved)", m.ffn(), TP, tp)),
-        ("TP divides vocab padding", (TP, "model.make_vocab_size_divisible_by"),
-         lambda: _divides("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by,
-                          TP, tp)),
-        ("PP divides layers", (PP, "model.num_layers"),
-         lambda: "layers per stage " + _divides("model.num_layers", m.num_layers, PP, pp)),
-        ("sequence parallel", ("parallel.sequence_parallel", TP), sequence_parallel),
-        ("batch", ("train.global_batch_size", "train.micro_batch_size"), batch),
-        ("backend", ("parallel.backend", "parallel.deepspeed_config", PP), backend),
-        ("InRank rank fits", ("inrank.rank", "inrank.buffer", "inrank.max_rank"), inrank_fit),
-        (f"validate_layout(world_size={world_size})", (),
-         lambda: (validate_layout(cfg, world_size), "all keys together")[1]),
-    ]
+    """Each rule of :data:`inrank_megatron.rules.RULES` that reads only the configuration, on its
+    own (so that every problem shows, not only the first): the rows ``validate_layout`` passes or
+    fails on."""
     checks = []
-    for name, keys, rule in rules:
-        try:
-            checks.append(Check(name, keys, True, rule()))
-        except ConfigError as error:
-            checks.append(Check(name, keys, False, str(error)))
+    for r in rules.applicable(world_size):
+        failures = r.failures(cfg, world_size)
+        detail = "; ".join(str(f) for f in failures) if failures else r.describe(cfg, world_size)
+        checks.append(Check(r.name, r.keys, not failures, detail))
     return checks
 
 

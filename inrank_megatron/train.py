@@ -20,9 +20,10 @@ import argparse
 import os
 import sys
 
-from inrank_megatron.config import (
-    ConfigError, TrainConfig, diff_incompatible, from_dict, load_config, validate_layout,
-)
+from typing import Optional
+
+from inrank_megatron import rules
+from inrank_megatron.config import ConfigError, TrainConfig, diff_incompatible, from_dict, load_config
 
 
 def parse_args(argv=None):
@@ -69,26 +70,12 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
     return path
 
 
-def check_supported(cfg: TrainConfig) -> None:
-    """What validate_layout accepts but this training loop cannot run (yet)."""
-    pp = cfg.parallel.pipeline_model_parallel_size
-    if pp > 1 and cfg.parallel.backend != "torch":
-        raise ConfigError(f"parallel.pipeline_model_parallel_size={pp} with parallel.backend="
-                          f"{cfg.parallel.backend!r}: the pipeline schedule runs with the torch "
-                          "backend; expected parallel.backend='torch' or pipeline size 1")
-    if pp > 1 and cfg.train.precision == "fp16":
-        raise ConfigError(f"parallel.pipeline_model_parallel_size={pp} with train.precision='fp16':"
-                          " the loss scaler's skip decision is per stage; expected bf16 or fp32")
-    if cfg.parallel.backend == "megatron":
-        import torch
+def check_supported(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
+    """The configuration rules and what this machine cannot run (megatron without CUDA):
+    :func:`inrank_megatron.rules.validate` with the ``config`` and ``machine`` scopes."""
+    from inrank_megatron import rules
 
-        # megatron-core 0.16.1's optimizers allocate with device='cuda' literals and accept only
-        # 'torch.cuda.*Tensor' parameters (see training/backends/megatron_backend.py).
-        if not torch.cuda.is_available():
-            raise ConfigError("parallel.backend='megatron' (megatron's DDP and optimizer) needs "
-                              "CUDA: megatron-core's optimizers allocate on 'cuda' and refuse CPU "
-                              "tensors; expected parallel.backend='torch' or 'deepspeed' on a "
-                              "machine without a GPU")
+    rules.validate(cfg, world_size, scopes=("config", "machine"))
 
 
 def main(argv=None) -> int:
@@ -98,15 +85,8 @@ def main(argv=None) -> int:
     env = init_distributed_env()
     try:
         cfg = load_config(args.config, args.overrides)
-        validate_layout(cfg, env["world_size"])
-        check_supported(cfg)
-        if cfg.parallel.backend == "deepspeed":
-            from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_config
-
-            check_deepspeed_config(cfg, env["world_size"])
-        from inrank_megatron.training.data import check_data_config
-
-        check_data_config(cfg)
+        # Every rule: the config's, this machine's (CUDA) and the files' (data, DeepSpeed JSON).
+        rules.validate(cfg, env["world_size"], scopes=rules.ALL_SCOPES)
         resume_path = resolve_resume(cfg, env["world_size"])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -216,6 +216,10 @@ LAYOUT_ERRORS = [
       "parallel.pipeline_model_parallel_size=2"], 4,
      ["parallel.pipeline_model_parallel_size=2", "not supported", "expected 1"]),
     (["parallel.deepspeed_config={ds}"], 2, ["parallel.deepspeed_config", "expected null"]),
+    # The planner and the trainer used to disagree here (the trainer refused it after
+    # validate_layout had passed it): one rule now.
+    (["parallel.pipeline_model_parallel_size=2", "parallel.backend=megatron"], 4,
+     ["parallel.pipeline_model_parallel_size=2", "parallel.backend='megatron'", "expected 1"]),
     (["parallel.zero_stage=2"], 2, ["parallel.zero_stage=2", "expected null"]),
     (["model.activation=swiglu"], 2,
      ["inrank.layers contains fc1", "model.activation=swiglu", "without fc1"]),
@@ -263,7 +267,6 @@ def test_layout_error(overrides, world_size, expected, ds_json):
     (["parallel.sequence_parallel=true", "train.precision=bf16"], 2),
     (["parallel.tensor_model_parallel_size=1", "train.global_batch_size=16"], 2),
     (["parallel.backend=deepspeed", "parallel.deepspeed_config={ds}", "parallel.zero_stage=2"], 2),
-    (["parallel.pipeline_model_parallel_size=2", "parallel.backend=megatron"], 4),
     (["train.lr_decay_style=constant", "train.lr_warmup_steps=300"], 2),
     (["data.tokenizer=gpt2", "data.tokenizer_model=null", "data.split=100"], 2),
 ])
@@ -326,3 +329,47 @@ def test_diff_incompatible():
     assert diff_incompatible(saved, tiny("model.inrank=false")) == ["model.inrank"]
     dense = tiny("model.inrank=false")
     assert diff_incompatible(dense, tiny("model.inrank=false", "inrank.buffer=8")) == []
+
+
+# ------------------------------------------------------------------------------------ the rules
+def test_every_failure_is_reported_with_its_key():
+    from inrank_megatron import rules
+
+    cfg = tiny("parallel.zero_stage=2", "inrank.buffer=64", "train.min_lr=0.1")
+    failures = rules.check(cfg, world_size=3)
+    assert [(f.key, f.value) for f in failures] == [
+        ("parallel.tensor_model_parallel_size", None), ("parallel.zero_stage", 2),
+        ("inrank.buffer", 64), ("inrank.buffer", 64), ("train.min_lr", 0.1)]
+    assert [f.expected for f in failures[1:]] == ["null", "< 64", "< 64", "<= 0.001"]
+    with pytest.raises(ConfigError) as info:
+        validate_layout(cfg, 3)
+    assert info.value.failures == failures
+    assert str(info.value) == "; ".join(str(f) for f in failures)
+    assert "\n" not in str(info.value)  # the launch scripts print it as one line
+
+
+def test_megatron_distributed_optimizer_passes_the_trainer_and_the_planner_alike():
+    # It used to pass validate_layout and FAIL tools/plan.py ("only read by deepspeed").
+    from inrank_megatron import rules
+    from inrank_megatron.planning import plan
+
+    for stage, strategy in ((None, "zero0"), (0, "zero0"), (1, "megatron")):
+        cfg = load_config(os.path.join(ROOT, "configs", "gpt2-medium.yaml"),
+                          ["parallel.backend=megatron", f"parallel.zero_stage={format(stage)}"
+                           if stage is not None else "parallel.zero_stage=null"])
+        validate_layout(cfg, 8)
+        p = plan(cfg, 1, 8)
+        assert p.ok and p.strategy == strategy, [c for c in p.checks if not c.ok]
+    cfg.parallel.zero_stage = 2
+    with pytest.raises(ConfigError, match="parallel.zero_stage=2 with parallel.backend=megatron"):
+        validate_layout(cfg, 8)
+    assert [c.name for c in plan(cfg, 1, 8).checks if not c.ok] == ["backend"]
+    assert [c.name for c in plan(cfg, 1, 8).checks] == [r.name for r in rules.applicable(8)]
+
+
+def test_readme_lists_every_rule():
+    from inrank_megatron import rules
+
+    text = render_reference()
+    for r in rules.RULES:
+        assert f"- **{r.name}** (" in text and r.doc in text

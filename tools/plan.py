@@ -8,7 +8,7 @@ dense and InRank, and whether its TP/PP/DP layout fits the cluster.
 
 What it prints (inrank_megatron/planning.py has the formulas and their sources):
 
-  - the layout checks of validate_layout, one row per rule (pass/FAIL, naming the key), with
+  - the rules of inrank_megatron/rules.py, one row each (pass/FAIL, naming the key), with
     world_size = nodes x GPUs per node, heads per TP rank, layers per pipeline stage, micro and
     global batch and gradient-accumulation steps;
   - parameters, total and per GPU (one TP shard of the fullest pipeline stage): dense; InRank as

@@ -30,6 +30,7 @@ import shutil
 from typing import Optional
 
 from inrank_megatron.config import ConfigError, TrainConfig, from_dict, to_dict, validate_layout
+from inrank_megatron.rules import read_deepspeed_json
 
 DIRECTIONS = ("from-deepspeed", "to-deepspeed")
 
@@ -61,11 +62,8 @@ class ConversionPlan:
 
 
 def _readable_json(path: str, what: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            json.load(f)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{what}={path!r} is not a readable DeepSpeed JSON ({error})") from None
+    """The absolute path of a readable DeepSpeed JSON (ConfigError naming ``what`` otherwise)."""
+    read_deepspeed_json(path, key=what)
     return os.path.abspath(path)
 
 

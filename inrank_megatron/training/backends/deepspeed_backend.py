@@ -43,6 +43,7 @@ from inrank_megatron.checkpointing import GROWTH_FILE
 from inrank_megatron.config import ConfigError, TrainConfig, data_parallel_size
 from inrank_megatron.core.resize import MOMENTS, map_slot_state
 from inrank_megatron.growth.controller import named_inrank_layers
+from inrank_megatron.rules import DEEPSPEED_KEY, read_deepspeed_json, zero_stage
 from inrank_megatron.training.backends import deepspeed_compat as compat
 from inrank_megatron.training.backends.base import Backend
 from inrank_megatron.training.optim import build_scheduler, global_grad_norm
@@ -50,7 +51,6 @@ from inrank_megatron.training.optim import build_scheduler, global_grad_norm
 TAG = "deepspeed"  # the DeepSpeed checkpoint lives in <step dir>/deepspeed/
 META_FILE = "inrank_deepspeed.json"  # parameter shapes and TP layout, for checks and zero_to_fp32
 FACTOR_GROUP = "inrank_factors"
-_KEY = "parallel.deepspeed_config"
 # JSON keys the YAML owns: (DeepSpeed key, YAML key).
 _FROM_YAML = (("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
               ("gradient_accumulation_steps", "train.global_batch_size / (train.micro_batch_size"
@@ -60,35 +60,11 @@ _FROM_YAML = (("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
 
 
 # ------------------------------------------------------------------------------- configuration
-def _read_json(cfg: TrainConfig) -> dict:
-    path = cfg.parallel.deepspeed_config
-    if path is None:
-        raise ConfigError(f"{_KEY} is required when parallel.backend=deepspeed; expected the path "
-                          "of a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            ds = json.load(f)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{_KEY}={path!r} is not readable JSON ({error}); expected a DeepSpeed "
-                          "JSON object") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{_KEY}={path!r} holds a {type(ds).__name__}; expected a JSON object")
-    return ds
-
-
 def _world_size(world_size: Optional[int]) -> Optional[int]:
     if world_size is not None:
         return world_size
     env = os.environ.get("WORLD_SIZE", "")
     return int(env) if env.isdigit() and int(env) > 0 else None
-
-
-def zero_stage(cfg: TrainConfig, ds: Optional[dict] = None) -> int:
-    """``parallel.zero_stage``, else the JSON's ``zero_optimization.stage`` (default 0)."""
-    if cfg.parallel.zero_stage is not None:
-        return cfg.parallel.zero_stage
-    ds = _read_json(cfg) if ds is None else ds
-    return int((ds.get("zero_optimization") or {}).get("stage", 0))
 
 
 def _yaml_values(cfg: TrainConfig, world_size: Optional[int]) -> dict:
@@ -116,9 +92,9 @@ def check_deepspeed_config(cfg: TrainConfig, world_size: Optional[int] = None) -
     p, t = cfg.parallel, cfg.train
     if p.backend != "deepspeed":
         return
-    ds = _read_json(cfg)
+    ds = read_deepspeed_json(cfg.parallel.deepspeed_config)
     path = p.deepspeed_config
-    where = f"{_KEY}={path!r}"
+    where = f"{DEEPSPEED_KEY}={path!r}"
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(f"{where} has a {key!r} section, which this backend does not use "
@@ -210,7 +186,7 @@ def _cpu_fp16_supported() -> bool:
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     """The JSON merged with the YAML: batch sizes, clipping, precision, ZeRO stage."""
     check_deepspeed_config(cfg, world_size)
-    ds = copy.deepcopy(_read_json(cfg))
+    ds = copy.deepcopy(read_deepspeed_json(cfg.parallel.deepspeed_config))
     ds.update(_yaml_values(cfg, world_size))
     ds["zero_optimization"] = dict(ds.get("zero_optimization") or {})
     ds["zero_optimization"]["stage"] = zero_stage(cfg, ds)

@@ -1,0 +1,513 @@
+"""Every rule that spans configuration keys, written once, in one list (:data:`RULES`).
+
+    failures = check(cfg, world_size=16)          # every failure of every rule, [] when all pass
+    validate(cfg, world_size=16)                  # ConfigError listing them all
+    validate(cfg, world_size, scopes=ALL_SCOPES)  # the trainer's pre-flight: this machine too
+
+Who runs them: :func:`inrank_megatron.config.validate_layout` (training, convert, export, the
+launch scripts' pre-flight ``python -m inrank_megatron.launch_env check``) and
+:func:`inrank_megatron.train.check_supported` run :func:`validate`; the planner
+(``planning.layout_checks``, ``tools/plan.py``) shows each rule as a pass/FAIL row; and
+``configs/README.md`` lists each rule's ``doc`` (:func:`render_rules`). A rule therefore cannot
+pass in one place and fail in another.
+
+A rule is a function ``(cfg, world_size) -> iterable of Failure`` (a generator yielding one
+:class:`Failure` per problem), registered with :func:`rule`. It may also raise ``ConfigError``
+(e.g. from :func:`~inrank_megatron.config.data_parallel_size`): that counts as one failure of its
+first key. Adding a rule is a few lines::
+
+    @rule("eval cadence", ("train.eval_interval", "train.steps"),
+          "`train.eval_interval <= train.steps`")
+    def _eval_cadence(cfg, world_size):
+        t = cfg.train
+        if t.eval_interval > t.steps:
+            yield Failure("train.eval_interval", t.eval_interval, f"<= {t.steps}")
+
+Arguments of :func:`rule`: ``world=True`` when the rule needs the world size (it is skipped when
+none is given); ``scope`` says what it reads besides the configuration: ``"config"`` (nothing:
+the planner and the launch pre-flight run it), ``"machine"`` (this machine's devices) or
+``"files"`` (files the run reads: the trainer's pre-flight only); ``summary`` gives the planner's
+text for a pass (default ``"ok"``). The ``doc`` is Markdown for the generated README: run
+``python tools/config_doc.py > configs/README.md`` after adding one.
+
+Fields one at a time (types, allowed values, ranges) are the schema's job
+(:mod:`inrank_megatron.config`); :func:`check` re-checks them first and raises on the first bad one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from inrank_megatron.config import (
+    ConfigError, TrainConfig, check_fields, data_parallel_size, format_value,
+    grad_accumulation_steps, inrank_layer_shapes,
+)
+
+SCOPES = ("config", "machine", "files")
+ALL_SCOPES = SCOPES
+
+TP = "parallel.tensor_model_parallel_size"
+PP = "parallel.pipeline_model_parallel_size"
+DEEPSPEED_KEY = "parallel.deepspeed_config"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One problem: the dotted key, its value, what is expected, and the one-line message.
+
+    ``message`` defaults to ``"KEY=VALUE: expected EXPECTED"``.
+    """
+
+    key: str
+    value: Any
+    expected: str
+    message: str = ""
+
+    def __str__(self) -> str:
+        if self.message:
+            return self.message
+        shown = repr(self.value) if isinstance(self.value, str) else format_value(self.value)
+        return f"{self.key}={shown}: expected {self.expected}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named cross-key rule; see the module docstring."""
+
+    name: str
+    keys: tuple
+    doc: str
+    fn: Callable[[TrainConfig, Optional[int]], Iterable[Failure]]
+    scope: str = "config"
+    world: bool = False
+    summary: Optional[Callable[[TrainConfig, Optional[int]], str]] = None
+
+    def failures(self, cfg: TrainConfig, world_size: Optional[int]) -> list[Failure]:
+        """Every failure of this rule (a ConfigError raised inside counts as one)."""
+        try:
+            return list(self.fn(cfg, world_size) or ())
+        except ConfigError as error:
+            key = self.keys[0] if self.keys else ""
+            return [Failure(key, None, "", str(error))]
+
+    def describe(self, cfg: TrainConfig, world_size: Optional[int]) -> str:
+        """The planner's text for a pass (``"not checked: ..."`` where another rule's failure
+        leaves nothing to show, e.g. the batch on a world size TP * PP does not divide)."""
+        try:
+            return self.summary(cfg, world_size) if self.summary else "ok"
+        except ConfigError:
+            return "not checked: see the failing rule above"
+
+
+RULES: list[Rule] = []
+
+
+def rule(name: str, keys: Iterable[str], doc: str, *, scope: str = "config", world: bool = False,
+         summary: Optional[Callable] = None):
+    """Register the decorated ``(cfg, world_size) -> failures`` function in :data:`RULES`."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+    def register(fn):
+        RULES.append(Rule(name, tuple(keys), doc, fn, scope, world, summary))
+        return fn
+
+    return register
+
+
+def applicable(world_size: Optional[int], scopes: Iterable[str] = ("config",)) -> list[Rule]:
+    """The rules :func:`check` runs for these arguments, in order."""
+    scopes = tuple(scopes)
+    return [r for r in RULES if r.scope in scopes and (world_size is not None or not r.world)]
+
+
+def check(cfg: TrainConfig, world_size: Optional[int] = None,
+          scopes: Iterable[str] = ("config",)) -> list[Failure]:
+    """Every failure of every rule in ``scopes`` (rules needing a world size are skipped without
+    one). The fields are re-checked first (a config may be built in code).
+
+    Raises:
+        ConfigError: a field alone is wrong (the first one).
+    """
+    check_fields(cfg)
+    return [f for r in applicable(world_size, scopes) for f in r.failures(cfg, world_size)]
+
+
+def validate(cfg: TrainConfig, world_size: Optional[int] = None,
+             scopes: Iterable[str] = ("config",)) -> None:
+    """:func:`check`, raising one ``ConfigError`` that lists every failure (``"; "``-joined, one
+    line) and carries them as ``error.failures``."""
+    failures = check(cfg, world_size, scopes)
+    if failures:
+        error = ConfigError("; ".join(str(f) for f in failures))
+        error.failures = failures
+        raise error
+
+
+def render_rules() -> str:
+    """The Markdown list of :data:`RULES` for ``configs/README.md``."""
+    lines = []
+    for r in RULES:
+        keys = ", ".join(f"`{k}`" for k in r.keys)
+        where = {"config": "", "machine": " *(trainer only: this machine)*",
+                 "files": " *(trainer only: files on disk)*"}[r.scope]
+        lines.append(f"- **{r.name}** ({keys}){where}: {r.doc}")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------- the DeepSpeed JSON
+def read_deepspeed_json(path: Optional[str], key: str = DEEPSPEED_KEY) -> dict:
+    """The DeepSpeed JSON at ``path`` (the one reader of it).
+
+    Raises:
+        ConfigError: naming ``key``: no path, no file, not JSON, not an object.
+    """
+    if path is None:
+        raise ConfigError(f"{key} is required when parallel.backend=deepspeed; expected the path "
+                          "of a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}={path!r}: file not found; expected the path of a DeepSpeed JSON")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{key}={path!r} is not readable JSON ({error}); expected a DeepSpeed "
+                          "JSON object") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{key}={path!r} holds a {type(ds).__name__}; expected a DeepSpeed "
+                          "JSON object")
+    return ds
+
+
+def zero_stage(cfg: TrainConfig, ds: Optional[dict] = None) -> int:
+    """The ZeRO stage a deepspeed run uses: ``parallel.zero_stage``, else the JSON's
+    ``zero_optimization.stage`` (default 0)."""
+    if cfg.parallel.zero_stage is not None:
+        return cfg.parallel.zero_stage
+    ds = read_deepspeed_json(cfg.parallel.deepspeed_config) if ds is None else ds
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+# ------------------------------------------------------------------------------------ the rules
+def _multiple(key: str, value: int, divisor_key: str, divisor: int, why: str = ""):
+    if value % divisor:
+        yield Failure(key, value, f"a multiple of {divisor}",
+                      f"{key}={value} is not divisible by {divisor_key}={divisor}{why}; expected "
+                      f"a multiple of {divisor}")
+
+
+def _quotient(value: int, divisor: int) -> str:
+    return f"{value} / {divisor} = {value // divisor}"
+
+
+def _tp(cfg) -> int:
+    return cfg.parallel.tensor_model_parallel_size
+
+
+def _pp(cfg) -> int:
+    return cfg.parallel.pipeline_model_parallel_size
+
+
+@rule("world size", (TP, PP), "TP * PP divides the world size (DP takes the rest).", world=True,
+      summary=lambda cfg, w: f"DP = {w} / ({_tp(cfg)} x {_pp(cfg)}) = "
+                             f"{data_parallel_size(cfg, w)}")
+def _world(cfg, world_size):
+    data_parallel_size(cfg, world_size)
+    return ()
+
+
+@rule("heads divide hidden", ("model.hidden_size", "model.num_attention_heads"),
+      "the attention heads divide `model.hidden_size`.",
+      summary=lambda cfg, w: "head dim " + _quotient(cfg.model.hidden_size,
+                                                     cfg.model.num_attention_heads))
+def _heads(cfg, world_size):
+    m = cfg.model
+    yield from _multiple("model.hidden_size", m.hidden_size, "model.num_attention_heads",
+                         m.num_attention_heads)
+
+
+@rule("TP divides heads", (TP, "model.num_attention_heads"), "TP divides the attention heads.",
+      summary=lambda cfg, w: "heads per TP rank " + _quotient(cfg.model.num_attention_heads,
+                                                              _tp(cfg)))
+def _tp_heads(cfg, world_size):
+    yield from _multiple("model.num_attention_heads", cfg.model.num_attention_heads, TP, _tp(cfg))
+
+
+@rule("TP divides hidden", (TP, "model.hidden_size"), "TP divides `model.hidden_size`.",
+      summary=lambda cfg, w: _quotient(cfg.model.hidden_size, _tp(cfg)))
+def _tp_hidden(cfg, world_size):
+    yield from _multiple("model.hidden_size", cfg.model.hidden_size, TP, _tp(cfg))
+
+
+@rule("TP divides ffn", (TP, "model.ffn_hidden_size"),
+      "TP divides the MLP width (`model.ffn_hidden_size`, null = 4 * hidden).",
+      summary=lambda cfg, w: _quotient(cfg.model.ffn(), _tp(cfg)))
+def _tp_ffn(cfg, world_size):
+    yield from _multiple("model.ffn_hidden_size (resolved)", cfg.model.ffn(), TP, _tp(cfg))
+
+
+@rule("TP divides vocab padding", (TP, "model.make_vocab_size_divisible_by"),
+      "TP divides `model.make_vocab_size_divisible_by` (the padded vocabulary is split over TP).",
+      summary=lambda cfg, w: _quotient(cfg.model.make_vocab_size_divisible_by, _tp(cfg)))
+def _tp_vocab(cfg, world_size):
+    yield from _multiple("model.make_vocab_size_divisible_by",
+                         cfg.model.make_vocab_size_divisible_by, TP, _tp(cfg),
+                         " (the padded vocabulary is split over TP)")
+
+
+@rule("PP divides layers", (PP, "model.num_layers"), "PP divides `model.num_layers`.",
+      summary=lambda cfg, w: "layers per stage " + _quotient(cfg.model.num_layers, _pp(cfg)))
+def _pp_layers(cfg, world_size):
+    yield from _multiple("model.num_layers", cfg.model.num_layers, PP, _pp(cfg))
+
+
+def _sp_summary(cfg, world_size):
+    if not cfg.parallel.sequence_parallel:
+        return "off"
+    return f"on, seq {_quotient(cfg.model.seq_length, _tp(cfg))} per TP rank"
+
+
+@rule("sequence parallel", ("parallel.sequence_parallel", TP, "model.seq_length"),
+      "sequence parallelism needs TP > 1 and TP dividing `model.seq_length`.",
+      summary=_sp_summary)
+def _sequence_parallel(cfg, world_size):
+    if not cfg.parallel.sequence_parallel:
+        return
+    if _tp(cfg) == 1:
+        yield Failure("parallel.sequence_parallel", True, f"{TP} > 1",
+                      "parallel.sequence_parallel=true needs tensor parallelism; expected "
+                      f"{TP} > 1 (or parallel.sequence_parallel=false)")
+        return
+    yield from _multiple("model.seq_length", cfg.model.seq_length, TP, _tp(cfg),
+                         " (sequence parallelism splits the sequence over TP ranks)")
+
+
+def _batch_summary(cfg, world_size):
+    t = cfg.train
+    return (f"{t.micro_batch_size} x DP {data_parallel_size(cfg, world_size)} x "
+            f"{grad_accumulation_steps(cfg, world_size)} accumulation steps = "
+            f"{t.global_batch_size}")
+
+
+@rule("batch", ("train.global_batch_size", "train.micro_batch_size"),
+      "`train.micro_batch_size` * DP divides `train.global_batch_size`.", world=True,
+      summary=_batch_summary)
+def _batch(cfg, world_size):
+    try:
+        data_parallel_size(cfg, world_size)
+    except ConfigError:
+        return  # the world-size rule reports it
+    grad_accumulation_steps(cfg, world_size)
+
+
+def _backend_summary(cfg, world_size):
+    p = cfg.parallel
+    if p.backend == "deepspeed":
+        return f"deepspeed {p.deepspeed_config}, ZeRO stage {zero_stage(cfg)}"
+    if p.backend == "megatron":
+        return ("megatron: distributed optimizer (ZeRO-1)" if (p.zero_stage or 0) >= 1
+                else "megatron: DDP + optimizer, not sharded")
+    return "torch: DDP + AdamW"
+
+
+@rule("backend", ("parallel.backend", DEEPSPEED_KEY, "parallel.zero_stage"),
+      "`parallel.deepspeed_config` names a readable DeepSpeed JSON iff the backend is deepspeed; "
+      "`parallel.zero_stage` is any stage with deepspeed (null: the JSON's), 0, 1 or null with "
+      "megatron (1: megatron's distributed optimizer, which is ZeRO-1) and null with torch.",
+      summary=_backend_summary)
+def _backend(cfg, world_size):
+    p = cfg.parallel
+    if p.backend == "deepspeed":
+        read_deepspeed_json(p.deepspeed_config)
+        return
+    if p.deepspeed_config is not None:
+        yield Failure(DEEPSPEED_KEY, p.deepspeed_config, "null",
+                      f"{DEEPSPEED_KEY}={p.deepspeed_config!r} is only read by "
+                      f"parallel.backend=deepspeed (backend is {p.backend}); expected null")
+    allowed = (None, 0, 1) if p.backend == "megatron" else (None,)
+    if p.zero_stage not in allowed:
+        text = " or ".join("null" if a is None else str(a) for a in allowed)
+        why = " (1 = megatron's distributed optimizer)" if p.backend == "megatron" else ""
+        yield Failure("parallel.zero_stage", p.zero_stage, text,
+                      f"parallel.zero_stage={p.zero_stage!r} with parallel.backend={p.backend}; "
+                      f"expected {text}{why}")
+
+
+@rule("pipeline", (PP, "parallel.backend", "train.precision"),
+      "PP > 1 runs with the torch backend only (its pipeline schedule), in bf16 or fp32 (the fp16 "
+      "loss scaler's skip decision is per stage).",
+      summary=lambda cfg, w: "no pipeline" if _pp(cfg) == 1 else f"{_pp(cfg)} stages, torch")
+def _pipeline(cfg, world_size):
+    pp, p = _pp(cfg), cfg.parallel
+    if pp == 1:
+        return
+    if p.backend != "torch":
+        yield Failure(PP, pp, "1",
+                      f"{PP}={pp} is not supported with parallel.backend={p.backend!r}: the "
+                      "pipeline schedule runs with the torch backend; expected 1 (or "
+                      "parallel.backend='torch')")
+    if cfg.train.precision == "fp16":
+        yield Failure(PP, pp, "bf16 or fp32",
+                      f"{PP}={pp} with train.precision='fp16': the loss scaler's skip decision "
+                      "is per stage; expected bf16 or fp32")
+
+
+@rule("positions", ("model.position_embedding_type", "model.max_position_embeddings",
+                    "model.seq_length"),
+      "learned positions cover `model.seq_length`; rope needs an even head dimension.")
+def _positions(cfg, world_size):
+    m = cfg.model
+    head_dim = m.hidden_size // m.num_attention_heads
+    if m.position_embedding_type == "rope" and head_dim % 2:
+        yield Failure("model.position_embedding_type", "rope", "an even head dimension",
+                      "model.position_embedding_type=rope needs an even head dimension, got "
+                      f"model.hidden_size / model.num_attention_heads = {head_dim}; expected an "
+                      "even value")
+    if m.position_embedding_type == "learned_absolute" and m.max_positions() < m.seq_length:
+        yield Failure("model.max_position_embeddings", m.max_position_embeddings,
+                      f">= {m.seq_length} or null",
+                      f"model.max_position_embeddings={m.max_position_embeddings} is below "
+                      f"model.seq_length={m.seq_length}; expected >= {m.seq_length} or null")
+
+
+@rule("InRank layers", ("inrank.layers", "model.activation", "inrank.mode", "inrank.stage1_steps"),
+      "with `model.inrank=true`: no InRank fc1 with swiglu (gated fc1); `inrank.stage1_steps` "
+      "null in cumulative mode.",
+      summary=lambda cfg, w: ("dense (model.inrank=false): not checked" if not cfg.model.inrank
+                              else ", ".join(cfg.inrank.layers)))
+def _inrank_layers(cfg, world_size):
+    ir = cfg.inrank
+    if not cfg.model.inrank:
+        return
+    if cfg.model.activation == "swiglu" and "fc1" in ir.layers:
+        yield Failure("inrank.layers", ir.layers, "without fc1",
+                      "inrank.layers contains fc1 but model.activation=swiglu (gated fc1), which "
+                      "InRank layers do not support; expected inrank.layers without fc1 (or "
+                      "model.activation=gelu)")
+    if ir.mode == "cumulative" and ir.stage1_steps is not None:
+        yield Failure("inrank.stage1_steps", ir.stage1_steps, "null",
+                      f"inrank.stage1_steps={ir.stage1_steps} with inrank.mode=cumulative (the "
+                      "cut is an efficient-mode stage); expected null")
+
+
+def _fit_summary(cfg, world_size):
+    if not cfg.model.inrank:
+        return "dense (model.inrank=false): not checked"
+    ir = cfg.inrank
+    fits = [f"{k} max_rank {ir.layer_max_rank(i, o)}"
+            for k, (i, o) in inrank_layer_shapes(cfg).items()]
+    return f"rank + buffer = {ir.rank + ir.buffer} <= " + ", ".join(fits)
+
+
+@rule("InRank rank fits", ("inrank.rank", "inrank.buffer", "inrank.max_rank"),
+      "with `model.inrank=true`, for every InRank layer (fc1: hidden -> ffn, fc2: ffn -> hidden, "
+      "qkv: hidden -> 3 hidden, proj: hidden -> hidden), with `max_rank` = `inrank.max_rank` or "
+      "`min(in, out) // 2`: `max_rank <= min(in, out)`, `inrank.buffer < max_rank` and "
+      "`inrank.rank + inrank.buffer <= max_rank` (spec section 2).", summary=_fit_summary)
+def _inrank_fit(cfg, world_size):
+    if cfg.model.inrank:
+        yield from inrank_fit_failures(cfg)
+
+
+def inrank_fit_failures(cfg: TrainConfig) -> list[Failure]:
+    """What of ``cfg.inrank`` does not fit its layers, whatever ``model.inrank`` says (the planner
+    counts the InRank twin of a dense config too)."""
+    ir, out = cfg.inrank, []
+    for kind, (n_in, n_out) in inrank_layer_shapes(cfg).items():
+        n = min(n_in, n_out)
+        max_rank = ir.layer_max_rank(n_in, n_out)
+        shape = f"layer {kind} ({n_in} -> {n_out}) has max_rank={max_rank}"
+        if max_rank > n:
+            out.append(Failure("inrank.max_rank", max_rank, f"<= {n}",
+                               f"inrank.max_rank={max_rank} exceeds min(in, out)={n} of layer "
+                               f"{kind} ({n_in} -> {n_out}); expected <= {n}"))
+        elif ir.buffer >= max_rank:
+            out.append(Failure("inrank.buffer", ir.buffer, f"< {max_rank}",
+                               f"inrank.buffer={ir.buffer} is too large: {shape}; expected "
+                               f"inrank.buffer < {max_rank}"))
+        elif ir.rank + ir.buffer > max_rank:
+            out.append(Failure("inrank.rank", ir.rank, f"<= {max_rank - ir.buffer}",
+                               f"inrank.rank + inrank.buffer = {ir.rank} + {ir.buffer} = "
+                               f"{ir.rank + ir.buffer} does not fit: {shape}; expected inrank.rank <= "
+                               f"{max_rank - ir.buffer}"))
+    return out
+
+
+@rule("LR schedule", ("train.min_lr", "train.lr", "train.lr_warmup_steps", "train.lr_decay_steps"),
+      "`train.min_lr <= train.lr`; the warm-up is shorter than the decay (unless constant).")
+def _schedule(cfg, world_size):
+    t = cfg.train
+    if t.min_lr > t.lr:
+        yield Failure("train.min_lr", t.min_lr, f"<= {t.lr}",
+                      f"train.min_lr={t.min_lr} is above train.lr={t.lr}; expected <= {t.lr}")
+    if t.lr_decay_style != "constant" and t.lr_warmup_steps >= t.decay_steps():
+        yield Failure("train.lr_warmup_steps", t.lr_warmup_steps, f"< {t.decay_steps()}",
+                      f"train.lr_warmup_steps={t.lr_warmup_steps} is not below the decay length "
+                      f"(train.lr_decay_steps, null = train.steps) = {t.decay_steps()}; expected "
+                      f"< {t.decay_steps()}")
+
+
+_SPLIT = re.compile(r"^\s*\d+(?:\.\d*)?(?:\s*[,/]\s*\d+(?:\.\d*)?){0,2}\s*$")
+
+
+@rule("data", ("data.tokenizer_model", "data.prefix", "data.corpus", "data.split"),
+      "sentencepiece has a `data.tokenizer_model`; there is data (`data.prefix` or "
+      "`data.corpus=wiki`); `data.split` reads as `train,valid,test` weights with train > 0.")
+def _data(cfg, world_size):
+    d = cfg.data
+    if d.tokenizer == "sentencepiece" and d.tokenizer_model is None:
+        yield Failure("data.tokenizer_model", None, "the path of a SentencePiece .model",
+                      "data.tokenizer_model is required when data.tokenizer=sentencepiece; "
+                      "expected the path of a SentencePiece .model")
+    if d.prefix is None and d.corpus == "none":
+        yield Failure("data.prefix", None, "a dataset prefix (or data.corpus=wiki)",
+                      "data.prefix is null and data.corpus=none: nothing to train on; expected a "
+                      "dataset prefix (or data.corpus=wiki)")
+    weights = [float(w) for w in re.split(r"[,/]", d.split)] if _SPLIT.match(d.split) else []
+    if not weights or weights[0] <= 0:
+        yield Failure("data.split", d.split, "train,valid,test weights with train > 0",
+                      f"data.split={d.split!r}; expected up to three non-negative weights "
+                      "train,valid,test with train > 0, e.g. 969,30,1")
+
+
+@rule("megatron needs CUDA", ("parallel.backend",),
+      "`parallel.backend=megatron` needs CUDA (megatron-core's optimizers allocate on 'cuda').",
+      scope="machine")
+def _megatron_cuda(cfg, world_size):
+    if cfg.parallel.backend != "megatron":
+        return
+    import torch
+
+    # megatron-core 0.16.1's optimizers allocate with device='cuda' literals and accept only
+    # 'torch.cuda.*Tensor' parameters (see training/backends/megatron_backend.py).
+    if not torch.cuda.is_available():
+        yield Failure("parallel.backend", "megatron", "torch or deepspeed without a GPU",
+                      "parallel.backend='megatron' (megatron's DDP and optimizer) needs CUDA: "
+                      "megatron-core's optimizers allocate on 'cuda' and refuse CPU tensors; "
+                      "expected parallel.backend='torch' or 'deepspeed' on a machine without a GPU")
+
+
+@rule("DeepSpeed JSON accepted", (DEEPSPEED_KEY,),
+      "the DeepSpeed JSON agrees with the YAML and is one DeepSpeed and this backend accept "
+      "(docs/deepspeed.md).", scope="files")
+def _deepspeed_json(cfg, world_size):
+    if cfg.parallel.backend != "deepspeed":
+        return ()
+    from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_config
+
+    check_deepspeed_config(cfg, world_size)
+    return ()
+
+
+@rule("data files", ("data.prefix", "data.corpus"),
+      "`data.prefix` is set, and its .bin/.idx exist or `data.corpus=wiki` can build them.",
+      scope="files")
+def _data_files(cfg, world_size):
+    from inrank_megatron.training.data import check_data_config
+
+    check_data_config(cfg)
+    return ()
