@@ -120,6 +120,12 @@ class InRankSection:
     resize_policy: str = _field(
         "slice", "Optimizer state at a reallocation: slice (reference), reset or project.",
         choices=POLICIES)
+    fixed_ranks: Optional[Union[int, float, str]] = _field(
+        None, "Fixed-rank baseline (efficient mode): every InRank layer trains at a fixed rank "
+        "from step 1, no growth, no cut, no buffer (the growth keys above are ignored); an "
+        "integer is the rank (40), a float in (0, 1] a fraction of the layer's full rank "
+        "min(in, out), rounded, at least 1 (0.33), text a run directory whose final per-layer "
+        "ranks to take (runs/x); null: InRank growth.", gt=0)
 
     def to_core(self):
         """These settings as the core's :class:`inrank_megatron.core.InRankConfig`."""
@@ -251,11 +257,25 @@ def _optional_inner(tp):
     return None
 
 
+def _union_args(tp):
+    """``(members other than None, whether None is one)`` of a Union of several types, else None
+    (``Optional[X]`` is :func:`_optional_inner`'s)."""
+    if typing.get_origin(tp) is Union:
+        args = typing.get_args(tp)
+        members = [a for a in args if a is not type(None)]
+        if len(members) > 1:
+            return members, len(members) < len(args)
+    return None
+
+
 def type_name(tp) -> str:
     """How a field type reads in messages and in the reference: ``int``, ``int | null``..."""
     inner = _optional_inner(tp)
     if inner is not None:
         return f"{type_name(inner)} | null"
+    union = _union_args(tp)
+    if union is not None:
+        return " | ".join([type_name(a) for a in union[0]] + (["null"] if union[1] else []))
     if typing.get_origin(tp) is list:
         return f"list[{type_name(typing.get_args(tp)[0])}]"
     return tp.__name__
@@ -311,7 +331,7 @@ def _check_scalar(key: str, value, tp, meta: Mapping, *, expected: str, shown):
         raise ConfigError(f"{key}: {_show(value)} is not allowed; expected one of "
                           f"{', '.join(format_value(c) for c in choices)}{_hint(value, choices)}")
     for bound, (op, ok) in _BOUNDS.items():
-        if bound in meta and not ok(value, meta[bound]):
+        if bound in meta and tp is not str and not ok(value, meta[bound]):
             raise ConfigError(f"{key}: expected a value {op} {meta[bound]}, got {value}")
     return value
 
@@ -330,6 +350,16 @@ def check_value(key: str, value, tp, meta: Optional[Mapping] = None):
         if value is None:
             return None
         tp = inner
+    union = _union_args(tp)
+    if union is not None:  # a scalar of one of several types: the member of the value's own type
+        members, optional = union
+        if value is None and optional:
+            return None
+        match = [m for m in members if type(value) is m]
+        if not match:
+            raise ConfigError(f"{key}: expected {expected}, got {_show(value)} "
+                              f"({type(value).__name__})")
+        return _check_scalar(key, value, match[0], meta, expected=expected, shown=value)
     if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -615,6 +645,15 @@ the file and the overrides takes the default below.
 
 **Dense baseline:** `model.inrank=false` builds the same GPT with dense layers everywhere and
 ignores the `inrank` section: the comparison run is a one-key change.
+
+**Fixed-rank baseline:** `inrank.fixed_ranks` trains the same low-rank model at fixed ranks from
+step 1 (no growth, no cut, no buffer; efficient mode's factor init over just those slots, so its
+parameters equal InRank's after a cut at the same ranks):
+
+    inrank.fixed_ranks=40        every InRank layer at rank 40
+    inrank.fixed_ranks=0.33      each layer at round(0.33 * min(in, out)), at least 1
+    inrank.fixed_ranks=runs/x    each layer at the rank run runs/x ended with (its latest
+                                 checkpoint's growth state, else its summary.json), by layer name
 
 ## Checks
 

@@ -437,6 +437,40 @@ def inrank_fit_failures(cfg: TrainConfig) -> list[Failure]:
     return out
 
 
+@rule("fixed ranks", ("inrank.fixed_ranks", "inrank.mode"),
+      "with `model.inrank=true` and `inrank.fixed_ranks` set: efficient mode; an integer rank "
+      "within `min(in, out)` of every InRank layer, or a fraction in (0, 1]. A run directory's "
+      "ranks are read, and its layers' names and shapes checked, by the trainer before a fresh "
+      "run starts (`inrank_megatron.training.fixed_ranks`).",
+      summary=lambda cfg, w: ("growing (inrank.fixed_ranks=null)"
+                              if cfg.inrank.fixed_ranks is None or not cfg.model.inrank
+                              else f"fixed at {cfg.inrank.fixed_ranks}"))
+def _fixed_ranks(cfg, world_size):
+    value, key = cfg.inrank.fixed_ranks, "inrank.fixed_ranks"
+    if value is None or not cfg.model.inrank:
+        return
+    shown = f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
+    if cfg.inrank.mode != "efficient":
+        yield Failure(key, value, "null with inrank.mode=cumulative",
+                      f"{shown} with inrank.mode={cfg.inrank.mode}: the fixed-rank baseline is "
+                      "an efficient-mode run (W = B A); expected inrank.mode=efficient or "
+                      f"{key}=null")
+    if isinstance(value, float) and value > 1:
+        yield Failure(key, value, "a fraction in (0, 1]",
+                      f"{shown}: a float is a fraction of each layer's full rank and must be in "
+                      "(0, 1]; expected e.g. 0.33, or an integer for a rank")
+    if isinstance(value, int):
+        for kind, (n_in, n_out) in inrank_layer_shapes(cfg).items():
+            n = min(n_in, n_out)
+            if value > n:
+                yield Failure(key, value, f"1..{n}",
+                              f"{shown} exceeds the full rank min(in, out)={n} of layer {kind} "
+                              f"({n_in} -> {n_out}); expected 1..{n}")
+                break
+    if isinstance(value, str) and not value.strip():
+        yield Failure(key, value, "a rank, a fraction or a run directory")
+
+
 @rule("LR schedule", ("train.min_lr", "train.lr", "train.lr_warmup_steps", "train.lr_decay_steps"),
       "`train.min_lr <= train.lr`; the warm-up is shorter than the decay (unless constant).")
 def _schedule(cfg, world_size):

@@ -88,6 +88,10 @@ def main(argv=None) -> int:
         # Every rule: the config's, this machine's (CUDA) and the files' (data, DeepSpeed JSON).
         rules.validate(cfg, env["world_size"], scopes=rules.ALL_SCOPES)
         resume_path = resolve_resume(cfg, env["world_size"])
+        if resume_path is None:
+            from inrank_megatron.training.fixed_ranks import resolve_fixed_ranks
+
+            resolve_fixed_ranks(cfg)  # a fixed-rank run's ranks (a run directory read) are sound
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

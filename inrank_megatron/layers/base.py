@@ -54,6 +54,7 @@ class InRankFactorsMixin:
         self.full_in_features = in_features
         self.full_out_features = out_features
         self._inrank_in_slice = in_slice
+        self._inrank_out_slice = out_slice
         self.growth = GrowthState(rank=config.rank, buffer=config.buffer, max_rank=max_rank,
                                   threshold=config.threshold, warmup=config.warmup, gap=config.gap,
                                   rule=config.rule, layer=layer or "")
@@ -138,6 +139,33 @@ class InRankFactorsMixin:
             [self.B.detach(), self.B.new_zeros(self.B.shape[0], slots - have)], dim=1))
         return FactorResize(self.growth.layer, "extend", have, slots, old,
                             {"A": self.A, "B": self.B})
+
+    def fix_rank(self, rank: int) -> None:
+        """The fixed-rank baseline: train at ``rank`` from the start, no growth, no cut.
+
+        Reallocates exactly ``rank`` slots (no buffer, so the layer has the parameters of an InRank
+        layer cut at that rank), drawn as efficient mode draws its factors (kaiming-uniform times
+        ``init_scale``, B's fan-in its slot count), full-size from a generator seeded at init by
+        the global CPU RNG, so that every TP size and rank draws the same full factors. Call it
+        before the optimizer is built.
+        """
+        n = min(self.full_in_features, self.full_out_features)
+        name = self.growth.layer
+        if self.inrank_config.mode != "efficient":
+            raise ValueError(f"layer {name}: a fixed rank needs efficient mode, got "
+                             f"{self.inrank_config.mode!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= n:
+            raise ValueError(f"layer {name}: fixed rank must be an integer in 1..{n} "
+                             f"(min(in, out)), got {rank!r}")
+        gen = torch.Generator().manual_seed(self._extend_seed)
+        full = init_factors("efficient", self.full_in_features, self.full_out_features, rank,
+                            init_scale=self.inrank_config.init_scale, generator=gen)
+        self.A = replace_parameter(self.A, full.A[:, self._inrank_in_slice])
+        self.B = replace_parameter(self.B, full.B[self._inrank_out_slice])
+        g = self.growth
+        self.growth = GrowthState(rank=rank, buffer=0, max_rank=rank, threshold=g.threshold,
+                                  warmup=g.warmup, gap=g.gap, stage="fixed", step=0, rule=g.rule,
+                                  layer=name)
 
     def cut(self, step: int) -> FactorResize:
         """Stage 1 -> stage 2 (spec section 4): truncate the active product to the current rank,

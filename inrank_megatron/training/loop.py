@@ -79,6 +79,12 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
     model = build_model(cfg, tokenizer.vocab_size, groups.tp_size)
     controller = GrowthController(model, stage1_steps=cfg.inrank.stage1_steps
                                   if cfg.model.inrank else None)
+    if resume_path is None and cfg.model.inrank and cfg.inrank.fixed_ranks is not None:
+        from inrank_megatron.training.fixed_ranks import resolve_fixed_ranks
+
+        ranks = resolve_fixed_ranks(cfg)  # a resumed run takes its ranks from the checkpoint
+        for name, layer in controller.layers:
+            layer.fix_rank(ranks[name])
     start_step, weights_only = 0, False
     if resume_path is not None:
         meta = ckpt.read_meta(resume_path)

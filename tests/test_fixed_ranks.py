@@ -1,0 +1,201 @@
+"""The fixed-rank baseline (``inrank.fixed_ranks``).
+
+Pins down: the three forms (rank, fraction of min(in, out), another run's per-layer ranks from its
+latest checkpoint or its summary) resolve to exact per-layer ranks; bad values (0, negative, over
+the full rank, fraction > 1, cumulative mode, missing run directory, a run of another architecture)
+are refused naming the key (and the layer); a layer fixed at rank r allocates exactly r slots drawn
+as efficient mode draws them, has the parameters of an InRank layer cut at r, and is the same full
+layer at TP=1 and TP=2; and, end to end at TP=2 (slow), a run at another run's learned ranks keeps
+them with no growth and no cut, has exactly that InRank run's parameter count, resumes bit for bit,
+and exports (native and Hugging Face) to a model whose validation loss is the run's.
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from inrank_megatron.config import ConfigError, load_config, save_config, to_dict, validate_layout
+from inrank_megatron.training.fixed_ranks import fraction_rank, resolve_fixed_ranks
+from tests.distributed import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny-cpu.yaml")
+NAMES = [f"decoder.layers.{i}.mlp.linear_fc{j}" for i in range(4) for j in (1, 2)]
+
+
+def _cfg(*overrides):
+    cfg = load_config(TINY, list(overrides))
+    validate_layout(cfg, 2)
+    return cfg
+
+
+def _run_dir(path, ranks, overrides=(), *, checkpoint):
+    """A run directory as training leaves it: a latest checkpoint, or summary.json + config.yaml."""
+    cfg = load_config(TINY, list(overrides))
+    os.makedirs(path)
+    if checkpoint:
+        step = os.path.join(path, "checkpoints", "step_000010")
+        os.makedirs(step)
+        with open(os.path.join(path, "checkpoints", "latest"), "w") as f:
+            f.write("step_000010\n")
+        with open(os.path.join(step, "meta.json"), "w") as f:
+            json.dump({"step": 10, "config": to_dict(cfg)}, f)
+        growth = {n: {"growth": {"rank": r, "buffer": 0, "max_rank": 64, "stage": "fixed"},
+                      "allocated_slots": r, "extend_seed": 1} for n, r in ranks.items()}
+        with open(os.path.join(step, "inrank_growth.json"), "w") as f:
+            json.dump(growth, f)
+    else:
+        save_config(cfg, os.path.join(path, "config.yaml"))
+        with open(os.path.join(path, "summary.json"), "w") as f:
+            json.dump({"ranks": ranks}, f)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- the three forms
+def test_rank_and_fraction_resolve_per_layer():
+    assert resolve_fixed_ranks(_cfg("inrank.fixed_ranks=40")) == dict.fromkeys(NAMES, 40)
+    # min(128, 512) = 128 for fc1 and fc2: 0.33 * 128 = 42.24 -> 42; 1.0 is full rank.
+    assert resolve_fixed_ranks(_cfg("inrank.fixed_ranks=0.33")) == dict.fromkeys(NAMES, 42)
+    assert resolve_fixed_ranks(_cfg("inrank.fixed_ranks=1.0")) == dict.fromkeys(NAMES, 128)
+    assert resolve_fixed_ranks(_cfg("inrank.fixed_ranks=null")) == {}
+    assert resolve_fixed_ranks(_cfg("inrank.fixed_ranks=40", "model.inrank=false")) == {}
+    assert fraction_rank(0.001, 128) == 1 and fraction_rank(0.5, 7) == 4
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_ranks_from_another_run(tmp_path, checkpoint):
+    ranks = {n: 30 + i for i, n in enumerate(NAMES)}
+    run = _run_dir(tmp_path / "x", ranks, checkpoint=checkpoint)
+    assert resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={run}")) == ranks
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "inrank.fixed_ranks (override 'inrank.fixed_ranks=0'): expected a value > 0, got 0"),
+    ("-3", "expected a value > 0, got -3"),
+    ("-0.5", "expected a value > 0, got -0.5"),
+    ("129", "inrank.fixed_ranks=129 exceeds the full rank min(in, out)=128 of layer fc1"),
+    ("1.5", "inrank.fixed_ranks=1.5: a float is a fraction of each layer's full rank and must be "
+            "in (0, 1]"),
+    ("true", "inrank.fixed_ranks (override 'inrank.fixed_ranks=true'): expected int | float | "
+             "str | null, got true (bool)"),
+])
+def test_bad_values_are_refused_naming_the_key(value, message):
+    with pytest.raises(ConfigError) as error:
+        _cfg(f"inrank.fixed_ranks={value}")
+    assert message in str(error.value)
+
+
+def test_cumulative_mode_is_refused():
+    with pytest.raises(ConfigError, match=r"inrank.fixed_ranks=8 with inrank.mode=cumulative"):
+        _cfg("inrank.fixed_ranks=8", "inrank.mode=cumulative", "inrank.stage1_steps=null")
+
+
+def test_bad_run_directories_are_refused_naming_the_layer(tmp_path):
+    with pytest.raises(ConfigError, match=r"inrank.fixed_ranks='.*nope': no such run directory"):
+        resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={tmp_path / 'nope'}"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ConfigError, match=r"holds neither a checkpoint .* nor summary.json"):
+        resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={tmp_path / 'empty'}"))
+    # Another width: same names, other shapes.
+    wide = _run_dir(tmp_path / "wide", dict.fromkeys(NAMES, 8), ["model.hidden_size=64"],
+                    checkpoint=True)
+    with pytest.raises(ConfigError, match=r"layer decoder.layers.0.mlp.linear_fc1 is 64 -> 512 "
+                                          r"there, 128 -> 512 here"):
+        resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={wide}"))
+    # Fewer layers: this model's layer 2 is not there.
+    short = _run_dir(tmp_path / "short", {n: 8 for n in NAMES[:4]}, ["model.num_layers=2"],
+                     checkpoint=False)
+    with pytest.raises(ConfigError, match=r"that run has no InRank layer "
+                                          r"decoder.layers.2.mlp.linear_fc1"):
+        resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={short}"))
+    # A dense run has no ranks to take.
+    dense = _run_dir(tmp_path / "dense", {}, ["model.inrank=false"], checkpoint=False)
+    with pytest.raises(ConfigError, match=r"that run has no InRank layer "
+                                          r"decoder.layers.0.mlp.linear_fc1"):
+        resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={dense}"))
+
+
+def test_train_refuses_before_any_process_group(tmp_path, capsys):
+    from inrank_megatron.train import main
+
+    out = tmp_path / "out"
+    code = main(["--config", TINY, f"output.dir={out}", "parallel.tensor_model_parallel_size=1",
+                 f"inrank.fixed_ranks={tmp_path / 'missing'}"])
+    assert code == 2 and not out.exists()
+    assert "error: inrank.fixed_ranks=" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
+
+
+# ------------------------------------------------------------------------------------ the layer
+def test_fixed_layer_allocates_the_rank_drawn_as_efficient_mode():
+    from inrank_megatron import InRankConfig
+    from inrank_megatron.core.init import init_factors
+    from inrank_megatron.layers.linear import InRankLinear
+
+    cfg = InRankConfig(rank=2, buffer=8, init_scale=0.5)
+    torch.manual_seed(0)
+    layer = InRankLinear(48, 80, cfg, name="fc")
+    layer.fix_rank(6)
+    g = layer.growth
+    assert (g.rank, g.buffer, g.stage, g.layer) == (6, 0, "fixed", "fc")
+    assert layer.A.shape == (6, 48) and layer.B.shape == (80, 6) and layer.active_slots == 6
+    ref = init_factors("efficient", 48, 80, 6, init_scale=0.5,
+                       generator=torch.Generator().manual_seed(layer._extend_seed))
+    assert torch.equal(layer.A, ref.A) and torch.equal(layer.B, ref.B)
+    assert layer.B.abs().max() <= 0.5 / math.sqrt(6) + 1e-7  # kaiming bound, fan-in = 6 slots
+    # The same parameters as an InRank layer of that shape cut at rank 6.
+    grown = InRankLinear(48, 80, cfg)
+    grown.set_rank(6)
+    grown.cut(step=1)
+    assert [p.shape for p in layer.parameters()] == [p.shape for p in grown.parameters()]
+    for bad in (0, 49, 2.5):
+        with pytest.raises(ValueError, match=r"layer fc: fixed rank must be an integer in 1..48"):
+            layer.fix_rank(bad)
+
+
+def _tp_body(rank, world_size):
+    from megatron.core import parallel_state
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    from inrank_megatron import InRankConfig, enable_cpu_fallback
+    from inrank_megatron.tensor_parallel import (
+        InRankColumnParallelLinear, InRankRowParallelLinear,
+    )
+
+    enable_cpu_fallback()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    group = parallel_state.get_tensor_model_parallel_group()
+    config = ModelParallelConfig(tensor_model_parallel_size=world_size,
+                                 use_cpu_initialization=True, params_dtype=torch.float32,
+                                 gradient_accumulation_fusion=False)
+    out = {}
+    for cls, extra, dim in ((InRankColumnParallelLinear, {"gather_output": False}, ("B", 0)),
+                            (InRankRowParallelLinear, {"input_is_parallel": True}, ("A", 1))):
+        torch.manual_seed(1234)
+        layer = cls(48, 80, config=config, init_method=None, bias=True, skip_bias_add=False,
+                    inrank_config=InRankConfig(rank=2, buffer=4), **extra)
+        layer.fix_rank(5)
+        full = {}
+        for role in ("A", "B"):
+            t = getattr(layer, role).detach()
+            if role == dim[0] and world_size > 1:
+                parts = [torch.empty_like(t) for _ in range(world_size)]
+                torch.distributed.all_gather(parts, t.contiguous(), group=group)
+                t = torch.cat(parts, dim=dim[1])
+            full[role] = t.clone()
+        sharded = getattr(layer, dim[0])
+        out[cls.__name__] = (full, getattr(sharded, "tensor_model_parallel", False),
+                             layer.growth.stage, layer.allocated_slots)
+    return out
+
+
+def test_fixed_layers_are_the_same_full_layer_at_tp1_and_tp2():
+    ref = run_distributed(_tp_body, 1)[0]
+    for result in run_distributed(_tp_body, 2):
+        for name, (full, tp_attr, stage, slots) in result.items():
+            assert stage == "fixed" and slots == 5 and tp_attr
+            assert full["A"].shape == (5, 48) and full["B"].shape == (80, 5)
+            assert all(torch.equal(full[r], ref[name][0][r]) for r in ("A", "B"))
