@@ -7,7 +7,8 @@ are refused naming the key (and the layer); a layer fixed at rank r allocates ex
 as efficient mode draws them, has the parameters of an InRank layer cut at r, and is the same full
 layer at TP=1 and TP=2; and, end to end at TP=2 (slow), a run at another run's learned ranks keeps
 them with no growth and no cut, has exactly that InRank run's parameter count, resumes bit for bit,
-and exports (native and Hugging Face) to a model whose validation loss is the run's.
+reshards to TP=1 and trains on, and exports (native and Hugging Face) to a model whose validation
+loss is the run's.
 """
 
 import json
@@ -199,3 +200,107 @@ def test_fixed_layers_are_the_same_full_layer_at_tp1_and_tp2():
             assert stage == "fixed" and slots == 5 and tp_attr
             assert full["A"].shape == (5, 48) and full["B"].shape == (80, 5)
             assert all(torch.equal(full[r], ref[name][0][r]) for r in ("A", "B"))
+
+
+# ------------------------------------------------------------------------ end to end, TP = 2
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An InRank run grown and cut at step 8 of 16, then a run fixed at its learned ranks (with a
+    checkpoint at step 8), and that run resumed from step 8 in another directory."""
+    from tests.test_train_runs import SHORT, run_train
+
+    quick = [*SHORT, "output.tensorboard=false", "train.save_interval=8"]
+    root = tmp_path_factory.mktemp("fixed")
+    learned, fixed, resumed = (str(root / n) for n in ("learned", "fixed", "resumed"))
+    run_train([*quick, f"output.dir={learned}", "train.save_interval=16"])
+    run_train([*quick, f"output.dir={fixed}", f"inrank.fixed_ranks={learned}"])
+    run_train([*quick, f"output.dir={resumed}", f"inrank.fixed_ranks={learned}",
+               f"output.resume={os.path.join(fixed, 'checkpoints', 'step_000008')}"])
+    return {"learned": learned, "fixed": fixed, "resumed": resumed}
+
+
+def _read(run, name):
+    import csv
+
+    with open(os.path.join(run, name)) as f:
+        return json.load(f) if name.endswith(".json") else list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_run_at_learned_ranks_has_inranks_parameters_and_no_growth(runs):
+    learned, fixed = _read(runs["learned"], "summary.json"), _read(runs["fixed"], "summary.json")
+    assert len(set(learned["ranks"].values())) > 1  # per-layer ranks, not one number
+    assert fixed["ranks"] == learned["ranks"] and fixed["stage"] == "fixed" and fixed["finished"]
+    assert fixed["parameters"] == learned["parameters"]  # InRank's after the cut
+    ranks = _read(runs["fixed"], "ranks.csv")  # the ranks at step 0, and no check after
+    assert {(r["step"], r["explained_ratio"]) for r in ranks} == {("0", "")}
+    assert {r["layer"]: int(r["rank"]) for r in ranks} == learned["ranks"]
+    assert _read(runs["fixed"], "events.csv") == []  # no cut at inrank.stage1_steps
+    losses = fixed["train_losses"]
+    assert sum(losses[-4:]) < sum(losses[:4])
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical(runs):
+    fixed, resumed = _read(runs["fixed"], "summary.json"), _read(runs["resumed"], "summary.json")
+    assert resumed["train_losses"] == fixed["train_losses"][8:]
+    assert resumed["valid_loss"] == fixed["valid_loss"] and resumed["ranks"] == fixed["ranks"]
+
+
+@pytest.mark.slow
+def test_exports_give_the_runs_validation_loss(runs, tmp_path):
+    from inrank_megatron import inference
+    from inrank_megatron.data.tokenizers import build_tokenizer
+    from inrank_megatron.export import export_hf, export_inrank, load_checkpoint
+    from inrank_megatron.training.data import build_datasets, eval_microbatches
+
+    ckpt = load_checkpoint(runs["fixed"])
+    learned = _read(runs["learned"], "summary.json")["ranks"]
+    assert {n: (l.stage, l.buffer, l.allocated_slots) for n, l in ckpt.layers.items()} == \
+        {n: ("fixed", 0, r) for n, r in learned.items()}
+    cfg = ckpt.cfg
+    batches = eval_microbatches(build_datasets(cfg, build_tokenizer(
+        cfg.data.tokenizer, cfg.data.tokenizer_model), 1).valid, cfg, 1, 0)
+
+    def loss(logits, batch):
+        per_token = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), batch["labels"], reduction="none")
+        mask = batch["loss_mask"].float()
+        return float((per_token * mask).sum() / mask.sum())
+
+    # The checkpoint in plain torch, at the padded vocabulary training used: the run's loss.
+    specs = inference._inrank_specs({n: l.active_slots for n, l in ckpt.layers.items()}, False)
+    padded = inference.GPT.from_tensors(inference.GPTConfig.from_model_section(
+        cfg.model, ckpt.padded_vocab_size, specs), ckpt.tensors)
+    with torch.no_grad():
+        reference = [padded(b["tokens"]) for b in batches]
+    valid = sum(loss(r, b) for r, b in zip(reference, batches)) / len(batches)
+    assert valid == pytest.approx(_read(runs["fixed"], "summary.json")["valid_loss"], abs=1e-5)
+    # The exports drop the vocabulary padding; their logits are the checkpoint's.
+    export_inrank(ckpt, str(tmp_path / "native"))
+    export_hf(ckpt, str(tmp_path / "hf"))
+    for path in ("native", "hf"):
+        model = inference.load(str(tmp_path / path))
+        with torch.no_grad():
+            for r, b in zip(reference, batches):
+                torch.testing.assert_close(model(b["tokens"]), r[..., :ckpt.vocab_size],
+                                           rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resharded_to_tp1_continues(runs, tmp_path):
+    """``reshard`` to TP=1 x DP=2 (no run-directory read: the checkpoint holds the ranks), then
+    training on follows the TP=2 run."""
+    from inrank_megatron.convert.layout import reshard
+    from tests.test_train_runs import SHORT, run_train
+
+    out = str(tmp_path / "tp1")
+    step = os.path.join(out, "checkpoints", "step_000008")
+    reshard(os.path.join(runs["fixed"], "checkpoints", "step_000008"), step, tp=1)
+    run_train([*SHORT, "output.tensorboard=false", "train.save_interval=8", f"output.dir={out}",
+               f"inrank.fixed_ranks={runs['learned']}", f"output.resume={step}",
+               "parallel.tensor_model_parallel_size=1"])
+    ref = _read(runs["fixed"], "summary.json")
+    s = _read(out, "summary.json")
+    assert s["ranks"] == ref["ranks"] and s["parameters"] == ref["parameters"]
+    assert s["train_losses"] == pytest.approx(ref["train_losses"][8:], rel=1e-4)
