@@ -32,9 +32,11 @@ from tests.distributed import run_distributed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.relpath(p, REPO)
                  for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")))
-BIG = [c for c in CONFIGS if not c.endswith("tiny-cpu.yaml")]
+CPU_CONFIGS = ("configs/tiny-cpu.yaml", "configs/study-cpu.yaml")
+BIG = [c for c in CONFIGS if c not in CPU_CONFIGS]
 # The world size each config is written for (its first launch line); 2 x 8 is checked for all.
-NATURAL_WORLD = {"configs/tiny-cpu.yaml": 2, "configs/gpt-13b.yaml": 16}
+NATURAL_WORLD = {"configs/tiny-cpu.yaml": 2, "configs/study-cpu.yaml": 1,
+                 "configs/gpt-13b.yaml": 16}
 
 
 @pytest.fixture(autouse=True)
