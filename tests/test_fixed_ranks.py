@@ -193,6 +193,7 @@ def _tp_body(rank, world_size):
     return out
 
 
+@pytest.mark.slow  # three spawned processes importing megatron
 def test_fixed_layers_are_the_same_full_layer_at_tp1_and_tp2():
     ref = run_distributed(_tp_body, 1)[0]
     for result in run_distributed(_tp_body, 2):
