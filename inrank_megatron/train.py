@@ -23,6 +23,7 @@ import sys
 from typing import Optional
 
 from inrank_megatron import rules
+from inrank_megatron.checkpoint_format import CheckpointError
 from inrank_megatron.config import ConfigError, TrainConfig, diff_incompatible, from_dict, load_config
 
 
@@ -37,37 +38,70 @@ def parse_args(argv=None):
 
 
 def resolve_resume(cfg: TrainConfig, world_size: int):
-    """The checkpoint to resume from (or None), checked against this run's config and layout."""
-    from inrank_megatron.training import checkpoint as ckpt
+    """The checkpoint to resume from (or None), checked against this run's config and layout, its
+    pickled files checked for code (nothing is loaded yet)."""
+    from inrank_megatron.checkpoint_format import (
+        CHECKPOINTS_DIR, check_pickles, is_complete, read_meta,
+    )
 
     resume = cfg.output.resume
     if resume == "none":
         return None
-    if resume == "auto":
-        path = ckpt.latest_checkpoint(os.path.join(cfg.output.dir, "checkpoints"))
-        if path is None:
-            return None
-    else:
-        path = resume
-        if not os.path.isdir(path):
-            raise ConfigError(f"output.resume={resume!r}: no such checkpoint directory")
     try:
-        meta = ckpt.read_meta(path)
-    except FileNotFoundError as e:
+        if resume == "auto":
+            path = auto_resume_path(os.path.join(cfg.output.dir, CHECKPOINTS_DIR))
+            if path is None:
+                return None
+        else:
+            path = resume
+            if not os.path.isdir(path):
+                raise ConfigError(f"output.resume={resume!r}: no such checkpoint directory")
+            reason = is_complete(path)
+            if reason:
+                raise ConfigError(f"output.resume={resume!r} is not a complete checkpoint: {reason}")
+        meta = read_meta(path)
+        check_pickles(path)
+    except CheckpointError as e:
         raise ConfigError(f"output.resume={resume!r}: {e}") from None
-    changed = diff_incompatible(from_dict(meta["config"]), cfg)
+    changed = diff_incompatible(from_dict(meta.config), cfg)
     if changed:
         raise ConfigError(f"output.resume: checkpoint {path} was trained with a different "
                           f"{', '.join(changed)}; resume with the same values (or start a new "
                           "output.dir)")
     # A weights-only checkpoint (tools/import_hf.py, to-dense) is a megatron dist checkpoint of the
     # model and nothing else: every backend starts from it with a fresh optimizer.
-    if meta["backend"] != cfg.parallel.backend and not meta.get("weights_only"):
+    if meta.backend != cfg.parallel.backend and not meta.weights_only:
         raise ConfigError(f"output.resume: checkpoint {path} was written by backend "
-                          f"{meta['backend']!r}, this run uses parallel.backend="
+                          f"{meta.backend!r}, this run uses parallel.backend="
                           f"{cfg.parallel.backend!r}; convert it with tools/convert_checkpoint.py "
-                          f"{'from' if meta['backend'] == 'deepspeed' else 'to'}-deepspeed")
+                          f"{'from' if meta.backend == 'deepspeed' else 'to'}-deepspeed")
     return path
+
+
+def auto_resume_path(root: str):
+    """``output.resume=auto``: the step directory ``root/latest`` names when it is complete, else
+    the newest complete step directory; None when ``root`` holds no step directory at all.
+
+    Raises:
+        CheckpointError: step directories exist but none is complete (never start fresh over
+            them), or ``latest`` names something other than a step directory of ``root``.
+    """
+    from inrank_megatron.checkpoint_format import complete_step_dirs, is_complete, read_latest
+
+    latest = read_latest(root)
+    if latest is not None and is_complete(latest) is None:
+        return latest
+    complete = complete_step_dirs(root)
+    if complete:
+        return complete[-1]
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) \
+        if os.path.isdir(root) else []
+    if not steps:
+        return None
+    raise CheckpointError(f"{root} holds {', '.join(steps)} but no complete checkpoint "
+                          f"({is_complete(os.path.join(root, steps[-1]))}); refusing to start "
+                          "fresh over them: resume one with output.resume=<step dir>, or choose "
+                          "another output.dir")
 
 
 def check_supported(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
@@ -100,6 +134,10 @@ def main(argv=None) -> int:
 
     try:
         summary = train(cfg, resume_path=resume_path, dist_backend=env["backend"])
+    except CheckpointError as e:  # a refused checkpoint file: one line, nothing of it ran
+        if env["rank"] == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         shutdown()
     if env["rank"] == 0:

@@ -15,6 +15,7 @@ from tests.test_train_runs import REPO, SHORT, _summary, run_train
 
 
 def _loss_body(rank, world_size, step_dir):
+    from inrank_megatron.checkpoint_format import read_meta
     from inrank_megatron.config import from_dict
     from inrank_megatron.data.tokenizers import build_tokenizer
     from inrank_megatron.growth.controller import GrowthController
@@ -24,8 +25,8 @@ def _loss_body(rank, world_size, step_dir):
     from inrank_megatron.training.loop import build_model
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
-    meta = ckpt.read_meta(step_dir)
-    cfg = from_dict(meta["config"])
+    meta = read_meta(step_dir)
+    cfg = from_dict(meta.config)
     groups = init_parallel(cfg.parallel.tensor_model_parallel_size, 1, backend="gloo")
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
     data = build_datasets(cfg, tokenizer, groups.dp_size)
@@ -34,7 +35,7 @@ def _loss_body(rank, world_size, step_dir):
     controller = GrowthController(model, stage1_steps=cfg.inrank.stage1_steps)
     ckpt.load_growth_state(step_dir, controller)
     backend = build_backend(cfg, model, groups)
-    if meta.get("weights_only"):
+    if meta.weights_only:
         ckpt.load_model_weights(step_dir, model)
     else:
         backend.load(step_dir)

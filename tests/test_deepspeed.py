@@ -215,6 +215,8 @@ def _checkpoint_body(rank, world_size, tmpdir, stage, tp):
     """Train, cut, save; return this rank's full masters (all ranks agree on replicated ones)."""
     from megatron.core import parallel_state
 
+    from inrank_megatron.checkpoint_format import Meta
+    from inrank_megatron.config import to_dict
     from inrank_megatron.growth.controller import GrowthController
     from inrank_megatron.training import checkpoint as ckpt
     from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
@@ -234,7 +236,10 @@ def _checkpoint_body(rank, world_size, tmpdir, stage, tp):
             backend.resize(report.resizes, "project")
     path = ckpt.save_training_checkpoint(os.path.join(tmpdir, "ckpt"), 2, controller=controller,
                                          backend=backend, groups=groups, rng=rng_state(),
-                                         meta={"step": 2})
+                                         meta=Meta(step=2, consumed_samples=8,
+                                                   world_size=world_size, tp=tp, pp=1,
+                                                   dp=world_size // tp, backend="deepspeed",
+                                                   config=to_dict(cfg)))
     masters = {n: _full_state(backend.engine, p, stage)[None] for n, p in model.named_parameters()}
     shard = {n: (bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", -1))
              for n, p in model.named_parameters()}

@@ -216,7 +216,7 @@ def test_import_cumulative_round_trip(hf_model, tmp_path):
     proc = _tool("import_hf.py", hf_model, imported, "--mode", "cumulative", "inrank.buffer=4")
     assert proc.returncode == 0, proc.stderr
     ckpt = load_checkpoint(str(imported))
-    assert ckpt.step == 0 and ckpt.meta["weights_only"] and ckpt.cfg.data.tokenizer == "gpt2"
+    assert ckpt.step == 0 and ckpt.meta.weights_only and ckpt.cfg.data.tokenizer == "gpt2"
     original = load_file(os.path.join(hf_model, "model.safetensors"))
     for name, layer in ckpt.layers.items():  # starts exactly at the pretrained weights
         assert layer.stage == "growing" and layer.active_slots == 2 + 4

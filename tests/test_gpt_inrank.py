@@ -5,6 +5,8 @@ the gathered factors and are identical on all ranks; the controller fires only o
 megatron dist checkpoint saved at TP=2 loads at TP=1 and TP=4 with identical outputs and growth
 state (including after the cut, when the factors have been reallocated)."""
 
+import os
+
 import pytest
 import torch
 
@@ -139,8 +141,9 @@ def test_gpt_inrank_sequence_parallel_and_cumulative():
 def _ckpt_body(rank, world_size, ckpt_dir, action, cut):
     from megatron.core import dist_checkpointing, parallel_state
 
-    from inrank_megatron.checkpointing import load_model_checkpoint, save_model_checkpoint
+    from inrank_megatron.checkpoint_format import write_growth
     from inrank_megatron.growth.controller import GrowthController
+    from inrank_megatron.training.checkpoint import load_growth_state, load_model_weights
 
     model, icfg = _setup(world_size, seed=99 if action == "load" else 1234)
     controller = GrowthController(model, stage1_steps=icfg.stage1_steps)
@@ -150,9 +153,18 @@ def _ckpt_body(rank, world_size, ckpt_dir, action, cut):
             layer.set_rank(5)
             if cut:
                 layer.cut(step=3)
-        save_model_checkpoint(ckpt_dir, model, controller)
-    else:
-        load_model_checkpoint(ckpt_dir, model, controller)
+        # The training checkpoint's model part: megatron's dist checkpoint and the growth file.
+        if rank == 0:
+            os.makedirs(os.path.join(ckpt_dir, "model"))
+        torch.distributed.barrier()
+        dist_checkpointing.save({"model": model.sharded_state_dict()},
+                                os.path.join(ckpt_dir, "model"))
+        if rank == 0:
+            write_growth(ckpt_dir, controller.state_dict())
+        torch.distributed.barrier()
+    else:  # what a weights-only resume does
+        load_growth_state(ckpt_dir, controller)
+        load_model_weights(ckpt_dir, model)
     with torch.no_grad():
         loss = model(tokens, pos, attention_mask=None, labels=labels).float().mean().item()
     del dist_checkpointing, parallel_state

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     try:
         result = save_consolidated(args.checkpoint, args.output)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # CheckpointError (unsafe file), exists, missing
         print(f"error: {error}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in result["state_dict"].values())

@@ -29,6 +29,9 @@ import os
 import shutil
 from typing import Optional
 
+from inrank_megatron.checkpoint_format import (
+    Meta, check_destination, check_pickles, new_work_dir, read_meta,
+)
 from inrank_megatron.config import ConfigError, TrainConfig, from_dict, to_dict, validate_layout
 from inrank_megatron.rules import read_deepspeed_json
 
@@ -50,15 +53,10 @@ class ConversionPlan:
     vocab_size: int
 
     @property
-    def work_dir(self) -> str:
-        """Where the checkpoint is written before it is renamed to ``dst``."""
-        return os.path.join(os.path.dirname(self.dst), f".{os.path.basename(self.dst)}.convert")
-
-    @property
     def same_ranks(self) -> bool:
         """Whether the source's per-rank RNG streams belong to this job's ranks."""
-        return self.world_size == self.src_meta.get("world_size") and \
-            self.dst_cfg["parallel"]["tensor_model_parallel_size"] == self.src_meta.get("tp")
+        return self.world_size == self.src_meta["world_size"] and \
+            self.dst_cfg["parallel"]["tensor_model_parallel_size"] == self.src_meta["tp"]
 
 
 def _readable_json(path: str, what: str) -> str:
@@ -99,15 +97,14 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
     if direction not in DIRECTIONS:
         raise ConfigError(f"direction {direction!r}; expected one of {DIRECTIONS}")
     step_dir, meta, cfg = read_checkpoint_config(src)
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst):
-        raise ConfigError(f"{dst} exists; refusing to overwrite it (choose a new step directory)")
-    backend = meta.get("backend")
+    check_pickles(step_dir)  # a file that names code is refused before any process starts
+    dst = check_destination(step_dir, dst)
+    backend = meta.backend
     want = "deepspeed" if direction == "from-deepspeed" else "torch"
     if backend != want:
         raise ConfigError(f"{step_dir} was written by backend {backend!r}; {direction} expects a "
                           f"{want!r} checkpoint")
-    if meta.get("weights_only"):
+    if meta.weights_only:
         raise ConfigError(f"{step_dir} holds weights only (no optimizer state to convert); "
                           "resume it directly with any parallel.backend")
     if cfg.train.precision == "fp16":
@@ -132,7 +129,7 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
         dst_cfg.parallel.backend = "torch"
         dst_cfg.parallel.deepspeed_config = None
         dst_cfg.parallel.zero_stage = None
-        world = int(meta["world_size"])
+        world = meta.world_size
         check_deepspeed_config(src_cfg, world)
     else:
         if deepspeed_config is None:
@@ -152,14 +149,14 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
             dst_cfg.parallel.tensor_model_parallel_size = tp
             src_cfg.parallel.tensor_model_parallel_size = tp
         world = world_size or dst_cfg.parallel.tensor_model_parallel_size * \
-            int(meta.get("pp", 1)) * int(meta["dp"])
+            meta.pp * meta.dp
         validate_layout(src_cfg, world)
         check_deepspeed_config(dst_cfg, world)
     validate_layout(dst_cfg, world)
     check_supported(dst_cfg)
     vocab = checkpoint_vocab_size(cfg, tokenizer_model)
     return ConversionPlan(direction=direction, src=os.path.abspath(step_dir), dst=dst,
-                          step=int(meta["step"]), src_meta=meta, src_cfg=to_dict(src_cfg),
+                          step=meta.step, src_meta=meta.to_json(), src_cfg=to_dict(src_cfg),
                           dst_cfg=to_dict(dst_cfg), world_size=world, vocab_size=vocab)
 
 
@@ -197,7 +194,7 @@ def run_conversion(plan: ConversionPlan, *, dist_backend: str = "gloo") -> dict:
                               f"side's layout), launched with {groups.world_size}")
         set_seeds(src_cfg.train.seed)
         _, source = _build(src_cfg, plan, groups)
-        source.load(plan.src)
+        ckpt.load_backend_state(plan.src, source)
         controller, target = _build(dst_cfg, plan, groups)
         target.import_state(source.export_state())
         target.scheduler.load_state_dict(source.scheduler.state_dict())
@@ -213,21 +210,24 @@ def run_conversion(plan: ConversionPlan, *, dist_backend: str = "gloo") -> dict:
         else:  # what the loop derives when it resumes at another layout
             set_seeds(dst_cfg.train.seed + plan.step)
             rng = rng_state()
-        meta = {k: v for k, v in plan.src_meta.items() if k != "step"}
-        meta.update(world_size=groups.world_size, tp=groups.tp_size, pp=groups.pp_size,
-                    dp=groups.dp_size, backend=target.name, config=plan.dst_cfg,
-                    converted_from=plan.src)
-        root = plan.work_dir
-        if groups.rank == 0:
-            shutil.rmtree(root, ignore_errors=True)
+        meta = Meta.from_json(plan.src_meta).replace(
+            world_size=groups.world_size, tp=groups.tp_size, pp=groups.pp_size,
+            dp=groups.dp_size, backend=target.name, config=plan.dst_cfg, converted_from=plan.src)
+        # A checkpoints/ of our own next to dst (a fresh name: nothing of the user's is touched).
+        box = [new_work_dir(plan.dst) if groups.rank == 0 else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        root = box[0]
+        try:
+            written = ckpt.save_training_checkpoint(root, plan.step, controller=controller,
+                                                    backend=target, groups=groups, rng=rng,
+                                                    meta=meta)
+            if groups.rank == 0:
+                os.rename(written, plan.dst)
+        finally:
+            if groups.rank == 0:
+                shutil.rmtree(root, ignore_errors=True)
         torch.distributed.barrier()
-        written = ckpt.save_training_checkpoint(root, plan.step, controller=controller,
-                                                backend=target, groups=groups, rng=rng, meta=meta)
-        if groups.rank == 0:
-            os.rename(written, plan.dst)
-            shutil.rmtree(root, ignore_errors=True)
-        torch.distributed.barrier()
-        return dict(meta, step=plan.step)
+        return meta.replace(step=plan.step).to_json()
     finally:
         shutdown()
 
@@ -255,10 +255,6 @@ def convert_backend(src: str, dst: str, *, direction: str, **options) -> dict:
         return run_conversion(plan, dist_backend=env["backend"])
     import torch.multiprocessing
 
-    try:
-        torch.multiprocessing.start_processes(_spawned, args=(plan, free_port(), env["backend"]),
-                                              nprocs=plan.world_size, start_method="spawn")
-    finally:
-        shutil.rmtree(plan.work_dir, ignore_errors=True)  # a failed rank's partial output
-    with open(os.path.join(plan.dst, "meta.json")) as f:
-        return json.load(f)
+    torch.multiprocessing.start_processes(_spawned, args=(plan, free_port(), env["backend"]),
+                                          nprocs=plan.world_size, start_method="spawn")
+    return read_meta(plan.dst).to_json()

@@ -10,22 +10,14 @@ tensors are copied unchanged. The training loop loads them at the new layout.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
+from inrank_megatron.checkpoint_format import (
+    META_FILE, CheckpointError, check_destination, check_pickles, new_work_dir, read_meta,
+    record_files, resolve_checkpoint, write_meta,
+)
 from inrank_megatron.config import ConfigError, from_dict, to_dict, validate_layout
-from inrank_megatron.training.checkpoint import META, read_meta
-
-
-def _resolve(path: str) -> str:
-    """A step directory, or the one ``latest`` names under a run dir / checkpoints dir."""
-    for root in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(root, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                return os.path.join(root, f.read().strip())
-    return path
 
 
 def reshard(src: str, dst: str, *, tp: int, pp: int = 1, world_size: int | None = None) -> dict:
@@ -40,27 +32,37 @@ def reshard(src: str, dst: str, *, tp: int, pp: int = 1, world_size: int | None 
     Raises:
         ConfigError / FileNotFoundError: bad input; nothing is written and ``src`` is untouched.
     """
-    src = _resolve(src)
-    meta = read_meta(src)
-    if meta.get("backend") != "torch":
-        raise ConfigError(f"{src} was written by backend {meta.get('backend')!r}; convert it to a "
+    try:
+        src = resolve_checkpoint(src)
+        meta = read_meta(src)
+        check_pickles(src)  # copied files must be as safe to load as resumed ones
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    if meta.backend != "torch":
+        raise ConfigError(f"{src} was written by backend {meta.backend!r}; convert it to a "
                           "torch (dist) checkpoint first (convert_checkpoint.py from-deepspeed)")
-    if os.path.exists(dst):
-        raise ConfigError(f"{dst} exists; refusing to overwrite it")
-    cfg = from_dict(meta["config"])
+    try:
+        dst = check_destination(src, dst)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    cfg = from_dict(meta.config)
     cfg.parallel.tensor_model_parallel_size = tp
     cfg.parallel.pipeline_model_parallel_size = pp
-    world = world_size or tp * pp * meta["dp"]
+    world = world_size or tp * pp * meta.dp
     validate_layout(cfg, world)  # ConfigError naming the key that does not divide
-    tmp = dst.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("rng_*.pt", META))
-    new_meta = dict(meta, tp=tp, pp=pp, dp=world // (tp * pp), world_size=world,
-                    config=to_dict(cfg), resharded_from=os.path.abspath(src))
-    with open(os.path.join(tmp, META), "w") as f:
-        json.dump(new_meta, f, indent=1)
-    os.replace(tmp, dst)
-    return new_meta
+    tmp = new_work_dir(dst)
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("rng_*.pt", META_FILE))
+        new_meta = meta.replace(tp=tp, pp=pp, dp=world // (tp * pp), world_size=world,
+                                config=to_dict(cfg), resharded_from=os.path.abspath(src),
+                                files=record_files(tmp))
+        write_meta(tmp, new_meta)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return new_meta.to_json()
 
 
 def to_dense(src: str, dst: str) -> dict:
@@ -76,15 +78,14 @@ def to_dense(src: str, dst: str) -> dict:
     from inrank_megatron.export.from_hf import write_training_checkpoint
     from inrank_megatron.models.shape import padded_vocab_size
 
-    if os.path.exists(dst):
-        raise ConfigError(f"{dst} exists; refusing to overwrite it")
+    check_destination(resolve_checkpoint(src), dst)
     ckpt = load_checkpoint(src)
     cfg = from_dict(to_dict(ckpt.cfg))
     cfg.model = dataclasses.replace(cfg.model, inrank=False)
     tensors = ckpt.dense_tensors(unpad_vocab=False)
     padded = padded_vocab_size(ckpt.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
     assert tensors["embedding.word_embeddings.weight"].shape[0] == padded
-    meta = dict(ckpt.meta, weights_only=True, config=to_dict(cfg),
-                merged_from=os.path.abspath(ckpt.path))
+    meta = ckpt.meta.replace(weights_only=True, config=to_dict(cfg), files=None,
+                             merged_from=os.path.abspath(ckpt.path))
     write_training_checkpoint(dst, cfg, ckpt.vocab_size, tensors, {}, meta)
-    return meta
+    return meta.to_json()

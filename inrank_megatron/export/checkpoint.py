@@ -16,29 +16,22 @@ its ``.metadata`` through an unpickler that only admits DCP's own metadata class
 from __future__ import annotations
 
 import io
-import json
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from inrank_megatron.checkpoint_format import (
+    GROWTH_FILE, META_FILE, MODEL_DIR, CheckpointError, Meta, read_dcp_metadata, read_growth,
+    read_meta, resolve_checkpoint, safe_torch_load,
+)
 from inrank_megatron.config import ConfigError, TrainConfig, from_dict
 from inrank_megatron.export.layout import (
     expected_shapes, inrank_layer_names, layer_kind, linear_shape, unmap_dist_key,
 )
 
-META = "meta.json"  # inrank_megatron.training.checkpoint.META
-LATEST = "latest"
-GROWTH_FILE = "inrank_growth.json"  # inrank_megatron.checkpointing.GROWTH_FILE
-MODEL_DIR = "model"
 OPTIMIZER_PREFIXES = ("optimizer.",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, inconsistent or not loadable; the message names
-    the path (and the layer, for factor shapes)."""
 
 
 @dataclass
@@ -76,7 +69,7 @@ class LoadedCheckpoint:
         path: the step directory read.
         step: optimizer steps completed.
         cfg: the run's full configuration.
-        meta: ``meta.json`` as written by the training loop.
+        meta: the checkpoint's :class:`~inrank_megatron.checkpoint_format.Meta`.
         layers: ``{name: InRankLayerState}`` of the InRank layers (empty for a dense model).
         tensors: ``{parameter name: fp32 tensor}``, full and unsharded, factors at their allocated
             slots, the word embedding at the padded vocabulary.
@@ -87,7 +80,7 @@ class LoadedCheckpoint:
     path: str
     step: int
     cfg: TrainConfig
-    meta: dict
+    meta: Meta
     layers: dict
     tensors: dict
     vocab_size: int
@@ -138,75 +131,7 @@ def unpad_vocabulary(tensors: dict, vocab_size: int) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------- locating
-def resolve_checkpoint(path: str) -> str:
-    """The step directory that ``path`` names: a step directory itself, a ``checkpoints/``
-    directory (its ``latest``) or a run's ``output.dir`` (its ``checkpoints/latest``).
-
-    Raises:
-        CheckpointError: nothing there, no ``latest``, or a step directory without ``meta.json``
-            (an interrupted save).
-    """
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint (expected a checkpoint step directory, "
-                              "a checkpoints/ directory or a run's output.dir)")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory; expected a checkpoint step directory, a "
-                              "checkpoints/ directory or a run's output.dir")
-    if os.path.isfile(os.path.join(path, META)):
-        return path
-    if os.path.isfile(os.path.join(path, LATEST)):
-        with open(os.path.join(path, LATEST)) as f:
-            name = f.read().strip()
-        step = os.path.join(path, name)
-        if not name or not os.path.isdir(step):
-            raise CheckpointError(f"{path}/{LATEST} names {name!r}, which does not exist")
-        if not os.path.isfile(os.path.join(step, META)):
-            raise CheckpointError(_partial(step))
-        return step
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return resolve_checkpoint(os.path.join(path, "checkpoints"))
-    if os.path.exists(os.path.join(path, GROWTH_FILE)) or os.path.isdir(os.path.join(path, MODEL_DIR)):
-        raise CheckpointError(_partial(path))
-    steps = sorted(d for d in os.listdir(path) if d.startswith("step_"))
-    if steps:
-        raise CheckpointError(f"{path}: holds {', '.join(steps)} but no '{LATEST}' file; pass a "
-                              "step directory")
-    raise CheckpointError(f"{path}: not a training checkpoint (no {META}, no '{LATEST}' file, no "
-                          "checkpoints/ directory)")
-
-
-def _partial(step: str) -> str:
-    return (f"{step} is not a complete checkpoint: {META} is missing (a save interrupted before "
-            "it finished, or not a checkpoint directory)")
-
-
 # --------------------------------------------------------------------------------- DCP reading
-# The only globals a DCP ``.metadata`` pickle may name (torch.distributed.checkpoint's dataclasses,
-# torch.Size and dtypes); anything else is refused rather than imported.
-_DCP_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType",
-                                             "TensorWriteData", "BytesIOWriteData"},
-    "torch.serialization": {"_get_layout"},
-    "collections": {"OrderedDict"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
-                                                                torch.dtype)):
-            return getattr(torch, name)
-        if name in _DCP_CLASSES.get(module, ()):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata "
-                                     "(only torch.distributed.checkpoint metadata is allowed)")
-
-
 def read_dist_tensors(model_dir: str, *, skip_prefixes=()) -> dict:
     """Every tensor of a megatron ``torch_dist`` checkpoint directory, assembled from its chunks,
     by checkpoint key (stacked layers and all). Byte objects (``_extra_state``) are skipped, and so
@@ -217,11 +142,8 @@ def read_dist_tensors(model_dir: str, *, skip_prefixes=()) -> dict:
                               "or an incomplete one)")
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    try:
-        with open(meta_file, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as error:
-        raise CheckpointError(f"{meta_file}: unreadable checkpoint metadata: {error}") from None
+    with open(meta_file, "rb") as f:
+        metadata = read_dcp_metadata(f, meta_file)
     out, filled = {}, {}
     for key, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata) and not key.startswith(tuple(skip_prefixes)):
@@ -241,8 +163,8 @@ def read_dist_tensors(model_dir: str, *, skip_prefixes=()) -> dict:
                 stream = files[info.relative_path] = open(
                     os.path.join(model_dir, info.relative_path), "rb")
             stream.seek(info.offset)
-            chunk = torch.load(io.BytesIO(stream.read(info.length)), map_location="cpu",
-                               weights_only=True)
+            chunk = safe_torch_load(io.BytesIO(stream.read(info.length)), model_dir,
+                                    map_location="cpu")
             target = out[index.fqn]
             offsets = tuple(index.offset) if index.offset is not None else (0,) * target.dim()
             view = target[tuple(slice(o, o + n) for o, n in zip(offsets, chunk.shape))]
@@ -287,17 +209,15 @@ def checkpoint_vocab_size(cfg: TrainConfig, tokenizer_model: Optional[str] = Non
         raise CheckpointError(f"tokenizer of the checkpoint: {error}") from None
 
 
-def read_checkpoint_config(path: str) -> tuple[str, dict, TrainConfig]:
+def read_checkpoint_config(path: str) -> tuple[str, Meta, TrainConfig]:
     """``(step directory, meta.json, config)`` of a checkpoint, without reading its tensors (to
     refuse early what a tool cannot handle)."""
     step_dir = resolve_checkpoint(path)
+    meta = read_meta(step_dir)
     try:
-        with open(os.path.join(step_dir, META)) as f:
-            meta = json.load(f)
-        cfg = from_dict(meta["config"], origin=f" in {step_dir}/{META}")
+        cfg = from_dict(meta.config, origin=f" in {step_dir}/{META_FILE}")
     except (ValueError, KeyError, TypeError, ConfigError) as error:
-        raise CheckpointError(f"{step_dir}/{META}: unreadable or without a valid config: "
-                              f"{error}") from None
+        raise CheckpointError(f"{step_dir}/{META_FILE}: without a valid config: {error}") from None
     return step_dir, meta, cfg
 
 
@@ -322,11 +242,11 @@ def load_checkpoint(path: str, *, tokenizer_model: Optional[str] = None) -> Load
     model_dir = os.path.join(step_dir, MODEL_DIR)
     if not os.path.isdir(model_dir):
         hint = (f"convert it first: tools/convert_checkpoint.py from-deepspeed {step_dir} <new "
-                "step dir>" if meta.get("backend") == "deepspeed" else "checkpoints of backend "
-                f"{meta.get('backend')!r} keep the model elsewhere")
+                "step dir>" if meta.backend == "deepspeed" else "checkpoints of backend "
+                f"{meta.backend!r} keep the model elsewhere")
         raise CheckpointError(f"{step_dir}: no {MODEL_DIR}/ (a megatron dist checkpoint of the "
                               f"model); {hint}")
-    growth = _read_growth(step_dir)
+    growth = read_growth(step_dir)
     vocab_size = checkpoint_vocab_size(cfg, tokenizer_model)
     tensors = {}
     # The torch backend stores AdamW's moments in the same dist checkpoint, under "optimizer.".
@@ -337,20 +257,9 @@ def load_checkpoint(path: str, *, tokenizer_model: Optional[str] = None) -> Load
     padded = tensors.get("embedding.word_embeddings.weight")
     padded = padded.shape[0] if padded is not None else 0
     _check_tensors(cfg, tensors, layers, padded, vocab_size, step_dir)
-    return LoadedCheckpoint(path=step_dir, step=int(meta.get("step", 0)), cfg=cfg, meta=meta,
+    return LoadedCheckpoint(path=step_dir, step=meta.step, cfg=cfg, meta=meta,
                             layers=layers, tensors=tensors, vocab_size=vocab_size,
                             padded_vocab_size=padded, tokenizer_model=tokenizer_model)
-
-
-def _read_growth(step_dir: str) -> dict:
-    file = os.path.join(step_dir, GROWTH_FILE)
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{step_dir}: {GROWTH_FILE} missing (an incomplete checkpoint)")
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except ValueError as error:
-        raise CheckpointError(f"{file}: not valid JSON: {error}") from None
 
 
 def _layer_states(cfg: TrainConfig, growth: dict, step_dir: str) -> dict:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+from inrank_megatron.checkpoint_format import check_destination, new_work_dir
 from inrank_megatron.export.checkpoint import CheckpointError, LoadedCheckpoint
 
 SOURCE_FILE = "inrank_source.json"
@@ -15,18 +16,17 @@ SENTENCEPIECE_FILE = "sentencepiece.model"
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str):
-    """Yield a temporary sibling of ``out_dir`` to fill; rename it to ``out_dir`` on success,
-    delete it on failure. ``out_dir`` must not exist (exports never overwrite)."""
+def atomic_output_dir(out_dir: str, source: str | None = None):
+    """Yield a new temporary sibling of ``out_dir`` to fill; rename it to ``out_dir`` on success,
+    delete it on failure. ``out_dir`` must not exist (exports never overwrite) nor lie inside
+    ``source`` (the checkpoint read: tools never write into their input)."""
+    if source is not None:
+        check_destination(source, out_dir)
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
+    if os.path.lexists(out_dir):
         raise FileExistsError(f"{out_dir} already exists; refusing to overwrite it (remove it or "
                               "choose another output directory)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = new_work_dir(out_dir)
     try:
         yield tmp
         os.rename(tmp, out_dir)

@@ -20,12 +20,12 @@ checkpoint's model and growth state exactly as it resumes one; its optimizer sta
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from typing import Optional
 
 import torch
 
+from inrank_megatron.checkpoint_format import Meta, record_files, write_growth, write_meta
 from inrank_megatron.config import (
     ConfigError, TrainConfig, from_dict, parse_override, parse_yaml, to_dict, validate_layout,
 )
@@ -34,8 +34,6 @@ from inrank_megatron.export.hf_gpt2 import (
 )
 from inrank_megatron.export.layout import inrank_layer_names, layer_kind, linear_shape
 
-META = "meta.json"
-GROWTH_FILE = "inrank_growth.json"
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -191,7 +189,7 @@ def single_process_megatron(seed: int):
 
 
 def write_training_checkpoint(out_dir: str, cfg: TrainConfig, vocab_size: int, tensors: dict,
-                              growth: dict, meta: dict) -> None:
+                              growth: dict, meta: Meta) -> None:
     """Write ``tensors`` (TP=1 names, padded vocabulary) as a training checkpoint step directory,
     atomically, through megatron's own ``dist_checkpointing.save`` of a TP=1 model."""
     from megatron.core import dist_checkpointing
@@ -216,10 +214,8 @@ def write_training_checkpoint(out_dir: str, cfg: TrainConfig, vocab_size: int, t
                 value.copy_(tensors[key])
         os.makedirs(os.path.join(tmp, "model"))
         dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, "model"))
-        with open(os.path.join(tmp, GROWTH_FILE), "w") as f:
-            json.dump(controller.state_dict(), f, indent=1, sort_keys=True)
-        with open(os.path.join(tmp, META), "w") as f:  # last, as the training loop does
-            json.dump(meta, f, indent=1)
+        write_growth(tmp, controller.state_dict())
+        write_meta(tmp, meta.replace(files=record_files(tmp)))  # last, as the training loop does
 
 
 def import_hf(hf_dir: str, out_dir: str, *, mode: str, rank: Optional[int] = None,
@@ -286,13 +282,12 @@ def import_hf(hf_dir: str, out_dir: str, *, mode: str, rank: Optional[int] = Non
                      "trains with exact GELU, so its outputs differ slightly (< 1e-3 per "
                      "activation) until training adapts")
     p = cfg.parallel
-    meta = {"step": 0, "consumed_samples": 0,
-            "world_size": p.tensor_model_parallel_size * p.pipeline_model_parallel_size,
-            "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size, "dp": 1,
-            "backend": p.backend, "weights_only": True,
-            "imported_from": {"hf_dir": os.path.abspath(hf_dir), "mode": mode, "rank": rank,
-                              "threshold": threshold, "notes": notes},
-            "config": to_dict(cfg)}
+    meta = Meta(step=0, consumed_samples=0,
+                world_size=p.tensor_model_parallel_size * p.pipeline_model_parallel_size,
+                tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=1,
+                backend=p.backend, weights_only=True, config=to_dict(cfg),
+                imported_from={"hf_dir": os.path.abspath(hf_dir), "mode": mode, "rank": rank,
+                               "threshold": threshold, "notes": notes})
     write_training_checkpoint(out_dir, cfg, vocab, tensors, growth, meta)
     return {"path": out_dir, "ranks": {n: g["growth"]["rank"] for n, g in growth.items()},
             "notes": notes}

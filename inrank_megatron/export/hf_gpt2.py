@@ -303,7 +303,7 @@ def export_hf(ckpt: LoadedCheckpoint, out_dir: str, *, dtype: str = "fp32") -> d
     eod = _eod(ckpt)
     config = hf_config_dict(ckpt.cfg, ckpt.vocab_size, eod)
     config["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, source=ckpt.path) as tmp:
         save_file(tensors, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, HF_CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)

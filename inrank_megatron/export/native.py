@@ -72,7 +72,7 @@ def export_inrank(ckpt: LoadedCheckpoint, out_dir: str, *, dtype: str = "fp32") 
         k = layer.active_slots
         layers[name] = dict(layer.summary(), A=[k, layer.in_features], B=[layer.out_features, k],
                             w0=name + ".w0" in tensors)
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, source=ckpt.path) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": ckpt.vocab_size,
                 "mode": ckpt.mode, "layers": layers,

@@ -1,51 +1,34 @@
-"""Training checkpoints: InRank growth state + the backend's model and optimizer state + per-rank
-RNG state + data position, written so that a crash mid-save never leaves a checkpoint that looks
-complete.
+"""Training checkpoints: the save and the resume loads of the training loop (and the conversion
+jobs), in the format :mod:`inrank_megatron.checkpoint_format` owns.
 
-Layout under ``<output.dir>/checkpoints/``::
+A save writes ``checkpoints/.step_000100.<pid>.tmp``: the backend's files (torch / megatron:
+``model/`` and ``train.pt``; deepspeed: ``deepspeed/`` and ``inrank_deepspeed.json``),
+``rng_<rank>.pt`` per rank, ``inrank_growth.json``, then ``meta.json`` last (with every other file's
+size, which resume verifies); it renames the directory to ``step_000100`` and only then moves
+``latest``, so an interrupted save leaves the previous checkpoint as the latest one. A step
+directory that already exists is never replaced: this run did not write it.
 
-    step_000100/inrank_growth.json  every InRank layer's growth state and allocation
-    step_000100/<backend files>     written by ``backend.save`` (torch: ``model/``, a megatron dist
-                                    checkpoint, and ``optim/rank_*.pt``; deepspeed: its own)
-    step_000100/rng_00000.pt        RNG state per rank
-    step_000100/meta.json           written last, inside the temporary directory
-    latest                          "step_000100", replaced atomically after the rename
-
-A save writes ``.step_000100.tmp`` and renames it; ``latest`` moves only after the rename, so an
-interrupted save leaves the previous checkpoint as the latest one.
+Every load here runs under :func:`~inrank_megatron.checkpoint_format.safe_loading`: nothing in a
+checkpoint can run code.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import numpy
 import torch
 
-from inrank_megatron.checkpointing import GROWTH_FILE
-
-META = "meta.json"
-LATEST = "latest"
+from inrank_megatron.checkpoint_format import (
+    CheckpointError, Meta, read_growth, record_files, safe_loading, safe_torch_load, step_dir,
+    write_growth, write_latest, write_meta,
+)
 
 
 def _barrier():
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def step_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"step_{step:06d}")
 
 
 def _portable_rng(state: dict) -> dict:
@@ -60,16 +43,33 @@ def _native_rng(state: dict) -> dict:
                 python=(state["python"][0], tuple(state["python"][1]), state["python"][2]))
 
 
+def _broadcast_str(text: str) -> str:
+    if not torch.distributed.is_initialized():
+        return text
+    box = [text]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def save_training_checkpoint(root: str, step: int, *, controller, backend, groups, rng: dict,
-                             meta: dict) -> str:
-    """Collective. Returns the checkpoint directory."""
+                             meta: Meta) -> str:
+    """Collective. Writes step ``step`` under ``root`` (a run's ``checkpoints/``) and points
+    ``latest`` at it; ``meta.step`` is set to ``step``. Returns the checkpoint directory.
+
+    Raises:
+        CheckpointError: the step directory exists already (another run's, or this directory was
+            resumed from a later step): nothing is replaced.
+    """
     final = step_dir(root, step)
-    tmp = os.path.join(root, f".step_{step:06d}.tmp")
+    tmp = ""
     if groups.rank == 0:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
+        if os.path.exists(final):
+            raise CheckpointError(f"{final} exists; refusing to replace a checkpoint this run did "
+                                  "not write")
+        tmp = os.path.join(root, f".step_{step:06d}.{os.getpid()}.tmp")
         os.makedirs(tmp)
-    _barrier()
+    tmp = _broadcast_str(tmp)
     backend.save(tmp)
     part = os.path.join(tmp, f"rng_{groups.rank:05d}.pt")
     torch.save(_portable_rng(rng), part + ".part")
@@ -77,52 +77,33 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
     growth = controller.full_state_dict()  # collective over pipeline stages
     _barrier()
     if groups.rank == 0:
-        _write_text(os.path.join(tmp, GROWTH_FILE),
-                    json.dumps(growth, indent=1, sort_keys=True))
-        _write_text(os.path.join(tmp, META), json.dumps(dict(meta, step=step), indent=1))
-        if os.path.exists(final):  # re-saving a step after a resume: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_text(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+        write_growth(tmp, growth)
+        write_meta(tmp, meta.replace(step=step, files=record_files(tmp)))
+        os.rename(tmp, final)
+        write_latest(root, final)
     _barrier()
     return final
 
 
-def read_meta(path: str) -> dict:
-    """``meta.json`` of a complete checkpoint; FileNotFoundError naming the path otherwise."""
-    file = os.path.join(path, META)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint ({META} missing: an "
-                                "interrupted save, or not a checkpoint directory)")
-    with open(file) as f:
-        return json.load(f)
-
-
-def latest_checkpoint(root: str):
-    """The directory named by ``root/latest``, or None when there is none."""
-    file = os.path.join(root, LATEST)
-    if not os.path.isfile(file):
-        return None
-    with open(file) as f:
-        path = os.path.join(root, f.read().strip())
-    read_meta(path)
-    return path
-
-
 def load_growth_state(path: str, controller) -> None:
     """Restore growth state and reshape reallocated factors (before the backend is built)."""
-    with open(os.path.join(path, GROWTH_FILE)) as f:
-        controller.load_state_dict(json.load(f))
+    controller.load_state_dict(read_growth(path))
 
 
 def load_model_weights(path: str, model) -> None:
     """Collective: only the model tensors of ``path/model`` (a megatron dist checkpoint)."""
     from megatron.core import dist_checkpointing
 
-    with torch.no_grad():
+    with torch.no_grad(), safe_loading(path):
         state = dist_checkpointing.load({"model": model.sharded_state_dict()},
                                         os.path.join(path, "model"))
     model.load_state_dict(state["model"], strict=True)
+
+
+def load_backend_state(path: str, backend) -> None:
+    """Collective: the backend's model and optimizer state from ``path``, nothing run from it."""
+    with safe_loading(path):
+        backend.load(path)
 
 
 def load_rng_state(path: str, rank: int) -> dict:
@@ -130,4 +111,14 @@ def load_rng_state(path: str, rank: int) -> dict:
     file = os.path.join(path, f"rng_{rank:05d}.pt")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} missing: checkpoint {path} was written by fewer ranks")
-    return _native_rng(torch.load(file, weights_only=True))
+    return _native_rng(safe_torch_load(file))
+
+
+def remove_partial_saves(root: str) -> None:
+    """Delete this run's interrupted saves (``.step_*.<pid>.tmp`` under ``root``): only names
+    that a save of this project creates, inside the run's own ``checkpoints/``."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.startswith(".step_") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)

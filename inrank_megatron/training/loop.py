@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from inrank_megatron.checkpoint_format import Meta, read_meta
 from inrank_megatron.config import TrainConfig, save_config, to_dict
 from inrank_megatron.growth.controller import GrowthController
 from inrank_megatron.models.gpt import build_gpt, transformer_config
@@ -87,20 +88,20 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
             layer.fix_rank(ranks[name])
     start_step, weights_only = 0, False
     if resume_path is not None:
-        meta = ckpt.read_meta(resume_path)
-        start_step = meta["step"]
+        meta = read_meta(resume_path)
+        start_step = meta.step
         ckpt.load_growth_state(resume_path, controller)  # reshapes cut factors before the build
         # A checkpoint with only weights (tools/import_hf.py): load them before the backend copies
         # the module, and start the optimizer fresh.
-        weights_only = bool(meta.get("weights_only"))
+        weights_only = meta.weights_only
         if weights_only:
             ckpt.load_model_weights(resume_path, model)
     backend = build_backend(cfg, model, groups)
     if resume_path is not None and not weights_only:
-        backend.load(resume_path)
-        same_layout = (meta["world_size"], meta["tp"], meta.get("pp", 1)) == \
+        ckpt.load_backend_state(resume_path, backend)
+        same_layout = (meta.world_size, meta.tp, meta.pp) == \
             (groups.world_size, groups.tp_size, groups.pp_size)
-        if same_layout and not meta.get("resharded_from"):
+        if same_layout and not meta.resharded_from:
             set_rng_state(ckpt.load_rng_state(resume_path, groups.rank))
         else:  # another layout (or resharded): per-rank streams cannot carry over; derive new ones
             set_seeds(cfg.train.seed + start_step)
@@ -185,10 +186,9 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
             ckpt.save_training_checkpoint(
                 ckpt_root, step, controller=controller, backend=backend,
                 groups=groups, rng=rng_state(),
-                meta={"consumed_samples": step * t.global_batch_size,
-                      "world_size": groups.world_size, "tp": groups.tp_size,
-                      "pp": groups.pp_size, "dp": groups.dp_size, "backend": backend.name,
-                      "config": to_dict(cfg)})
+                meta=Meta(step=step, consumed_samples=step * t.global_batch_size,
+                          world_size=groups.world_size, tp=groups.tp_size, pp=groups.pp_size,
+                          dp=groups.dp_size, backend=backend.name, config=to_dict(cfg)))
     if bar:
         bar.close()
     if last_step == t.steps and (not t.eval_interval or t.steps % t.eval_interval):

@@ -33,13 +33,14 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 from typing import Optional
 
 import torch
 
-from inrank_megatron.checkpointing import GROWTH_FILE
+from inrank_megatron.checkpoint_format import (
+    GROWTH_FILE, check_destination, check_pickles, read_growth, safe_loading, safe_torch_load,
+)
 from inrank_megatron.config import ConfigError, TrainConfig, data_parallel_size
 from inrank_megatron.core.resize import MOMENTS, map_slot_state
 from inrank_megatron.growth.controller import named_inrank_layers
@@ -494,8 +495,7 @@ def check_deepspeed_checkpoint(path: str) -> None:
                               f"project ({os.path.basename(file)} missing)")
     with open(meta_file) as f:
         shapes = {name: info["shape"] for name, info in json.load(f)["params"].items()}
-    with open(growth_file) as f:
-        growth = json.load(f)
+    growth = read_growth(path)
     for layer, state in sorted(growth.items()):
         g, slots = state["growth"], int(state["allocated_slots"])
         where = (f"output.resume: checkpoint {path}, layer {layer}: {GROWTH_FILE} records "
@@ -528,8 +528,7 @@ def _fp32_state_of_mp_rank(ds_dir: str, stage: int, mp: int, tp: int) -> dict:
              if f.endswith(f"mp_rank_{mp:02d}_optim_states.pt") and "zero_pp_rank" in f]
     if stage == 0 and not optim:
         # ZeRO stage 0 in fp32 saves the full module; its parameters are the masters.
-        state = torch.load(_model_state_file(ds_dir, stage, mp), map_location="cpu",
-                           weights_only=False)["module"]
+        state = safe_torch_load(_model_state_file(ds_dir, stage, mp), map_location="cpu")["module"]
         return {k: v.float() for k, v in state.items() if torch.is_tensor(v)}
     if tp == 1:
         return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ds_dir),
@@ -563,7 +562,9 @@ def consolidate_checkpoint(step_dir: str) -> dict:
     with open(meta_file) as f:
         meta = json.load(f)
     tp, stage = meta["tp"], meta["zero_stage"]
-    shards = [_fp32_state_of_mp_rank(ds_dir, stage, mp, tp) for mp in range(tp)]
+    check_pickles(step_dir)  # refuse a file that names code before DeepSpeed opens any
+    with safe_loading(step_dir):  # DeepSpeed's zero_to_fp32 loads with weights_only=False
+        shards = [_fp32_state_of_mp_rank(ds_dir, stage, mp, tp) for mp in range(tp)]
     state = {}
     for name in shards[0]:
         info = meta["params"].get(name)
@@ -574,8 +575,7 @@ def consolidate_checkpoint(step_dir: str) -> dict:
     missing = sorted(set(meta["params"]) - set(state))
     if missing:
         raise ValueError(f"{step_dir}: consolidated state lacks parameters {missing[:3]}")
-    with open(os.path.join(step_dir, GROWTH_FILE)) as f:
-        growth = json.load(f)
+    growth = read_growth(step_dir)
     return {"state_dict": {k: v.contiguous() for k, v in state.items()},
             "inrank_growth": growth, "meta": meta}
 
@@ -583,18 +583,24 @@ def consolidate_checkpoint(step_dir: str) -> dict:
 def save_consolidated(step_dir: str, out: str) -> dict:
     """Write :func:`consolidate_checkpoint` to ``out``: ``.pt`` (torch.save of the whole dict) or
     ``.safetensors`` (the state dict; growth state and meta as JSON metadata). Returns it."""
+    check_destination(step_dir, out)
+    if not out.endswith((".safetensors", ".pt")):
+        raise ValueError(f"{out}: expected a .pt or .safetensors output path")
     result = consolidate_checkpoint(step_dir)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".part"
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".part",
+                               dir=os.path.dirname(os.path.abspath(out)))
+    os.close(fd)
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
 
         save_file(result["state_dict"], tmp,
                   metadata={"inrank_growth": json.dumps(result["inrank_growth"]),
                             "inrank_deepspeed": json.dumps(result["meta"])})
-    elif out.endswith(".pt"):
-        torch.save(result, tmp)
     else:
-        raise ValueError(f"{out}: expected a .pt or .safetensors output path")
-    shutil.move(tmp, out)
+        torch.save(result, tmp)
+    if os.path.lexists(out):  # appeared meanwhile: still never overwritten
+        os.unlink(tmp)
+        raise FileExistsError(f"{out} exists; refusing to overwrite it")
+    os.rename(tmp, out)
     return result

@@ -1,0 +1,31 @@
+"""The training checkpoint format, owned in one place (no torch needed to import it).
+
+A run's ``output.dir`` holds::
+
+    checkpoints/step_000100/meta.json           Meta: step, layout, backend, config (written last)
+    checkpoints/step_000100/inrank_growth.json  every InRank layer's growth state and allocation
+    checkpoints/step_000100/model/              torch/megatron backends: megatron dist checkpoint
+                                                (model and, for torch, AdamW moments under
+                                                "optimizer."); train.pt: scheduler, Adam steps
+    checkpoints/step_000100/deepspeed/          deepspeed backend: DeepSpeed's own files, with
+    checkpoints/step_000100/inrank_deepspeed.json   parameter shapes and TP layout
+    checkpoints/step_000100/rng_00000.pt        RNG state per rank
+    checkpoints/latest                          "step_000100": the name of a step directory here
+
+- :mod:`.meta` (torch-free): the names above, :class:`Meta` (read, write, validate),
+  the growth file, ``latest``, locating a checkpoint and finding the newest complete one.
+- :mod:`.safe_load` (imports torch when called): every pickled file the project or its
+  dependencies read for it goes through a loader that refuses code (:func:`safe_loading`).
+
+Other modules never open ``meta.json``, ``inrank_growth.json`` or ``latest`` themselves.
+"""
+
+from inrank_megatron.checkpoint_format.meta import (  # noqa: F401
+    CHECKPOINTS_DIR, GROWTH_FILE, LATEST, META_FILE, MODEL_DIR, CheckpointError, Meta,
+    check_destination, complete_step_dirs, is_complete, new_work_dir, read_growth, read_latest,
+    read_meta, record_files, resolve_checkpoint, step_dir, write_growth, write_json, write_latest,
+    write_meta,
+)
+from inrank_megatron.checkpoint_format.safe_load import (  # noqa: F401
+    UnsafeCheckpointError, check_pickles, read_dcp_metadata, safe_loading, safe_torch_load,
+)

@@ -1,0 +1,244 @@
+"""Safety: loading a checkpoint never runs code, and the checkpoint format has one owner.
+
+- A malicious pickle (its ``__reduce__`` creates a marker file) in each file type a checkpoint
+  holds (DCP ``model/.metadata``, ``train.pt``, ``rng_*.pt``, DeepSpeed's model and optimizer
+  states) is refused on every path that reads it: resume (torch and DeepSpeed backends), reshard,
+  to-dense, to-deepspeed, from-deepspeed, zero_to_fp32, export_hf, export_inrank; and at load time
+  inside DeepSpeed's checkpoint engine, megatron's dist-checkpoint reader and DCP's byte items.
+  The marker never appears; the CLIs exit 2 with one line naming the file and the global.
+- ``meta.json`` is a typed :class:`Meta`: unknown or missing keys are refused naming the file;
+  ``latest`` may only name a step directory of its own ``checkpoints/``; the format module imports
+  without torch.
+"""
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Exploit:
+    """Unpickling this runs ``touch <marker>``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _config(tmp_path, **extra):
+    from inrank_megatron.config import load_config, to_dict
+
+    overrides = [f"output.dir={tmp_path / 'run'}", "parallel.tensor_model_parallel_size=1",
+                 *[f"{k}={v}" for k, v in extra.items()]]
+    return to_dict(load_config(os.path.join(REPO, "configs", "tiny-cpu.yaml"), overrides))
+
+
+def _checkpoint(tmp_path, backend="torch", **extra):
+    """A run dir whose latest step directory has the files of ``backend`` (contents plain)."""
+    from inrank_megatron.checkpoint_format import (
+        Meta, write_growth, write_latest, write_meta,
+    )
+
+    root = tmp_path / "run" / "checkpoints"
+    step = root / "step_000004"
+    os.makedirs(step)
+    if backend == "deepspeed":
+        os.makedirs(step / "deepspeed")
+        torch.save({"module": {}}, step / "deepspeed" / "mp_rank_00_model_states.pt")
+        torch.save({}, step / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        with open(step / "inrank_deepspeed.json", "w") as f:
+            f.write('{"zero_stage": 2, "tp": 1, "dp": 1, "precision": "fp32", "params": {}}')
+        extra = {"parallel.backend": "deepspeed",
+                 "parallel.deepspeed_config": os.path.join(REPO, "configs/deepspeed/zero2.json"),
+                 **extra}
+    else:
+        os.makedirs(step / "model")
+        with open(step / "model" / ".metadata", "wb") as f:
+            pickle.dump({"plain": 1}, f)
+        torch.save({"scheduler": {}}, step / "train.pt")
+    torch.save({"torch": torch.zeros(2)}, step / "rng_00000.pt")
+    write_growth(str(step), {})
+    write_meta(str(step), Meta(step=4, consumed_samples=32, world_size=1, tp=1, pp=1, dp=1,
+                               backend=backend, config=_config(tmp_path, **extra)))
+    write_latest(str(root), str(step))
+    return step
+
+
+def _poison(file, marker, as_torch):
+    with open(file, "wb") as f:
+        if as_torch:
+            torch.save(_Exploit(marker), f)
+        else:
+            pickle.dump(_Exploit(marker), f)
+
+
+def _one_line_refusal(err, file):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "refusing to load posix.system" in lines[0] and str(file) in lines[0], err
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# ----------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("backend,rel,as_torch", [
+    ("torch", "model/.metadata", False), ("torch", "train.pt", True),
+    ("torch", "rng_00000.pt", True),
+    ("deepspeed", "deepspeed/mp_rank_00_model_states.pt", True),
+    ("deepspeed", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", True)])
+def test_resume_refuses_pickled_code(tmp_path, capsys, clean_env, backend, rel, as_torch):
+    from inrank_megatron import train
+
+    step = _checkpoint(tmp_path, backend)
+    marker = tmp_path / "pwned"
+    _poison(step / rel, marker, as_torch)
+    overrides = [f"output.dir={tmp_path / 'run'}", "output.resume=auto",
+                 "parallel.tensor_model_parallel_size=1"]
+    if backend == "deepspeed":
+        overrides += ["parallel.backend=deepspeed",
+                      f"parallel.deepspeed_config={REPO}/configs/deepspeed/zero2.json"]
+    rc = train.main(["--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"), *overrides])
+    assert rc == 2 and not marker.exists()
+    _one_line_refusal(capsys.readouterr().err, step / rel)
+
+
+# ------------------------------------------------------------------------------------ tools
+@pytest.mark.parametrize("command", ["reshard", "to-dense", "to-deepspeed"])
+def test_convert_refuses_pickled_dcp_metadata(tmp_path, capsys, command):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_checkpoint
+
+    step = _checkpoint(tmp_path)
+    marker = tmp_path / "pwned"
+    _poison(step / "model" / ".metadata", marker, False)
+    args = [command, str(step), str(tmp_path / "out" / "step_000004")]
+    args += {"reshard": ["--tp", "1"],
+             "to-deepspeed": ["--deepspeed-config", f"{REPO}/configs/deepspeed/zero2.json"]
+             }.get(command, [])
+    assert convert_checkpoint.main(args) == 2 and not marker.exists()
+    _one_line_refusal(capsys.readouterr().err, step / "model" / ".metadata")
+    assert not (tmp_path / "out" / "step_000004").exists()
+
+
+@pytest.mark.parametrize("rel", ["deepspeed/mp_rank_00_model_states.pt",
+                                 "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_from_deepspeed_and_zero_to_fp32_refuse_pickled_code(tmp_path, capsys, rel):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_checkpoint
+    import zero_to_fp32
+
+    step = _checkpoint(tmp_path, "deepspeed")
+    marker = tmp_path / "pwned"
+    _poison(step / rel, marker, True)
+    assert convert_checkpoint.main(["from-deepspeed", str(step), str(tmp_path / "t")]) == 2
+    _one_line_refusal(capsys.readouterr().err, step / rel)
+    assert zero_to_fp32.main([str(step), str(tmp_path / "full.pt")]) == 2
+    assert "refusing to load posix.system" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "full.pt").exists()
+
+
+@pytest.mark.parametrize("tool", ["export_hf", "export_inrank"])
+def test_exports_refuse_pickled_code(tmp_path, capsys, tool):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    module = __import__(tool)
+
+    step = _checkpoint(tmp_path, **{"model.inrank": "false"})
+    marker = tmp_path / "pwned"
+    _poison(step / "model" / ".metadata", marker, False)
+    assert module.main([str(step), str(tmp_path / "out")]) == 2 and not marker.exists()
+    assert "refusing to load posix.system" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- the loaders themselves
+def test_dependencies_loaders_are_guarded(tmp_path):
+    """What resume calls underneath: DeepSpeed's checkpoint engine (weights_only=False in
+    DeepSpeed), megatron's DCP reader (plain pickle.load in torch), DCP's byte items."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from megatron.core.dist_checkpointing.strategies import torch as strategy
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from inrank_megatron.checkpoint_format import UnsafeCheckpointError, safe_loading
+
+    marker = tmp_path / "pwned"
+    _poison(tmp_path / "states.pt", marker, True)
+    os.makedirs(tmp_path / "model")
+    _poison(tmp_path / "model" / ".metadata", marker, False)
+    payload = io.BytesIO()
+    torch.save(_Exploit(marker), payload)
+    with safe_loading(str(tmp_path)):
+        with pytest.raises(UnsafeCheckpointError, match="states.pt: refusing to load posix"):
+            TorchCheckpointEngine().load(str(tmp_path / "states.pt"), map_location="cpu")
+        with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to load posix"):
+            strategy._get_filesystem_reader(str(tmp_path / "model")).read_metadata()
+        planner = DefaultLoadPlanner(flatten_state_dict=False)
+        planner.state_dict = {}
+        item = type("Item", (), {"dest_index": type("I", (), {"fqn": "x"})()})()
+        payload.seek(0)
+        with pytest.raises(UnsafeCheckpointError, match="refusing to load posix.system"):
+            planner.load_bytes(item, payload)
+    assert not marker.exists()
+    # Outside the block everything is as torch and megatron left it.
+    assert strategy._get_filesystem_reader.__module__.startswith("megatron")
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
+
+
+# ------------------------------------------------------------------------------ the format
+def test_format_module_imports_without_torch():
+    code = ("import sys, inrank_megatron.checkpoint_format as f; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(f.META_FILE)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 0 and out.stdout.strip() == "meta.json", out.stderr
+
+
+def test_meta_refuses_unknown_and_missing_keys(tmp_path):
+    import json
+
+    from inrank_megatron.checkpoint_format import CheckpointError, read_meta
+
+    step = _checkpoint(tmp_path)
+    file = step / "meta.json"
+    meta = json.loads(file.read_text())
+    assert read_meta(str(step)).to_json() == meta
+    for change, expected in (({"stpe": 4}, r"unknown keys \['stpe'\]"),
+                             ({"step": None}, "step=None; expected int"),
+                             ({"backend": "jax"}, "backend='jax'"),
+                             ({"dp": 2}, "world_size=1")):
+        bad = {k: v for k, v in {**meta, **change}.items() if v is not None or k != "step"}
+        if change.get("step", 0) is None:
+            bad["step"] = None
+        file.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=expected) as info:
+            read_meta(str(step))
+        assert str(file) in str(info.value)
+    del meta["consumed_samples"]
+    file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"missing keys \['consumed_samples'\]"):
+        read_meta(str(step))
+
+
+@pytest.mark.parametrize("content", ["/etc", "../../elsewhere/checkpoints/step_000004",
+                                     "step_000004/../../x", "..", ""])
+def test_latest_names_only_its_own_step_directories(tmp_path, content):
+    from inrank_megatron.checkpoint_format import CheckpointError, read_latest, resolve_checkpoint
+
+    step = _checkpoint(tmp_path)
+    root = step.parent
+    assert read_latest(str(root)) == str(step)
+    (root / "latest").write_text(content + "\n")
+    with pytest.raises(CheckpointError, match="expected the name of a step directory"):
+        read_latest(str(root))
+    with pytest.raises(CheckpointError, match="not a path"):
+        resolve_checkpoint(str(tmp_path / "run"))
