@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 
+from inrank_megatron.checkpoint_format import Meta, write_growth, write_latest, write_meta
 from inrank_megatron.config import ConfigError, load_config, save_config, to_dict, validate_layout
 from inrank_megatron.training.fixed_ranks import fraction_rank, resolve_fixed_ranks
 from tests.distributed import run_distributed
@@ -40,14 +41,13 @@ def _run_dir(path, ranks, overrides=(), *, checkpoint):
     if checkpoint:
         step = os.path.join(path, "checkpoints", "step_000010")
         os.makedirs(step)
-        with open(os.path.join(path, "checkpoints", "latest"), "w") as f:
-            f.write("step_000010\n")
-        with open(os.path.join(step, "meta.json"), "w") as f:
-            json.dump({"step": 10, "config": to_dict(cfg)}, f)
-        growth = {n: {"growth": {"rank": r, "buffer": 0, "max_rank": 64, "stage": "fixed"},
-                      "allocated_slots": r, "extend_seed": 1} for n, r in ranks.items()}
-        with open(os.path.join(step, "inrank_growth.json"), "w") as f:
-            json.dump(growth, f)
+        write_latest(os.path.join(path, "checkpoints"), step)
+        write_meta(step, Meta(step=10, consumed_samples=80, world_size=2, tp=2, pp=1, dp=1,
+                              backend="torch", config=to_dict(cfg)))
+        write_growth(step, {n: {"growth": {"rank": r, "buffer": 0, "max_rank": 64,
+                                           "stage": "fixed"},
+                                "allocated_slots": r, "extend_seed": 1}
+                            for n, r in ranks.items()})
     else:
         save_config(cfg, os.path.join(path, "config.yaml"))
         with open(os.path.join(path, "summary.json"), "w") as f:

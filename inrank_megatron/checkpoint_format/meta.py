@@ -138,8 +138,9 @@ class Meta:
         missing = sorted(n for n, f in fields.items() if n not in data and
                          f.default is dataclasses.MISSING)
         if unknown or missing:
-            raise CheckpointError(f"{where}: unknown keys {unknown}, missing keys {missing}; "
-                                  f"expected the keys {sorted(fields)}")
+            what = ", ".join(f"{kind} keys {keys}" for kind, keys in
+                             (("unknown", unknown), ("missing", missing)) if keys)
+            raise CheckpointError(f"{where}: {what}; expected the keys {sorted(fields)}")
         try:
             return cls(**data)
         except CheckpointError as error:

@@ -19,6 +19,9 @@ import json
 import math
 import os
 
+from inrank_megatron.checkpoint_format import (
+    CHECKPOINTS_DIR, GROWTH_FILE, LATEST, CheckpointError, read_growth,
+)
 from inrank_megatron.config import ConfigError, TrainConfig, from_dict, load_config
 from inrank_megatron.export.layout import inrank_layer_names, layer_kind, linear_shape
 
@@ -52,18 +55,16 @@ def read_run_ranks(run_dir: str) -> tuple[dict[str, int], TrainConfig]:
         raise ConfigError(f"{where}: no such run directory (expected an integer rank, a fraction "
                           "in (0, 1] or the output.dir of a finished run)")
     try:
-        if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
-            from inrank_megatron.export.checkpoint import (
-                GROWTH_FILE, CheckpointError, read_checkpoint_config,
-            )
+        if os.path.isfile(os.path.join(run_dir, CHECKPOINTS_DIR, LATEST)):
+            from inrank_megatron.export.checkpoint import read_checkpoint_config
 
             try:
                 step_dir, _, cfg = read_checkpoint_config(run_dir)
+                growth = read_growth(step_dir)
             except CheckpointError as error:
                 raise ConfigError(f"{where}: {error}") from None
             source = os.path.join(step_dir, GROWTH_FILE)
-            with open(source) as f:
-                ranks = {name: entry["growth"]["rank"] for name, entry in json.load(f).items()}
+            ranks = {name: entry["growth"]["rank"] for name, entry in growth.items()}
         elif os.path.isfile(os.path.join(run_dir, SUMMARY)):
             source = os.path.join(run_dir, SUMMARY)
             with open(source) as f:
