@@ -30,8 +30,8 @@ backward.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Optional, Sequence
 
 from inrank_megatron import rules
 from inrank_megatron.config import (
@@ -440,7 +440,8 @@ class FlopCount:
 
 def flops_per_token(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage: str = "active",
                     rank_fraction: float = DEFAULT_RANK_FRACTION,
-                    vocab_size: Optional[int] = None) -> FlopCount:
+                    vocab_size: Optional[int] = None,
+                    layer_slots: Optional[Sequence[Mapping[str, int]]] = None) -> FlopCount:
     """Training FLOPs per token of the matmuls, counted exactly from the layer shapes.
 
     A dense linear costs ``in * out`` multiply-adds per token forward; an InRank linear using ``k``
@@ -455,26 +456,39 @@ def flops_per_token(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage: s
         stage: InRank slots used by the forward pass: ``active`` (stage 1: ``rank + buffer``;
             ``storage`` counts the same, as efficient mode computes on the active slots only) or
             ``fraction`` (after the cut).
+        layer_slots: the slots each InRank layer actually uses, one ``{kind: slots}`` per
+            transformer layer (e.g. a run's learned ranks; ``tools/bench_step.py`` passes the
+            slots of the models it times); overrides ``stage`` and ``rank_fraction``.
     """
     m = cfg.model
     inrank = m.inrank if inrank is None else inrank
     if inrank:
         _check_inrank(cfg)
     stage = "active" if stage == "storage" else stage
-    linears = _linears(cfg, inrank, _slot_rule(cfg, stage, rank_fraction))
-    macs = 0  # forward+backward multiply-adds per token and layer, linears only
-    for lin in linears:
-        if lin.slots is None:
-            macs += 3 * lin.in_features * lin.out_features
-        else:
-            macs += 3 * lin.slots * (lin.in_features + lin.out_features)
-            if lin.frozen_w0:
-                macs += 2 * lin.in_features * lin.out_features
-    linear = 2 * macs * m.num_layers
+    if layer_slots is None:
+        per_layer = [_linears(cfg, inrank, _slot_rule(cfg, stage, rank_fraction))] * m.num_layers
+    else:
+        if len(layer_slots) != m.num_layers:
+            raise ValueError(f"layer_slots has {len(layer_slots)} entries, expected one per "
+                             f"transformer layer ({m.num_layers})")
+        template = _linears(cfg, inrank, _slot_rule(cfg, stage, rank_fraction))
+        per_layer = [[lin if lin.slots is None else replace(lin, slots=slots[lin.kind])
+                      for lin in template] for slots in layer_slots]
+    macs = 0  # forward+backward multiply-adds per token, linears only
+    for linears in per_layer:
+        for lin in linears:
+            if lin.slots is None:
+                macs += 3 * lin.in_features * lin.out_features
+            else:
+                macs += 3 * lin.slots * (lin.in_features + lin.out_features)
+                if lin.frozen_w0:
+                    macs += 2 * lin.in_features * lin.out_features
+    linear = 2 * macs
     attention = 2 * 3 * 2 * m.seq_length * m.hidden_size * m.num_layers
     logits = 2 * 3 * m.hidden_size * padded_vocab(cfg, vocab_size=vocab_size)
-    label = "dense" if not inrank else {"active": "InRank stage 1",
-                                        "fraction": "InRank after cut"}[stage]
+    label = "dense" if not inrank else ("InRank at given slots" if layer_slots is not None else
+                                        {"active": "InRank stage 1",
+                                         "fraction": "InRank after cut"}[stage])
     return FlopCount(label, linear, attention, logits)
 
 
