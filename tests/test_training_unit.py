@@ -105,3 +105,59 @@ def test_capacity_growth_carries_moments_exactly():
     assert torch.equal(m[:, :8], m_before) and torch.all(m[:, 8:] == 0)
     assert torch.equal(v[:8], v_before) and torch.all(v[8:] == 0)
     _train(model, backend, 1, seed=2)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("mode", ["efficient", "cumulative"])
+def test_slot_adamw_equals_adamw_bit_for_bit(monkeypatch, foreach, mode):
+    """The torch backend's optimizer hands Adam the active slots only, yet every parameter and
+    moment equals plain AdamW's exactly, through a rank growth that activates decayed slots (and,
+    in cumulative mode, a capacity growth)."""
+    import torch.optim.adam as adam_module
+
+    from inrank_megatron.training.optim import SlotAdamW
+
+    torch.manual_seed(0)
+    ref, new = Tiny(mode), Tiny(mode)
+    new.load_state_dict(ref.state_dict())
+    kw = dict(lr=3e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, foreach=foreach)
+    backends = [_backend(ref), _backend(new)]  # for their resize(); stepped directly below
+    plain = backends[0].optimizer = torch.optim.AdamW(param_groups(ref), **kw)
+    slot = backends[1].optimizer = SlotAdamW(param_groups(new), slot_layers=[new.fc], **kw)
+    seen, real_adam = {"plain": set(), "slot": set()}, adam_module.adam
+    monkeypatch.setattr(adam_module, "adam", lambda params, *a, **k: (
+        seen[current].update(tuple(p.shape) for p in params if p.dim() == 2),
+        real_adam(params, *a, **k))[1])
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        x = torch.randn(16, 48, generator=gen, dtype=torch.float64)
+        for current, model, opt in (("plain", ref, plain), ("slot", new, slot)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            for group in opt.param_groups:
+                group["lr"] *= 0.8  # a schedule: each step's decay factor differs
+        if step == 2:
+            for m, backend in zip((ref, new), backends):
+                event = m.fc.set_rank(m.fc.growth.rank + 4)
+                if event is not None:  # cumulative: 7 + 5 slots > 8 allocated, doubled to 16
+                    backend.resize([event], "slice")
+    for (name, p), q in zip(ref.named_parameters(), new.parameters()):
+        assert torch.equal(p, q), name
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(plain.state[p][key], slot.state[q][key]), (name, key)
+    k, allocated = new.fc.active_slots, new.fc.allocated_slots
+    assert k < allocated  # inactive slots existed throughout
+    # Adam's arithmetic saw the whole factors in AdamW, only the active slots in SlotAdamW.
+    assert {(allocated, 48), (80, allocated)} <= seen["plain"]
+    assert (allocated, 48) not in seen["slot"] and (80, allocated) not in seen["slot"]
+    assert {(k, 48), (80, k)} <= seen["slot"]
+
+
+def test_torch_backend_uses_slot_adamw():
+    from inrank_megatron.training.optim import SlotAdamW
+
+    model = Tiny()
+    backend = _backend(model)
+    assert isinstance(backend.optimizer, SlotAdamW)
+    assert backend.optimizer.slot_layers == [model.fc]

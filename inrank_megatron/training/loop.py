@@ -150,8 +150,9 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
         if schedule:
             losses = schedule.forward_backward(micro)
         else:
-            losses = [backend.forward_backward(b, len(micro), last=i == len(micro) - 1).item()
-                      for i, b in enumerate(micro)]
+            # One host sync per step, after the last micro-batch (not one per micro-batch).
+            losses = torch.stack([backend.forward_backward(b, len(micro), last=i == len(micro) - 1)
+                                  for i, b in enumerate(micro)]).tolist()
         info = backend.step()
         report = controller.step(step)
         if report.resizes:

@@ -22,6 +22,72 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
             {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"}]
 
 
+class SlotAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` that runs Adam's moment arithmetic on the active slots of InRank
+    factors only, with results bit-identical to ``AdamW`` on the whole tensors.
+
+    In stage 1 an efficient-mode layer allocates ``max_rank`` slots but its forward pass reads the
+    first ``rank + buffer`` (``A[:k]``, ``B[:, :k]``). The other slots' gradients are exactly zero
+    (the backward of a slice), so their Adam moments stay exactly zero and AdamW's update on them
+    is ``-lr * 0 / (0 + eps) = 0``: all AdamW changes there is the decoupled weight decay
+    ``p *= 1 - lr * wd``. This optimizer hands Adam views of the active slots (parameter,
+    gradient, moments) and applies that same multiplication, with the same scalar, to the
+    inactive slots; a slot that becomes active later holds the value plain AdamW would have given
+    it. The state keeps the full shapes (checkpoints do not change).
+
+    Args:
+        params: parameter groups, as ``torch.optim.AdamW``.
+        slot_layers: the InRank layers whose factors are among ``params`` (their ``A``/``B`` are
+            looked up at every step, so reallocated factors are followed).
+        **kwargs: ``torch.optim.AdamW``'s (``amsgrad`` is not supported).
+    """
+
+    def __init__(self, params, *, slot_layers=(), **kwargs):
+        if kwargs.get("amsgrad"):
+            raise ValueError("SlotAdamW does not support amsgrad")
+        super().__init__(params, **kwargs)
+        self.slot_layers = list(slot_layers)
+        self._active = {}
+        self._inactive = []
+
+    def _active_slots(self) -> dict:
+        """``{factor parameter: (slot dim, active slots)}`` of factors with inactive slots."""
+        out = {}
+        for layer in self.slot_layers:
+            k = layer.active_slots
+            if k < layer.allocated_slots:
+                out[layer.A] = (0, k)
+                out[layer.B] = (1, k)
+        return out
+
+    def _init_group(self, group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                    state_steps):
+        has_complex = super()._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs,
+                                          max_exp_avg_sqs, state_steps)
+        for i, p in enumerate(params_with_grad):
+            if p not in self._active:
+                continue
+            dim, k = self._active[p]
+            params_with_grad[i] = p.detach().narrow(dim, 0, k)
+            grads[i] = grads[i].narrow(dim, 0, k)
+            exp_avgs[i] = exp_avgs[i].narrow(dim, 0, k)
+            exp_avg_sqs[i] = exp_avg_sqs[i].narrow(dim, 0, k)
+            self._inactive.append((p.detach().narrow(dim, k, p.shape[dim] - k), group))
+        return has_complex
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._active, self._inactive = self._active_slots(), []
+        try:
+            loss = super().step(closure)
+            for tail, group in self._inactive:  # AdamW's decoupled weight decay, nothing else
+                if group["weight_decay"] != 0:
+                    tail.mul_(1 - group["lr"] * group["weight_decay"])
+        finally:
+            self._active, self._inactive = {}, []
+        return loss
+
+
 def build_scheduler(cfg: TrainConfig, optimizer) -> OptimizerParamScheduler:
     """megatron.core's OptimizerParamScheduler (linear warm-up, then linear/cosine/constant decay)."""
     t = cfg.train
@@ -44,11 +110,17 @@ def global_grad_norm(params, *, tp_group=None, tp_rank: int = 0, pp_group=None) 
     summed over the TP group, then over the pipeline stages (the last stage's copy of the tied
     word embedding, megatron's ``shared`` parameter, is left out). DP replicas hold the same
     (averaged) gradient."""
-    sq = torch.zeros((), dtype=torch.float64)
+    # Summed on the gradients' device, moved to the host once: one sync per step, not one per
+    # parameter (the same fp64 additions in the same order as summing on the host).
+    on_device = {}
     for p in params:
         if p.grad is not None and not is_tp_duplicate(p, tp_rank) and \
                 not getattr(p, "shared", False):
-            sq += p.grad.detach().double().pow(2).sum().cpu()
+            g = p.grad.detach()
+            on_device[g.device] = on_device.get(g.device, 0) + g.double().pow(2).sum()
+    sq = torch.zeros((), dtype=torch.float64)
+    for value in on_device.values():
+        sq += value.cpu()
     for group in (tp_group, pp_group):
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(sq, group=group)

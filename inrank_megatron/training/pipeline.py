@@ -63,6 +63,7 @@ class PipelineSchedule:
     def _forward(self, batch: dict, num_microbatches: int):
         """Returns ``(input tensor or None, output or scaled loss, loss value or None)``."""
         b = self.backend
+        batch = b.to_device(batch)
         x = None
         if not self.groups.first_stage:
             x = self._recv(self.prev).requires_grad_()

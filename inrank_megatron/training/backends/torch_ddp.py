@@ -15,9 +15,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from inrank_megatron.core.resize import MOMENTS, map_slot_state
+from inrank_megatron.growth.controller import named_inrank_layers
 from inrank_megatron.tensor_parallel.layers import allreduce_sequence_parallel_grads
 from inrank_megatron.training.backends.base import Backend
-from inrank_megatron.training.optim import build_scheduler, clip_gradients, param_groups
+from inrank_megatron.training.optim import (
+    SlotAdamW, build_scheduler, clip_gradients, param_groups,
+)
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,9 +33,16 @@ class TorchBackend(Backend):
     def __init__(self, cfg, model, groups):
         super().__init__(cfg, model, groups)
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(param_groups(model), lr=t.lr,
-                                           betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                           weight_decay=t.weight_decay)
+        # On a GPU the model trains there (use_cpu_initialization builds it on the CPU).
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else None
+        if self.device is not None:
+            model.cuda(self.device)
+        # AdamW, skipping the moment arithmetic of stage 1's unused factor slots (bit-identical).
+        self.optimizer = SlotAdamW(param_groups(model), lr=t.lr,
+                                   betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                   weight_decay=t.weight_decay,
+                                   slot_layers=[layer for _, layer in named_inrank_layers(model)])
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scheduler.step(0)  # set the step-0 learning rate in the groups
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,16 +62,26 @@ class TorchBackend(Backend):
 
     # ---- one optimizer step -----------------------------------------------------------------
 
+    def to_device(self, batch: dict) -> dict:
+        """The micro-batch on the model's device (the data loader yields CPU tensors)."""
+        if self.device is None:
+            return batch
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
     def forward_backward(self, batch: dict, num_microbatches: int, *, last: bool) -> torch.Tensor:
         sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
         with sync:
             with self._autocast():
-                loss = self.loss(self.ddp, batch)
+                loss = self.loss(self.ddp, self.to_device(batch))
             scaled = loss / num_microbatches
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
             scaled.backward()
         return loss.detach()
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        return super().eval_loss(self.to_device(batch))
 
     def _autocast(self):
         if self.amp_dtype is None:
