@@ -235,6 +235,21 @@ def test_flops_per_token_formula():
     assert cumulative.linear == active.linear + 4 * 2 * 4 * h * h * L
 
 
+def test_flops_per_token_at_per_layer_slots():
+    """Per-layer slots (a run's learned ranks, what bench_step.py times): uniform slots equal the
+    stage's count, and each layer's slots add ``6 * k * (in + out)`` per token."""
+    cfg = _load("configs/gpt2-medium.yaml")
+    h, L = 1024, 24
+    active = flops_per_token(cfg, inrank=True, stage="active")
+    assert flops_per_token(cfg, inrank=True, layer_slots=[{"fc1": 102, "fc2": 102}] * L) == \
+        dataclasses.replace(active, label="InRank at given slots")
+    mixed = [{"fc1": 102, "fc2": 102}] * (L - 1) + [{"fc1": 300, "fc2": 10}]
+    got = flops_per_token(cfg, inrank=True, layer_slots=mixed)
+    assert got.linear - active.linear == 6 * (300 - 102 + 10 - 102) * (h + 4 * h)
+    with pytest.raises(ValueError, match="one per transformer layer"):
+        flops_per_token(cfg, inrank=True, layer_slots=mixed[1:])
+
+
 def test_memory_sharding():
     cfg = _load("configs/gpt-2.7b.yaml")  # bf16, TP 2, DP 8 on 16 GPUs
     n = count_parameters(cfg).per_gpu

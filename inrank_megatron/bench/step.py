@@ -227,7 +227,9 @@ def _tensor_bytes(tensors) -> int:
 
 
 def _state_tensors(state) -> list:
-    return [v for s in state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    """Optimizer state tensors (moments; the 0-d step counters left out)."""
+    return [v for s in state.values() for v in s.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0]
 
 
 def _memory(backend, model) -> dict:
@@ -614,11 +616,14 @@ def run_bench(opts: BenchOptions, *, stream=None) -> dict:
                    **{SPEC_ENV: os.path.join(tmp, "spec.json")}, PYTHON=sys.executable)
         cmd = ["bash", os.path.join(REPO, "launch", "torchrun.sh"), "--nproc", str(opts.tp),
                opts.config, *opts.overrides, *bench_overrides(opts, cfg)]
-        proc = subprocess.run(cmd, env=env, stdout=stream or sys.stderr,
-                              stderr=stream or sys.stderr)
-        if proc.returncode != 0 or not os.path.isfile(spec["result"]):
-            raise RuntimeError(f"the bench job failed (exit {proc.returncode}): "
-                               f"{' '.join(cmd)}")
+        stream = stream or sys.stderr
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as proc:
+            for line in proc.stdout:  # the job's progress and warnings, as they come
+                stream.write(line)
+            returncode = proc.wait()
+        if returncode != 0 or not os.path.isfile(spec["result"]):
+            raise RuntimeError(f"the bench job failed (exit {returncode}): {' '.join(cmd)}")
         with open(spec["result"]) as f:
             raw = json.load(f)
     return analyse(cfg, job, raw, opts)
