@@ -1,54 +1,37 @@
 """tools/bench_step.py and its library (inrank_megatron.bench.step): learned ranks read from a run
-(summary.json, ranks.csv, a checkpoint's growth state), the whole-run projection's arithmetic, bad
+(as inrank.fixed_ranks reads them) and checked against the model, the whole-run projection's arithmetic, bad
 input refused before anything starts (exit 2), and one real launch whose reported bytes equal the
 planner's parameter counts exactly (parameters, gradients, AdamW's two moments) at the slots the
 planner predicts, with the FLOP-ideal taken from the planner."""
 
-import csv
 import json
 import os
 
 import pytest
 
 from inrank_megatron.bench import step as bench
-from inrank_megatron.config import ConfigError, load_config
+from inrank_megatron.config import ConfigError, load_config, save_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny-cpu.yaml")
 
 
-def _write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "layer", "rank", "explained_ratio"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def test_learned_ranks_from_summary_csv_and_checkpoint(tmp_path):
+def test_learned_ranks_read_like_fixed_ranks_and_checked(tmp_path):
+    """--ranks-from reads a run as inrank.fixed_ranks=RUN does, checked against this model, and
+    its errors name --ranks-from."""
+    cfg = load_config(TINY, ["model.num_layers=1"])
     run = tmp_path / "run"
     run.mkdir()
-    with pytest.raises(ConfigError, match="no learned ranks found"):
-        bench.learned_ranks(str(run))
-    # A checkpoint's growth state (the run's latest).
-    step = run / "checkpoints" / "step_000010"
-    step.mkdir(parents=True)
-    (step / "meta.json").write_text(json.dumps({"step": 10}))
-    (run / "checkpoints" / "latest").write_text("step_000010")
-    (step / "inrank_growth.json").write_text(json.dumps(
-        {"decoder.layers.0.mlp.linear_fc1": {"growth": {"rank": 7}, "allocated_slots": 7}}))
-    assert bench.learned_ranks(str(run)) == {"decoder.layers.0.mlp.linear_fc1": 7}
-    assert bench.learned_ranks(str(step)) == {"decoder.layers.0.mlp.linear_fc1": 7}
-    # ranks.csv: the last row of each layer.
-    _write_csv(run / "ranks.csv", [
-        {"step": 0, "layer": "a", "rank": 2, "explained_ratio": ""},
-        {"step": 5, "layer": "a", "rank": 9, "explained_ratio": 0.95},
-        {"step": 5, "layer": "b", "rank": 4, "explained_ratio": 0.91}])
-    assert bench.learned_ranks(str(run)) == {"a": 9, "b": 4}
-    # summary.json's final ranks win.
-    (run / "summary.json").write_text(json.dumps({"ranks": {"a": 11, "b": 5}}))
-    assert bench.learned_ranks(str(run)) == {"a": 11, "b": 5}
-    with pytest.raises(ConfigError, match="no such run directory"):
-        bench.learned_ranks(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="--ranks-from='.*': holds neither a checkpoint"):
+        bench.learned_ranks(cfg, str(run))
+    save_config(cfg, str(run / "config.yaml"))
+    ranks = {"decoder.layers.0.mlp.linear_fc1": 11, "decoder.layers.0.mlp.linear_fc2": 5}
+    (run / "summary.json").write_text(json.dumps({"ranks": ranks}))
+    assert bench.learned_ranks(cfg, str(run)) == ranks
+    with pytest.raises(ConfigError, match="--ranks-from=.*no InRank layer decoder.layers.1"):
+        bench.learned_ranks(load_config(TINY, ["model.num_layers=2"]), str(run))
+    with pytest.raises(ConfigError, match="--ranks-from=.*no such run directory"):
+        bench.learned_ranks(cfg, str(tmp_path / "missing"))
 
 
 def test_layer_slots_place_layers_by_number():
@@ -86,7 +69,7 @@ def test_projection_arithmetic():
     (["--rank-fraction", "1.5"], "--rank-fraction=1.5"),
     (["--tp", "3"], "parallel.tensor_model_parallel_size=3"),
     (["--steps", "0"], "--steps=0"),
-    (["--ranks-from", "/nonexistent/run"], "no such run directory"),
+    (["--ranks-from", "/nonexistent/run"], "--ranks-from='/nonexistent/run': no such run"),
     (["model.no_such_key=1"], "no_such_key"),
 ])
 def test_bad_input_exits_2_before_launching(capsys, argv, message):
@@ -122,6 +105,7 @@ def test_one_launch_reports_the_planners_bytes_and_slots(tmp_path, capsys):
     r = counts["cut"].slots["fc1"]  # round(0.33 * 64) = 21 (max_rank 32, buffer 16: clipped to 15)
     assert r == 15
     want_slots = {"dense": [], "stage1": [r + 16], "cut": [r], "fixed": [r]}
+    counts["fixed"] = counts["cut"]  # inrank.fixed_ranks allocates exactly r slots
     for arm, a in res["arms"].items():
         n = counts[arm].total
         assert a["memory"] == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n}, arm

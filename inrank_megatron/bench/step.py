@@ -7,8 +7,8 @@ Arms (``ARMS``), each the same config, seed and synthetic batch:
 - ``stage1``: InRank in stage 1: every layer at its rank ``r`` plus the config's buffer ``b``
   active, all ``max_rank`` slots allocated (efficient mode) and updated by the optimizer;
 - ``cut``: the same model after the cut (:meth:`InRankFactorsMixin.cut`): ``r`` slots, no buffer;
-- ``fixed``: rank ``r`` from the start, no buffer, no cut: ``r`` active of ``max_rank`` allocated
-  (fixed-rank training at the learned ranks, without the cut's reallocation).
+- ``fixed``: the fixed-rank baseline (``inrank.fixed_ranks``, :meth:`InRankFactorsMixin.fix_rank`):
+  ``r`` slots from the start, no buffer, no growth, no cut.
 
 ``r`` per layer is ``--rank-fraction`` of d_model (clipped as the planner clips it:
 :func:`inrank_megatron.planning.fraction_rank`) or a run's learned ranks (``--ranks-from``); stage 1
@@ -32,7 +32,6 @@ stage-1 speed, the rest after the cut, plus every rank check and the cut) for In
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gc
 import json
@@ -79,43 +78,22 @@ class BenchOptions:
 
 
 # ------------------------------------------------------------------------------ learned ranks
-def learned_ranks(run: str) -> dict:
-    """``{layer name: rank}`` learned by a run: its ``summary.json`` (final ranks), else the last
-    row per layer of its ``ranks.csv``, else the growth state of its latest checkpoint (``RUN`` may
-    also be a checkpoint directory).
+def learned_ranks(cfg: TrainConfig, run: str) -> dict:
+    """``{layer name: rank}`` a run learned, checked against ``cfg``'s InRank layers: the reader
+    of ``inrank.fixed_ranks=RUN`` (:func:`inrank_megatron.training.fixed_ranks.
+    resolve_fixed_ranks`: the latest checkpoint's growth state, else ``summary.json``).
 
     Raises:
-        ConfigError: nothing to read, or no InRank layer in it.
+        ConfigError: naming ``--ranks-from``: no such run, nothing to read, another architecture.
     """
-    from inrank_megatron.checkpointing import GROWTH_FILE, read_growth_state
+    from inrank_megatron.training.fixed_ranks import KEY, resolve_fixed_ranks
 
-    if not os.path.isdir(run):
-        raise ConfigError(f"--ranks-from {run!r}: no such run directory")
-    summary = os.path.join(run, "summary.json")
-    if os.path.isfile(summary):
-        with open(summary) as f:
-            ranks = json.load(f).get("ranks") or {}
-        if ranks:
-            return {k: int(v) for k, v in ranks.items()}
-    table = os.path.join(run, "ranks.csv")
-    if os.path.isfile(table):
-        ranks = {}
-        with open(table, newline="") as f:
-            for row in csv.DictReader(f):
-                ranks[row["layer"]] = int(row["rank"])  # rows are in step order: the last wins
-        if ranks:
-            return ranks
-    checkpoint = run
-    if not os.path.isfile(os.path.join(run, GROWTH_FILE)):
-        from inrank_megatron.training.checkpoint import latest_checkpoint
-
-        checkpoint = latest_checkpoint(os.path.join(run, "checkpoints"))
-    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, GROWTH_FILE)):
-        state = read_growth_state(checkpoint)
-        if state:
-            return {name: int(s["growth"]["rank"]) for name, s in state.items()}
-    raise ConfigError(f"--ranks-from {run!r}: no learned ranks found (expected summary.json with "
-                      f"'ranks', ranks.csv, or a checkpoint with {GROWTH_FILE})")
+    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, inrank=True),
+                                inrank=dataclasses.replace(cfg.inrank, fixed_ranks=run))
+    try:
+        return resolve_fixed_ranks(probe)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace(f"{KEY}=", "--ranks-from=")) from None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -138,9 +116,9 @@ def bench_overrides(opts: BenchOptions, cfg: TrainConfig) -> list:
     return out
 
 
-def check_options(opts: BenchOptions) -> tuple[TrainConfig, TrainConfig]:
+def check_options(opts: BenchOptions) -> tuple[TrainConfig, TrainConfig, Optional[dict]]:
     """Validate everything before a process starts. Returns ``(config as given, config the job
-    runs)``.
+    runs, the learned ranks of --ranks-from or None)``.
 
     Raises:
         ConfigError: a bad option, config or layout (one line naming it).
@@ -170,8 +148,7 @@ def check_options(opts: BenchOptions) -> tuple[TrainConfig, TrainConfig]:
     if inrank_arms and cfg.inrank.mode != "efficient":
         raise ConfigError(f"inrank.mode={cfg.inrank.mode!r}: the bench's stage-1 / cut / fixed arms "
                           "are efficient mode's; expected inrank.mode=efficient")
-    if opts.ranks_from is not None:
-        learned_ranks(opts.ranks_from)
+    ranks = learned_ranks(cfg, opts.ranks_from) if opts.ranks_from is not None else None
     job = load_config(opts.config, [*opts.overrides, *bench_overrides(opts, cfg)])
     validate_layout(job, opts.tp)
     if job.parallel.backend == "deepspeed":
@@ -181,7 +158,7 @@ def check_options(opts: BenchOptions) -> tuple[TrainConfig, TrainConfig]:
     if job.parallel.backend != "torch" and job.train.precision == "bf16" and \
             not torch.cuda.is_available():
         raise ConfigError("--precision bf16 with --backend deepspeed needs a GPU; expected fp32")
-    return cfg, job
+    return cfg, job, ranks
 
 
 # --------------------------------------------------------------------------- the launched job
@@ -274,11 +251,7 @@ def _target_ranks(cfg: TrainConfig, layers, spec: dict) -> dict:
     given = spec.get("ranks")
     out = {}
     for name, layer in layers:
-        if given is not None:
-            if name not in given:
-                raise ConfigError(f"--ranks-from: the run has no rank for layer {name} (it has "
-                                  f"{len(given)} layers, e.g. {sorted(given)[:2]}); expected a "
-                                  "run of the same model")
+        if given is not None:  # checked against this model's layers by learned_ranks
             out[name] = int(given[name])
         else:
             out[name] = fraction_rank(cfg, layer.full_in_features, layer.full_out_features,
@@ -305,11 +278,12 @@ def _build_arm(cfg: TrainConfig, arm: str, groups, vocab: int, spec: dict):
     if arm == "cut":
         t0 = _now()
     for name, layer in layers:
+        if arm == "fixed":  # inrank.fixed_ranks: exactly r slots from the start
+            layer.fix_rank(ranks[name])
+            continue
         layer.growth.rank = ranks[name]
         if arm == "cut":
             layer.cut(0)
-        elif arm == "fixed":
-            layer.growth.fix(0)
     if arm == "cut":
         cut_s = _now() - t0
     slots = {name: layer.active_slots for name, layer in layers}
@@ -604,8 +578,7 @@ def run_bench(opts: BenchOptions, *, stream=None) -> dict:
         ConfigError: bad options (before anything starts).
         RuntimeError: the launched job failed (its output went to ``stream``).
     """
-    cfg, job = check_options(opts)
-    ranks = learned_ranks(opts.ranks_from) if opts.ranks_from else None
+    cfg, job, ranks = check_options(opts)
     with tempfile.TemporaryDirectory(prefix="bench_step.") as tmp:
         spec = {"arms": list(opts.arms), "steps": opts.steps, "repeats": opts.repeats,
                 "seed": opts.seed, "ranks": ranks, "rank_fraction": opts.rank_fraction,
