@@ -39,6 +39,8 @@ TOKENIZERS = ("sentencepiece", "gpt2")
 CORPORA = ("wiki", "wiki+books", "none")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ATTENTIONS = ("local", "sdpa")
+RECOMPUTE = ("none", "selective", "full")
 
 
 class ConfigError(ValueError):
@@ -81,6 +83,18 @@ class ModelSection:
         False, "Give the LM head its own weight instead of the input embedding's.")
     add_bias_linear: bool = _field(True, "Biases in the linear layers.")
     inrank: bool = _field(True, "InRank layers (section inrank); false is the dense baseline.")
+    attention: str = _field(
+        "local", "Core attention: local (megatron's unfused DotProductAttention, which keeps the "
+        "[b, heads, s, s] probabilities for backward) or sdpa (torch "
+        "scaled_dot_product_attention: flash / memory-efficient kernels on GPU, O(s) memory).",
+        choices=ATTENTIONS)
+    recompute: str = _field(
+        "none", "Activation recompute (megatron's recompute_granularity): none; selective "
+        "recomputes core attention in backward (needs attention=local); full keeps only each "
+        "transformer layer's input and recomputes the layer in backward.", choices=RECOMPUTE)
+    recompute_num_layers: Optional[int] = _field(
+        None, "With recompute=full: how many transformer layers of each pipeline stage are "
+        "recomputed, the first ones (megatron's recompute_method=block); null means all.", ge=1)
 
     def ffn(self) -> int:
         """The MLP width, resolved."""
@@ -585,6 +599,8 @@ def validate_layout(cfg: TrainConfig, world_size: int) -> None:
 # Keys that may not change when a run resumes from a checkpoint: they change the parameters or the
 # token ids. Everything else (steps, schedule, intervals, output, parallel layout) may.
 RESUME_FREE_INRANK_KEYS = ("resize_policy",)
+# How activations are computed and kept, not what is computed: free to change on resume.
+RESUME_FREE_MODEL_KEYS = ("attention", "recompute", "recompute_num_layers")
 RESUME_FIXED_DATA_KEYS = ("tokenizer", "tokenizer_model")
 
 
@@ -597,6 +613,8 @@ def diff_incompatible(saved: TrainConfig, new: TrainConfig) -> list[str]:
     """
     keys = []
     for f in dataclasses.fields(ModelSection):
+        if f.name in RESUME_FREE_MODEL_KEYS:
+            continue
         a, b = getattr(saved.model, f.name), getattr(new.model, f.name)
         if f.name == "ffn_hidden_size":
             a, b = saved.model.ffn(), new.model.ffn()

@@ -374,6 +374,44 @@ def _positions(cfg, world_size):
                       f"model.seq_length={m.seq_length}; expected >= {m.seq_length} or null")
 
 
+def _recompute_summary(cfg, world_size):
+    m = cfg.model
+    if m.recompute == "none":
+        return f"none, attention {m.attention}"
+    if m.recompute == "selective":
+        return "selective: core attention"
+    n = m.recompute_num_layers
+    return "full: " + ("every layer" if n is None else f"the first {n} layers of each stage")
+
+
+@rule("recompute", ("model.recompute", "model.attention", "model.recompute_num_layers", PP),
+      "`model.recompute=selective` needs `model.attention=local` (SDPA keeps no attention "
+      "probabilities to drop); `model.recompute_num_layers` only with `model.recompute=full`, "
+      "at most the layers of a pipeline stage.", summary=_recompute_summary)
+def _recompute(cfg, world_size):
+    # Selective recompute re-runs core attention so as not to keep its [b, heads, s, s]
+    # probabilities; SDPA does not keep them, so the pair would only add compute (megatron warns
+    # about it for fused attention).
+    m = cfg.model
+    if m.recompute == "selective" and m.attention != "local":
+        yield Failure("model.recompute", "selective", "none or full with SDPA",
+                      f"model.recompute=selective recomputes core attention, which "
+                      f"model.attention={m.attention} does not keep; expected "
+                      "model.attention=local, or model.recompute=none or full")
+    if m.recompute_num_layers is None:
+        return
+    if m.recompute != "full":
+        yield Failure("model.recompute_num_layers", m.recompute_num_layers, "null",
+                      f"model.recompute_num_layers={m.recompute_num_layers} is only read with "
+                      f"model.recompute=full (got {m.recompute}); expected null")
+    elif m.num_layers % _pp(cfg) == 0 and m.recompute_num_layers > m.num_layers // _pp(cfg):
+        per_stage = m.num_layers // _pp(cfg)
+        yield Failure("model.recompute_num_layers", m.recompute_num_layers, f"<= {per_stage}",
+                      f"model.recompute_num_layers={m.recompute_num_layers} exceeds the "
+                      f"{per_stage} transformer layers per pipeline stage (model.num_layers / "
+                      f"{PP}); expected <= {per_stage} or null")
+
+
 @rule("InRank layers", ("inrank.layers", "model.activation", "inrank.mode", "inrank.stage1_steps"),
       "with `model.inrank=true`: no InRank fc1 with swiglu (gated fc1); `inrank.stage1_steps` "
       "null in cumulative mode.",

@@ -17,8 +17,15 @@ _ACTIVATIONS = {"gelu": F.gelu}
 
 
 def transformer_config(shape: GPTShape, *, tp: int = 1, pp: int = 1, sequence_parallel=False,
-                       params_dtype=torch.float32, bf16=False, fp16=False) -> TransformerConfig:
-    """A TransformerConfig for megatron's local (no TE/apex) path with fusions off."""
+                       params_dtype=torch.float32, bf16=False, fp16=False,
+                       recompute: str = "none",
+                       recompute_num_layers: Optional[int] = None) -> TransformerConfig:
+    """A TransformerConfig for megatron's local (no TE/apex) path with fusions off.
+
+    ``recompute`` is ``model.recompute`` (none / selective / full, with ``recompute_num_layers``
+    for full: :func:`inrank_megatron.models.recompute.recompute_fields`)."""
+    from inrank_megatron.models.recompute import recompute_fields
+
     if shape.activation == "swiglu":
         act, gated = F.silu, True
     elif shape.activation in _ACTIVATIONS:
@@ -36,20 +43,32 @@ def transformer_config(shape: GPTShape, *, tp: int = 1, pp: int = 1, sequence_pa
         add_bias_linear=shape.add_bias_linear, hidden_dropout=shape.hidden_dropout,
         attention_dropout=shape.attention_dropout, gradient_accumulation_fusion=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False, **shape.extra)
+        persist_layer_norm=False, apply_rope_fusion=False,
+        **recompute_fields(recompute, recompute_num_layers, shape.num_layers // pp), **shape.extra)
 
 
 def build_gpt(shape: GPTShape, config: TransformerConfig, *, inrank: Optional[InRankConfig],
               inrank_layers=("fc1", "fc2"), layer_numbers=None, pre_process=True,
-              post_process=True, vp_stage=None) -> GPTModel:
+              post_process=True, vp_stage=None, attention: str = "local") -> GPTModel:
     """megatron.core ``GPTModel`` with InRank layers (``inrank=None``: the dense baseline, built
     through the same spec code with no InRank linears).
+
+    ``attention`` is the core attention (``model.attention``): ``local`` (megatron's
+    DotProductAttention) or ``sdpa`` (:class:`inrank_megatron.models.attention.
+    SDPADotProductAttention`). With recompute on (``config.recompute_granularity``) the
+    recomputed forward keeps the autocast state of the first one
+    (:func:`inrank_megatron.models.recompute.keep_autocast_in_recompute`).
 
     Initialisation does not depend on the TP size: megatron draws full weights on the CPU
     (``use_cpu_initialization``) and the InRank layers draw full factors, then keep their shard.
     """
     spec = get_gpt_block_inrank_spec(config, inrank, layers=inrank_layers if inrank else (),
-                                     layer_numbers=layer_numbers, vp_stage=vp_stage)
+                                     layer_numbers=layer_numbers, vp_stage=vp_stage,
+                                     attention=attention)
+    if config.recompute_granularity is not None:
+        from inrank_megatron.models.recompute import keep_autocast_in_recompute
+
+        keep_autocast_in_recompute()
     from inrank_megatron.cpu_fallback import tensor_cuda_is_identity
 
     with tensor_cuda_is_identity():  # the tied embedding's copy on the last pipeline stage

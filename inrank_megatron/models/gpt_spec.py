@@ -30,6 +30,7 @@ from inrank_megatron.tensor_parallel.layers import (
 )
 
 LAYER_KINDS = ("fc1", "fc2", "qkv", "proj")
+ATTENTIONS = ("local", "sdpa")
 
 
 class SequenceParallelTorchNorm:
@@ -61,7 +62,7 @@ def _check_layers(layers: Iterable[str]) -> tuple:
 def get_gpt_layer_inrank_spec(inrank_config: Optional[InRankConfig] = None, *,
                               layers: Iterable[str] = ("fc1", "fc2"),
                               normalization: str = "LayerNorm",
-                              qk_layernorm: bool = False) -> ModuleSpec:
+                              qk_layernorm: bool = False, attention: str = "local") -> ModuleSpec:
     """A megatron.core transformer-layer ModuleSpec with InRank linear layers.
 
     Args:
@@ -70,17 +71,25 @@ def get_gpt_layer_inrank_spec(inrank_config: Optional[InRankConfig] = None, *,
             tuple gives megatron's dense local layer (with SP-capable norms).
         normalization: ``"LayerNorm"`` or ``"RMSNorm"``.
         qk_layernorm: as megatron's local spec.
+        attention: core attention: ``local`` (megatron's DotProductAttention) or ``sdpa``
+            (:class:`inrank_megatron.models.attention.SDPADotProductAttention`).
 
     Returns:
         ModuleSpec of a ``TransformerLayer``.
     """
     layers = _check_layers(layers)
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     cfg = inrank_config or InRankConfig()
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization,
                                                   qk_layernorm=qk_layernorm))
     sub = spec.submodules
     sub.input_layernorm = SequenceParallelTorchNorm
     sub.pre_mlp_layernorm = SequenceParallelTorchNorm
+    if attention == "sdpa":
+        from inrank_megatron.models.attention import SDPADotProductAttention
+
+        sub.self_attention.submodules.core_attention = SDPADotProductAttention
     column = ModuleSpec(module=InRankColumnParallelLinear, params={"inrank_config": cfg})
     row = ModuleSpec(module=InRankRowParallelLinear, params={"inrank_config": cfg})
     if "fc1" in layers:
@@ -99,7 +108,8 @@ def get_gpt_block_inrank_spec(config: TransformerConfig,
                               layers: Iterable[str] = ("fc1", "fc2"),
                               layer_numbers: Optional[Iterable[int]] = None,
                               qk_layernorm: bool = False,
-                              vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+                              vp_stage: Optional[int] = None,
+                              attention: str = "local") -> TransformerBlockSubmodules:
     """The transformer block of this pipeline stage: InRank layers where asked, dense elsewhere,
     and an SP-capable final norm. Pass it as ``GPTModel(transformer_layer_spec=...)``.
 
@@ -110,6 +120,7 @@ def get_gpt_block_inrank_spec(config: TransformerConfig,
         layer_numbers: 1-based global transformer-layer numbers that are InRank (default: all).
         qk_layernorm: as megatron's local spec.
         vp_stage: virtual pipeline stage.
+        attention: core attention, ``local`` or ``sdpa``.
     """
     _check_layers(layers)
     if getattr(config, "gated_linear_unit", False) and "fc1" in tuple(layers):
@@ -122,9 +133,9 @@ def get_gpt_block_inrank_spec(config: TransformerConfig,
             raise ValueError(f"inrank layer_numbers {bad} outside 1..{config.num_layers}")
     inrank = get_gpt_layer_inrank_spec(inrank_config, layers=layers,
                                        normalization=config.normalization,
-                                       qk_layernorm=qk_layernorm)
+                                       qk_layernorm=qk_layernorm, attention=attention)
     dense = get_gpt_layer_inrank_spec(inrank_config, layers=(), normalization=config.normalization,
-                                      qk_layernorm=qk_layernorm)
+                                      qk_layernorm=qk_layernorm, attention=attention)
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     num = get_num_layers_to_build(config, vp_stage=vp_stage)

@@ -39,9 +39,12 @@ def build_model(cfg: TrainConfig, vocab_size: int, tp: int):
     shape = shape_from_config(cfg, vocab_size, tp)
     config = transformer_config(shape, tp=tp,
                                 pp=parallel_state.get_pipeline_model_parallel_world_size(),
-                                sequence_parallel=cfg.parallel.sequence_parallel)
+                                sequence_parallel=cfg.parallel.sequence_parallel,
+                                recompute=cfg.model.recompute,
+                                recompute_num_layers=cfg.model.recompute_num_layers)
     inrank = cfg.inrank.to_core() if cfg.model.inrank else None
     return build_gpt(shape, config, inrank=inrank, inrank_layers=tuple(cfg.inrank.layers),
+                     attention=cfg.model.attention,
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage())
 
