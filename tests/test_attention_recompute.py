@@ -114,7 +114,6 @@ def _body(rank, world_size, sequence_parallel):
 @pytest.mark.parametrize("world_size,sequence_parallel", [(1, False), (2, False), (2, True)])
 def test_sdpa_and_recompute_equal_reference(world_size, sequence_parallel):
     for out in run_distributed(_body, world_size, sequence_parallel):
-        print(out)
         assert out["checks"] == [2, 4] and out["cut"] == [5]  # through rank checks and the cut
         assert out["sdpa"] < 1e-5
         for key in ("selective", "full", "full_1_layer", "full_sdpa"):
