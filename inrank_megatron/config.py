@@ -688,8 +688,10 @@ value expected:
 ## Resuming
 
 The resolved configuration is saved as `config.yaml` in the run directory. A checkpoint can be
-resumed only if `model.*`, `inrank.*` (except `inrank.resize_policy`), `data.tokenizer` and
-`data.tokenizer_model` are unchanged (`diff_incompatible` lists the keys that changed); steps,
+resumed only if `model.*` (except `model.attention`, `model.recompute` and
+`model.recompute_num_layers`, which change how activations are computed, not the model),
+`inrank.*` (except `inrank.resize_policy`), `data.tokenizer` and `data.tokenizer_model` are
+unchanged (`diff_incompatible` lists the keys that changed); steps,
 the LR schedule, intervals, output and the parallel layout may change, as far as the backend's
 checkpoint format allows.
 """

@@ -18,13 +18,20 @@ Parameter counts follow megatron.core's ``GPTModel`` as
   to what the rank rule can reach) and no buffer; cumulative mode never cuts and keeps its buffer.
   The paper reports at most 33% of the ranks (``r / d_model``), hence the default 0.33.
 
-Memory counts weights, gradients and optimizer state only (activations are not included), with
-the bytes per parameter of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp32 training
-keeps 4 + 4 bytes of weights and gradients and 8 of Adam moments; bf16/fp16 under ZeRO keeps
-2 + 2 and 12 of fp32 master weights and moments (:func:`bytes_per_parameter` has the torch and
+Model-state memory counts weights, gradients and optimizer state with the bytes per parameter
+of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp32 training keeps 4 + 4 bytes of
+weights and gradients and 8 of Adam moments; bf16/fp16 under ZeRO keeps 2 + 2 and 12 of fp32
+master weights and moments (:func:`bytes_per_parameter` has the torch and
 Megatron backends). FLOPs are 6N-style (Kaplan et al. 2020; Narayanan et al. 2021):
 twice the multiply-adds of every matmul per token forward, three times that for forward plus
 backward.
+
+Activation memory (:func:`activation_memory`) follows Korthikanti et al. 2022 ("Reducing
+Activation Recomputation in Large Transformer Models"), adapted tensor by tensor to what this
+code's layers keep for backward (fp32, autocast or 16-bit; local attention or SDPA; InRank's
+``[tokens, k]`` intermediates; selective and full recompute; 1F1B's micro-batches in flight) and
+checked against allocator peaks in tests/test_planning.py. :func:`fit` adds it to the model state
+of the config's strategy and says whether a GPU holds the run, and which one change would.
 """
 
 from __future__ import annotations
@@ -45,7 +52,6 @@ DEFAULT_RANK_FRACTION = 0.33
 STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "megatron")
 STRATEGY_NAMES = {"zero0": "ZeRO-0 (DDP)", "zero1": "ZeRO-1", "zero2": "ZeRO-2",
                   "zero3": "ZeRO-3", "megatron": "Megatron dist-opt"}
-ACTIVATIONS_NOTE = "activations are not included"
 
 
 # ------------------------------------------------------------------------------------- model shape
@@ -321,7 +327,7 @@ def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional
 # ---------------------------------------------------------------------------------------- memory
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per GPU of one optimizer sharding strategy (activations are not included).
+    """Bytes per GPU of one optimizer sharding strategy (model state; activations apart).
 
     Attributes:
         strategy: a key of :data:`STRATEGIES`.
@@ -388,7 +394,7 @@ def memory_per_gpu(cfg: TrainConfig, world_size: int, *, inrank: Optional[bool] 
                    stage: str = "storage", rank_fraction: float = DEFAULT_RANK_FRACTION,
                    vocab_size: Optional[int] = None) -> dict[str, MemoryEstimate]:
     """Bytes per GPU of weights, gradients and optimizer state under every strategy of
-    :data:`STRATEGIES`, for the config's layout on ``world_size`` GPUs (activations not included).
+    :data:`STRATEGIES`, for the config's layout on ``world_size`` GPUs (activations apart).
 
     Raises:
         ConfigError: TP * PP does not divide ``world_size``.
@@ -598,28 +604,43 @@ def activation_memory(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage:
     per_stage = _ceil(m.num_layers, pp)
 
     heads = m.num_attention_heads // tp
+    sp = sp_div > 1
+    # megatron's global "mpu" buffers persist: local attention's baddbmm writes its scores into
+    # one ([b * a / tp, s, s]), and under SP column-parallel linears all-gather their input into
+    # one ([s, b, h]); one buffer per dtype, as large as the largest request.
+    buffers = {}
+    if attention == "local":
+        buffers[dt.compute] = b * heads * s * s
+    if sp:
+        buffers[dt.linear_input if dt.residual == dt.linear_input else dt.residual] = max(
+            buffers.get(dt.residual, 0), tokens * h)
+    persistent = sum(nbytes * numel for nbytes, numel in buffers.items())
     if attention == "local":
         # Backward of one layer's attention holds the gradients of the probabilities and of the
         # scores, each as large as the probabilities (fp32 under autocast).
         attention_backward = 2 * min(dt.probs, 4) * b * heads * s * s
-        # megatron's baddbmm writes into a persistent [b * a / tp, s, s] global buffer.
-        persistent = dt.compute * b * heads * s * s
     else:
         # dq, dk, dv and d(out), plus fp32 accumulators of dq, dk, dv (torch's CPU flash
         # kernel; FlashAttention-2 keeps dq's).
         attention_backward = (4 * dt.compute + 3 * 4) * tokens * h // tp
-        persistent = 0
+    if sp:  # a column linear's input gradient is full-sequence before its reduce-scatter
+        attention_backward += 2 * dt.compute * tokens * h
+    n = 0
     if recompute == "full":
         n = min(recompute_num_layers or per_stage, per_stage)
         layers_kept = n * layer_input + (per_stage - n) * layer
-        # One layer rebuilt in backward, with the gradients of its output and input.
-        layer_backward = layer + attention_backward + 2 * layer_input
     elif recompute == "selective":
         layers_kept = per_stage * rest
-        layer_backward = core + attention_backward
     else:
         layers_kept = per_stage * layer
-        layer_backward = attention_backward
+    # Backward of the stage's last layer (the others still kept); with full recompute, of its
+    # last recomputed layer, rebuilt with the gradients of its output and input, after the
+    # layers behind it are freed (megatron's block method recomputes the first n).
+    last_layer = attention_backward + (core if recompute == "selective" else 0)
+    if n:
+        last_layer = max(last_layer if n < per_stage else 0,
+                         layer + attention_backward + 2 * layer_input
+                         - (per_stage - n) * layer)
     vocab_shard = _ceil(padded_vocab(cfg, vocab_size=vocab_size), tp)
     embed = 2 * 8 * tokens  # token and position ids
     # Final norm input and stats, output layer input, the cross entropy's fp32 logits, labels.
@@ -641,13 +662,152 @@ def activation_memory(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage:
         kept = persistent + flight * (layers_kept + (embed if first else 0) +
                                       (head if last else 0))
         # The head's backward comes first; the layers' after the head's buffers are freed.
-        extra = max(head_backward, layer_backward - head) if last else layer_backward
+        extra = max(head_backward, last_layer - head) if last else last_layer
         if best is None or kept + extra > best[0] + best[1]:
             best = (kept, extra, flight)
     label = "dense" if not inrank else {"active": "InRank stage 1",
                                         "fraction": "InRank after cut"}[stage]
     return ActivationEstimate(label=label, attention=attention, recompute=recompute, layer=layer,
                               kept=best[0], transient=best[1], in_flight=best[2])
+
+
+# ------------------------------------------------------------------------------------------- fit
+DEFAULT_GPU_MEMORY_GIB = 80.0
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a run on the fullest GPU: model state under the config's strategy plus the
+    activations of its attention and recompute settings."""
+
+    label: str
+    state: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.state + self.activations
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Whether a config's run fits GPUs of ``gpu_bytes``, and what would make it fit.
+
+    Attributes:
+        gpu_bytes: memory of one GPU.
+        phases: dense: one; InRank: stage 1 (weights as allocated, active slots) and after the
+            cut (rank-fraction slots), each the fullest GPU's weights, gradients and optimizer
+            state plus activations (the two maxima may come from different pipeline stages: the
+            sum is an upper bound).
+        suggestions: ``(overrides, total bytes)`` that fit, cheapest change first (empty when the
+            config fits or nothing tried fits).
+    """
+
+    gpu_bytes: int
+    phases: tuple
+    suggestions: tuple = ()
+
+    @property
+    def total(self) -> int:
+        return max(p.total for p in self.phases)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_bytes
+
+
+def _phases(cfg: TrainConfig, world_size: int, rank_fraction: float,
+            vocab_size: Optional[int]) -> tuple:
+    """The run's phases on the fullest GPU (see :class:`Fit`)."""
+    dp = data_parallel_size(cfg, world_size)
+    micro = grad_accumulation_steps(cfg, world_size)
+    strategy = selected_strategy(cfg)
+    kw = dict(rank_fraction=rank_fraction, vocab_size=vocab_size)
+    if cfg.model.inrank:
+        stages = [("InRank stage 1", "storage", "active")]
+        if cfg.inrank.mode == "efficient" and cfg.inrank.stage1_steps is not None:
+            stages.append(("InRank after cut", "fraction", "fraction"))
+    else:
+        stages = [("dense", "storage", "active")]
+    phases = []
+    for label, param_stage, act_stage in stages:
+        pc = count_parameters(cfg, stage=param_stage, **kw)
+        state = memory_for(pc, cfg.train.precision, dp, strategy).total
+        act = activation_memory(cfg, stage=act_stage, num_microbatches=micro, **kw).total
+        phases.append(Phase(label, state, act))
+    return tuple(phases)
+
+
+def _with(cfg: TrainConfig, overrides: dict) -> TrainConfig:
+    """A copy of ``cfg`` with ``{"section.key": value}`` applied."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(getattr(out, section), name, value)
+    return out
+
+
+def _candidates(cfg: TrainConfig, world_size: int, gpus_per_node: int) -> list[dict]:
+    """Changes to try, cheapest first: SDPA, selective recompute, full recompute of as few layers
+    as needed, a smaller micro batch, then twice the TP size within a node (with SP)."""
+    m, p = cfg.model, cfg.parallel
+    out = []
+    if m.attention == "local":
+        out.append({"model.attention": "sdpa"} |
+                   ({"model.recompute": "none"} if m.recompute == "selective" else {}))
+        if m.recompute == "none":
+            out.append({"model.recompute": "selective"})
+    per_stage = m.num_layers // p.pipeline_model_parallel_size
+    if m.recompute != "full" or m.recompute_num_layers is not None:
+        first = m.recompute_num_layers + 1 if m.recompute == "full" else 1
+        for n in range(first, per_stage + 1):
+            out.append({"model.attention": "sdpa", "model.recompute": "full",
+                        "model.recompute_num_layers": n if n < per_stage else None})
+    mb = cfg.train.micro_batch_size
+    for smaller in range(mb - 1, 0, -1):
+        if mb % smaller == 0:
+            out.append({"train.micro_batch_size": smaller})
+    tp = p.tensor_model_parallel_size
+    if 2 * tp <= gpus_per_node:
+        out.append({"parallel.tensor_model_parallel_size": 2 * tp,
+                    "parallel.sequence_parallel": True})
+    return out
+
+
+def fit(cfg: TrainConfig, world_size: int, *, gpus_per_node: int,
+        gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
+        rank_fraction: float = DEFAULT_RANK_FRACTION, vocab_size: Optional[int] = None,
+        max_suggestions: int = 3) -> Fit:
+    """Whether ``cfg`` fits GPUs of ``gpu_memory_gib`` on ``world_size`` GPUs and, if not, the
+    first ``max_suggestions`` changes of :func:`_candidates` that make it fit (each alone, a
+    valid layout).
+
+    Raises:
+        ConfigError: a layout that does not fit the world size.
+    """
+    gpu = int(gpu_memory_gib * 2**30)
+    phases = _phases(cfg, world_size, rank_fraction, vocab_size)
+    result = Fit(gpu, phases)
+    if result.fits:
+        return result
+    found = []
+    for change in _candidates(cfg, world_size, gpus_per_node):
+        if any(c.items() <= change.items() for c, _ in found):
+            continue  # a part of this change already fits
+        trial = _with(cfg, change)
+        try:
+            if rules.check(trial, world_size):
+                continue
+            total = Fit(gpu, _phases(trial, world_size, rank_fraction, vocab_size)).total
+        except (ConfigError, ValueError):
+            continue
+        if total <= gpu:
+            found.append((change, total))
+            if len(found) == max_suggestions:
+                break
+    return Fit(gpu, phases, tuple(found))
 
 
 # ----------------------------------------------------------------------------------------- FLOPs
@@ -780,6 +940,8 @@ class Plan:
     grad_accumulation: Optional[int]
     config_path: Optional[str] = None
     inrank_error: Optional[str] = None
+    activations: dict = field(default_factory=dict)
+    fit: Optional[Fit] = None
 
     @property
     def ok(self) -> bool:
@@ -789,16 +951,23 @@ class Plan:
 
 def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
          rank_fraction: float = DEFAULT_RANK_FRACTION, vocab_size: Optional[int] = None,
-         config_path: Optional[str] = None) -> Plan:
+         config_path: Optional[str] = None,
+         gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB) -> Plan:
     """Parameters, memory, FLOPs and layout checks of ``cfg`` on ``nodes x gpus_per_node`` GPUs,
     dense and InRank (``cfg.inrank``'s settings, whatever ``model.inrank`` says).
 
     InRank settings that do not fit a layer leave the InRank rows out (``inrank_error`` says why)
     and, when ``model.inrank`` is true, fail the ``InRank rank fits`` check.
 
+    Activations are counted for every attention / recompute pair of
+    :data:`ACTIVATION_VARIANTS`; ``fit`` checks the config's own settings against
+    ``gpu_memory_gib`` (None when the layout does not fit the world size).
+
     Raises:
-        ValueError: non-positive nodes / GPUs, a rank fraction outside (0, 1].
+        ValueError: non-positive nodes / GPUs or GPU memory, a rank fraction outside (0, 1].
     """
+    if not gpu_memory_gib > 0:
+        raise ValueError(f"gpu_memory_gib must be positive, got {gpu_memory_gib!r}")
     for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -832,11 +1001,24 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
     if dp is not None:
         memory = {key: {s: memory_for(pc, cfg.train.precision, dp, s) for s in STRATEGIES}
                   for key, pc in params.items()}
+    activations, fit_result = {}, None
+    if accumulation is not None:
+        keys = [("dense", False, "active")]
+        if inrank_error is None:
+            keys += [("active", True, "active"), ("fraction", True, "fraction")]
+        for key, inrank, stage in keys:
+            activations[key] = {
+                (a, r): activation_memory(cfg, inrank=inrank, stage=stage, attention=a,
+                                          recompute=r, num_microbatches=accumulation, **kw)
+                for a, r in ACTIVATION_VARIANTS}
+        if all(c.ok for c in checks):
+            fit_result = fit(cfg, world, gpus_per_node=gpus_per_node,
+                             gpu_memory_gib=gpu_memory_gib, **kw)
     return Plan(cfg=cfg, nodes=nodes, gpus_per_node=gpus_per_node, world_size=world,
                 rank_fraction=rank_fraction, vocab_size=vocab, params=params, memory=memory,
                 flops=flops, checks=checks, strategy=selected_strategy(cfg), dp=dp,
                 grad_accumulation=accumulation, config_path=config_path,
-                inrank_error=inrank_error)
+                inrank_error=inrank_error, activations=activations, fit=fit_result)
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -874,6 +1056,65 @@ def _table(header: list, rows: list, left: int = 1, indent: str = "  ") -> list[
 def _slots_text(pc: ParamCount) -> str:
     values = sorted(set(pc.slots.values()))
     return "/".join(str(v) for v in values) if values else "-"
+
+
+def _variant_name(attention: str, recompute: str) -> str:
+    return attention if recompute == "none" else f"{attention}+{recompute}"
+
+
+def _overrides_text(change: dict) -> str:
+    from inrank_megatron.config import format_value
+
+    return " ".join(f"{k}={format_value(v)}" for k, v in change.items())
+
+
+def _format_activations(p: Plan) -> list[str]:
+    """The activation table and the fit on ``--gpu-memory-gib`` GPUs."""
+    if not p.activations:
+        return ["Activations per GPU: not computed (the batch does not fit this layout)", ""]
+    cfg = p.cfg
+    m, par, t = cfg.model, cfg.parallel, cfg.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    any_estimate = next(iter(p.activations["dense"].values()))
+    autocast = " autocast" if t.precision != "fp32" and par.backend != "deepspeed" else ""
+    out = [f"Activations per GPU, GiB: micro batch {t.micro_batch_size} x seq {m.seq_length}, "
+           f"TP {tp}, SP {'on' if par.sequence_parallel and tp > 1 else 'off'}, PP {pp}, "
+           f"{t.precision}{autocast}",
+           f"  (kept for backward, {any_estimate.in_flight} micro-batch(es) in flight on the "
+           "fullest stage, + the largest backward buffer;",
+           "  Korthikanti et al. 2022 adapted to this code: planning.activation_memory)"]
+    labels = {"dense": "dense", "active": "InRank stage 1 (rank + buffer)",
+              "fraction": f"InRank after cut (rank {p.rank_fraction:g} x d)"}
+    mine = (m.attention, m.recompute)
+    header = ["model"] + [_variant_name(a, r) + (" *" if (a, r) == mine else "")
+                          for a, r in ACTIVATION_VARIANTS]
+    rows = [[labels[key]] + [_gib(by[v].total) for v in ACTIVATION_VARIANTS]
+            for key, by in p.activations.items()]
+    out += _table(header, rows)
+    out.append(f"  * the config's model.attention / model.recompute"
+               + (f" (recompute_num_layers {m.recompute_num_layers})"
+                  if m.recompute_num_layers is not None else ""))
+    out.append("")
+    f = p.fit
+    if f is None:
+        return out + ["Fit: not computed (a layout check fails)", ""]
+    gib = f.gpu_bytes / 2**30
+    out.append(f"Fit on {gib:g} GiB GPUs ({STRATEGY_NAMES[p.strategy]}, "
+               f"attention {m.attention}, recompute {m.recompute}): "
+               f"{'fits' if f.fits else 'does NOT fit'}")
+    out += _table(["phase", "state", "activations", "total", "free"],
+                  [[ph.label, _gib(ph.state), _gib(ph.activations), _gib(ph.total),
+                    _gib(f.gpu_bytes - ph.total)] for ph in f.phases])
+    if not f.fits:
+        if f.suggestions:
+            out.append("  Fits with any one of (cheapest first):")
+            for change, total in f.suggestions:
+                out.append(f"    {_overrides_text(change)}  -> {_gib(total)} GiB")
+        else:
+            out.append("  Nothing tried fits (SDPA, recompute, smaller micro batch, 2x TP): "
+                       "use more GPUs per replica (TP/PP) or ZeRO-3.")
+    out.append("")
+    return out
 
 
 def format_plan(p: Plan) -> str:
@@ -953,7 +1194,7 @@ def format_plan(p: Plan) -> str:
             f"{STRATEGY_NAMES[k]} {'+'.join(str(b) for b in bytes_per_parameter(t.precision, k))}"
             for k in ("zero0", "zero1", "megatron"))
         out.append(f"Memory per GPU, GiB: weights + gradients + optimizer state, sharded over "
-                   f"DP {p.dp}; {ACTIVATIONS_NOTE}")
+                   f"DP {p.dp} (activations below)")
         out.append(f"  ({t.precision}, bytes per parameter before sharding: {per_param}; "
                    "ZeRO-2/3 as ZeRO-1)")
         out.append("  (InRank as allocated is what stage 1 holds)")
@@ -973,6 +1214,7 @@ def format_plan(p: Plan) -> str:
     else:
         out.append("Memory per GPU: not computed (TP x PP does not divide the world size)")
     out.append("")
+    out += _format_activations(p)
 
     tokens = t.global_batch_size * m.seq_length
     out.append("Training FLOPs per token: forward + backward = 3 x 2 x multiply-adds of the "

@@ -131,7 +131,7 @@ def _autocast_body(rank, world_size, keep_autocast):
     if not keep_autocast:  # megatron's own checkpoint, as before keep_autocast_in_recompute
         recompute._patched = True
     # The transformer block alone, every linear InRank: megatron's dense linears autocast for
-    # "cuda" only (custom_fwd), so their backward fails under CPU autocast with or without recompute.
+    # "cuda" only (custom_fwd), so their backward fails under CPU autocast, recompute or not.
     x = torch.randn(SEQ, BATCH, 64, generator=torch.Generator().manual_seed(3))
     grads = {}
     for mode in ("none", "full"):
@@ -161,6 +161,6 @@ def test_recompute_rules(overrides, message):
     cfg = load_config("configs/tiny-cpu.yaml", overrides)
     with pytest.raises(ConfigError, match=message):
         validate_layout(cfg, 2)
-    ok = load_config("configs/tiny-cpu.yaml", ["model.recompute=full", "model.recompute_num_layers=4",
-                                               "model.attention=sdpa"])
+    ok = load_config("configs/tiny-cpu.yaml", ["model.recompute=full", "model.attention=sdpa",
+                                               "model.recompute_num_layers=4"])
     validate_layout(ok, 2)

@@ -321,6 +321,9 @@ def test_diff_incompatible():
     assert diff_incompatible(saved, tiny("train.steps=400", "train.lr=1e-4", "output.dir=x",
                                          "train.eval_interval=10", "inrank.resize_policy=project",
                                          "parallel.tensor_model_parallel_size=1")) == []
+    # How activations are computed is free to change on resume (same parameters).
+    assert diff_incompatible(saved, tiny("model.attention=sdpa", "model.recompute=full",
+                                         "model.recompute_num_layers=2")) == []
     # Compared resolved: null ffn is 4 * hidden = 512 here.
     assert diff_incompatible(saved, tiny("model.ffn_hidden_size=null")) == []
     assert diff_incompatible(saved, tiny("inrank.layers=[fc2,fc1]")) == []

@@ -10,7 +10,12 @@ Pinned down here:
   the 6N-style FLOP formula on GPT-2 medium;
 - every config loads, passes ``validate_layout`` at 2 nodes x 8 GPUs and at its natural world size
   and passes every planner check at 2 x 8; the DeepSpeed JSONs are valid ZeRO configs;
-- a bad layout (TP not dividing the heads) is a failing check naming the keys, and the CLI exits 1.
+- a bad layout (TP not dividing the heads) is a failing check naming the keys, and the CLI exits 1;
+- activation memory: Korthikanti et al.'s ``sbh (34 + 5 a s / h)`` per layer in 16-bit with
+  dropout, exactly, plus what this code adds; within 15% of the peak of torch's CPU allocations
+  over a real forward/backward at small shapes (fp32 and bf16; dense and InRank; local and SDPA
+  attention; no, selective and full recompute; TP 1 and TP 2 with SP); the fit on 80 GiB GPUs
+  and suggestions that fit.
 """
 
 import contextlib
@@ -24,8 +29,8 @@ import pytest
 
 from inrank_megatron.config import load_config, validate_layout
 from inrank_megatron.planning import (
-    STRATEGIES, count_parameters, flops_per_token, format_plan, memory_per_gpu, plan,
-    rank_checks, tokenizer_vocab_size,
+    ACTIVATION_VARIANTS, STRATEGIES, activation_memory, count_parameters, fit, flops_per_token,
+    format_plan, memory_per_gpu, plan, rank_checks, tokenizer_vocab_size,
 )
 from tests.distributed import run_distributed
 
@@ -53,7 +58,9 @@ def _load(path, *overrides):
 # The layouts the real models are built at, and which configs each covers: every config at TP=1
 # (the totals); a small, a TP=2 and a PP=2 config at TP=2 and PP=2 (the per-GPU shards).
 SHARD_CONFIGS = ["configs/tiny-cpu.yaml", "configs/gpt2-large.yaml", "configs/gpt-13b.yaml"]
-LAYOUTS = {"tp1": (1, 1, CONFIGS), "tp2": (2, 1, SHARD_CONFIGS), "pp2": (1, 2, SHARD_CONFIGS)}
+# gpt-2.7b at PP=2 too: the largest config run by the DeepSpeed backend, built on the meta device.
+LAYOUTS = {"tp1": (1, 1, CONFIGS), "tp2": (2, 1, SHARD_CONFIGS),
+           "pp2": (1, 2, SHARD_CONFIGS + ["configs/gpt-2.7b.yaml"])}
 
 
 def _cumulative(cfg):
@@ -291,7 +298,8 @@ def test_big_config_passes_every_planner_check_on_2x8(path):
     assert p.dp * cfg.parallel.tensor_model_parallel_size * \
         cfg.parallel.pipeline_model_parallel_size == 16
     text = format_plan(p)
-    assert "FAIL" not in text and "activations are not included" in text
+    assert "FAIL" not in text and "Activations per GPU" in text
+    assert p.fit.fits and "does NOT fit" not in text  # the shipped settings fit 80 GiB
 
 
 def test_deepspeed_jsons_are_zero_configs():
@@ -355,4 +363,132 @@ def test_cli_prints_the_plan_and_exits_1_on_a_failing_layout():
     with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit) as done:
         cli.main(["--help"])
     assert done.value.code == 0
-    assert "--rank-fraction" in out.getvalue() and "Activations are not included" in out.getvalue()
+    assert "--rank-fraction" in out.getvalue() and "--gpu-memory-gib" in out.getvalue()
+
+
+# ------------------------------------------------------------------------------------ activations
+# Small shapes on tiny-cpu: 2 layers x 128, 4 heads, seq 128, micro batch 2, a 512-id vocabulary.
+SMALL = ["model.num_layers=2", "model.hidden_size=128", "model.num_attention_heads=4",
+         "model.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=2",
+         "inrank.buffer=14"]
+SMALL_VOCAB = 512
+BF16 = ["train.precision=bf16", "parallel.backend=deepspeed",
+        "parallel.deepspeed_config=configs/deepspeed/zero2.json"]
+
+
+def _small(tp, *overrides):
+    layout = [f"parallel.tensor_model_parallel_size={tp}",
+              f"parallel.sequence_parallel={'true' if tp > 1 else 'false'}"]
+    return _load("configs/tiny-cpu.yaml", *SMALL, *layout, *overrides)
+
+
+def _measured_peaks(rank, world_size, cfgs):
+    """Peak of torch's CPU allocations over one forward/backward of each config's model, above
+    what was allocated before it (parameters, gradients already allocated)."""
+    import torch
+    from megatron.core import parallel_state, tensor_parallel
+    from torch.profiler import ProfilerActivity, profile
+
+    from inrank_megatron import enable_cpu_fallback
+    from inrank_megatron.training.loop import build_model
+
+    enable_cpu_fallback()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    peaks = []
+    for cfg in cfgs:
+        tensor_parallel.model_parallel_cuda_manual_seed(1)
+        # A fresh global buffer (megatron's local attention keeps one), as in a new process.
+        parallel_state._GLOBAL_MEMORY_BUFFER = None
+        parallel_state._set_global_memory_buffer()
+        model = build_model(cfg, SMALL_VOCAB, world_size)
+        model.train()
+        if cfg.train.precision == "bf16":  # DeepSpeed's bf16: the module cast, no autocast
+            model.bfloat16()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        s, b = cfg.model.seq_length, cfg.train.micro_batch_size
+        tokens = torch.randint(0, SMALL_VOCAB, (b, s + 1),
+                               generator=torch.Generator().manual_seed(0))
+        pos = torch.arange(s).unsqueeze(0).expand(b, s)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = model(tokens[:, :-1], pos, attention_mask=None, labels=tokens[:, 1:])
+            loss.float().mean().backward()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        peaks.append(peak)
+        del model, loss
+    return peaks
+
+
+def _estimates_vs_measured(tp, cases):
+    cfgs = [_small(tp, *overrides) for overrides in cases]
+    measured = run_distributed(_measured_peaks, tp, cfgs, timeout=300)
+    out = []
+    for i, (overrides, cfg) in enumerate(zip(cases, cfgs)):
+        estimate = activation_memory(cfg, vocab_size=SMALL_VOCAB, num_microbatches=1).total
+        for peaks in measured:
+            out.append((overrides, estimate, peaks[i], estimate / peaks[i]))
+    return out
+
+
+@pytest.mark.slow
+def test_activation_estimate_within_15_percent_of_measured_peak():
+    cases = []
+    for precision in ([], BF16):
+        for inrank in ("false", "true"):
+            for attention, recompute in ACTIVATION_VARIANTS:
+                cases.append([*precision, f"model.inrank={inrank}",
+                              f"model.attention={attention}", f"model.recompute={recompute}"])
+    cases.append(["model.attention=sdpa", "model.recompute=full", "model.recompute_num_layers=1"])
+    results = _estimates_vs_measured(1, cases)
+    # TP 2 with sequence parallelism: the 1/tp and SP-shard terms, per rank.
+    results += _estimates_vs_measured(2, [["model.attention=local"], ["model.attention=sdpa"],
+                                          ["model.attention=sdpa", "model.recompute=full"]])
+    bad = [r for r in results if not 0.85 <= r[3] <= 1.15]
+    assert not bad, bad
+    # Not a constant: recompute and SDPA change the measured peaks and the estimates alike.
+    by = {tuple(r[0]): r for r in results[:len(cases)]}
+    full = by[("model.inrank=false", "model.attention=sdpa", "model.recompute=full")]
+    none = by[("model.inrank=false", "model.attention=local", "model.recompute=none")]
+    assert full[2] < 0.6 * none[2] and full[1] < 0.6 * none[1]
+
+
+def test_activation_formula_is_korthikanti_in_16_bit():
+    # Korthikanti et al. 2022, eq. 1-2: sbh (34 + 5 a s / h) bytes per layer in 16-bit with
+    # dropout, and sbh (34 / t + 5 a s / (h t)) with TP t and SP; this code adds the norms' fp32
+    # mean and rstd (2 x 2 x 4 sb bytes) and local attention's [s, s] causal mask.
+    for tp, sp in ((1, "false"), (4, "true")):
+        cfg = _load("configs/gpt-6.7b.yaml", "model.hidden_dropout=0.1",
+                    "model.attention_dropout=0.1", f"parallel.tensor_model_parallel_size={tp}",
+                    f"parallel.sequence_parallel={sp}")
+        s, b, h, a = 1024, 4, 4096, 32
+        est = activation_memory(cfg, inrank=False)
+        korthikanti = s * b * h * (34 + 5 * a * s / h) / tp
+        assert est.layer == korthikanti + 16 * s * b / tp + s * s
+    # InRank keeps the [s, b, k] intermediates of fc1 (full sequence) and fc2 (SP shard) too.
+    cfg = _load("configs/gpt-6.7b.yaml")
+    extra = activation_memory(cfg, inrank=True).layer - activation_memory(cfg, inrank=False).layer
+    assert extra == 2 * 1024 * 4 * 102 * (1 + 1 / 4)
+
+
+def test_fit_suggests_changes_that_fit():
+    path = "configs/gpt-13b.yaml"
+    shipped = fit(_load(path), 8, gpus_per_node=8)
+    assert shipped.fits and not shipped.suggestions
+    cfg = _load(path, "train.micro_batch_size=8", "model.seq_length=2048",
+                "model.max_position_embeddings=2048")
+    result = fit(cfg, 8, gpus_per_node=8)
+    assert not result.fits and result.total > 80 * 2**30
+    changes = [change for change, _ in result.suggestions]
+    assert changes[0] == {"model.attention": "sdpa"}
+    for change, total in result.suggestions:
+        overrides = [f"{k}={'null' if v is None else str(v).lower()}" for k, v in change.items()]
+        again = fit(_load(path, "train.micro_batch_size=8", "model.seq_length=2048",
+                          "model.max_position_embeddings=2048", *overrides), 8, gpus_per_node=8)
+        assert again.fits and again.total == total
+    text = format_plan(plan(cfg, 1, 8, gpu_memory_gib=80))
+    assert "does NOT fit" in text and "model.attention=sdpa  ->" in text

@@ -16,11 +16,18 @@ What it prints (inrank_megatron/planning.py has the formulas and their sources):
     stage 1; InRank after the cut at --rank-fraction of d_model (the paper: at most 33%);
   - bytes per GPU of weights, gradients and optimizer state (Adam moments, plus fp32 master
     weights in bf16/fp16) under ZeRO 0/1/2/3 and Megatron's distributed optimizer, sharded over
-    DP; the config's own backend is marked. Activations are not included;
+    DP; the config's own backend is marked;
+  - activations per GPU for the config's micro batch, sequence, TP/SP/PP and precision, with
+    each attention (local, sdpa) and recompute (none, selective, full), dense and InRank
+    (stage-1 active slots and after the cut);
+  - whether the run fits --gpu-memory-gib GPUs (model state + activations, stage 1 and after
+    the cut) and, when it does not, which one change fits (SDPA, recompute, a smaller micro
+    batch, 2x TP);
   - training FLOPs per token of the matmuls (linears, attention, logits), dense and InRank.
 
 Overrides are the training CLI's: section.key=value, read as YAML. Exit status: 0 if every
-layout check passes, 1 if one fails, 2 for a bad argument or configuration.
+layout check passes, 1 if one fails, 2 for a bad argument or configuration (a run that does
+not fit the GPU memory is reported, not an error).
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import argparse
 import sys
 
 from inrank_megatron.config import ConfigError, load_config
-from inrank_megatron.planning import DEFAULT_RANK_FRACTION, format_plan, plan
+from inrank_megatron.planning import (
+    DEFAULT_GPU_MEMORY_GIB, DEFAULT_RANK_FRACTION, format_plan, plan,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="InRank rank after the cut as a fraction of d_model, in (0, 1] "
                         f"(default: {DEFAULT_RANK_FRACTION}, the paper's 'at most 33%% of the "
                         "ranks'); clipped to what the rank rule can reach.")
+    parser.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_MEMORY_GIB,
+                        metavar="GIB",
+                        help="Memory of one GPU for the fit check, GiB (default: "
+                        f"{DEFAULT_GPU_MEMORY_GIB:g}, an 80 GB A100/H100).")
     parser.add_argument("--vocab-size", type=int, default=None, metavar="V",
                         help="Tokenizer ids before padding (default: 50257 for gpt2; the "
                         "SentencePiece model's size, or 8000 when its file is missing).")
@@ -59,7 +72,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = plan(cfg, args.nodes, args.gpus_per_node, rank_fraction=args.rank_fraction,
-                      vocab_size=args.vocab_size, config_path=args.config)
+                      vocab_size=args.vocab_size, config_path=args.config,
+                      gpu_memory_gib=args.gpu_memory_gib)
     except (ConfigError, ValueError, OSError) as error:
         print(f"plan.py: {error}", file=sys.stderr)
         return 2

@@ -72,9 +72,10 @@ class SDPADotProductAttention(MegatronModule):
             else attention_dropout
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
-                attention_bias: Optional[torch.Tensor] = None, packed_seq_params=None
-                ) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias: Optional[torch.Tensor] = None,
+                packed_seq_params=None) -> torch.Tensor:
         """Args: query ``[sq, b, np, hn]``, key / value ``[sk, b, ng, hn]``, attention_mask
         (bool, True = masked out, broadcastable to ``[b, np, sq, sk]``) or None.
         Returns: context ``[sq, b, np * hn]``."""
