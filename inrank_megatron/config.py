@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import re
 import typing
 from collections.abc import Mapping
@@ -332,6 +333,8 @@ def _check_scalar(key: str, value, tp, meta: Mapping, *, expected: str, shown):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
     elif tp is str:
         # An integer is text too (``data.split: 100``, ``output.dir: 2024``); a float or a
         # boolean would not read back as written.

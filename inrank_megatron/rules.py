@@ -583,3 +583,26 @@ def _data_files(cfg, world_size):
 
     check_data_config(cfg)
     return ()
+
+
+@rule("output directory", ("output.dir", "output.resume"),
+      "a fresh run (`output.resume=none`) writes into a new or empty `output.dir`, and "
+      "`output.resume=auto` finds a checkpoint there or an empty directory: nothing a run did not "
+      "write is overwritten.", scope="files")
+def _output_dir(cfg, world_size):
+    from inrank_megatron.checkpoint_format import CHECKPOINTS_DIR
+    from inrank_megatron.run_dir import entries
+
+    o = cfg.output
+    found = entries(o.dir)
+    if not found or o.resume not in ("none", "auto"):
+        return
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    if o.resume == "none":
+        yield Failure("output.dir", o.dir, "a new or empty directory",
+                      f"output.dir={o.dir!r} is not empty ({shown}): a fresh run would overwrite "
+                      "it; resume it with output.resume=auto, or choose another directory")
+    elif not [n for n in entries(os.path.join(o.dir, CHECKPOINTS_DIR)) if n.startswith("step_")]:
+        yield Failure("output.dir", o.dir, "a checkpoint to resume, or an empty directory",
+                      f"output.resume=auto: output.dir={o.dir!r} holds no checkpoint to resume "
+                      f"but is not empty ({shown}); choose another directory")

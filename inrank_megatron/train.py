@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from typing import Optional
@@ -25,6 +26,7 @@ from typing import Optional
 from inrank_megatron import rules
 from inrank_megatron.checkpoint_format import CheckpointError
 from inrank_megatron.config import ConfigError, TrainConfig, diff_incompatible, from_dict, load_config
+from inrank_megatron.run_dir import check_not_locked, lock_output_dir
 
 
 def parse_args(argv=None):
@@ -75,12 +77,24 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
                           f"{meta.backend!r}, this run uses parallel.backend="
                           f"{cfg.parallel.backend!r}; convert it with tools/convert_checkpoint.py "
                           f"{'from' if meta.backend == 'deepspeed' else 'to'}-deepspeed")
+    root = os.path.join(cfg.output.dir, CHECKPOINTS_DIR)
+    later = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else ())
+                   if re.fullmatch(r"step_\d{6,}", n) and int(n[5:]) > meta.step)
+    if later:
+        raise ConfigError(f"output.resume: {root} already holds {', '.join(later[:3])}, after the "
+                          f"resumed step {meta.step}; this run would have to replace them: resume "
+                          "the newest one, or choose another output.dir")
+    if meta.step >= cfg.train.steps:
+        raise ConfigError(f"output.resume: checkpoint {path} is at step {meta.step}, "
+                          f"train.steps={cfg.train.steps}: nothing left to train; expected "
+                          f"train.steps > {meta.step}")
     return path
 
 
 def auto_resume_path(root: str):
-    """``output.resume=auto``: the step directory ``root/latest`` names when it is complete, else
-    the newest complete step directory; None when ``root`` holds no step directory at all.
+    """``output.resume=auto``: the newest complete (verified) step directory of ``root``, which
+    is the one ``latest`` names unless a save was killed between its rename and the move of
+    ``latest``, or ``latest`` is missing; None when ``root`` holds no step directory at all.
 
     Raises:
         CheckpointError: step directories exist but none is complete (never start fresh over
@@ -88,9 +102,7 @@ def auto_resume_path(root: str):
     """
     from inrank_megatron.checkpoint_format import complete_step_dirs, is_complete, read_latest
 
-    latest = read_latest(root)
-    if latest is not None and is_complete(latest) is None:
-        return latest
+    read_latest(root)  # refuses a latest that points anywhere else
     complete = complete_step_dirs(root)
     if complete:
         return complete[-1]
@@ -119,13 +131,17 @@ def main(argv=None) -> int:
     env = init_distributed_env()
     try:
         cfg = load_config(args.config, args.overrides)
-        # Every rule: the config's, this machine's (CUDA) and the files' (data, DeepSpeed JSON).
+        check_not_locked(cfg.output.dir)  # a second run into a running one's output.dir
+        # Every rule: the config's, this machine's (CUDA) and the files' (data, DeepSpeed JSON,
+        # the output directory's state).
         rules.validate(cfg, env["world_size"], scopes=rules.ALL_SCOPES)
         resume_path = resolve_resume(cfg, env["world_size"])
         if resume_path is None:
             from inrank_megatron.training.fixed_ranks import resolve_fixed_ranks
 
             resolve_fixed_ranks(cfg)  # a fixed-rank run's ranks (a run directory read) are sound
+        if env["rank"] == 0:
+            lock_output_dir(cfg.output.dir)  # before anything is written; held until exit
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -242,3 +242,145 @@ def test_latest_names_only_its_own_step_directories(tmp_path, content):
         read_latest(str(root))
     with pytest.raises(CheckpointError, match="not a path"):
         resolve_checkpoint(str(tmp_path / "run"))
+
+
+# ------------------------------------------------------------- nothing the run did not write
+def _hashes(root):
+    import hashlib
+
+    out = {}
+    for parent, _, names in os.walk(root):
+        for name in names:
+            file = os.path.join(parent, name)
+            with open(file, "rb") as f:
+                out[os.path.relpath(file, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _train(tmp_path, *overrides):
+    from inrank_megatron import train
+
+    return train.main(["--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"),
+                       f"output.dir={tmp_path / 'run'}", "parallel.tensor_model_parallel_size=1",
+                       *overrides])
+
+
+def test_fresh_run_into_a_non_empty_directory_is_refused(tmp_path, capsys, clean_env):
+    run = tmp_path / "run"
+    os.makedirs(run / "tb")
+    (run / "metrics.csv").write_text("step,loss\n1,9.0\n")
+    (run / "tb" / "events.out").write_bytes(os.urandom(64))
+    (run / "notes.txt").write_text("mine")
+    before = _hashes(run)
+    assert _train(tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not empty (metrics.csv, notes.txt, tb)" in err
+    assert "resume it with output.resume=auto, or choose another directory" in err
+    assert _hashes(run) == before and sorted(os.listdir(run)) == ["metrics.csv", "notes.txt", "tb"]
+    # resume=auto finds nothing to resume there either: refused, not started fresh.
+    assert _train(tmp_path, "output.resume=auto") == 2
+    assert "holds no checkpoint to resume" in capsys.readouterr().err
+    assert _hashes(run) == before
+
+
+def test_auto_resume_takes_the_newest_verified_checkpoint_or_refuses(tmp_path, capsys,
+                                                                     clean_env):
+    import shutil
+
+    from inrank_megatron.checkpoint_format import (
+        CheckpointError, Meta, is_complete, read_meta, record_files, write_meta,
+    )
+    from inrank_megatron.train import auto_resume_path
+
+    step4 = _checkpoint(tmp_path)
+    root = step4.parent
+    write_meta(str(step4), read_meta(str(step4)).replace(files=record_files(str(step4))))
+    step8 = root / "step_000008"
+    shutil.copytree(step4, step8)
+    write_meta(str(step8), read_meta(str(step8)).replace(step=8))
+    os.remove(root / "latest")
+    assert auto_resume_path(str(root)) == str(step8)  # no latest: the newest complete one
+    with open(step8 / "train.pt", "ab") as f:  # a file shorter or longer than saved: not complete
+        f.write(b"x")
+    assert "train.pt has" in is_complete(str(step8))
+    assert auto_resume_path(str(root)) == str(step4)
+    # ... but resuming step 4 would later replace step_000008: refused before anything runs.
+    before = _hashes(tmp_path / "run")
+    assert _train(tmp_path, "output.resume=auto") == 2
+    assert "already holds step_000008, after the resumed step 4" in capsys.readouterr().err
+    os.remove(step4 / "train.pt")
+    with pytest.raises(CheckpointError, match="no complete checkpoint .* refusing to start fresh"):
+        auto_resume_path(str(root))
+    assert _train(tmp_path, "output.resume=auto") == 2
+    assert "refusing to start fresh over them" in capsys.readouterr().err
+    assert _hashes(tmp_path / "run") == {k: v for k, v in before.items()
+                                         if k != "checkpoints/step_000004/train.pt"}
+    del Meta
+
+
+_HOLD = """
+import sys, time
+from inrank_megatron.run_dir import lock_output_dir
+lock_output_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_run_into_a_locked_directory_is_refused_naming_the_holder(tmp_path, capsys,
+                                                                         clean_env):
+    import signal
+
+    from inrank_megatron.run_dir import lock_output_dir, unlock_output_dir
+
+    step = _checkpoint(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path / "run")], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _hashes(tmp_path / "run")
+        for resume in ("auto", "none"):
+            assert _train(tmp_path, f"output.resume={resume}") == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1, err
+            assert f"is in use by another run (host {os.uname().nodename}, pid {holder.pid}" in err
+        assert _hashes(tmp_path / "run") == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock_output_dir(str(tmp_path / "run"))  # kill -9 released it: a resume is not blocked
+    unlock_output_dir()
+    assert step.exists()
+
+
+def test_tools_never_write_over_or_into_their_input(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_checkpoint
+    import zero_to_fp32
+
+    step = _checkpoint(tmp_path)
+    user_tmp = tmp_path / "out" / "step_000004.tmp"  # a directory of the user's
+    os.makedirs(user_tmp)
+    (user_tmp / "keep.txt").write_text("mine")
+    taken = tmp_path / "taken"
+    taken.write_text("mine too")
+    before = {**_hashes(tmp_path / "run"), **_hashes(tmp_path / "out")}
+    for dst in (step / "copy", step, taken):
+        assert convert_checkpoint.main(["reshard", str(step), str(dst), "--tp", "1"]) == 2
+        err = capsys.readouterr().err
+        assert ("inside the source" in err) or ("exists; refusing to overwrite" in err), err
+    assert convert_checkpoint.main(["reshard", str(step), str(tmp_path / "out" / "step_000004"),
+                                    "--tp", "1"]) == 0
+    assert (user_tmp / "keep.txt").read_text() == "mine" and taken.read_text() == "mine too"
+    after = {**_hashes(tmp_path / "run"), **_hashes(tmp_path / "out")}
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]  # no leftovers
+    ds = _checkpoint(tmp_path / "ds", "deepspeed")
+    own = ds / "deepspeed" / "mp_rank_00_model_states.pt"
+    ds_before = _hashes(ds)
+    for out in (own, ds / "full.pt", taken):
+        assert zero_to_fp32.main([str(ds), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert ("inside the source" in err) or ("exists; refusing to overwrite" in err), err
+    assert _hashes(ds) == ds_before and taken.read_text() == "mine too"

@@ -64,12 +64,13 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
     tmp = ""
     if groups.rank == 0:
         os.makedirs(root, exist_ok=True)
-        if os.path.exists(final):
-            raise CheckpointError(f"{final} exists; refusing to replace a checkpoint this run did "
-                                  "not write")
-        tmp = os.path.join(root, f".step_{step:06d}.{os.getpid()}.tmp")
-        os.makedirs(tmp)
-    tmp = _broadcast_str(tmp)
+        if not os.path.exists(final):
+            tmp = os.path.join(root, f".step_{step:06d}.{os.getpid()}.tmp")
+            os.makedirs(tmp)
+    tmp = _broadcast_str(tmp)  # every rank learns the name, or that there is none
+    if not tmp:
+        raise CheckpointError(f"{final} exists; refusing to replace a checkpoint this run did "
+                              "not write")
     backend.save(tmp)
     part = os.path.join(tmp, f"rng_{groups.rank:05d}.pt")
     torch.save(_portable_rng(rng), part + ".part")

@@ -71,6 +71,7 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
     ckpt_root = os.path.join(out, "checkpoints")
     if groups.rank == 0:
         os.makedirs(out, exist_ok=True)
+        ckpt.remove_partial_saves(ckpt_root)  # this output.dir's interrupted saves (we hold its lock)
         save_config(cfg, os.path.join(out, "config.yaml"))
         prepare_data(cfg)
     torch.distributed.barrier()
