@@ -1,0 +1,65 @@
+"""The rule's fixed point on untrained factors (core.init_ranks): the QR-route trajectory equals a
+brute-force one (dense SVD of B A, literal rule), and at GPT-2 medium's MLP shape with the spec's
+settings it lands on the rank the paper reports for InRank-medium (287), the evidence in
+docs/results.md that published ranks are set by the initialisation."""
+
+import math
+
+import pytest
+import torch
+
+from inrank_megatron.core.init import init_factors
+from inrank_megatron.core.init_ranks import init_rank_trajectory
+
+
+def _literal_rule(s, r, b, max_rank, alpha):
+    """Spec section 3, transcribed: smallest k in [r, min(r + b, max_rank - b)) with g > alpha."""
+    n = s.numel()
+
+    def var(v):
+        return ((v - v.mean()) ** 2).sum() / (n - 1)
+
+    ks = list(range(r, min(r + b, max_rank - b)))
+    for k in ks:
+        tail = s.clone()
+        tail[:k] = 0
+        if 1 - var(tail) / var(s) > alpha:
+            return k
+    return ks[-1] if ks else r
+
+
+@pytest.mark.parametrize("shape,buffer,max_rank", [((128, 512), 16, 64), ((96, 40), 4, 20)])
+def test_trajectory_equals_brute_force(shape, buffer, max_rank):
+    fan_in, fan_out = shape
+    got = init_rank_trajectory(fan_in, fan_out, rank=2, buffer=buffer, max_rank=max_rank,
+                               threshold=0.9, seed=3)
+    f = init_factors("efficient", fan_in, fan_out, max_rank,
+                     generator=torch.Generator().manual_seed(3))
+    want, r = [2], 2
+    while True:
+        k = r + buffer
+        s = torch.linalg.svdvals((f.B[:, :k] @ f.A[:k]).double())
+        new = _literal_rule(s, r, buffer, max_rank, 0.9)
+        if new == r:
+            break
+        want.append(r := new)
+    assert got == want
+    assert len(got) > 2 and got == sorted(got)
+    assert init_rank_trajectory(fan_in, fan_out, rank=2, buffer=buffer, max_rank=max_rank,
+                                threshold=0.9, seed=3, max_checks=1) == got[:2]
+
+
+def test_gpt2_medium_fixed_point_is_the_published_rank():
+    # fc1 of GPT-2 medium: 1024 -> 4096, max_rank 512, b = 100, alpha = 0.9 (spec section 5).
+    fixed = init_rank_trajectory(1024, 4096, rank=2, buffer=100, max_rank=512, threshold=0.9)[-1]
+    assert abs(fixed - 287) <= 2
+
+
+def test_fixed_point_moves_with_the_settings():
+    base = init_rank_trajectory(128, 512, rank=2, buffer=16, max_rank=64, threshold=0.9)[-1]
+    # A larger cap and buffer (more random slots) and a smaller threshold move the point.
+    assert init_rank_trajectory(128, 512, rank=2, buffer=32, max_rank=128,
+                                threshold=0.9)[-1] > base
+    assert init_rank_trajectory(128, 512, rank=2, buffer=16, max_rank=64,
+                                threshold=0.5)[-1] < base
+    assert math.isclose(base, 41, abs_tol=3)
