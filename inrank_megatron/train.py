@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from inrank_megatron.training.finite import NonFiniteError
     from inrank_megatron.training.loop import train
     from inrank_megatron.training.parallel import shutdown
 
@@ -154,6 +155,10 @@ def main(argv=None) -> int:
         if env["rank"] == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # NaN/inf: stopped within the step, nothing of it saved
+        if env["rank"] == 0:  # on a line of its own, after the progress bar's
+            print(f"\nerror: {e}", file=sys.stderr)
+        return 1
     finally:
         shutdown()
     if env["rank"] == 0:

@@ -384,3 +384,41 @@ def test_tools_never_write_over_or_into_their_input(tmp_path, capsys):
         err = capsys.readouterr().err
         assert ("inside the source" in err) or ("exists; refusing to overwrite" in err), err
     assert _hashes(ds) == ds_before and taken.read_text() == "mine too"
+
+
+# ---------------------------------------------------------------------- non-finite values stop
+def test_first_nonfinite_names_the_inrank_layer():
+    from inrank_megatron.training.finite import first_nonfinite
+
+    layer = "decoder.layers.1.mlp.linear_fc2"
+    params = [("embedding.word_embeddings.weight", torch.ones(4, 2)),
+              (f"{layer}.A", torch.ones(3, 2)), (f"{layer}.B", torch.ones(2, 3))]
+    assert first_nonfinite(params, [layer]) is None
+    params[2][1][0, 1] = float("nan")
+    assert first_nonfinite(params, [layer]) == f"InRank layer {layer} (factor B)"
+    params[0][1][3, 0] = float("inf")
+    assert first_nonfinite(params, [layer]) == "parameter embedding.word_embeddings.weight"
+
+
+@pytest.mark.slow
+def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(tmp_path, capsys, clean_env):
+    """train.lr=1e6 (the issue's case): before, the run ended with rc 0 and latest on NaN."""
+    from inrank_megatron.checkpoint_format import read_latest
+    from inrank_megatron.export.checkpoint import read_dist_tensors
+
+    rc = _train(tmp_path, "train.lr=1e6", "train.steps=8", "train.lr_warmup_steps=1",
+                "train.save_interval=1", "train.eval_interval=100", "output.plot=false",
+                "model.num_layers=1", "model.seq_length=32", "inrank.warmup=1", "inrank.gap=1",
+                "inrank.stage1_steps=3")
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+           if line.startswith("error:")]
+    assert rc == 1 and len(err) == 1 and "non-finite" in err[0], err
+    stopped = int(err[0].split("step ")[1].split(":")[0])
+    root = tmp_path / "run" / "checkpoints"
+    assert read_latest(str(root)) == str(root / f"step_{stopped - 1:06d}")
+    assert sorted(n for n in os.listdir(root) if n.startswith("step_"))[-1] == \
+        f"step_{stopped - 1:06d}"
+    for name in os.listdir(root):
+        if name.startswith("step_"):
+            for key, t in read_dist_tensors(str(root / name / "model")).items():
+                assert torch.isfinite(t).all(), (name, key)

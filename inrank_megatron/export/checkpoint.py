@@ -324,3 +324,6 @@ def _check_tensors(cfg, tensors, layers, padded, vocab_size, step_dir) -> None:
         if tuple(tensors[key].shape) != tuple(shape):
             raise CheckpointError(f"{step_dir}: {key} has shape {tuple(tensors[key].shape)}, the "
                                   f"config implies {tuple(shape)}")
+    for key, value in tensors.items():  # never export NaN/inf weights
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{step_dir}: {key} holds NaN or inf; not a usable checkpoint")

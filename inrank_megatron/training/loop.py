@@ -22,6 +22,7 @@ from inrank_megatron.growth.controller import GrowthController
 from inrank_megatron.models.gpt import build_gpt, transformer_config
 from inrank_megatron.models.shape import shape_from_config
 from inrank_megatron.training import checkpoint as ckpt
+from inrank_megatron.training import finite
 from inrank_megatron.training.backends import build_backend
 from inrank_megatron.training.data import (
     build_datasets, eval_microbatches, prepare_data, step_microbatches,
@@ -148,6 +149,7 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
         bar = tqdm(total=last_step, initial=start_step, desc="train", dynamic_ncols=True)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     history, val_loss = [], None
+    latest = resume_path  # the checkpoint a non-finite fault leaves as the latest
     for step in range(start_step + 1, last_step + 1):
         tic = time.time()
         micro = step_microbatches(datasets.train, step - 1, cfg, groups.dp_size, groups.dp_rank)
@@ -157,8 +159,16 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
             # One host sync per step, after the last micro-batch (not one per micro-batch).
             losses = torch.stack([backend.forward_backward(b, len(micro), last=i == len(micro) - 1)
                                   for i, b in enumerate(micro)]).tolist()
+        loss = mean(losses)  # the step's one host sync; the same value on every rank
+        finite.check_loss(loss, step, model, controller, groups, latest)  # before the update
         info = backend.step()
-        report = controller.step(step)
+        try:
+            report = controller.step(step)
+        except ValueError as error:  # a rank check met NaN/inf factors (the update made them)
+            if "NaN" not in str(error) and "inf" not in str(error):
+                raise
+            raise finite.fault(step, "InRank factors", model, controller, groups, latest) \
+                from None
         if report.resizes:
             backend.resize(report.resizes, cfg.inrank.resize_policy)
         # Every stage's checks (each holds its own layers): (layer, new rank, explained ratio).
@@ -167,7 +177,6 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
         checks, cut = [c for part, _ in parts for c in part], any(p[1] for p in parts)
         if cut:
             all_ranks = controller.all_ranks()
-        loss = mean(losses)
         history.append(loss)
         stage = "fixed" if any(l.growth.stage == "fixed" for _, l in controller.layers) \
             else ("growing" if controller.layers else "dense")
@@ -188,7 +197,8 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", stage=stage)
         if (t.save_interval and step % t.save_interval == 0) or step == last_step:
-            ckpt.save_training_checkpoint(
+            finite.check_parameters(step, model, controller, groups, latest)
+            latest = ckpt.save_training_checkpoint(
                 ckpt_root, step, controller=controller, backend=backend,
                 groups=groups, rng=rng_state(),
                 meta=Meta(step=step, consumed_samples=step * t.global_batch_size,
