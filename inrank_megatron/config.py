@@ -506,14 +506,28 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def load_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
+# A key that only one value of another key reads: an override switching that other key away
+# drops the file's value of this one (noted), so a one-key switch gives a consistent config.
+ONLY_READ_WITH = {
+    ("data", "tokenizer_model"): (("data", "tokenizer"), "sentencepiece"),
+    ("parallel", "deepspeed_config"): (("parallel", "backend"), "deepspeed"),
+}
+
+
+def load_config(path: Optional[str], overrides: list[str] = (),
+                notes: Optional[list] = None) -> TrainConfig:
     """Read a YAML configuration, apply ``section.key=value`` overrides in order, check fields.
 
-    Cross-key rules that depend on the world size are :func:`validate_layout`'s job.
+    An override that switches a key away from the only value that reads another key
+    (:data:`ONLY_READ_WITH`: ``data.tokenizer=gpt2`` and the file's ``data.tokenizer_model``)
+    drops that other key's file value, unless an override sets it too; each such implication is
+    appended to ``notes`` as one line for the user. Cross-key rules that depend on the world size
+    are :func:`validate_layout`'s job.
 
     Args:
         path: YAML file; None or ``""`` means all defaults.
         overrides: e.g. ``["train.lr=3e-4", "model.inrank=false", "inrank.layers=[fc1,qkv]"]``.
+        notes: receives what the overrides implied (None: not reported).
 
     Raises:
         ConfigError: missing or unparsable file, or any error of :func:`from_dict` /
@@ -533,9 +547,20 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
         # Check the file alone first, so that its own mistakes are reported as the file's.
         from_dict(loaded, origin=origin)
         data = {str(s): dict(v or {}) for s, v in (loaded or {}).items()}
+    given = {}
     for text in overrides:
         section, key, value = parse_override(text)
+        given[(section, key)] = value
         data.setdefault(section, {})[key] = value
+    for (section, key), ((by_section, by_key), reader) in ONLY_READ_WITH.items():
+        switch = given.get((by_section, by_key), reader)
+        inherited = data.get(section, {}).get(key)
+        if switch != reader and inherited is not None and (section, key) not in given:
+            data[section][key] = None
+            if notes is not None:
+                notes.append(f"{by_section}.{by_key}={switch} implies {section}.{key}=null (the "
+                             f"value {inherited!r}{origin} is only read by {by_section}.{by_key}="
+                             f"{reader})")
     return from_dict(data)
 
 

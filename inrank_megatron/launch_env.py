@@ -288,7 +288,10 @@ def check(config: str, world_size: int, overrides: Sequence[str] = (),
                               f"{sys.executable}); expected it importable, e.g. "
                               "inrank_megatron.train with the package installed")
 
-    cfg = load_config(config, list(overrides))
+    notes: list = []
+    cfg = load_config(config, list(overrides), notes)
+    for note in notes:  # what the overrides implied, before the summary (the last line)
+        print(f"note: {note}")
     validate_layout(cfg, world_size)
     p = cfg.parallel
     return (f"world {world_size} = TP {p.tensor_model_parallel_size} x PP "

@@ -130,7 +130,11 @@ def main(argv=None) -> int:
 
     env = init_distributed_env()
     try:
-        cfg = load_config(args.config, args.overrides)
+        notes: list = []
+        cfg = load_config(args.config, args.overrides, notes)
+        if env["rank"] == 0:
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
         check_not_locked(cfg.output.dir)  # a second run into a running one's output.dir
         # Every rule: the config's, this machine's (CUDA) and the files' (data, DeepSpeed JSON,
         # the output directory's state).

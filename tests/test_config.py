@@ -176,6 +176,23 @@ def test_empty_file_and_sections_are_defaults(tmp_path):
         train=dataclasses.replace(TrainConfig().train, steps=7))
 
 
+def test_tokenizer_switch_drops_the_inherited_sentencepiece_model():
+    """Issue 15 item 2: ``data.tokenizer=gpt2`` over tiny-cpu.yaml used to keep the file's
+    ``data.tokenizer_model`` and crash inside the ranks (build_tokenizer: "takes no model file")."""
+    notes = []
+    cfg = load_config(TINY, ["data.tokenizer=gpt2", "data.prefix=data/x_text_document"], notes)
+    assert (cfg.data.tokenizer, cfg.data.tokenizer_model) == ("gpt2", None)
+    assert notes == ["data.tokenizer=gpt2 implies data.tokenizer_model=null (the value "
+                     f"'data/wiki_sp8k.model' in {TINY} is only read by "
+                     "data.tokenizer=sentencepiece)"]
+    validate_layout(cfg, 2)
+    # Said on the command line, the model is kept (and is the rules' to judge); no switch, no note.
+    cfg = load_config(TINY, ["data.tokenizer=gpt2", "data.tokenizer_model=m.model"], notes := [])
+    assert cfg.data.tokenizer_model == "m.model" and notes == []
+    assert load_config(TINY, ["train.steps=3"], notes).data.tokenizer_model is not None
+    assert notes == []
+
+
 # ------------------------------------------------------------------------------------- layout
 @pytest.fixture
 def ds_json(tmp_path):
