@@ -22,6 +22,7 @@ cut, and ``cumulative``):
 Slow tests share two short training runs (module fixtures, about a minute each).
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ import sys
 import pytest
 import torch
 
+from inrank_megatron.config import ConfigError, to_dict
 from tests.distributed import run_distributed
 from tests.test_train_runs import SHORT, _env, run_train
 
@@ -243,15 +245,12 @@ def test_import_cumulative_round_trip(hf_model, tmp_path):
     (tp2_logits, _), = run_distributed(_megatron_logits, 2, [str(imported)], tokens, None)[0]
     torch.testing.assert_close(tp2_logits, ref, rtol=0, atol=1e-5)
 
-    # Continued training starts from it (weights only: fresh optimizer) at TP=2.
-    from inrank_megatron.config import save_config
-
-    config = tmp_path / "imported.yaml"
-    save_config(ckpt.cfg, str(config))
-    run = tmp_path / "continued"
+    # Continued training starts from it (weights only: fresh optimizer) at TP=2, with the
+    # config.yaml import wrote (output.dir = the import, output.resume=auto).
+    run = imported
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "inrank_megatron.train", "--config", str(config), f"output.dir={run}",
-           f"output.resume={imported}", "output.plot=false", "train.steps=2",
+           "-m", "inrank_megatron.train", "--config", str(imported / "config.yaml"),
+           "output.plot=false", "train.steps=2",
            "train.lr_warmup_steps=1", "train.eval_interval=2", "train.eval_iters=1",
            "train.micro_batch_size=2", "train.global_batch_size=4", "train.save_interval=null",
            f"data.prefix={tmp_path}/wiki_gpt2_text_document", "data.corpus=wiki",
@@ -307,6 +306,110 @@ def test_import_efficient_truncated_svd(hf_model, tmp_path):
                  "inrank.buffer=4")
     assert proc.returncode != 0 and "decoder.layers.0.mlp.linear_fc1" in proc.stderr
     assert "max_rank" in proc.stderr and not over.exists()
+
+
+# ------------------------------------- (b') the HF round trip a user takes: fast, in process
+TINY_RUN = ["model.num_layers=1", "model.hidden_size=16", "model.num_attention_heads=2",
+            "model.seq_length=8", "inrank.mode=cumulative", "inrank.stage1_steps=null",
+            "inrank.buffer=2", f"data.tokenizer_model={SP_MODEL}", "parallel.backend=torch"]
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A run directory whose checkpoint has random weights everywhere, vocabulary padding rows and
+    non-zero B factors included (what training leaves: the padding rows train through the
+    softmax), written by the training checkpoint writer (not by import_hf)."""
+    from inrank_megatron.checkpoint_format import Meta, write_latest
+    from inrank_megatron.config import load_config
+    from inrank_megatron.export.from_hf import (
+        inrank_state, single_process_megatron, write_training_checkpoint,
+    )
+    from inrank_megatron.training.loop import build_model
+
+    cfg = load_config(None, TINY_RUN)
+    dense_cfg = load_config(None, [*TINY_RUN, "model.inrank=false"])
+    generator = torch.Generator().manual_seed(0)
+    with single_process_megatron(0):
+        dense = {k: 0.5 * torch.randn(v.shape, generator=generator)
+                 for k, v in build_model(dense_cfg, 8000, 1).named_parameters()}
+    assert dense["embedding.word_embeddings.weight"].shape[0] == 8064  # 64 padding rows
+    tensors, growth = inrank_state(cfg, dense, rank=None, threshold=None, seed=0)
+    for key in tensors:
+        if key.endswith(".B"):
+            tensors[key] = 0.1 * torch.randn(tensors[key].shape, generator=generator)
+    run = tmp_path_factory.mktemp("source")
+    step = run / "checkpoints" / "step_000007"
+    write_training_checkpoint(str(step), cfg, 8000, tensors, growth, Meta(
+        step=7, consumed_samples=0, world_size=1, tp=1, pp=1, dp=1, backend="torch",
+        config=to_dict(cfg)))
+    write_latest(str(run / "checkpoints"), str(step))
+    return str(run)
+
+
+def _padded_loss(ckpt, tokens):
+    """The training loss of a checkpoint's model: cross-entropy over the padded vocabulary, as
+    megatron's vocab-parallel cross-entropy computes it."""
+    from inrank_megatron.inference import GPT, GPTConfig
+
+    model = GPT.from_tensors(GPTConfig.from_model_section(ckpt.cfg.model, ckpt.padded_vocab_size),
+                             ckpt.dense_tensors(unpad_vocab=False))
+    with torch.no_grad():
+        logits = model(tokens[:, :-1]).double()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+
+
+def test_hf_round_trip_is_loss_exact(source_run, tmp_path):
+    """Issue 15 item 6: export -> import -> evaluate gives the source run's loss (6.1776 vs 6.1641
+    before: the export dropped the vocabulary padding rows and import padded with zeros).
+    Also item 8: the exported weights are 0644 like the other files (safetensors wrote 0600)."""
+    from inrank_megatron.export import export_hf, import_hf, load_checkpoint
+
+    source = load_checkpoint(source_run)
+    out = tmp_path / "hf"
+    export_hf(source, str(out))
+    modes = {name: os.stat(out / name).st_mode & 0o777 for name in os.listdir(out)}
+    assert set(modes.values()) == {0o644}, modes
+    result = import_hf(str(out), str(tmp_path / "ft"), mode="cumulative", overrides=["inrank.buffer=2"])
+    imported = load_checkpoint(result["path"])
+    assert imported.cfg.data.tokenizer_model == str(tmp_path / "ft" / "sentencepiece.model")
+    assert os.path.isfile(imported.cfg.data.tokenizer_model)  # the run keeps its own copy
+    tokens = torch.randint(0, 8000, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected, got = _padded_loss(source, tokens), _padded_loss(imported, tokens)
+    assert abs(got - expected) < 1e-6, (got, expected)
+    source_wte = source.tensors["embedding.word_embeddings.weight"]
+    assert source_wte[8000:].abs().min() > 0  # the padding really is non-zero
+    assert torch.equal(imported.tensors["embedding.word_embeddings.weight"], source_wte)
+
+
+def test_import_writes_a_run_that_resume_auto_continues(source_run, tmp_path):
+    """Issue 15 item 1: the README's ``import_hf.py HF runs/ft/checkpoints/step_000000`` wrote no
+    ``latest`` and no config, so ``output.dir=runs/ft output.resume=auto`` silently trained a fresh
+    model. Now the run directory has both; its config.yaml continues it, and the settings import
+    chose (no --config: a default inrank.buffer too big for the model, cumulative's
+    stage1_steps) are in meta.json."""
+    from inrank_megatron.config import load_config
+    from inrank_megatron.export import export_hf, import_hf, load_checkpoint
+    from inrank_megatron.train import resolve_resume
+
+    hf = tmp_path / "hf"
+    export_hf(load_checkpoint(source_run), str(hf))
+    run = tmp_path / "runs" / "ft"
+    result = import_hf(str(hf), str(run / "checkpoints" / "step_000000"), mode="cumulative")
+    assert result["path"] == str(run)
+    cfg = load_config(str(run / "config.yaml"))
+    assert (cfg.output.dir, cfg.output.resume) == (str(run), "auto")
+    assert resolve_resume(cfg, 1) == str(run / "checkpoints" / "step_000000")
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hidden_size=32))
+    with pytest.raises(ConfigError, match="model.hidden_size"):  # the run is really found
+        resolve_resume(wider, 1)
+    with open(run / "checkpoints" / "step_000000" / "meta.json") as f:
+        changed = {c["key"]: (c["was"], c["value"]) for c in
+                   json.load(f)["imported_from"]["changed"]}
+    assert changed["inrank.stage1_steps"] == (130, None)
+    assert changed["inrank.buffer"] == (100, 6)  # fc1 16 -> 64: max_rank 8 = rank 2 + 6
+    assert "data.tokenizer" not in changed  # sentencepiece, as the default says
+    assert changed["data.tokenizer_model"][1] == str(run / "sentencepiece.model")
+    assert cfg.inrank.buffer == 6 and cfg.inrank.stage1_steps is None
 
 
 def test_import_refuses_what_it_cannot_express(hf_model_fast, tmp_path):

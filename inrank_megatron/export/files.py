@@ -29,10 +29,22 @@ def atomic_output_dir(out_dir: str, source: str | None = None):
     tmp = new_work_dir(out_dir)
     try:
         yield tmp
+        _umask_modes(tmp)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_modes(path: str) -> None:
+    """Give every file under ``path`` the mode a plain ``open()`` would (0644 under umask 022):
+    some writers (safetensors' ``save_file``) create theirs 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def dir_bytes(path: str, *names: str) -> int:
@@ -65,12 +77,13 @@ def write_tokenizer(out_dir: str, ckpt: LoadedCheckpoint) -> dict:
     return {"kind": "sentencepiece", "model": SENTENCEPIECE_FILE, **tokenizer.describe()}
 
 
-def write_provenance(out_dir: str, ckpt: LoadedCheckpoint, *, fmt: str) -> None:
+def write_provenance(out_dir: str, ckpt: LoadedCheckpoint, *, fmt: str, **extra) -> None:
     """``inrank_source.json``: the checkpoint, step and InRank ranks an export came from, and its
-    tokenizer (which ``inrank_megatron.inference`` and ``tools/generate.py`` read)."""
+    tokenizer (which ``inrank_megatron.inference``, ``tools/generate.py`` and ``import_hf``
+    read), plus the ``extra`` entries of the format."""
     source = {"format": fmt, "checkpoint": os.path.abspath(ckpt.path), "step": ckpt.step,
               "mode": ckpt.mode, "tokenizer": write_tokenizer(out_dir, ckpt),
-              "ranks": {name: layer.rank for name, layer in ckpt.layers.items()}}
+              "ranks": {name: layer.rank for name, layer in ckpt.layers.items()}, **extra}
     with open(os.path.join(out_dir, SOURCE_FILE), "w") as f:
         json.dump(source, f, indent=1)
 

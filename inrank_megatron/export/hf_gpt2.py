@@ -32,6 +32,11 @@ from inrank_megatron.export.files import (
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
+# The word embedding's rows past the tokenizer's vocabulary (model.make_vocab_size_divisible_by):
+# GPT-2 has no place for them, yet training's softmax runs over them, so the export keeps them
+# here and import_hf puts them back (a loss-exact round trip).
+VOCAB_PADDING_FILE = "inrank_vocab_padding.safetensors"
+WTE = "embedding.word_embeddings.weight"
 LAYERNORM_EPS = 1e-5  # megatron TransformerConfig.layernorm_epsilon, which our config keeps
 GPT2_VOCAB_SIZE = 50257
 # HF activation names -> the one our model trains with; tanh variants are accepted on import with
@@ -309,7 +314,13 @@ def export_hf(ckpt: LoadedCheckpoint, out_dir: str, *, dtype: str = "fp32") -> d
             json.dump(config, f, indent=2, sort_keys=True)
         if ckpt.cfg.data.tokenizer == "gpt2":
             write_gpt2_tokenizer(tmp, ckpt.cfg.model.max_positions())
-        write_provenance(tmp, ckpt, fmt="hf-gpt2")
+        padding = ckpt.tensors[WTE][ckpt.vocab_size:].to(DTYPES[dtype]).contiguous()
+        if padding.shape[0]:
+            save_file({WTE: padding}, os.path.join(tmp, VOCAB_PADDING_FILE),
+                      metadata={"format": "pt"})
+        write_provenance(tmp, ckpt, fmt="hf-gpt2", vocab_padding={
+            "file": VOCAB_PADDING_FILE if padding.shape[0] else None, "rows": padding.shape[0],
+            "make_vocab_size_divisible_by": ckpt.cfg.model.make_vocab_size_divisible_by})
     return {"path": out_dir, "parameters": sum(t.numel() for t in tensors.values()),
             "bytes": dir_bytes(out_dir, HF_WEIGHTS)}
 
