@@ -687,7 +687,10 @@ accumulates `global_batch_size / (micro_batch_size * DP)` micro-batches per rank
     train.lr=3e-4  train.save_interval=null  model.inrank=false  inrank.layers=[fc1,qkv]
 
 mean what they look like (`3e-4` is a float here, unlike in plain PyYAML). A key missing from
-the file and the overrides takes the default below.
+the file and the overrides takes the default below. An override that switches a key away from the
+only value that reads another drops the file's value of that other key, and says so in a `note:`
+line: `data.tokenizer=gpt2` drops the file's `data.tokenizer_model`, `parallel.backend=torch` its
+`parallel.deepspeed_config` (set both on the command line to keep them, and the rules judge).
 
 **Dense baseline:** `model.inrank=false` builds the same GPT with dense layers everywhere and
 ignores the `inrank` section: the comparison run is a one-key change.

@@ -262,8 +262,10 @@ def init_distributed_env(environ: Optional[MutableMapping[str, str]] = None,
 # ------------------------------------------------------------------------------------------- CLI
 def check(config: str, world_size: int, overrides: Sequence[str] = (),
           train_module: Optional[str] = None) -> str:
-    """Load ``config`` with ``overrides`` and validate its layout for ``world_size`` processes;
-    with ``train_module``, also that the module the launcher will run exists.
+    """Load ``config`` with ``overrides`` and check it for ``world_size`` processes: every rule of
+    the ``config`` and ``files`` scopes (:mod:`inrank_megatron.rules`), as the trainer's own
+    pre-flight does; with ``train_module``, also that the module the launcher will run exists.
+    Notes (what an override implied) and warnings are printed before the summary.
 
     Returns:
         A one-line summary, e.g. ``"world 2 = TP 2 x PP 1 x DP 1, backend torch"``.
@@ -274,9 +276,7 @@ def check(config: str, world_size: int, overrides: Sequence[str] = (),
     """
     import importlib.util
 
-    from inrank_megatron.config import (
-        ConfigError, data_parallel_size, load_config, validate_layout,
-    )
+    from inrank_megatron.config import ConfigError, data_parallel_size, load_config
 
     if train_module is not None:
         try:
@@ -288,11 +288,19 @@ def check(config: str, world_size: int, overrides: Sequence[str] = (),
                               f"{sys.executable}); expected it importable, e.g. "
                               "inrank_megatron.train with the package installed")
 
+    from inrank_megatron import rules
+    from inrank_megatron.training.data import split_report
+
     notes: list = []
     cfg = load_config(config, list(overrides), notes)
-    for note in notes:  # what the overrides implied, before the summary (the last line)
+    # What the trainer's pre-flight checks but this machine's devices: the configuration and the
+    # files the run reads (data, tokenizer, DeepSpeed JSON, output dir, resume).
+    rules.validate(cfg, world_size, scopes=("config", "files"))
+    # What the overrides implied and what is legal but dubious, before the summary (last line).
+    for note in notes:
         print(f"note: {note}")
-    validate_layout(cfg, world_size)
+    for warning in split_report(cfg)[1]:
+        print(f"warning: {warning}")
     p = cfg.parallel
     return (f"world {world_size} = TP {p.tensor_model_parallel_size} x PP "
             f"{p.pipeline_model_parallel_size} x DP {data_parallel_size(cfg, world_size)}, "

@@ -527,7 +527,7 @@ _SPLIT = re.compile(r"^\s*\d+(?:\.\d*)?(?:\s*[,/]\s*\d+(?:\.\d*)?){0,2}\s*$")
 
 
 @rule("data", ("data.tokenizer_model", "data.prefix", "data.corpus", "data.split"),
-      "sentencepiece has a `data.tokenizer_model`; there is data (`data.prefix` or "
+      "sentencepiece has a `data.tokenizer_model` (and only sentencepiece); there is data (`data.prefix` or "
       "`data.corpus=wiki`); `data.split` reads as `train,valid,test` weights with train > 0.")
 def _data(cfg, world_size):
     d = cfg.data
@@ -539,6 +539,10 @@ def _data(cfg, world_size):
         yield Failure("data.prefix", None, "a dataset prefix (or data.corpus=wiki)",
                       "data.prefix is null and data.corpus=none: nothing to train on; expected a "
                       "dataset prefix (or data.corpus=wiki)")
+    if d.tokenizer != "sentencepiece" and d.tokenizer_model is not None:
+        yield Failure("data.tokenizer_model", d.tokenizer_model, "null",
+                      f"data.tokenizer_model={d.tokenizer_model!r} is only read by "
+                      f"data.tokenizer=sentencepiece (tokenizer is {d.tokenizer}); expected null")
     weights = [float(w) for w in re.split(r"[,/]", d.split)] if _SPLIT.match(d.split) else []
     if not weights or weights[0] <= 0:
         yield Failure("data.split", d.split, "train,valid,test weights with train > 0",
@@ -576,13 +580,61 @@ def _deepspeed_json(cfg, world_size):
 
 
 @rule("data files", ("data.prefix", "data.corpus"),
-      "`data.prefix` is set, and its .bin/.idx exist or `data.corpus=wiki` can build them.",
-      scope="files")
+      "`data.prefix` is set, and its .bin/.idx exist or `data.corpus=wiki` can build them; "
+      "existing ones are a Megatron index (header, version, dtype) and a .bin of exactly the "
+      "tokens the index describes.", scope="files")
 def _data_files(cfg, world_size):
     from inrank_megatron.training.data import check_data_config
 
     check_data_config(cfg)
     return ()
+
+
+@rule("data split", ("data.split", "data.prefix"),
+      "`data.split` gives the valid split at least one document of the existing dataset (fewer "
+      "than 3 documents in train or valid is a warning).", scope="files")
+def _data_split(cfg, world_size):
+    from inrank_megatron.training.data import split_report
+
+    for error in split_report(cfg)[0]:
+        yield Failure("data.split", cfg.data.split, "a split giving valid documents", error)
+
+
+@rule("tokenizer file", ("data.tokenizer_model",),
+      "the SentencePiece model exists (unless the data is missing and `data.corpus` lets "
+      "prepare train it).", scope="files")
+def _tokenizer_file(cfg, world_size):
+    d = cfg.data
+    if d.tokenizer != "sentencepiece" or d.tokenizer_model is None:
+        return
+    data_exists = d.prefix is not None and all(os.path.isfile(d.prefix + suffix)
+                                               for suffix in (".bin", ".idx"))
+    if os.path.isdir(d.tokenizer_model) or (not os.path.isfile(d.tokenizer_model) and (
+            d.corpus == "none" or data_exists)):
+        yield Failure("data.tokenizer_model", d.tokenizer_model, "a SentencePiece .model file",
+                      f"data.tokenizer_model={d.tokenizer_model!r}: no such file; expected the "
+                      "SentencePiece .model the data was tokenized with (tools/train_tokenizer.py "
+                      "makes one)")
+
+
+@rule("output dir kind", ("output.dir",),
+      "`output.dir` is a directory or does not exist yet (nor is its checkpoints/ a file).",
+      scope="files")
+def _output_dir(cfg, world_size):
+    out = cfg.output.dir
+    for path in (out, os.path.join(out, "checkpoints")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            yield Failure("output.dir", out, "a directory",
+                          f"output.dir={out!r}: {path} is a file, not a directory; expected a "
+                          "run directory (or a path that does not exist yet)")
+            return
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        yield Failure("output.dir", out, "a writable location",
+                      f"output.dir={out!r}: cannot create it under {parent} (not a writable "
+                      "directory)")
 
 
 @rule("output directory", ("output.dir", "output.resume"),
@@ -595,7 +647,7 @@ def _output_dir(cfg, world_size):
 
     o = cfg.output
     found = entries(o.dir)
-    if not found or o.resume not in ("none", "auto"):
+    if not found or o.resume not in ("none", "auto") or not os.path.isdir(o.dir):  # kind: above
         return
     shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
     if o.resume == "none":
@@ -606,3 +658,15 @@ def _output_dir(cfg, world_size):
         yield Failure("output.dir", o.dir, "a checkpoint to resume, or an empty directory",
                       f"output.resume=auto: output.dir={o.dir!r} holds no checkpoint to resume "
                       f"but is not empty ({shown}); choose another directory")
+
+
+@rule("resume", ("output.resume", "output.dir"),
+      "the checkpoint `output.resume` names (auto: `output.dir`'s latest) is complete, its files "
+      "are whole, and it was trained with the same `model.*`, `inrank.*` (but "
+      "`inrank.resize_policy`) and tokenizer; the message gives the values it needs.",
+      scope="files")
+def _resume(cfg, world_size):
+    from inrank_megatron.train import resolve_resume
+
+    resolve_resume(cfg, world_size)
+    return ()

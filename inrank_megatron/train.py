@@ -20,12 +20,14 @@ import argparse
 import os
 import re
 import sys
-
+import time
 from typing import Optional
 
 from inrank_megatron import rules
 from inrank_megatron.checkpoint_format import CheckpointError
-from inrank_megatron.config import ConfigError, TrainConfig, diff_incompatible, from_dict, load_config
+from inrank_megatron.config import (
+    ConfigError, TrainConfig, diff_incompatible, format_value, from_dict, get_value, load_config,
+)
 from inrank_megatron.run_dir import check_not_locked, lock_output_dir
 
 
@@ -65,11 +67,19 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
         check_pickles(path)
     except CheckpointError as e:
         raise ConfigError(f"output.resume={resume!r}: {e}") from None
-    changed = diff_incompatible(from_dict(meta.config), cfg)
+    saved = from_dict(meta.config)
+    changed = diff_incompatible(saved, cfg)
     if changed:
-        raise ConfigError(f"output.resume: checkpoint {path} was trained with a different "
-                          f"{', '.join(changed)}; resume with the same values (or start a new "
-                          "output.dir)")
+        needed = " ".join(f"{key}={format_value(get_value(saved, key))}" for key in changed)
+        now = ", ".join(f"{key}={format_value(get_value(cfg, key))}" for key in changed)
+        raise ConfigError(f"output.resume: checkpoint {path} was trained with {needed} (this run: "
+                          f"{now}); resume with those values (or start a new output.dir)")
+    from inrank_megatron.export.checkpoint import CheckpointError, check_dist_files
+
+    try:
+        check_dist_files(path)
+    except CheckpointError as error:
+        raise ConfigError(f"output.resume: {error}") from None
     # A weights-only checkpoint (tools/import_hf.py, to-dense) is a megatron dist checkpoint of the
     # model and nothing else: every backend starts from it with a fresh optimizer.
     if meta.backend != cfg.parallel.backend and not meta.weights_only:
@@ -124,31 +134,55 @@ def check_supported(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
     rules.validate(cfg, world_size, scopes=("config", "machine"))
 
 
+# Seconds a failed rank other than 0 waits before it reports (see main).
+FAILURE_REPORT_DELAY_S = 5.0
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its message with whitespace collapsed (multi-line messages from
+    torch.distributed.checkpoint keep their first line), prefixed by the type unless the message
+    already names a key or a file."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, FileNotFoundError)) and not isinstance(error, UnicodeError):
+        return text
+    return f"{type(error).__name__}: {text}"
+
+
 def main(argv=None) -> int:
+    """Pre-flight, then train. Returns the exit status: 0 done, 2 a bad input found before any
+    process group starts, 1 a failure after launch (one line on rank 0; ``INRANK_DEBUG=1`` raises
+    it with the full traceback on every rank)."""
     args = parse_args(argv)
     from inrank_megatron.launch_env import init_distributed_env
 
     env = init_distributed_env()
+    rank0 = env["rank"] == 0
+    # The launch scripts ran the same pre-flight and printed its notes already.
+    quiet = bool(os.environ.get("INRANK_PREFLIGHT"))
     try:
         notes: list = []
         cfg = load_config(args.config, args.overrides, notes)
-        if env["rank"] == 0:
-            for note in notes:
-                print(f"note: {note}", file=sys.stderr)
         check_not_locked(cfg.output.dir)  # a second run into a running one's output.dir
         # Every rule: the config's, this machine's (CUDA) and the files' (data, DeepSpeed JSON,
-        # the output directory's state).
+        # tokenizer, the output directory's kind and state, resume).
         rules.validate(cfg, env["world_size"], scopes=rules.ALL_SCOPES)
         resume_path = resolve_resume(cfg, env["world_size"])
         if resume_path is None:
             from inrank_megatron.training.fixed_ranks import resolve_fixed_ranks
 
             resolve_fixed_ranks(cfg)  # a fixed-rank run's ranks (a run directory read) are sound
+        from inrank_megatron.training.data import split_report
+
+        notes += [f"warning: {w}" for w in split_report(cfg)[1]]
         if env["rank"] == 0:
             lock_output_dir(cfg.output.dir)  # before anything is written; held until exit
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0:  # every rank found the same: say it once
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    if rank0 and not quiet:
+        for note in notes:
+            print(note if note.startswith("warning: ") else f"note: {note}", file=sys.stderr)
     from inrank_megatron.training.finite import NonFiniteError
     from inrank_megatron.training.loop import train
     from inrank_megatron.training.parallel import shutdown
@@ -163,9 +197,20 @@ def main(argv=None) -> int:
         if env["rank"] == 0:  # on a line of its own, after the progress bar's
             print(f"\nerror: {e}", file=sys.stderr)
         return 1
+    except Exception as error:  # noqa: BLE001 - the one place a failed run is reported
+        if os.environ.get("INRANK_DEBUG", "0") not in ("", "0"):
+            raise
+        if not rank0:
+            # Rank 0 reports a failure every rank shares, and the launcher (torchrun, mpirun)
+            # stops this process first; only a failure of this rank alone gets here to print.
+            time.sleep(FAILURE_REPORT_DELAY_S)
+        who = "" if rank0 else f" (rank {env['rank']})"
+        print(f"error{who}: {one_line(error)} (INRANK_DEBUG=1 shows the traceback)",
+              file=sys.stderr, flush=True)
+        return 1
     finally:
         shutdown()
-    if env["rank"] == 0:
+    if rank0:
         ppl = summary["valid_ppl"]
         print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f} s, valid loss "
               f"{summary['valid_loss'] if summary['valid_loss'] is None else round(summary['valid_loss'], 4)}"

@@ -49,7 +49,8 @@ check_nproc() {
   fi
 }
 
-# check_config CONFIG WORLD [OVERRIDES...]: the file exists, the overrides parse, the layout
+# check_config CONFIG WORLD [OVERRIDES...]: the file exists, the overrides parse, the config and
+# file rules pass (layout for WORLD, data, tokenizer, output dir, resume: inrank_megatron.rules),
 # divides WORLD processes, and the training module exists (python -m inrank_megatron.launch_env
 # check). Prints the summary line on success; dies with its one-line message otherwise.
 check_config() {
@@ -62,7 +63,11 @@ check_config() {
     out=$(printf '%s\n' "$out" | grep -v '^\s*$' | tail -n 1)
     die "${out#error: }"
   fi
+  # Notes (what an override implied) and warnings, then the summary line.
+  printf '%s\n' "$out" | grep -E '^(note|warning): ' | while IFS= read -r line; do info "$line"; done
   info "$(printf '%s\n' "$out" | tail -n 1)"
+  # The training processes skip printing what this pre-flight printed already.
+  export INRANK_PREFLIGHT=1
 }
 
 # set_threads PROCS_ON_NODE GPUS CORES: OMP threads per process, and Megatron's requirement of

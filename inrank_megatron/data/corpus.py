@@ -221,7 +221,7 @@ def text_file_documents(path: str, *, document_boundary: str = "blank-line") -> 
             f"document_boundary must be one of {', '.join(DOCUMENT_BOUNDARIES)}, "
             f"got {document_boundary!r}"
         )
-    with open(path, encoding="utf-8") as stream:
+    with open(path, encoding="utf-8-sig") as stream:  # a leading BOM is not text
         if document_boundary == "file":
             text = stream.read().strip()
             if text:
@@ -251,7 +251,7 @@ def jsonl_documents(path: str, *, json_key: str = "text") -> Iterator[str]:
     Raises:
         ValueError: A line is not a JSON object, or lacks `json_key`, or its value is not a string.
     """
-    with open(path, encoding="utf-8") as stream:
+    with open(path, encoding="utf-8-sig") as stream:  # a leading BOM is not text
         for line_number, line in enumerate(stream, start=1):
             if not line.strip():
                 continue

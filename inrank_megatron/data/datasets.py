@@ -99,6 +99,65 @@ def description_path(data_prefix: str) -> str | None:
     return None
 
 
+# megatron.core.datasets.indexed_dataset: the .idx header, and its dtype codes (DType).
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_INDEX_DTYPES = {1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32, 5: numpy.int64,
+                 6: numpy.float64, 7: numpy.float32, 8: numpy.uint16}
+
+
+def check_indexed_files(data_prefix: str) -> dict:
+    """Checks that `<data_prefix>.idx` is a Megatron index and `<data_prefix>.bin` holds exactly the
+    tokens it describes, reading only the index (what megatron's reader would fail on later with a
+    raw numpy error, or not at all: a truncated `.bin` reads past its end).
+
+    Returns:
+        {"sequences", "documents", "tokens", "dtype"}; "documents" counts documents (Megatron's
+        document index holds one more entry, a leading 0).
+
+    Raises:
+        ValueError: naming `data.prefix`, the file, and what is wrong (header, version, dtype
+            code, a truncated index, inconsistent offsets, a `.bin` of the wrong size).
+    """
+    import struct
+
+    idx_path, bin_path = data_prefix + ".idx", data_prefix + ".bin"
+    where = f"data.prefix={data_prefix!r}: {idx_path}"
+    size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as stream:
+        head = stream.read(34)
+        if len(head) < 34 or head[:9] != _INDEX_HEADER:
+            raise ValueError(f"{where} is not a Megatron index (header {head[:9]!r}, expected "
+                             f"{_INDEX_HEADER!r}); rebuild it with tools/preprocess_data.py")
+        version, code, sequences, documents = struct.unpack("<QBQQ", head[9:])
+        if version != 1:
+            raise ValueError(f"{where}: index version {version}, expected 1")
+        if code not in _INDEX_DTYPES:
+            raise ValueError(f"{where}: unknown token dtype code {code}, expected one of "
+                             f"{sorted(_INDEX_DTYPES)} (megatron's DType)")
+        needed = 34 + sequences * (4 + 8) + documents * 8
+        if size < needed:
+            raise ValueError(f"{where} is truncated: {size} bytes, its header ({sequences} "
+                             f"sequences, {documents - 1} documents) needs {needed}")
+        lengths = numpy.frombuffer(stream.read(sequences * 4), dtype=numpy.int32)
+        pointers = numpy.frombuffer(stream.read(sequences * 8), dtype=numpy.int64)
+    dtype = numpy.dtype(_INDEX_DTYPES[code])
+    tokens = int(lengths.sum(dtype=numpy.int64))
+    expected = numpy.concatenate([[0], numpy.cumsum(lengths.astype(numpy.int64))[:-1]]) \
+        * dtype.itemsize if sequences else pointers
+    if (lengths < 0).any() or not numpy.array_equal(pointers, expected):
+        raise ValueError(f"{where}: sequence lengths and offsets disagree (a corrupt index); "
+                         "rebuild it with tools/preprocess_data.py")
+    bin_size = os.path.getsize(bin_path)
+    if bin_size != tokens * dtype.itemsize:
+        state = "truncated" if bin_size < tokens * dtype.itemsize else "longer than its index says"
+        raise ValueError(f"data.prefix={data_prefix!r}: {bin_path} is {state}: {bin_size} bytes, "
+                         f"its index describes {tokens} {dtype.name} tokens = "
+                         f"{tokens * dtype.itemsize} bytes; rebuild it with "
+                         "tools/preprocess_data.py")
+    return {"sequences": int(sequences), "documents": int(documents) - 1, "tokens": tokens,
+            "dtype": dtype.name}
+
+
 def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: bool = True) -> dict:
     """Checks that `data_prefix` is a non-empty indexed dataset made with `tokenizer`.
 
@@ -132,6 +191,7 @@ def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: boo
         )
     if os.path.getsize(bin_path) == 0:
         raise ValueError(f"data.prefix={data_prefix!r}: {bin_path} is empty (no tokens)")
+    check_indexed_files(data_prefix)
     try:
         dataset = IndexedDataset(data_prefix, mmap=True)
     except (AssertionError, ValueError, OSError) as error:
@@ -191,6 +251,33 @@ def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int
         else (int(round(bookends[0] * num_documents)), int(round(bookends[1] * num_documents)))
         for bookends in matrix
     ]
+
+
+# A split the training loop reads (train every step, valid at each evaluation) with fewer documents
+# than this gets a warning: its samples repeat the same few documents.
+FEW_DOCUMENTS = 3
+
+
+def split_problems(split: str, documents: int) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)`` of ``split`` over ``documents`` documents (Megatron splits by
+    document, in file order): the valid split empty is an error (every evaluation reads it), a
+    train or valid split under :data:`FEW_DOCUMENTS` documents a warning. Both name `data.split`
+    and give every split's count."""
+    counts = {name: (r[1] - r[0]) if r else None
+              for name, r in zip(SPLIT_NAMES, split_document_ranges(split, documents))}
+    shown = ", ".join(f"{name} {'-' if n is None else n}" for name, n in counts.items())
+    errors, warnings = [], []
+    if not counts["valid"]:
+        errors.append(f"data.split={split!r} leaves the valid split no documents ({documents} "
+                      f"documents: {shown}), and every evaluation reads it; expected a split that "
+                      "gives valid at least one document (raise its weight), or more documents")
+    for name in ("train", "valid"):
+        if counts[name] and counts[name] < FEW_DOCUMENTS:
+            warnings.append(f"data.split={split!r} gives the {name} split only {counts[name]} of "
+                            f"{documents} documents ({shown}); its samples repeat them (raise its "
+                            "weight; shuffle ordered documents with tools/preprocess_data.py "
+                            "--shuffle-seed)")
+    return errors, warnings
 
 
 def build_gpt_datasets(

@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import time
 from typing import Sequence
 
@@ -79,6 +80,7 @@ def check_preprocess_args(
     document_boundary: str = "blank-line",
     limit: int | None = None,
     overwrite: bool = False,
+    shuffle_seed: int | None = None,
 ) -> dict[str, str]:
     """Checks `preprocess`'s arguments (other than the tokenizer) without reading any text.
 
@@ -98,6 +100,9 @@ def check_preprocess_args(
         )
     if not json_key or "/" in json_key:
         raise ValueError(f"--json-key must be a non-empty field name, got {json_key!r}")
+    if shuffle_seed is not None and (isinstance(shuffle_seed, bool)
+                                     or not isinstance(shuffle_seed, int) or shuffle_seed < 0):
+        raise ValueError(f"--shuffle-seed must be a non-negative integer, got {shuffle_seed!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"--limit must be a positive integer, got {limit!r}")
     directory = os.path.dirname(os.path.abspath(output_prefix))
@@ -128,6 +133,7 @@ def preprocess(
     limit: int | None = None,
     overwrite: bool = False,
     corpus: str | None = None,
+    shuffle_seed: int | None = None,
 ) -> PreprocessResult:
     """Tokenizes documents into `<output_prefix>_<json_key>_document.bin/.idx`.
 
@@ -147,6 +153,10 @@ def preprocess(
         overwrite: Replace an existing dataset at this prefix.
         corpus: A built-in corpus instead of ``inputs`` (``corpus.corpus_documents``: "wiki",
             "wiki+books").
+        shuffle_seed: Write the documents in a random order drawn from this seed (None: input
+            order). Megatron's `data.split` takes train, valid and test from consecutive
+            documents, so a corpus in some order (by topic, by source) needs this to give each
+            split a mix. The documents are held in memory to shuffle them.
 
     Returns:
         What was written and how long it took.
@@ -167,6 +177,7 @@ def preprocess(
         document_boundary=document_boundary,
         limit=limit,
         overwrite=overwrite,
+        shuffle_seed=shuffle_seed,
     )
     data_prefix = data_prefix_for(output_prefix, json_key)
 
@@ -178,6 +189,10 @@ def preprocess(
         documents = iter_documents(
             inputs, json_key=json_key, document_boundary=document_boundary, limit=limit
         )
+    if shuffle_seed is not None:
+        documents = list(documents)
+        random.Random(shuffle_seed).shuffle(documents)
+        documents = iter(documents)
     first = next(documents, None)
     if first is None:
         raise ValueError(f"--input: no non-empty documents in {list(inputs or ['(wiki sample)'])}")
@@ -230,6 +245,7 @@ def preprocess(
                 "json_key": json_key,
                 "document_boundary": document_boundary,
                 "limit": limit,
+                "shuffle_seed": shuffle_seed,
             },
         }
         with open(temporary_paths["json"], "w", encoding="utf-8") as stream:

@@ -33,6 +33,28 @@ def check_data_config(cfg: TrainConfig) -> None:
     if not _exists(d.prefix) and not d.prefix.endswith("_text_document"):
         raise ConfigError(f"data.prefix={d.prefix!r} does not exist and cannot be built: a prefix "
                           "that prepare builds must end in '_text_document'")
+    if _exists(d.prefix):
+        from inrank_megatron.data.datasets import check_indexed_files
+
+        try:
+            check_indexed_files(d.prefix)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+def split_report(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)`` of ``data.split`` over the existing dataset's documents
+    (:func:`inrank_megatron.data.datasets.split_problems`); nothing when the data does not exist
+    yet (prepare builds it) or is unreadable (the data files rule reports that)."""
+    from inrank_megatron.data.datasets import check_indexed_files, split_problems
+
+    d = cfg.data
+    if d.prefix is None or not _exists(d.prefix):
+        return [], []
+    try:
+        return split_problems(d.split, check_indexed_files(d.prefix)["documents"])
+    except (ValueError, AssertionError, ZeroDivisionError):  # the data and split rules say why
+        return [], []
 
 
 def prepare_data(cfg: TrainConfig) -> None:
