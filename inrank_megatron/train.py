@@ -74,12 +74,6 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
         now = ", ".join(f"{key}={format_value(get_value(cfg, key))}" for key in changed)
         raise ConfigError(f"output.resume: checkpoint {path} was trained with {needed} (this run: "
                           f"{now}); resume with those values (or start a new output.dir)")
-    from inrank_megatron.export.checkpoint import CheckpointError, check_dist_files
-
-    try:
-        check_dist_files(path)
-    except CheckpointError as error:
-        raise ConfigError(f"output.resume: {error}") from None
     # A weights-only checkpoint (tools/import_hf.py, to-dense) is a megatron dist checkpoint of the
     # model and nothing else: every backend starts from it with a fresh optimizer.
     if meta.backend != cfg.parallel.backend and not meta.weights_only:
@@ -157,6 +151,9 @@ def main(argv=None) -> int:
 
     env = init_distributed_env()
     rank0 = env["rank"] == 0
+    from inrank_megatron.training.console import quiet_third_party
+
+    quiet_third_party(env["rank"])
     # The launch scripts ran the same pre-flight and printed its notes already.
     quiet = bool(os.environ.get("INRANK_PREFLIGHT"))
     try:
@@ -211,10 +208,14 @@ def main(argv=None) -> int:
     finally:
         shutdown()
     if rank0:
-        ppl = summary["valid_ppl"]
+        from inrank_megatron.training.console import rank_summary, where
+
+        loss, ppl = summary["valid_loss"], summary["valid_ppl"]
         print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f} s, valid loss "
-              f"{summary['valid_loss'] if summary['valid_loss'] is None else round(summary['valid_loss'], 4)}"
-              f", ppl {ppl if ppl is None else round(ppl, 2)}, ranks {summary['ranks']}")
+              f"{'-' if loss is None else f'{loss:.4f}'}, ppl {'-' if ppl is None else f'{ppl:.2f}'}"
+              f", stage {summary['stage']}, ranks {rank_summary(summary['ranks'])}")
+        for line in where(summary):
+            print(line)
     return 0
 
 

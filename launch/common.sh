@@ -64,7 +64,7 @@ check_config() {
     die "${out#error: }"
   fi
   # Notes (what an override implied) and warnings, then the summary line.
-  printf '%s\n' "$out" | grep -E '^(note|warning): ' | while IFS= read -r line; do info "$line"; done
+  { printf '%s\n' "$out" | grep -E '^(note|warning): ' || true; } | while IFS= read -r line; do info "$line"; done
   info "$(printf '%s\n' "$out" | tail -n 1)"
   # The training processes skip printing what this pre-flight printed already.
   export INRANK_PREFLIGHT=1

@@ -391,6 +391,13 @@ def test_single_node_script_trains(script, tmp_path):
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     print(f"{script}: {time.monotonic() - start:.0f} s")
     _assert_trained(out)
+    if script == "torchrun.sh":  # the console a user follows: lines, results, where things are
+        lines = proc.stdout.splitlines()
+        assert "step 2/4 | valid loss " in proc.stdout and "step 4/4 | loss " in proc.stdout
+        assert lines[-3:] == [f"run directory: {out}",  # output.plot=false: no plot line
+                              f"last checkpoint: {out}/checkpoints/step_000004",
+                              f"metrics: {out}/metrics.csv"], lines[-4:]
+        assert "Apex" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------- (d) Slurm

@@ -24,6 +24,7 @@ from inrank_megatron.models.shape import shape_from_config
 from inrank_megatron.training import checkpoint as ckpt
 from inrank_megatron.training import finite
 from inrank_megatron.training.backends import build_backend
+from inrank_megatron.training.console import Console
 from inrank_megatron.training.data import (
     build_datasets, eval_microbatches, prepare_data, step_microbatches,
 )
@@ -140,14 +141,12 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
                      for b in valid_batches])
         if writer:
             writer.log_eval(step, split="valid", loss=loss)
+            console.valid(step, loss)
         return loss
 
-    bar = None
-    if groups.rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=last_step, initial=start_step, desc="train", dynamic_ncols=True)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    console = Console(last_step, start_step, tokens_per_step) if groups.rank == 0 else None
+    ranks_now = dict(all_ranks)  # every layer's rank, as the checks and the cut report them
     history, val_loss = [], None
     latest = resume_path  # the checkpoint a non-finite fault leaves as the latest
     for step in range(start_step + 1, last_step + 1):
@@ -177,6 +176,8 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
         checks, cut = [c for part, _ in parts for c in part], any(p[1] for p in parts)
         if cut:
             all_ranks = controller.all_ranks()
+            ranks_now = dict(all_ranks)
+        ranks_now.update({layer: r for layer, r, _ in checks})
         history.append(loss)
         stage = "fixed" if any(l.growth.stage == "fixed" for _, l in controller.layers) \
             else ("growing" if controller.layers else "dense")
@@ -185,17 +186,20 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
                 writer.log_train(step, loss=loss, lr=info["lr"], grad_norm=info["grad_norm"],
                                  tokens_per_s=tokens_per_step / (time.time() - tic), stage=stage,
                                  loss_scale=info["loss_scale"])
+            if step % t.log_interval == 0 or step == last_step:
+                console.step(step, loss=loss, lr=info["lr"], stage=stage, ranks=ranks_now,
+                             grad_norm=info["grad_norm"])
             if checks:
                 writer.log_ranks(step, {layer: r for layer, r, _ in checks},
                                  {layer: ratio for layer, _, ratio in checks})
             if cut:
                 writer.log_event(step, "cut", f"stage 2 at ranks {sorted(set(all_ranks.values()))}")
                 writer.log_ranks(step, all_ranks, None)
+                console.cut(step, all_ranks)
         if t.eval_interval and step % t.eval_interval == 0:
             val_loss = evaluate(step)
-        if bar:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", stage=stage)
+        if console:
+            console.tick(loss, stage)
         if (t.save_interval and step % t.save_interval == 0) or step == last_step:
             finite.check_parameters(step, model, controller, groups, latest)
             latest = ckpt.save_training_checkpoint(
@@ -204,8 +208,8 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
                 meta=Meta(step=step, consumed_samples=step * t.global_batch_size,
                           world_size=groups.world_size, tp=groups.tp_size, pp=groups.pp_size,
                           dp=groups.dp_size, backend=backend.name, config=to_dict(cfg)))
-    if bar:
-        bar.close()
+    if console:
+        console.close()
     if last_step == t.steps and (not t.eval_interval or t.steps % t.eval_interval):
         val_loss = evaluate(t.steps)
     summary = {
@@ -216,15 +220,18 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
                                                if controller.layers else "dense"),
         "wall_s": time.time() - t0, "world_size": groups.world_size,
         "parameters": _parameter_counts(model, groups),
+        "run_dir": out, "checkpoint": latest,
+        "metrics_csv": os.path.join(out, "metrics.csv") if cfg.output.csv else None,
+        "plot": None,
     }
     if groups.rank == 0:
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
         writer.close()
         if cfg.output.plot:
             from inrank_megatron.training.plot import plot_run
 
-            plot_run(out)
+            summary["plot"] = plot_run(out)
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
     return summary
 
 
