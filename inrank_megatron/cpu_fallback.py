@@ -144,8 +144,39 @@ def enable_cpu_fallback() -> bool:
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
 
+    # megatron's linear autograd function decorates its backward with custom_bwd(device_type=
+    # "cuda"): a backward run under CPU autocast (bf16/fp16) gets bf16 gradients against the fp32
+    # weight it saved ("expected m1 and m2 to have the same dtype"). Run it under CPU autocast in
+    # the forward's dtype, as custom_bwd does for CUDA; autograd casts the weight gradient back
+    # to the parameter's fp32.
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    function = tp_layers.LinearWithGradAccumulationAndAsyncCommunication
+    function.forward = staticmethod(_remember_cpu_autocast(function.forward))
+    function.backward = staticmethod(_backward_under_cpu_autocast(function.backward))
+
     _enabled = True
     return True
+
+
+def _remember_cpu_autocast(forward):
+    def wrapped(ctx, *args, **kwargs):
+        ctx.cpu_autocast = (torch.get_autocast_dtype("cpu")
+                            if torch.is_autocast_enabled("cpu") else None)
+        return forward(ctx, *args, **kwargs)
+
+    return wrapped
+
+
+def _backward_under_cpu_autocast(backward):
+    def wrapped(ctx, *grads):
+        dtype = getattr(ctx, "cpu_autocast", None)
+        if dtype is None:
+            return backward(ctx, *grads)
+        with torch.autocast("cpu", dtype=dtype):
+            return backward(ctx, *grads)
+
+    return wrapped
 
 
 @contextlib.contextmanager

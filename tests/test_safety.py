@@ -422,3 +422,30 @@ def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(tmp_path, capsy
         if name.startswith("step_"):
             for key, t in read_dist_tensors(str(root / name / "model")).items():
                 assert torch.isfinite(t).all(), (name, key)
+
+
+# ------------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_megatron_linear_backward_under_cpu_autocast(dtype):
+    """train.precision=bf16/fp16 with the torch backend on CPU crashed in the first backward
+    (megatron's linear function restores CUDA autocast, not CPU's, in its backward)."""
+    from megatron.core.tensor_parallel.layers import (
+        LinearWithGradAccumulationAndAsyncCommunication as Linear,
+    )
+
+    from inrank_megatron.cpu_fallback import enable_cpu_fallback
+
+    if not enable_cpu_fallback():
+        pytest.skip("CUDA machine: megatron's own custom_bwd applies")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, generator=gen, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(6, 8, generator=gen))
+    with torch.autocast("cpu", dtype=dtype):
+        y = Linear.apply(x, w, None, False, False, False, None, 0, None)
+    assert y.dtype == dtype
+    y.float().square().sum().backward()
+    xr, wr = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+    (xr @ wr.t()).float().square().sum().backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad, wr.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, xr.grad.float(), rtol=0, atol=0)
