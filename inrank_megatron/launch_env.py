@@ -260,6 +260,26 @@ def init_distributed_env(environ: Optional[MutableMapping[str, str]] = None,
 
 
 # ------------------------------------------------------------------------------------------- CLI
+def die_with_launcher() -> None:
+    """Have the kernel kill this rank when its parent (the launcher's agent: torchrun, deepspeed,
+    mpirun's daemon, slurmstepd) dies, even by ``kill -9``: launchers start ranks in sessions of
+    their own, so killing the launcher's process group would otherwise leave them training
+    (``prctl(PR_SET_PDEATHSIG, SIGKILL)``, Linux). Not for a process started by hand, whose
+    parent is a shell. Exits at once if the parent is already gone."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            return
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return
+    if os.getppid() != parent or parent == 1:  # the launcher died before the signal was armed
+        os._exit(1)
+
+
 def check(config: str, world_size: int, overrides: Sequence[str] = (),
           train_module: Optional[str] = None) -> str:
     """Load ``config`` with ``overrides`` and check it for ``world_size`` processes: every rule of

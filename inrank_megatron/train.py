@@ -147,9 +147,11 @@ def main(argv=None) -> int:
     process group starts, 1 a failure after launch (one line on rank 0; ``INRANK_DEBUG=1`` raises
     it with the full traceback on every rank)."""
     args = parse_args(argv)
-    from inrank_megatron.launch_env import init_distributed_env
+    from inrank_megatron.launch_env import die_with_launcher, init_distributed_env
 
     env = init_distributed_env()
+    if env["launcher"] != "single":
+        die_with_launcher()  # a rank never outlives its launcher
     rank0 = env["rank"] == 0
     from inrank_megatron.training.console import quiet_third_party
 

@@ -449,3 +449,49 @@ def test_megatron_linear_backward_under_cpu_autocast(dtype):
     assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     torch.testing.assert_close(w.grad, wr.grad.float(), rtol=0, atol=0)
     torch.testing.assert_close(x.grad, xr.grad.float(), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------- ranks die with launcher
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_leaves_no_rank_alive(tmp_path):
+    import signal
+    import time
+
+    from tests.test_train_runs import SHORT, _descendants
+
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(
+        ["bash", os.path.join(REPO, "launch", "torchrun.sh"), "--nproc", "2",
+         os.path.join(REPO, "configs", "tiny-cpu.yaml"), *SHORT, "train.steps=400",
+         "train.save_interval=null", f"output.dir={run}"],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    ranks = []
+    try:
+        deadline = time.time() + 300
+        while not (run / "metrics.csv").exists():  # both ranks are training
+            assert launcher.poll() is None and time.time() < deadline, "the run did not start"
+            time.sleep(0.5)
+        ranks = [p for p in _descendants(launcher.pid)
+                 if "inrank_megatron.train" in open(f"/proc/{p}/cmdline").read()]
+        assert len(ranks) == 2
+        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's group; ranks have their own
+        launcher.wait()
+        deadline = time.time() + 10
+        while [p for p in ranks if os.path.exists(f"/proc/{p}")] and time.time() < deadline:
+            time.sleep(0.1)
+
+        def alive(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        assert not [p for p in ranks if alive(p)]
+    finally:
+        for p in ranks:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
