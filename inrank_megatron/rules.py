@@ -641,7 +641,7 @@ def _output_dir(cfg, world_size):
       "a fresh run (`output.resume=none`) writes into a new or empty `output.dir`, and "
       "`output.resume=auto` finds a checkpoint there or an empty directory: nothing a run did not "
       "write is overwritten.", scope="files")
-def _output_dir(cfg, world_size):
+def _output_dir_state(cfg, world_size):
     from inrank_megatron.checkpoint_format import CHECKPOINTS_DIR
     from inrank_megatron.run_dir import entries
 
@@ -670,3 +670,66 @@ def _resume(cfg, world_size):
 
     resolve_resume(cfg, world_size)
     return ()
+
+
+# Bytes per training sample of megatron's GPTDataset index: the shuffle index (int64) and the
+# sample index (two int32 per sample), ignoring the per-epoch document index.
+_INDEX_BYTES_PER_SAMPLE = 16
+
+
+def _memory_bytes() -> tuple:
+    """(bytes, what) of the memory one rank may use: its GPU's, or this host's RAM shared by the
+    node's processes."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+@rule("dataset index fits", ("train.steps", "train.global_batch_size"),
+      "`train.steps * train.global_batch_size` samples: megatron's dataset index (16 bytes per "
+      "sample) fits in this host's memory.", scope="machine")
+def _index_fits(cfg, world_size):
+    t = cfg.train
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = t.steps * t.global_batch_size * _INDEX_BYTES_PER_SAMPLE
+    if need > ram:
+        most = ram // (_INDEX_BYTES_PER_SAMPLE * t.global_batch_size)
+        yield Failure("train.steps", t.steps, f"<= {most:,}",
+                      f"train.steps={t.steps:,} x train.global_batch_size={t.global_batch_size} "
+                      f"samples: megatron's dataset index alone needs {_gib(need)} "
+                      f"({_INDEX_BYTES_PER_SAMPLE} bytes per sample), this host has {_gib(ram)}; "
+                      f"expected train.steps <= {most:,}")
+
+
+@rule("activations fit", ("model.seq_length", "train.micro_batch_size"),
+      "one micro-batch's activations (`tools/plan.py`'s estimate) fit in a GPU's memory, or on "
+      "CPU in the host's memory shared by the node's processes.", scope="machine", world=True)
+def _activations_fit(cfg, world_size):
+    from inrank_megatron.planning import activation_memory
+
+    have, what = _memory_bytes()
+    if what == "host memory":
+        have //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    need = activation_memory(cfg).total
+    if need > have:
+        s = cfg.model.seq_length
+        fit = s
+        while fit > 1 and activation_memory(_with_seq(cfg, fit)).total > have:
+            fit //= 2
+        yield Failure("model.seq_length", s, f"<= {fit}",
+                      f"model.seq_length={s:,} with train.micro_batch_size="
+                      f"{cfg.train.micro_batch_size}: one micro-batch's activations need "
+                      f"{_gib(need)}, a rank has {_gib(have)} of {what}; expected "
+                      f"model.seq_length <= {fit:,} (or a smaller micro batch, recompute, more TP)")
+
+
+def _with_seq(cfg, seq_length: int):
+    from dataclasses import replace
+
+    return replace(cfg, model=replace(cfg.model, seq_length=seq_length))

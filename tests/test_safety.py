@@ -495,3 +495,19 @@ def test_kill_9_of_the_launcher_leaves_no_rank_alive(tmp_path):
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ---------------------------------------------------------------------------- absurd values
+@pytest.mark.parametrize("overrides,expected", [
+    (["train.steps=100000000000000000000000"], "dataset index alone needs"),
+    (["model.seq_length=1000000"], "one micro-batch's activations need"),
+    (["train.lr=.inf"], "train.lr (override 'train.lr=.inf'): expected a finite number"),
+    (["inrank.init_scale=1e400"], "expected a finite number, got inf")])
+def test_absurd_values_are_refused_before_launch(tmp_path, capsys, clean_env, overrides,
+                                                  expected):
+    assert _train(tmp_path, *overrides) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    if "needs" in expected:
+        assert "expected train.steps <= " in err or "expected model.seq_length <= " in err
+    assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
