@@ -643,9 +643,14 @@ def _output_dir(cfg, world_size):
       "write is overwritten.", scope="files")
 def _output_dir_state(cfg, world_size):
     from inrank_megatron.checkpoint_format import CHECKPOINTS_DIR
-    from inrank_megatron.run_dir import entries
+    from inrank_megatron.run_dir import check_not_locked, entries
 
     o = cfg.output
+    try:
+        check_not_locked(o.dir)  # a running run's directory: say so, not that it is non-empty
+    except ConfigError as error:
+        yield Failure("output.dir", o.dir, "a directory no other run is using", str(error))
+        return
     found = entries(o.dir)
     if not found or o.resume not in ("none", "auto") or not os.path.isdir(o.dir):  # kind: above
         return
