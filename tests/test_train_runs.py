@@ -3,7 +3,8 @@ TP=2 and DP=2 runs on the shipped corpus with the loss going down, rank checks o
 optimizer steps, the stage cut, evaluation, metrics and a rank plot; the two-stage schedule as two
 runs (stage-1 checkpoint, then stage 2 from it) and a real SIGKILL + ``resume=auto`` both continue
 bit for bit like an uninterrupted run; cumulative mode grows capacity; bad input fails before any
-process group starts and leaves existing checkpoints untouched."""
+process group starts and leaves existing checkpoints untouched. configs/gpt2-medium.yaml (355M,
+SDPA attention) trains 3 steps at TP=2 through rank checks and the cut."""
 
 import csv
 import json
@@ -30,18 +31,18 @@ def _port():
         return s.getsockname()[1]
 
 
-def _cmd(overrides, nproc=2):
+def _cmd(overrides, nproc=2, config="tiny-cpu.yaml"):
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             f"--master_port={_port()}", "-m", "inrank_megatron.train",
-            "--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"), *overrides]
+            "--config", os.path.join(REPO, "configs", config), *overrides]
 
 
 def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def run_train(overrides, nproc=2, timeout=600, check=True):
-    proc = subprocess.run(_cmd(overrides, nproc), cwd=REPO, env=_env(), capture_output=True,
+def run_train(overrides, nproc=2, timeout=600, check=True, config="tiny-cpu.yaml"):
+    proc = subprocess.run(_cmd(overrides, nproc, config), cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
@@ -211,3 +212,32 @@ def test_resume_with_incompatible_config_is_refused(uninterrupted):
                       "model.hidden_size=64"], check=False)
     assert proc.returncode != 0 and "model.hidden_size" in proc.stderr
     assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == before
+
+
+@pytest.mark.slow
+def test_gpt2_medium_trains_at_tp2_through_the_cut(tmp_path):
+    """The shipped GPT-2 medium config, unchanged but for the sizes a 2-core machine can take
+    (sequence 128, micro batch 1), on the shipped Wikipedia corpus tokenized with the GPT-2 BPE
+    by the run itself: rank checks at steps 1 and 2, the cut after step 2, a stage-2 step.
+    (About 2.7 min and 3.8 GB peak RSS per process on 2 loaded cores.)"""
+    out = tmp_path / "run"
+    run_train(["parallel.tensor_model_parallel_size=2", "model.seq_length=128",
+               "train.micro_batch_size=1", "train.global_batch_size=1", "train.steps=3",
+               "inrank.warmup=1", "inrank.gap=1", "inrank.stage1_steps=2",
+               "train.lr_warmup_steps=1", "train.lr_decay_steps=3", "train.log_interval=1",
+               "train.eval_interval=3", "train.eval_iters=1", "train.save_interval=null",
+               "output.plot=false", "output.tensorboard=false", "output.resume=none",
+               f"data.prefix={tmp_path / 'data' / 'wiki_gpt2_text_document'}",
+               "data.corpus=wiki", f"output.dir={out}"], config="gpt2-medium.yaml", timeout=1500)
+    s = _summary(out)
+    assert s["finished"] and s["steps"] == 3 and s["stage"] == "fixed" and s["world_size"] == 2
+    # 24 layers x (fc1, fc2) InRank at GPT-2 medium's shapes, ln(50304) = 10.83 at the start.
+    assert len(s["ranks"]) == 48 and all(100 < r < 512 - 100 for r in s["ranks"].values())
+    assert 10 < s["train_losses"][0] < 11.5 and s["train_losses"][-1] < s["train_losses"][0]
+    ranks = _rows(os.path.join(out, "ranks.csv"))
+    assert sorted({int(r["step"]) for r in ranks if r["explained_ratio"] != ""}) == [1, 2]
+    events = _rows(os.path.join(out, "events.csv"))
+    assert [(int(e["step"]), e["kind"]) for e in events] == [(2, "cut")]
+    with open(os.path.join(out, "config.yaml")) as f:
+        saved = f.read()
+    assert "attention: sdpa" in saved and "hidden_size: 1024" in saved
