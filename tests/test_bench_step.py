@@ -116,3 +116,37 @@ def test_one_launch_reports_the_planners_bytes_and_slots(tmp_path, capsys):
     assert res["arms"]["cut"]["flop_ideal"] == pytest.approx(dense / cut, rel=1e-12)
     assert res["arms"]["stage1"]["rank_check_s"] > 0
     assert res["projection"]["rank_checks"] == 11
+
+
+@pytest.mark.slow
+def test_attentions_compared_in_one_launch(tmp_path, capsys):
+    """--attention local sdpa: every arm with each core attention, same parameters and optimizer
+    bytes (attention has none), both reported and compared side by side."""
+    from tools.bench_step import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--config", TINY, "--seq", "16", "--micro", "2", "--steps", "1", "--repeats",
+                 "1", "--arms", "dense", "cut", "--attention", "local", "sdpa", "--json",
+                 str(out), "model.num_layers=2", "model.hidden_size=64",
+                 "model.num_attention_heads=2", "model.ffn_hidden_size=256"]) == 0
+    printed = capsys.readouterr().out
+    assert "attention local" in printed and "attention sdpa" in printed
+    assert "model.attention compared" in printed and "sdpa vs local" in printed
+    res = json.loads(out.read_text())
+    assert res["attention"] == "local" and list(res["by_attention"]) == ["local", "sdpa"]
+    local, sdpa = (res["by_attention"][a]["arms"] for a in ("local", "sdpa"))
+    for arm in ("dense", "cut"):
+        assert local[arm]["memory"] == sdpa[arm]["memory"] and local[arm]["slots"] == \
+            sdpa[arm]["slots"]
+        # Same weights and batch: the first step's loss agrees to fp32 reorderings.
+        assert sdpa[arm]["loss"] == pytest.approx(local[arm]["loss"], rel=1e-4)
+
+
+def test_bad_attention_exits_2(capsys):
+    from tools.bench_step import main
+
+    assert main(["--config", TINY, "--attention", "sdpa", "sdpa"]) == 2
+    assert "--attention ['sdpa', 'sdpa']" in capsys.readouterr().err
+    # Selective recompute needs local attention: refused before launching.
+    assert main(["--config", TINY, "model.recompute=selective", "--attention", "sdpa"]) == 2
+    assert "model.recompute=selective" in capsys.readouterr().err

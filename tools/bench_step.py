@@ -16,6 +16,8 @@ the medians.
     python tools/bench_step.py --config configs/gpt2-medium.yaml --seq 1024 --micro 8 \\
         --precision bf16 --peak-tflops 989                                   # one GPU, with MFU
     python tools/bench_step.py --config configs/tiny-cpu.yaml --tp 2 --seq 64 --micro 2
+    python tools/bench_step.py --config configs/gpt2-small.yaml --seq 1024 --micro 8 \\
+        --precision bf16 --attention local sdpa          # megatron's attention vs SDPA
 
 Trailing section.key=value arguments override the config (as the training CLI's). Exit status 0,
 1 when the launched job fails, 2 for a bad argument or configuration (before anything starts).
@@ -29,7 +31,7 @@ import sys
 
 from inrank_megatron.bench.step import ARMS, BACKENDS, PRECISIONS, BenchOptions, format_report, \
     run_bench
-from inrank_megatron.config import ConfigError
+from inrank_megatron.config import ATTENTIONS, ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fp32 or bf16 autocast (default fp32)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
                    help="arms to run, in this order (default all)")
+    p.add_argument("--attention", nargs="+", choices=ATTENTIONS, default=[], metavar="A",
+                   help="core attentions (model.attention) to run every arm with and compare: "
+                   "local and/or sdpa (default: the config's)")
     p.add_argument("--peak-tflops", type=float, default=None, metavar="T",
                    help="the device's dense peak TFLOP/s, to print MFU (H200 bf16: 989)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
@@ -70,7 +75,8 @@ def main(argv=None) -> int:
     opts = BenchOptions(config=a.config, overrides=a.overrides, rank_fraction=a.rank_fraction,
                         ranks_from=a.ranks_from, seq=a.seq, micro=a.micro, steps=a.steps,
                         repeats=a.repeats, tp=a.tp, backend=a.backend, precision=a.precision,
-                        arms=tuple(a.arms), peak_tflops=a.peak_tflops)
+                        arms=tuple(a.arms), attentions=tuple(a.attention),
+                        peak_tflops=a.peak_tflops)
     try:
         result = run_bench(opts)
     except ConfigError as error:

@@ -19,6 +19,10 @@ optimizer time, tokens/s, the speedup over dense against the planner's FLOP-idea
 parameters, gradients and optimizer state. The stage-1 arm also times one rank check of all layers
 (:meth:`GrowthController.step` at a due step); the cut arm times the cut.
 
+``--attention local sdpa`` runs every arm with each core attention (``model.attention``),
+interleaved too, and reports each attention's table and their step times and peak memory side by
+side.
+
 Arms run one after another inside one process per rank, rebuilt for every repeat (so only one
 model is in memory at a time and its peak memory is its own), in the order dense, stage1, cut,
 fixed, dense, ...; the medians over all timed steps are reported. The job goes through the
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -45,7 +50,9 @@ from typing import Optional
 
 import torch
 
-from inrank_megatron.config import ConfigError, TrainConfig, load_config, validate_layout
+from inrank_megatron.config import (
+    ATTENTIONS, ConfigError, TrainConfig, load_config, validate_layout,
+)
 
 ARMS = ("dense", "stage1", "cut", "fixed")
 ARM_LABELS = {"dense": "dense", "stage1": "InRank stage 1", "cut": "InRank after cut",
@@ -73,6 +80,7 @@ class BenchOptions:
     backend: str = "torch"
     precision: str = "fp32"
     arms: tuple = ARMS
+    attentions: tuple = ()  # model.attention values to compare; empty: the config's
     peak_tflops: Optional[float] = None
     seed: int = 1234
 
@@ -138,6 +146,10 @@ def check_options(opts: BenchOptions) -> tuple[TrainConfig, TrainConfig, Optiona
         raise ConfigError(f"--backend={opts.backend!r}: expected one of {BACKENDS}")
     if opts.precision not in PRECISIONS:
         raise ConfigError(f"--precision={opts.precision!r}: expected one of {PRECISIONS}")
+    bad = [a for a in opts.attentions if a not in ATTENTIONS]
+    if bad or len(set(opts.attentions)) != len(opts.attentions):
+        raise ConfigError(f"--attention {list(opts.attentions)}: expected distinct values of "
+                          f"{list(ATTENTIONS)}")
     unknown = [a for a in opts.arms if a not in ARMS]
     if unknown or not opts.arms:
         raise ConfigError(f"--arms {list(opts.arms)}: expected some of {list(ARMS)}")
@@ -151,6 +163,8 @@ def check_options(opts: BenchOptions) -> tuple[TrainConfig, TrainConfig, Optiona
     ranks = learned_ranks(cfg, opts.ranks_from) if opts.ranks_from is not None else None
     job = load_config(opts.config, [*opts.overrides, *bench_overrides(opts, cfg)])
     validate_layout(job, opts.tp)
+    for attention in opts.attentions:  # e.g. selective recompute needs local attention
+        validate_layout(_with_attention(job, attention), opts.tp)
     if job.parallel.backend == "deepspeed":
         from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_config
 
@@ -237,6 +251,10 @@ def synthetic_batch(cfg: TrainConfig, vocab_size: int, seed: int) -> dict:
         "tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
         "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s).contiguous(),
     }.items()}
+
+
+def _with_attention(cfg: TrainConfig, attention: str) -> TrainConfig:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
 
 
 def _arm_config(cfg: TrainConfig, arm: str) -> TrainConfig:
@@ -326,53 +344,56 @@ def _rank_check_seconds(model, cfg: TrainConfig) -> tuple[float, int]:
 
 
 def measure(cfg: TrainConfig, groups, spec: dict, log=None) -> dict:
-    """Run the arms interleaved on this rank (collective over the job). Returns per-arm lists of
-    per-step times and the arm's memory, slots, rank-check and cut times."""
+    """Run the arms interleaved on this rank (collective over the job), with each attention of
+    ``spec["attentions"]`` (default the config's). Returns ``{attention: {arm: ...}}``: per-arm
+    lists of per-step times and the arm's memory, slots, rank-check and cut times."""
     from inrank_megatron.planning import tokenizer_vocab_size
 
     vocab = tokenizer_vocab_size(cfg)
     batch = synthetic_batch(cfg, vocab, spec["seed"])
-    arms = {a: {"forward_s": [], "backward_s": [], "optimizer_s": [], "peak_bytes": [],
-                "rank_check_s": [], "cut_s": []} for a in spec["arms"]}
-    for repeat in range(spec["repeats"]):
-        for arm in spec["arms"]:
-            acfg = _arm_config(cfg, arm)
-            _reset_peak_memory()
-            model, backend, slots, cut_s = _build_arm(acfg, arm, groups, vocab, spec)
-            out = arms[arm]
-            out["slots"] = slots
-            if cut_s is not None:
-                out["cut_s"].append(cut_s)
-            for i in range(spec["steps"] + 1):  # the first step warms up (allocations, kernels)
-                t0 = _now()
-                loss = _forward(backend, batch)
-                t1 = _now()
-                _backward(backend, loss)
-                t2 = _now()
-                if i == 1:  # the optimizer state exists from the first step on
-                    out["memory"] = _memory(backend, model)
-                backend.step()
-                t3 = _now()
-                if i:
-                    out["forward_s"].append(t1 - t0)
-                    out["backward_s"].append(t2 - t1)
-                    out["optimizer_s"].append(t3 - t2)
-            out["loss"] = float(loss.detach().float())
-            out["peak_bytes"].append(_peak_memory()[0])
-            out["peak_kind"] = _peak_memory()[1]
-            if arm == "stage1":
-                seconds, n = _rank_check_seconds(model, acfg)
-                out["rank_check_s"].append(seconds)
-                out["rank_check_layers"] = n
-            if log:
-                total = [sum(t) for t in zip(out["forward_s"][-spec["steps"]:],
-                                             out["backward_s"][-spec["steps"]:],
-                                             out["optimizer_s"][-spec["steps"]:])]
-                log(f"bench: repeat {repeat + 1}/{spec['repeats']} {arm:<6} "
-                    f"{statistics.median(total):.3f} s/step")
-            _free(backend, model)
-            del model, backend
-    return arms
+    attentions = spec.get("attentions") or [cfg.model.attention]
+    by_attention = {att: {a: {"forward_s": [], "backward_s": [], "optimizer_s": [],
+                              "peak_bytes": [], "rank_check_s": [], "cut_s": []}
+                          for a in spec["arms"]} for att in attentions}
+    for repeat, attention, arm in itertools.product(range(spec["repeats"]), attentions,
+                                                    spec["arms"]):
+        acfg = _arm_config(_with_attention(cfg, attention), arm)
+        _reset_peak_memory()
+        model, backend, slots, cut_s = _build_arm(acfg, arm, groups, vocab, spec)
+        out = by_attention[attention][arm]
+        out["slots"] = slots
+        if cut_s is not None:
+            out["cut_s"].append(cut_s)
+        for i in range(spec["steps"] + 1):  # the first step warms up (allocations, kernels)
+            t0 = _now()
+            loss = _forward(backend, batch)
+            t1 = _now()
+            _backward(backend, loss)
+            t2 = _now()
+            if i == 1:  # the optimizer state exists from the first step on
+                out["memory"] = _memory(backend, model)
+            backend.step()
+            t3 = _now()
+            if i:
+                out["forward_s"].append(t1 - t0)
+                out["backward_s"].append(t2 - t1)
+                out["optimizer_s"].append(t3 - t2)
+        out["loss"] = float(loss.detach().float())
+        out["peak_bytes"].append(_peak_memory()[0])
+        out["peak_kind"] = _peak_memory()[1]
+        if arm == "stage1":
+            seconds, n = _rank_check_seconds(model, acfg)
+            out["rank_check_s"].append(seconds)
+            out["rank_check_layers"] = n
+        if log:
+            total = [sum(t) for t in zip(out["forward_s"][-spec["steps"]:],
+                                         out["backward_s"][-spec["steps"]:],
+                                         out["optimizer_s"][-spec["steps"]:])]
+            log(f"bench: repeat {repeat + 1}/{spec['repeats']} {arm:<6} {attention:<5} "
+                f"{statistics.median(total):.3f} s/step")
+        _free(backend, model)
+        del model, backend
+    return by_attention
 
 
 def worker_main(argv=None) -> int:
@@ -391,7 +412,7 @@ def worker_main(argv=None) -> int:
     groups = init_parallel(cfg.parallel.tensor_model_parallel_size, 1, backend=env["backend"])
     rank0 = groups.rank == 0
     try:
-        arms = measure(cfg, groups, spec,
+        by_attention = measure(cfg, groups, spec,
                        log=(lambda m: print(m, file=sys.stderr, flush=True)) if rank0 else None)
     except ConfigError as error:
         if rank0:
@@ -399,8 +420,8 @@ def worker_main(argv=None) -> int:
         shutdown()
         return 2
     if rank0:
-        result = {"arms": arms, "device": _device_name(), "threads": torch.get_num_threads(),
-                  "world_size": groups.world_size}
+        result = {"by_attention": by_attention, "device": _device_name(),
+                  "threads": torch.get_num_threads(), "world_size": groups.world_size}
         tmp = spec["result"] + ".part"
         with open(tmp, "w") as f:
             json.dump(result, f)
@@ -522,11 +543,34 @@ def _duration(s: float) -> str:
 
 
 def format_report(res: dict) -> str:
-    """The result as plain aligned tables."""
+    """The result as plain aligned tables: one report per attention, then, with several, their
+    step times and peak memory side by side."""
     from inrank_megatron.planning import _table
 
+    by = res.get("by_attention")
+    if not by:
+        return _format_one(res)
+    out = [_format_one(dict(r, attention=att)) for att, r in by.items()]
+    first = next(iter(by))
+    header = ["arm"] + [f"{att} step s" for att in by] + \
+        [f"{att} vs {first}" for att in list(by)[1:]] + [f"{att} peak MB" for att in by]
+    rows = []
+    for arm in by[first]["arms"]:
+        steps = [by[att]["arms"][arm]["step_s"] for att in by]
+        rows.append([ARM_LABELS[arm]] + [_f(x, ".3f") for x in steps] +
+                    [_f(steps[0] / x, ".3f") + "x" for x in steps[1:]] +
+                    [_mb(by[att]["arms"][arm]["peak_bytes"]) for att in by])
+    out.append("model.attention compared (medians; speed of each over the first):\n" +
+               "\n".join(_table(header, rows)) + "\n")
+    return "\n".join(out)
+
+
+def _format_one(res: dict) -> str:
+    from inrank_megatron.planning import _table
+
+    attention = f", attention {res['attention']}" if "attention" in res else ""
     out = [f"bench_step: {res['config']}, seq {res['seq']}, micro {res['micro']}, TP {res['tp']}, "
-           f"backend {res['backend']}, {res['precision']}, {res['steps']} steps x "
+           f"backend {res['backend']}, {res['precision']}{attention}, {res['steps']} steps x "
            f"{res['repeats']} repeats (interleaved, medians), {res['device']}, "
            f"{res['threads']} threads/process; ranks {res['ranks']}"]
     mfu = any("mfu" in a for a in res["arms"].values())
@@ -580,7 +624,9 @@ def run_bench(opts: BenchOptions, *, stream=None) -> dict:
     """
     cfg, job, ranks = check_options(opts)
     with tempfile.TemporaryDirectory(prefix="bench_step.") as tmp:
-        spec = {"arms": list(opts.arms), "steps": opts.steps, "repeats": opts.repeats,
+        attentions = list(opts.attentions) or [job.model.attention]
+        spec = {"arms": list(opts.arms), "attentions": attentions, "steps": opts.steps,
+                "repeats": opts.repeats,
                 "seed": opts.seed, "ranks": ranks, "rank_fraction": opts.rank_fraction,
                 "result": os.path.join(tmp, "result.json")}
         with open(os.path.join(tmp, "spec.json"), "w") as f:
@@ -599,7 +645,12 @@ def run_bench(opts: BenchOptions, *, stream=None) -> dict:
             raise RuntimeError(f"the bench job failed (exit {returncode}): {' '.join(cmd)}")
         with open(spec["result"]) as f:
             raw = json.load(f)
-    return analyse(cfg, job, raw, opts)
+    results = {att: analyse(cfg, job, {**raw, "arms": arms}, opts)
+               for att, arms in raw["by_attention"].items()}
+    res = dict(results[attentions[0]], attention=attentions[0])
+    if len(results) > 1:
+        res["by_attention"] = results
+    return res
 
 
 if __name__ == "__main__":
