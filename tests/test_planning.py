@@ -466,7 +466,7 @@ def test_activation_formula_is_korthikanti_in_16_bit():
                     "model.attention_dropout=0.1", f"parallel.tensor_model_parallel_size={tp}",
                     f"parallel.sequence_parallel={sp}")
         s, b, h, a = 1024, 4, 4096, 32
-        est = activation_memory(cfg, inrank=False)
+        est = activation_memory(cfg, inrank=False, attention="local")
         korthikanti = s * b * h * (34 + 5 * a * s / h) / tp
         assert est.layer == korthikanti + 16 * s * b / tp + s * s
     # InRank keeps the [s, b, k] intermediates of fc1 (full sequence) and fc2 (SP shard) too.
@@ -479,16 +479,16 @@ def test_fit_suggests_changes_that_fit():
     path = "configs/gpt-13b.yaml"
     shipped = fit(_load(path), 8, gpus_per_node=8)
     assert shipped.fits and not shipped.suggestions
-    cfg = _load(path, "train.micro_batch_size=8", "model.seq_length=2048",
-                "model.max_position_embeddings=2048")
+    big = ["train.micro_batch_size=8", "model.seq_length=2048",
+           "model.max_position_embeddings=2048", "model.attention=local"]
+    cfg = _load(path, *big)
     result = fit(cfg, 8, gpus_per_node=8)
     assert not result.fits and result.total > 80 * 2**30
     changes = [change for change, _ in result.suggestions]
     assert changes[0] == {"model.attention": "sdpa"}
     for change, total in result.suggestions:
         overrides = [f"{k}={'null' if v is None else str(v).lower()}" for k, v in change.items()]
-        again = fit(_load(path, "train.micro_batch_size=8", "model.seq_length=2048",
-                          "model.max_position_embeddings=2048", *overrides), 8, gpus_per_node=8)
+        again = fit(_load(path, *big, *overrides), 8, gpus_per_node=8)
         assert again.fits and again.total == total
     text = format_plan(plan(cfg, 1, 8, gpu_memory_gib=80))
     assert "does NOT fit" in text and "model.attention=sdpa  ->" in text
