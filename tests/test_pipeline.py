@@ -7,7 +7,8 @@ PP=2 x DP=2 (resharded with ``convert_checkpoint.py reshard --pp 2``, 4 processe
 with the PP=2 run's losses, ranks and validation loss. That pins down the schedule, the loss on the
 last stage, the tied-embedding gradient over the embedding group, data-parallel averaging without
 DDP, the gradient norm over stages, growth decisions per stage, growth state gathered over stages
-into the checkpoint, and the dist checkpoint's layout independence in PP.
+into the checkpoint, and the dist checkpoint's layout independence in PP. With full activation
+recompute (``model.recompute=full``) the PP=2 run is the same run, loss for loss.
 """
 
 import csv
@@ -77,3 +78,14 @@ def test_pipeline_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match=r"pipeline_model_parallel_size=2 with "
                                           r"train.precision='fp16'.*expected bf16 or fp32"):
         check_supported(cfg)
+
+
+@pytest.mark.slow
+def test_pp2_with_full_recompute_is_the_same_run(pp_run, tmp_path):
+    """Megatron's CheckpointFunction on the received activations of stage 2 (1F1B keeps two
+    micro-batches in flight on stage 1): same losses, ranks and cut as without recompute."""
+    out = str(tmp_path / "recompute")
+    run_train([*PP2, f"output.dir={out}", "model.recompute=full", "train.save_interval=16"])
+    s, r = _summary(pp_run), _summary(out)
+    assert r["ranks"] == s["ranks"] and r["stage"] == "fixed"
+    assert r["train_losses"] == s["train_losses"] and r["valid_loss"] == s["valid_loss"]
