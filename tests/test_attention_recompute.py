@@ -1,7 +1,8 @@
 """``model.attention`` and ``model.recompute`` on megatron's GPTModel with InRank layers.
 
 - SDPA core attention (inrank_megatron.models.attention) gives the losses and gradients of
-  megatron's local DotProductAttention (fp32, 1e-5) at TP 1 and 2, sequence parallelism included.
+  megatron's local DotProductAttention (fp32, 1e-5) at TP 1 and 2, sequence parallelism included,
+  and the module alone its outputs with the causal default and with an explicit mask.
 - Selective and full activation recompute give the losses and gradients of no recompute (fp32,
   rel 1e-6) over AdamW steps through rank checks and the stage cut (the recomputed forward uses the
   same active slots), at TP 1 and 2, with local and SDPA attention.
@@ -118,6 +119,45 @@ def test_sdpa_and_recompute_equal_reference(world_size, sequence_parallel):
         assert out["sdpa"] < 1e-5
         for key in ("selective", "full", "full_1_layer", "full_sdpa"):
             assert out[key] < 1e-6, key
+
+
+def _modules_body(rank, world_size):
+    """megatron's DotProductAttention and SDPADotProductAttention on the same q, k, v."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from inrank_megatron import enable_cpu_fallback
+    from inrank_megatron.models.attention import SDPADotProductAttention
+    from inrank_megatron.models.gpt import GPTShape, transformer_config
+
+    enable_cpu_fallback()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1)  # local attention forks its stream
+    config = transformer_config(GPTShape(num_layers=1, hidden_size=64, num_attention_heads=4,
+                                         seq_length=SEQ, vocab_size=VOCAB))
+    kw = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+              attention_type="self")
+    local, sdpa = DotProductAttention(**kw), SDPADotProductAttention(**kw)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(SEQ, BATCH, 4, 16, generator=gen) for _ in range(3))
+    # An explicit mask (True = masked out): causal plus the first 3 keys hidden from batch 1.
+    mask = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1).expand(BATCH, 1, SEQ, SEQ).clone()
+    mask[1, :, 4:, :3] = True
+    out = {}
+    for name, attention_mask in (("causal", None), ("mask", mask)):
+        a, b = local(q, k, v, attention_mask), sdpa(q, k, v, attention_mask)
+        out[name] = (tuple(b.shape), _rel(b, a))
+    with pytest.raises(ValueError, match="equal query and key lengths"):
+        sdpa(q[:1], k, v, None)
+    return out
+
+
+def test_sdpa_module_equals_local_attention():
+    out = run_distributed(_modules_body, 1)[0]
+    for name in ("causal", "mask"):
+        shape, rel = out[name]
+        assert shape == (SEQ, BATCH, 64) and rel < 1e-5, name
 
 
 def _autocast_body(rank, world_size, keep_autocast):

@@ -4,8 +4,8 @@ megatron.core's local ``DotProductAttention`` in a layer spec's ``core_attention
 megatron's local attention materialises the ``[b, heads/tp, s, s]`` scores and keeps the softmax
 output for backward (``O(s^2)`` memory per layer). SDPA dispatches to the flash or memory-efficient
 kernels on GPU, which keep only the output and the per-row log-sum-exp (``O(s)``), and to the math
-kernel on CPU. The causal mask is SDPA's ``is_causal`` (never an ``[s, s]`` tensor) whenever the
-query and key lengths agree; an explicit mask is passed through.
+kernel on CPU. The causal mask is SDPA's ``is_causal`` (never an ``[s, s]`` tensor); an explicit
+``attention_mask`` is passed through.
 
 Same constructor and forward contract as megatron's ``DotProductAttention``
 (``megatron/core/transformer/dot_product_attention.py``): query ``[sq, b, heads/tp, hn]``, key and
@@ -90,10 +90,10 @@ class SDPADotProductAttention(MegatronModule):
         if attention_mask is not None:
             mask = ~attention_mask
         elif mask_type == AttnMaskType.causal:
-            if sq == sk:
-                causal = True
-            else:  # SDPA's is_causal aligns top-left; decoding needs bottom-right.
-                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            if sq != sk:  # as megatron's local attention, whose default mask is [sq, sq]
+                raise ValueError(f"SDPADotProductAttention: a causal mask needs equal query and "
+                                 f"key lengths without attention_mask, got {sq} and {sk}")
+            causal = True
         p = self.dropout_p if self.training else 0.0
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if p > 0 and not self.config.sequence_parallel:
