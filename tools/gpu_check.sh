@@ -53,7 +53,12 @@ step() {
     FAILED+=("$name: not run, the ${BUDGET} s budget is spent"); return
   fi
   local t0=$SECONDS rc=0
-  timeout -k 10 "$limit" "$@" || rc=$?
+  if declare -F "$1" >/dev/null; then  # a function of this script: run it in a child bash
+    timeout -k 10 "$limit" bash -c "$(declare -p RUN WORK); $(declare -f "$1"); \"\$@\"" _ "$@" \
+      || rc=$?
+  else
+    timeout -k 10 "$limit" "$@" || rc=$?
+  fi
   if [ "$rc" -eq 0 ]; then PASSED+=("$name ($((SECONDS - t0)) s)")
   else FAILED+=("$name: exit $rc after $((SECONDS - t0)) s$([ "$rc" -eq 124 ] && echo ', timed out')"); fi
 }
@@ -99,12 +104,16 @@ step "losses: ZeRO-2/3 = torch (rel 1e-4), bf16 ~ fp32 (5%)" 30 "$PYTHON" - "$WO
 import json, math, os, sys
 work = sys.argv[1]
 def losses(name):
-    with open(os.path.join(work, name, "summary.json")) as f:
+    path = os.path.join(work, name, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
         return json.load(f)["train_losses"]
 ref = losses("fp32")
+if ref is None:
+    sys.exit("the fp32 torch run did not finish: nothing to compare against")
 print("step " + " ".join(f"{n:>9}" for n in ("fp32", "bf16", "zero2", "zero3")))
-runs = {n: losses(n) if os.path.isfile(os.path.join(work, n, "summary.json")) else None
-        for n in ("bf16", "zero2", "zero3")}
+runs = {n: losses(n) for n in ("bf16", "zero2", "zero3")}
 for i, r in enumerate(ref):
     print(f"{i + 1:4d} {r:9.5f} " + " ".join(f"{v[i]:9.5f}" if v else f"{'-':>9}" for v in runs.values()))
 bad = []

@@ -309,17 +309,18 @@ def _build_arm(cfg: TrainConfig, arm: str, groups, vocab: int, spec: dict):
 
 
 def _forward(backend, batch):
+    """The backend's forward of one micro-batch (torch: ``TorchBackend.forward``; DeepSpeed:
+    the engine's, as ``DeepSpeedBackend.forward_backward`` runs it)."""
     if backend.name == "deepspeed":
         return backend.loss(backend.engine, batch)
-    with backend._autocast():
-        return backend.loss(backend.ddp, batch)
+    return backend.forward(batch)
 
 
 def _backward(backend, loss) -> None:
     if backend.name == "deepspeed":
         backend.engine.backward(loss)
     else:
-        loss.backward()
+        backend.backward(loss, 1)
 
 
 def _free(backend, model) -> None:

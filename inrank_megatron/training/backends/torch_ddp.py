@@ -68,15 +68,23 @@ class TorchBackend(Backend):
             return batch
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The micro-batch's loss under autocast (bf16/fp16), graph kept for :meth:`backward`."""
+        with self._autocast():
+            return self.loss(self.ddp, self.to_device(batch))
+
+    def backward(self, loss: torch.Tensor, num_microbatches: int) -> None:
+        """Accumulate the gradient of ``loss / num_microbatches`` (scaled under fp16)."""
+        scaled = loss / num_microbatches
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        scaled.backward()
+
     def forward_backward(self, batch: dict, num_microbatches: int, *, last: bool) -> torch.Tensor:
         sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
         with sync:
-            with self._autocast():
-                loss = self.loss(self.ddp, self.to_device(batch))
-            scaled = loss / num_microbatches
-            if self.scaler is not None:
-                scaled = self.scaler.scale(scaled)
-            scaled.backward()
+            loss = self.forward(batch)
+            self.backward(loss, num_microbatches)
         return loss.detach()
 
     @torch.no_grad()
