@@ -54,7 +54,8 @@ step() {
   fi
   local t0=$SECONDS rc=0
   if declare -F "$1" >/dev/null; then  # a function of this script: run it in a child bash
-    timeout -k 10 "$limit" bash -c "$(declare -p RUN WORK); $(declare -f "$1"); \"\$@\"" _ "$@" \
+    timeout -k 10 "$limit" bash -o pipefail -c "$(declare -p RUN WORK); $(declare -f "$1"); \"\$@\"" \
+      _ "$@" \
       || rc=$?
   else
     timeout -k 10 "$limit" "$@" || rc=$?
