@@ -1,4 +1,4 @@
-"""A torch DCP ``FileSystemReader`` whose metadata load runs no code (imports torch and megatron)."""
+"""A torch DCP ``FileSystemReader`` whose metadata load runs no code (imports torch, megatron)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ GROWTH_FILE = "inrank_growth.json"
 LATEST = "latest"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint (its tag) inside a step directory
+DEEPSPEED_META_FILE = "inrank_deepspeed.json"  # ZeRO stage, TP/DP, parameter shapes
 BACKENDS = ("torch", "megatron", "deepspeed")
 _STEP_NAME = re.compile(r"step_(\d{6,})")
 
@@ -175,6 +177,21 @@ def write_growth(path: str, growth: dict) -> None:
     write_json(os.path.join(path, GROWTH_FILE), growth)
 
 
+# ------------------------------------------------------------------------ inrank_deepspeed.json
+def read_deepspeed_meta(path: str) -> dict:
+    """``inrank_deepspeed.json`` of a DeepSpeed step directory: ``{"zero_stage", "tp", "dp",
+    "precision", "params": {name: {"shape", "tensor_model_parallel", "partition_dim"}}}``."""
+    data = _read_json(os.path.join(path, DEEPSPEED_META_FILE), "DeepSpeed layout record")
+    if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
+        raise CheckpointError(f"{os.path.join(path, DEEPSPEED_META_FILE)}: expected an object "
+                              "with 'params'")
+    return data
+
+
+def write_deepspeed_meta(path: str, meta: dict) -> None:
+    write_json(os.path.join(path, DEEPSPEED_META_FILE), meta)
+
+
 # --------------------------------------------------------------------------------------- latest
 def read_latest(root: str) -> Optional[str]:
     """The step directory ``root/latest`` names (``root`` is a run's ``checkpoints/``), or None
@@ -238,7 +255,7 @@ def is_complete(path: str) -> Optional[str]:
                 return f"{full} has {os.path.getsize(full)} bytes, the save wrote {size}"
         return None
     needed = [os.path.join(MODEL_DIR, ".metadata")] if meta.backend != "deepspeed" else \
-        ["deepspeed", "inrank_deepspeed.json"]
+        [DEEPSPEED_DIR, DEEPSPEED_META_FILE]
     for rel in needed:
         if not os.path.exists(os.path.join(path, rel)):
             return f"{os.path.join(path, rel)} missing"

@@ -30,7 +30,7 @@ import shutil
 from typing import Optional
 
 from inrank_megatron.checkpoint_format import (
-    Meta, check_destination, check_pickles, new_work_dir, read_meta,
+    Meta, check_destination, check_pickles, new_work_dir, read_deepspeed_meta, read_meta,
 )
 from inrank_megatron.config import ConfigError, TrainConfig, from_dict, to_dict, validate_layout
 from inrank_megatron.rules import read_deepspeed_json
@@ -91,7 +91,7 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
     from inrank_megatron.export.checkpoint import checkpoint_vocab_size, read_checkpoint_config
     from inrank_megatron.train import check_supported
     from inrank_megatron.training.backends.deepspeed_backend import (
-        META_FILE, check_deepspeed_checkpoint, check_deepspeed_config,
+        check_deepspeed_checkpoint, check_deepspeed_config,
     )
 
     if direction not in DIRECTIONS:
@@ -117,8 +117,7 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
                               "stage; --zero-stage/--tp/--world-size are for to-deepspeed (the "
                               "torch checkpoint it writes resumes at any TP/DP layout)")
         check_deepspeed_checkpoint(step_dir)
-        with open(os.path.join(step_dir, META_FILE)) as f:
-            recorded_stage = json.load(f)["zero_stage"]
+        recorded_stage = read_deepspeed_meta(step_dir)["zero_stage"]
         path = deepspeed_config or cfg.parallel.deepspeed_config
         if path is None or not os.path.isfile(path):
             raise ConfigError(f"the source's DeepSpeed JSON {path!r} (parallel.deepspeed_config) "

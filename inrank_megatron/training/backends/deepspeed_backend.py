@@ -39,7 +39,9 @@ from typing import Optional
 import torch
 
 from inrank_megatron.checkpoint_format import (
-    GROWTH_FILE, check_destination, check_pickles, read_growth, safe_loading, safe_torch_load,
+    DEEPSPEED_DIR, DEEPSPEED_META_FILE, GROWTH_FILE, CheckpointError, check_destination,
+    check_pickles, read_deepspeed_meta, read_growth, safe_loading, safe_torch_load,
+    write_deepspeed_meta,
 )
 from inrank_megatron.config import ConfigError, TrainConfig, data_parallel_size
 from inrank_megatron.core.resize import MOMENTS, map_slot_state
@@ -49,8 +51,7 @@ from inrank_megatron.training.backends import deepspeed_compat as compat
 from inrank_megatron.training.backends.base import Backend
 from inrank_megatron.training.optim import build_scheduler, global_grad_norm
 
-TAG = "deepspeed"  # the DeepSpeed checkpoint lives in <step dir>/deepspeed/
-META_FILE = "inrank_deepspeed.json"  # parameter shapes and TP layout, for checks and zero_to_fp32
+TAG = DEEPSPEED_DIR  # the DeepSpeed checkpoint lives in <step dir>/deepspeed/
 FACTOR_GROUP = "inrank_factors"
 # JSON keys the YAML owns: (DeepSpeed key, YAML key).
 _FROM_YAML = (("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
@@ -414,10 +415,7 @@ class DeepSpeedBackend(Backend):
                     "shape": list(shape),
                     "tensor_model_parallel": bool(getattr(p, "tensor_model_parallel", False)),
                     "partition_dim": int(getattr(p, "partition_dim", -1))}
-            tmp = os.path.join(path, META_FILE + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(meta, f, indent=1)
-            os.replace(tmp, os.path.join(path, META_FILE))
+            write_deepspeed_meta(path, meta)
         torch.distributed.barrier()
 
     def load(self, path: str) -> None:
@@ -488,14 +486,15 @@ def check_deepspeed_checkpoint(path: str) -> None:
     Raises:
         ConfigError: naming the checkpoint, the parameter and both numbers.
     """
-    meta_file, growth_file = os.path.join(path, META_FILE), os.path.join(path, GROWTH_FILE)
-    for file in (meta_file, growth_file):
-        if not os.path.isfile(file):
+    for name in (DEEPSPEED_META_FILE, GROWTH_FILE):
+        if not os.path.isfile(os.path.join(path, name)):
             raise ConfigError(f"output.resume: {path} is not a DeepSpeed checkpoint of this "
-                              f"project ({os.path.basename(file)} missing)")
-    with open(meta_file) as f:
-        shapes = {name: info["shape"] for name, info in json.load(f)["params"].items()}
-    growth = read_growth(path)
+                              f"project ({name} missing)")
+    try:
+        shapes = {name: info["shape"] for name, info in read_deepspeed_meta(path)["params"].items()}
+        growth = read_growth(path)
+    except CheckpointError as error:
+        raise ConfigError(f"output.resume: {error}") from None
     for layer, state in sorted(growth.items()):
         g, slots = state["growth"], int(state["allocated_slots"])
         where = (f"output.resume: checkpoint {path}, layer {layer}: {GROWTH_FILE} records "
@@ -554,13 +553,11 @@ def consolidate_checkpoint(step_dir: str) -> dict:
     Returns:
         ``{"state_dict": {name: fp32 tensor}, "inrank_growth": {...}, "meta": {...}}``.
     """
-    meta_file = os.path.join(step_dir, META_FILE)
     ds_dir = os.path.join(step_dir, TAG)
-    if not os.path.isfile(meta_file) or not os.path.isdir(ds_dir):
+    if not os.path.isfile(os.path.join(step_dir, DEEPSPEED_META_FILE)) or not os.path.isdir(ds_dir):
         raise FileNotFoundError(f"{step_dir} is not a DeepSpeed checkpoint of this project "
-                                f"({META_FILE} or {TAG}/ missing)")
-    with open(meta_file) as f:
-        meta = json.load(f)
+                                f"({DEEPSPEED_META_FILE} or {TAG}/ missing)")
+    meta = read_deepspeed_meta(step_dir)
     tp, stage = meta["tp"], meta["zero_stage"]
     check_pickles(step_dir)  # refuse a file that names code before DeepSpeed opens any
     with safe_loading(step_dir):  # DeepSpeed's zero_to_fp32 loads with weights_only=False
