@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     rank0 = env["rank"] == 0
     from inrank_megatron.training.console import quiet_third_party
 
-    quiet_third_party(env["rank"])
+    quiet_third_party(env["rank"], cpu=env["backend"] == "gloo")
     # The launch scripts ran the same pre-flight and printed its notes already.
     quiet = bool(os.environ.get("INRANK_PREFLIGHT"))
     try:

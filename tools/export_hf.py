@@ -32,6 +32,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from inrank_megatron.training.console import quiet_third_party
+
+    quiet_third_party(0)  # megatron-core's TE/apex fallback notices: nothing to act on here
     from inrank_megatron.export import export_hf, load_checkpoint
     from inrank_megatron.export.checkpoint import read_checkpoint_config
     from inrank_megatron.export.hf_gpt2 import check_gpt2_exportable

@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from inrank_megatron.training.console import quiet_third_party
+
+    quiet_third_party(0)  # megatron-core's TE/apex fallback notices: nothing to act on here
     from inrank_megatron.config import format_value
     from inrank_megatron.export import import_hf
 

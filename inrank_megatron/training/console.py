@@ -11,6 +11,7 @@ The lines use values the loop has already gathered for ``metrics.csv`` (no extra
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -28,12 +29,22 @@ KNOWN_NOISE = (
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
     r"`torch\.distributed\._all_gather_base` is a private function",
     r"`torch\.distributed\._reduce_scatter_base` is a private function",
+    # megatron-core 0.16.1's dist_checkpointing on torch 2.13 (its load path, ShardedTensor).
+    r"`load_state_dict` is deprecated and will be removed",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+    # torch 2.13 renames DDP's broadcast_buffers (the torch backend passes False: buffers are not
+    # synchronised, which the new name's inverted default would change).
+    r"`broadcast_buffers` is deprecated",
 )
 
 
-def quiet_third_party(rank: int) -> None:
+def quiet_third_party(rank: int, *, cpu: bool = False) -> None:
     """Warning filters for a training process: the known noise dropped everywhere; any other
-    warning shown once per run (on rank 0; the other ranks would repeat it)."""
+    warning shown once per run (on rank 0; the other ranks would repeat it). ``cpu``: no GPU, so
+    DeepSpeed, when something imports it, is told its accelerator instead of logging that it
+    guessed it (``DS_ACCELERATOR=cpu``, unless set)."""
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if rank != 0:
         warnings.simplefilter("ignore")
         return
