@@ -50,9 +50,10 @@ check_nproc() {
 }
 
 # check_config CONFIG WORLD [OVERRIDES...]: the file exists, the overrides parse, the config and
-# file rules pass (layout for WORLD, data, tokenizer, output dir, resume: inrank_megatron.rules),
-# divides WORLD processes, and the training module exists (python -m inrank_megatron.launch_env
-# check). Prints the summary line on success; dies with its one-line message otherwise.
+# file rules pass (the layout divides WORLD processes; data, tokenizer, output dir, resume:
+# inrank_megatron.rules), and the training module exists (python -m inrank_megatron.launch_env
+# check). Prints its notes, warnings and summary line on success; dies with its one-line message
+# otherwise.
 check_config() {
   local config=$1 world=$2; shift 2
   [ -f "$config" ] || die "config file not found: $config"
