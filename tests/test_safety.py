@@ -244,6 +244,21 @@ def test_latest_names_only_its_own_step_directories(tmp_path, content):
         resolve_checkpoint(str(tmp_path / "run"))
 
 
+def test_resume_refuses_a_latest_that_points_elsewhere_and_a_finished_run(tmp_path, capsys,
+                                                                         clean_env):
+    step = _checkpoint(tmp_path)
+    before = _hashes(tmp_path / "run")
+    # The issue: resuming a step-20 checkpoint with train.steps=10 rewrote summary.json.
+    assert _train(tmp_path, "output.resume=auto", "train.steps=4") == 2
+    assert "is at step 4, train.steps=4: nothing left to train; expected train.steps > 4" in \
+        capsys.readouterr().err
+    (step.parent / "latest").write_text(str(step) + "\n")  # an absolute path
+    assert _train(tmp_path, "output.resume=auto") == 2
+    assert "expected the name of a step directory" in capsys.readouterr().err
+    assert {k: v for k, v in _hashes(tmp_path / "run").items() if "latest" not in k} == \
+        {k: v for k, v in before.items() if "latest" not in k}
+
+
 # ------------------------------------------------------------- nothing the run did not write
 def _hashes(root):
     import hashlib
