@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from inrank_megatron.checkpoint_format import Meta, read_meta
+from inrank_megatron.checkpoint_format import CHECKPOINTS_DIR, Meta, read_meta
 from inrank_megatron.config import TrainConfig, save_config, to_dict
 from inrank_megatron.growth.controller import GrowthController
 from inrank_megatron.models.gpt import build_gpt, transformer_config
@@ -70,7 +70,7 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
     groups = init_parallel(cfg.parallel.tensor_model_parallel_size,
                            cfg.parallel.pipeline_model_parallel_size, backend=dist_backend)
     out = cfg.output.dir
-    ckpt_root = os.path.join(out, "checkpoints")
+    ckpt_root = os.path.join(out, CHECKPOINTS_DIR)
     if groups.rank == 0:
         os.makedirs(out, exist_ok=True)
         ckpt.remove_partial_saves(ckpt_root)  # this output.dir's interrupted saves (we hold its lock)
