@@ -624,7 +624,7 @@ def activation_memory(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage:
         # kernel; FlashAttention-2 keeps dq's).
         attention_backward = (4 * dt.compute + 3 * 4) * tokens * h // tp
     if sp:  # a column linear's input gradient is full-sequence before its reduce-scatter
-        attention_backward += 2 * dt.compute * tokens * h
+        attention_backward += dt.compute * tokens * h
     n = 0
     if recompute == "full":
         n = min(recompute_num_layers or per_stage, per_stage)

@@ -382,9 +382,13 @@ def _small(tp, *overrides):
     return _load("configs/tiny-cpu.yaml", *SMALL, *layout, *overrides)
 
 
-def _measured_peaks(rank, world_size, cfgs):
+def _measured_peaks(rank, world_size, cfgs, repeats=3):
     """Peak of torch's CPU allocations over one forward/backward of each config's model, above
-    what was allocated before it (parameters, gradients already allocated)."""
+    what was allocated before it (parameters, gradients already allocated): the median of
+    ``repeats`` profiled steps after one warm-up step (gloo's threads allocate as they run, which
+    moves a TP=2 peak by a few percent from step to step)."""
+    import statistics
+
     import torch
     from megatron.core import parallel_state, tensor_parallel
     from torch.profiler import ProfilerActivity, profile
@@ -397,9 +401,6 @@ def _measured_peaks(rank, world_size, cfgs):
     peaks = []
     for cfg in cfgs:
         tensor_parallel.model_parallel_cuda_manual_seed(1)
-        # A fresh global buffer (megatron's local attention keeps one), as in a new process.
-        parallel_state._GLOBAL_MEMORY_BUFFER = None
-        parallel_state._set_global_memory_buffer()
         model = build_model(cfg, SMALL_VOCAB, world_size)
         model.train()
         if cfg.train.precision == "bf16":  # DeepSpeed's bf16: the module cast, no autocast
@@ -410,17 +411,30 @@ def _measured_peaks(rank, world_size, cfgs):
         tokens = torch.randint(0, SMALL_VOCAB, (b, s + 1),
                                generator=torch.Generator().manual_seed(0))
         pos = torch.arange(s).unsqueeze(0).expand(b, s)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+        def step():
             loss = model(tokens[:, :-1], pos, attention_mask=None, labels=tokens[:, 1:])
             loss.float().mean().backward()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-        live = peak = 0
-        for _, nbytes in events:
-            live += nbytes
-            peak = max(peak, live)
-        peaks.append(peak)
-        del model, loss
+
+        step()
+        measured = []
+        for _ in range(repeats):
+            # A fresh global buffer (megatron's local attention and SP gathers keep one), as in
+            # a new process: part of the step's memory.
+            parallel_state._GLOBAL_MEMORY_BUFFER = None
+            parallel_state._set_global_memory_buffer()
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step()
+            events = sorted((e.start_ns(), e.nbytes())
+                            for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]")
+            live = peak = 0
+            for _, nbytes in events:
+                live += nbytes
+                peak = max(peak, live)
+            measured.append(peak)
+        peaks.append(statistics.median(measured))
+        del model
     return peaks
 
 
