@@ -105,9 +105,11 @@ def learned_ranks(cfg: TrainConfig, run: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- configuration
-def bench_overrides(opts: BenchOptions, cfg: TrainConfig) -> list:
+def bench_overrides(opts: BenchOptions, cfg: TrainConfig, workdir: Optional[str] = None) -> list:
     """The config overrides the launched job runs with: the bench's sequence, micro-batch (one
-    micro-batch per step), TP, backend and precision."""
+    micro-batch per step), TP, backend and precision; with ``workdir``, also a fresh output
+    directory and a dataset the job never reads (it trains on synthetic batches), so that the
+    launcher's pre-flight of the run's files passes without the config's dataset."""
     seq = opts.seq or cfg.model.seq_length
     micro = opts.micro or cfg.train.micro_batch_size
     out = [f"model.seq_length={seq}", f"train.micro_batch_size={micro}",
@@ -121,6 +123,9 @@ def bench_overrides(opts: BenchOptions, cfg: TrainConfig) -> list:
         out.append(f"parallel.deepspeed_config={DEFAULT_DEEPSPEED_CONFIG}")
     elif opts.backend != "deepspeed":
         out += ["parallel.deepspeed_config=null", "parallel.zero_stage=null"]
+    if workdir is not None:
+        out += [f"output.dir={os.path.join(workdir, 'output')}", "output.resume=none",
+                f"data.prefix={os.path.join(workdir, 'unused_text_document')}", "data.corpus=wiki"]
     return out
 
 
@@ -635,7 +640,7 @@ def run_bench(opts: BenchOptions, *, stream=None) -> dict:
         env = dict(os.environ, INRANK_TRAIN_MODULE="inrank_megatron.bench.step",
                    **{SPEC_ENV: os.path.join(tmp, "spec.json")}, PYTHON=sys.executable)
         cmd = ["bash", os.path.join(REPO, "launch", "torchrun.sh"), "--nproc", str(opts.tp),
-               opts.config, *opts.overrides, *bench_overrides(opts, cfg)]
+               opts.config, *opts.overrides, *bench_overrides(opts, cfg, tmp)]
         stream = stream or sys.stderr
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) as proc:
