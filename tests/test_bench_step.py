@@ -150,3 +150,16 @@ def test_bad_attention_exits_2(capsys):
     # Selective recompute needs local attention: refused before launching.
     assert main(["--config", TINY, "model.recompute=selective", "--attention", "sdpa"]) == 2
     assert "model.recompute=selective" in capsys.readouterr().err
+
+
+def test_job_passes_the_launch_preflight_without_the_configs_dataset(tmp_path):
+    """The job trains on synthetic batches: the launcher's pre-flight of the run's files must not
+    need the config's dataset (WikiText-103 for the GPT-2 configs) or its output directory."""
+    from inrank_megatron.launch_env import check
+
+    path = os.path.join(REPO, "configs", "gpt2-medium.yaml")
+    opts = bench.BenchOptions(config=path, seq=64, micro=1)
+    cfg = load_config(path)
+    with pytest.raises(ConfigError, match="data.prefix"):
+        check(path, 1, bench.bench_overrides(opts, cfg))
+    assert check(path, 1, bench.bench_overrides(opts, cfg, str(tmp_path))).startswith("world 1")
