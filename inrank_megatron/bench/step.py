@@ -359,7 +359,7 @@ def measure(cfg: TrainConfig, groups, spec: dict, log=None) -> dict:
     batch = synthetic_batch(cfg, vocab, spec["seed"])
     attentions = spec.get("attentions") or [cfg.model.attention]
     by_attention = {att: {a: {"forward_s": [], "backward_s": [], "optimizer_s": [],
-                              "peak_bytes": [], "rank_check_s": [], "cut_s": []}
+                              "cpu_s": [], "peak_bytes": [], "rank_check_s": [], "cut_s": []}
                           for a in spec["arms"]} for att in attentions}
     for repeat, attention, arm in itertools.product(range(spec["repeats"]), attentions,
                                                     spec["arms"]):
@@ -371,7 +371,7 @@ def measure(cfg: TrainConfig, groups, spec: dict, log=None) -> dict:
         if cut_s is not None:
             out["cut_s"].append(cut_s)
         for i in range(spec["steps"] + 1):  # the first step warms up (allocations, kernels)
-            t0 = _now()
+            t0, c0 = _now(), time.process_time()
             loss = _forward(backend, batch)
             t1 = _now()
             _backward(backend, loss)
@@ -379,8 +379,9 @@ def measure(cfg: TrainConfig, groups, spec: dict, log=None) -> dict:
             if i == 1:  # the optimizer state exists from the first step on
                 out["memory"] = _memory(backend, model)
             backend.step()
-            t3 = _now()
+            t3, c3 = _now(), time.process_time()
             if i:
+                out["cpu_s"].append(c3 - c0)
                 out["forward_s"].append(t1 - t0)
                 out["backward_s"].append(t2 - t1)
                 out["optimizer_s"].append(t3 - t2)
@@ -478,7 +479,8 @@ def analyse(cfg: TrainConfig, job: TrainConfig, raw: dict, opts: BenchOptions) -
             "flops_per_token": flops, "memory": r["memory"], "peak_bytes": max(r["peak_bytes"]),
             "peak_kind": r["peak_kind"], "slots": sorted(set(r["slots"].values())),
             "rank_check_s": _median(r["rank_check_s"]), "cut_s": _median(r["cut_s"]),
-            "rank_check_layers": r.get("rank_check_layers"), "loss": r["loss"]}
+            "rank_check_layers": r.get("rank_check_layers"), "loss": r["loss"],
+            "cpu_s": _median(r.get("cpu_s", []))}
         if opts.peak_tflops:
             achieved = flops * arms[arm]["tokens_per_s"] / raw["world_size"]
             # Model FLOPs utilisation of the arm's own model (InRank's factor matmuls for InRank).
@@ -490,6 +492,11 @@ def analyse(cfg: TrainConfig, job: TrainConfig, raw: dict, opts: BenchOptions) -
             a["speedup"] = d["step_s"] / a["step_s"]
             a["flop_ideal"] = d["flops_per_token"] / a["flops_per_token"]
             a["ratio_of_ideal"] = a["speedup"] / a["flop_ideal"]
+            if "cuda" not in a["peak_kind"] and a["cpu_s"] and d["cpu_s"]:
+                # On a shared CPU the process's CPU seconds move less with other load than wall
+                # time does (time slices lost to other processes are not counted).
+                a["cpu_speedup"] = d["cpu_s"] / a["cpu_s"]
+                a["cpu_ratio_of_ideal"] = a["cpu_speedup"] / a["flop_ideal"]
     out = {"config": opts.config, "seq": job.model.seq_length,
            "micro": job.train.micro_batch_size, "tp": opts.tp, "backend": opts.backend,
            "precision": opts.precision, "steps": opts.steps, "repeats": opts.repeats,
@@ -582,6 +589,9 @@ def _format_one(res: dict) -> str:
     mfu = any("mfu" in a for a in res["arms"].values())
     header = ["arm", "slots", "fwd s", "bwd s", "opt s", "step s", "tok/s", "speedup",
               "FLOP-ideal", "achieved/ideal", "params MB", "grads MB", "optim MB", "peak MB"]
+    cpu = any("cpu_speedup" in a for a in res["arms"].values())
+    if cpu:
+        header[10:10] = ["cpu s", "cpu speedup", "cpu/ideal"]
     if mfu:
         header[7:7] = ["MFU"]
     rows = []
@@ -592,6 +602,9 @@ def _format_one(res: dict) -> str:
                _f(a.get("speedup"), ".3f") + "x", _f(a.get("flop_ideal"), ".3f") + "x",
                _f(a.get("ratio_of_ideal"), ".2f"), _mb(a["memory"]["params"]),
                _mb(a["memory"]["grads"]), _mb(a["memory"]["optimizer"]), _mb(a["peak_bytes"])]
+        if cpu:
+            row[10:10] = [_f(a.get("cpu_s"), ".3f"), _f(a.get("cpu_speedup"), ".3f") + "x",
+                          _f(a.get("cpu_ratio_of_ideal"), ".2f")]
         if mfu:
             row[7:7] = [_f(a.get("mfu"), ".1%")]
         rows.append(row)
@@ -599,6 +612,9 @@ def _format_one(res: dict) -> str:
     kind = next(iter(res["arms"].values()))["peak_kind"]
     out.append(f"  achieved/ideal = speedup / FLOP-ideal (planning.flops_per_token at the built "
                f"slots); peak MB = {kind} of the arm's process (this rank)")
+    if cpu:
+        out.append("  cpu s = the process's CPU seconds per step (all threads): on a shared CPU its "
+                   "ratios move less with other load than wall time's")
     s1 = res["arms"].get("stage1")
     p = res.get("projection")
     if s1 and s1["rank_check_s"] is not None:
