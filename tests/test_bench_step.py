@@ -110,7 +110,8 @@ def test_one_launch_reports_the_planners_bytes_and_slots(tmp_path, capsys):
         n = counts[arm].total
         assert a["memory"] == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n}, arm
         assert a["slots"] == want_slots[arm], arm
-        assert a["steps_timed"] == 1 and a["step_s"] > 0
+        assert a["steps_timed"] == 1 and a["step_s"] > 0 and a["cpu_s"] > 0
+        assert a["cpu_speedup"] == pytest.approx(res["arms"]["dense"]["cpu_s"] / a["cpu_s"])
     dense = flops_per_token(job, inrank=False).total
     cut = flops_per_token(job, inrank=True, stage="fraction").total
     assert res["arms"]["cut"]["flop_ideal"] == pytest.approx(dense / cut, rel=1e-12)
