@@ -94,7 +94,7 @@ train() {  # train NAME OVERRIDES...: the real entry point, one process
 }
 
 step "megatron backend tests (world size 1)" 200 \
-  "$PYTHON" -m pytest -x -rs -v -p no:cacheprovider tests/test_megatron_backend.py
+  "$PYTHON" -m pytest -rs -v -p no:cacheprovider tests/test_megatron_backend.py
 step "TP=1 GPT, launch/torchrun.sh --nproc 1, fp32" 60 train fp32
 step "TP=1 GPT, bf16" 60 train bf16 train.precision=bf16
 step "DeepSpeed ZeRO-2" 70 train zero2 parallel.backend=deepspeed \
