@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -280,12 +281,18 @@ def test_third_party_warnings_once_and_known_noise_dropped(capsys):
             warnings.warn("something the user should read", UserWarning)
         warnings.warn("something the user should read", UserWarning)
 
+    def show(message, category, filename, lineno, file=None, line=None):
+        # What Python prints without pytest's warnings plugin, which records instead of printing.
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
     with warnings.catch_warnings():
+        warnings.showwarning = show
         quiet_third_party(0)
         emit()
     err = capsys.readouterr().err
     assert err.count("UserWarning: ") == 1 and "UserWarning: something the user" in err, err
     with warnings.catch_warnings():
+        warnings.showwarning = show
         quiet_third_party(1)
         emit()
     assert capsys.readouterr().err == ""
