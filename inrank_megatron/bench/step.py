@@ -613,8 +613,8 @@ def _format_one(res: dict) -> str:
     out.append(f"  achieved/ideal = speedup / FLOP-ideal (planning.flops_per_token at the built "
                f"slots); peak MB = {kind} of the arm's process (this rank)")
     if cpu:
-        out.append("  cpu s = the process's CPU seconds per step (all threads): on a shared CPU its "
-                   "ratios move less with other load than wall time's")
+        out.append("  cpu s = the process's CPU seconds per step (all threads, OpenMP spinning "
+                   "included): time slices lost to other processes are not in it")
     s1 = res["arms"].get("stage1")
     p = res.get("projection")
     if s1 and s1["rank_check_s"] is not None:
