@@ -470,8 +470,8 @@ def inrank_fit_failures(cfg: TrainConfig) -> list[Failure]:
         elif ir.rank + ir.buffer > max_rank:
             out.append(Failure("inrank.rank", ir.rank, f"<= {max_rank - ir.buffer}",
                                f"inrank.rank + inrank.buffer = {ir.rank} + {ir.buffer} = "
-                               f"{ir.rank + ir.buffer} does not fit: {shape}; expected inrank.rank <= "
-                               f"{max_rank - ir.buffer}"))
+                               f"{ir.rank + ir.buffer} does not fit: {shape}; expected "
+                               f"inrank.rank <= {max_rank - ir.buffer}"))
     return out
 
 

@@ -1,6 +1,6 @@
-"""Run a test body on N CPU processes under torch.distributed (gloo).
+"""Run a test body on N CPU processes under torch.distributed (gloo), or the trainer under torchrun.
 
-Every distributed test goes through `run_distributed`:
+Every in-process distributed test goes through `run_distributed`:
 
     def _body(rank, world_size, hidden):          # module level, so spawn can pickle it
         ...
@@ -13,6 +13,11 @@ Each call starts `world_size` fresh processes (multiprocessing "spawn"), so proc
 Megatron's parallel_state and monkeypatches never leak between tests or into the pytest process.
 A rank that raises fails the test with that rank's traceback; the other ranks are killed rather
 than left waiting in a collective, and a run over `timeout` seconds is killed as a whole.
+
+Every end-to-end test runs the trainer as a user does, through `run_train` (``torchrun -m
+inrank_megatron.train --config configs/tiny-cpu.yaml`` plus overrides, usually `SHORT`), and
+reads its ``summary.json`` with `read_summary`. Runs several files compare against are trained
+once per session by the fixtures in ``tests/conftest.py``.
 """
 
 import datetime
@@ -21,9 +26,17 @@ import multiprocessing.connection
 import os
 import pickle
 import socket
+import subprocess
 import sys
 import time
 import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A run short enough for 2 cores: growth every 2 steps from step 2, cut after step 8.
+SHORT = ["train.steps=16", "train.lr_warmup_steps=2", "train.log_interval=1",
+         "train.eval_interval=8", "train.eval_iters=1", "train.save_interval=4",
+         "inrank.warmup=2", "inrank.gap=2", "inrank.stage1_steps=8", "output.plot=false",
+         "model.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4"]
 
 
 def _free_port() -> int:
@@ -175,3 +188,42 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300, **kwargs) 
     if failure is not None:
         raise AssertionError(failure)
     return results
+
+
+# ------------------------------------------------------------------------- the trainer, torchrun
+def train_command(overrides, nproc: int = 2, config: str = "tiny-cpu.yaml") -> list:
+    """``torchrun --nproc_per_node N -m inrank_megatron.train --config configs/CONFIG``
+    followed by ``overrides``."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={_free_port()}", "-m", "inrank_megatron.train",
+            "--config", os.path.join(REPO, "configs", config), *overrides]
+
+
+def train_env() -> dict:
+    """The environment of a launched run: one thread per process on a 2-core machine."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_train(overrides, nproc: int = 2, timeout: float = 600, check: bool = True,
+              config: str = "tiny-cpu.yaml"):
+    """Train ``configs/CONFIG`` (default tiny-cpu.yaml) with ``overrides`` on ``nproc`` processes.
+
+    Returns:
+        The finished ``subprocess.CompletedProcess`` (text stdout and stderr).
+
+    Raises:
+        AssertionError: with ``check``, a non-zero exit (the message ends with its stderr).
+    """
+    proc = subprocess.run(train_command(overrides, nproc, config), cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_summary(out: str) -> dict:
+    """``summary.json`` of the run directory ``out``."""
+    import json
+
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)

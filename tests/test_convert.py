@@ -1,8 +1,9 @@
-"""Checkpoint conversion: a checkpoint trained at TP=2 and resharded to TP=1 and then TP=4 gives
-identical losses on the same batch at every layout (model, growth state and learned ranks carried),
-resumed training after a reshard continues, ``to-dense`` merges the factors into megatron's dense
-GPT with the same loss, and bad input (a partial checkpoint, a layout that does
-not divide) is refused with the source untouched and nothing written."""
+"""Checkpoint conversion: a checkpoint trained at TP=2 (the session's ``tp2_run``, step 12) and
+resharded to TP=1 and then TP=4 gives identical losses on the same batch at every layout (model,
+growth state and learned ranks carried), resumed training after a reshard continues, ``to-dense``
+merges the factors into megatron's dense GPT with the same loss, and bad input (a partial
+checkpoint, a layout that does not divide) is refused with the source untouched and nothing
+written."""
 
 import os
 import shutil
@@ -10,8 +11,7 @@ import shutil
 import pytest
 import torch
 
-from tests.distributed import run_distributed
-from tests.test_train_runs import REPO, SHORT, _summary, run_train
+from tests.distributed import REPO, SHORT, read_summary, run_distributed, run_train
 
 
 def _loss_body(rank, world_size, step_dir):
@@ -48,20 +48,18 @@ def _loss_body(rank, world_size, step_dir):
 
 
 @pytest.mark.slow
-def test_reshard_tp2_to_tp1_to_tp4(tmp_path, capsys, monkeypatch):
+def test_reshard_tp2_to_tp1_to_tp4(tp2_run, tmp_path, capsys, monkeypatch):
     import tools.convert_checkpoint as cli
 
     monkeypatch.chdir(REPO)
-    out = str(tmp_path / "run")
-    run_train([*SHORT, f"output.dir={out}", "train.steps=10", "train.save_interval=10"])
-    src = os.path.join(out, "checkpoints", "step_000010")
+    src = os.path.join(tp2_run, "checkpoints", "step_000012")
     loss2, ranks2 = run_distributed(_loss_body, 2, src)[0]
 
-    tp1 = str(tmp_path / "tp1" / "checkpoints" / "step_000010")
+    tp1 = str(tmp_path / "tp1" / "checkpoints" / "step_000012")
     os.makedirs(os.path.dirname(tp1))
     assert cli.main(["reshard", src, tp1, "--tp", "1"]) == 0
     loss1, ranks1 = run_distributed(_loss_body, 1, tp1)[0]
-    tp4 = str(tmp_path / "tp4" / "checkpoints" / "step_000010")
+    tp4 = str(tmp_path / "tp4" / "checkpoints" / "step_000012")
     os.makedirs(os.path.dirname(tp4))
     assert cli.main(["reshard", tp1, tp4, "--tp", "4"]) == 0
     results4 = run_distributed(_loss_body, 4, tp4)
@@ -71,18 +69,18 @@ def test_reshard_tp2_to_tp1_to_tp4(tmp_path, capsys, monkeypatch):
     assert all(l == pytest.approx(loss2, rel=1e-6) for l, _ in results4)
 
     # --to-dense: W0 + B A merged into megatron's dense GPT (model.inrank=false), same function.
-    dense = str(tmp_path / "dense" / "step_000010")
+    dense = str(tmp_path / "dense" / "step_000012")
     assert cli.main(["to-dense", src, dense]) == 0
     loss_dense, dense_ranks = run_distributed(_loss_body, 2, dense)[0]
     assert dense_ranks == {} and loss_dense == pytest.approx(loss2, rel=1e-5)
 
     # Training continues from the resharded checkpoint (TP=1 x DP=2 on 2 processes).
     with open(os.path.join(os.path.dirname(tp1), "latest"), "w") as f:
-        f.write("step_000010\n")
+        f.write("step_000012\n")
     run_train([*SHORT, f"output.dir={tmp_path / 'tp1'}", "output.resume=auto",
-               "parallel.tensor_model_parallel_size=1", "train.steps=12"])
-    s = _summary(str(tmp_path / "tp1"))
-    assert s["steps"] == 12 and len(s["train_losses"]) == 2
+               "parallel.tensor_model_parallel_size=1", "train.steps=14"])
+    s = read_summary(str(tmp_path / "tp1"))
+    assert s["steps"] == 14 and len(s["train_losses"]) == 2
 
     # Bad input: a layout that does not divide (TP=3), a partial checkpoint.
     capsys.readouterr()

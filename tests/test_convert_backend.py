@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from tests.test_train_runs import REPO, SHORT, _env, _summary, run_train
+from tests.distributed import REPO, SHORT, read_summary, run_train, train_env
 
 DP2 = [*SHORT, "parallel.tensor_model_parallel_size=1"]
 ZERO2 = ["parallel.backend=deepspeed", "parallel.deepspeed_config=configs/deepspeed/zero2.json"]
@@ -27,7 +27,7 @@ TOOL = os.path.join(REPO, "tools", "convert_checkpoint.py")
 
 
 def _convert(*args, check=True):
-    proc = subprocess.run([sys.executable, TOOL, *args], cwd=REPO, env=_env(), text=True,
+    proc = subprocess.run([sys.executable, TOOL, *args], cwd=REPO, env=train_env(), text=True,
                           capture_output=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"convert_checkpoint.py {args} failed:\n{proc.stderr[-3000:]}")
@@ -36,13 +36,6 @@ def _convert(*args, check=True):
 
 def _close(a, b, tol=1e-6):
     return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) <= tol
-
-
-@pytest.fixture(scope="module")
-def torch_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("torch_dp2"))
-    run_train([*DP2, f"output.dir={out}", "train.save_interval=12"])
-    return out
 
 
 @pytest.mark.slow
@@ -73,31 +66,31 @@ def test_zero2_to_torch_resume_continues_the_deepspeed_run(tmp_path):
 
     out = str(tmp_path / "torch")
     run_train([*DP2, policy, f"output.dir={out}", f"output.resume={dst}"])
-    ref = _summary(ds)["train_losses"][12:]
-    got = _summary(out)["train_losses"]
+    ref = read_summary(ds)["train_losses"][12:]
+    got = read_summary(out)["train_losses"]
     assert _close(got, ref), (got, ref)
-    assert _summary(out)["ranks"] == _summary(ds)["ranks"]
+    assert read_summary(out)["ranks"] == read_summary(ds)["ranks"]
 
 
 @pytest.mark.slow
-def test_torch_to_zero2_resume_continues_the_torch_run(torch_run, tmp_path):
-    src = os.path.join(torch_run, "checkpoints", "step_000012")
+def test_torch_to_zero2_resume_continues_the_dp2_run(dp2_run, tmp_path):
+    src = os.path.join(dp2_run, "checkpoints", "step_000012")
     dst = str(tmp_path / "ds" / "checkpoints" / "step_000012")
     _convert("to-deepspeed", src, dst, "--deepspeed-config", "configs/deepspeed/zero2.json")
     with open(os.path.join(dst, "meta.json")) as f:
         assert json.load(f)["backend"] == "deepspeed"
     out = str(tmp_path / "ds")
     run_train([*DP2, *ZERO2, f"output.dir={out}", f"output.resume={dst}"])
-    ref = _summary(torch_run)["train_losses"][12:]
-    got = _summary(out)["train_losses"]
+    ref = read_summary(dp2_run)["train_losses"][12:]
+    got = read_summary(out)["train_losses"]
     assert _close(got, ref), (got, ref)
 
 
 @pytest.mark.slow
-def test_round_trip_through_zero3_at_tp2_is_bit_identical(torch_run, tmp_path):
+def test_round_trip_through_zero3_at_tp2_is_bit_identical(dp2_run, tmp_path):
     from inrank_megatron.export.checkpoint import read_dist_tensors
 
-    src = os.path.join(torch_run, "checkpoints", "step_000012")
+    src = os.path.join(dp2_run, "checkpoints", "step_000012")
     mid = str(tmp_path / "ds3" / "step_000012")
     back = str(tmp_path / "back" / "step_000012")
     _convert("to-deepspeed", src, mid, "--deepspeed-config", "configs/deepspeed/zero3.json",
@@ -123,11 +116,12 @@ def test_round_trip_through_zero3_at_tp2_is_bit_identical(torch_run, tmp_path):
         assert json.load(f) == json.load(g)
 
 
-def test_bad_input_is_refused_before_any_process_starts(torch_run, tmp_path, capsys,
+@pytest.mark.slow  # dp2_run trains
+def test_bad_input_is_refused_before_any_process_starts(dp2_run, tmp_path, capsys,
                                                         monkeypatch):
     import tools.convert_checkpoint as cli
 
-    src = os.path.join(torch_run, "checkpoints", "step_000012")
+    src = os.path.join(dp2_run, "checkpoints", "step_000012")
     dst = str(tmp_path / "out" / "step_000012")
     cases = [
         (("from-deepspeed", src, dst), "expects a 'deepspeed' checkpoint"),
@@ -153,11 +147,11 @@ def test_bad_input_is_refused_before_any_process_starts(torch_run, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_weights_only_checkpoint_starts_a_deepspeed_run(torch_run, tmp_path):
+def test_weights_only_checkpoint_starts_a_deepspeed_run(dp2_run, tmp_path):
     """A weights-only checkpoint (here ``to-dense``'s merge of the torch run's step 12) has no
     optimizer state to convert: any backend starts from it. The DeepSpeed run's first loss (before
     its first update) is the torch run's loss on the same batch."""
-    src = os.path.join(torch_run, "checkpoints", "step_000012")
+    src = os.path.join(dp2_run, "checkpoints", "step_000012")
     import tools.convert_checkpoint as cli
 
     dense = str(tmp_path / "dense" / "step_000012")
@@ -165,5 +159,5 @@ def test_weights_only_checkpoint_starts_a_deepspeed_run(torch_run, tmp_path):
     out = str(tmp_path / "ds")
     run_train([*DP2, *ZERO2, "model.inrank=false", f"output.dir={out}",
                f"output.resume={dense}", "train.steps=13"])
-    first = _summary(out)["train_losses"]
-    assert len(first) == 1 and abs(first[0] - _summary(torch_run)["train_losses"][12]) < 1e-5
+    first = read_summary(out)["train_losses"]
+    assert len(first) == 1 and abs(first[0] - read_summary(dp2_run)["train_losses"][12]) < 1e-5

@@ -24,8 +24,7 @@ import numpy
 import pytest
 import torch
 
-from tests.distributed import run_distributed
-from tests.test_train_runs import REPO, SHORT, _summary, run_train
+from tests.distributed import REPO, SHORT, read_summary, run_distributed, run_train
 
 VOCAB = 128
 POLICIES = ("slice", "reset", "project")
@@ -275,13 +274,6 @@ DP2 = [*SHORT, "parallel.tensor_model_parallel_size=1", "train.save_interval=16"
 
 
 @pytest.fixture(scope="module")
-def torch_dp2(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("torch_dp2"))
-    run_train([*DP2, f"output.dir={out}"])
-    return _summary(out)
-
-
-@pytest.fixture(scope="module")
 def zero2_dp2(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("zero2_dp2"))
     run_train([*DP2, *DS, "parallel.deepspeed_config=configs/deepspeed/zero2.json",
@@ -302,15 +294,15 @@ def _close(a, b, tol=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_losses_equal_torch_backend(stage, torch_dp2, zero2_dp2, tmp_path):
+def test_losses_equal_torch_backend(stage, dp2_run, zero2_dp2, tmp_path):
     if stage == 2:
-        s = _summary(zero2_dp2)
+        s = read_summary(zero2_dp2)
     else:
         out = str(tmp_path / f"zero{stage}")
         run_train([*DP2, *DS, f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json",
                    f"output.dir={out}"])
-        s = _summary(out)
-    ref = torch_dp2
+        s = read_summary(out)
+    ref = read_summary(dp2_run)  # the torch backend (tests/conftest.py)
     assert s["stage"] == "fixed" and s["ranks"] == ref["ranks"]
     deltas = [abs(a - b) for a, b in zip(s["train_losses"], ref["train_losses"])]
     assert _close(s["train_losses"], ref["train_losses"]), deltas
@@ -325,7 +317,7 @@ def test_tp2_dp2_sequence_parallel_zero2_equals_torch(tmp_path):
     run_train([*common, "parallel.backend=deepspeed",
                "parallel.deepspeed_config=configs/deepspeed/zero2.json", f"output.dir={ds_out}"],
               nproc=4, timeout=1200)
-    ref, s = _summary(ref_out), _summary(ds_out)
+    ref, s = read_summary(ref_out), read_summary(ds_out)
     assert s["ranks"] == ref["ranks"]
     assert _close(s["train_losses"], ref["train_losses"]), \
         [abs(a - b) for a, b in zip(s["train_losses"], ref["train_losses"])]
@@ -333,17 +325,17 @@ def test_tp2_dp2_sequence_parallel_zero2_equals_torch(tmp_path):
 
 @pytest.mark.slow
 def test_resume_before_and_after_cut_reproduces_losses(zero2_dp2, tmp_path):
-    ref = _summary(zero2_dp2)["train_losses"]
+    ref = read_summary(zero2_dp2)["train_losses"]
     cfg = [*DP2, *DS, "parallel.deepspeed_config=configs/deepspeed/zero2.json"]
     before = str(tmp_path / "before")  # stop at 6, resume=auto: the cut at 8 happens after resume
     run_train([*cfg, f"output.dir={before}", "train.exit_after_step=6"])
-    assert _summary(before)["train_losses"] == ref[:6]
+    assert read_summary(before)["train_losses"] == ref[:6]
     run_train([*cfg, f"output.dir={before}", "output.resume=auto"])
-    assert _close(_summary(before)["train_losses"], ref[6:], tol=0)
+    assert _close(read_summary(before)["train_losses"], ref[6:], tol=0)
     after = str(tmp_path / "after")  # the uninterrupted run's step-12 checkpoint: cut shapes
     step12 = os.path.join(zero2_dp2, "checkpoints", "step_000012")
     run_train([*cfg, f"output.dir={after}", f"output.resume={step12}"])
-    assert _close(_summary(after)["train_losses"], ref[12:], tol=0)
+    assert _close(read_summary(after)["train_losses"], ref[12:], tol=0)
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -36,10 +36,8 @@ import pytest
 import torch
 
 from inrank_megatron.config import ConfigError, to_dict
-from tests.distributed import run_distributed
-from tests.test_train_runs import SHORT, _env, run_train
+from tests.distributed import REPO, SHORT, run_distributed, run_train, train_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SP_MODEL = os.path.join(REPO, "data", "wiki_sp8k.model")
 TOKENS = torch.randint(0, 8000, (2, 64), generator=torch.Generator().manual_seed(0))
 QUICK = ["output.plot=false", "output.tensorboard=false"]
@@ -47,7 +45,8 @@ QUICK = ["output.plot=false", "output.tensorboard=false"]
 
 def _tool(name, *args):
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *map(str, args)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=train_env(), capture_output=True, text=True,
+                          timeout=600)
 
 
 def _snapshot(path):
@@ -255,7 +254,8 @@ def test_import_cumulative_round_trip(hf_model, tmp_path):
            "train.micro_batch_size=2", "train.global_batch_size=4", "train.save_interval=null",
            f"data.prefix={tmp_path}/wiki_gpt2_text_document", "data.corpus=wiki",
            "parallel.tensor_model_parallel_size=2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(run / "summary.json") as f:
         summary = json.load(f)

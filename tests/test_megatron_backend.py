@@ -10,7 +10,7 @@ optimizers are GPU-only) and the GPU tests skip; ``tools/gpu_check.sh`` runs the
 import pytest
 import torch
 
-from tests.test_train_runs import SHORT, _summary, run_train
+from tests.distributed import SHORT, read_summary, run_train
 
 TP1 = ["parallel.tensor_model_parallel_size=1"]
 TP2 = ["parallel.tensor_model_parallel_size=2"]
@@ -31,7 +31,7 @@ needs_gpu = pytest.mark.skipif(GPUS < 1, reason="megatron backend runs on GPUs o
 
 def _losses(out_dir, overrides, nproc):
     run_train([*SHORT, f"output.dir={out_dir}", *overrides], nproc=nproc)
-    return _summary(str(out_dir))["train_losses"]
+    return read_summary(str(out_dir))["train_losses"]
 
 
 @pytest.fixture(scope="module")
@@ -79,4 +79,4 @@ def test_resume_across_the_cut(tmp_path):
     full = _losses(tmp_path / "full", [*MEGATRON, *TP1], WORLD)
     run_train([*SHORT, f"output.dir={out}", *MEGATRON, *TP1, *STOP], nproc=WORLD)
     run_train([*SHORT, f"output.dir={out}", *MEGATRON, *TP1, "output.resume=auto"], nproc=WORLD)
-    assert _summary(str(out))["train_losses"] == pytest.approx(full[10:], abs=1e-6, rel=0)
+    assert read_summary(str(out))["train_losses"] == pytest.approx(full[10:], abs=1e-6, rel=0)

@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from tests.test_train_runs import SHORT, _summary, run_train
+from tests.distributed import SHORT, read_summary, run_train
 
 PP2 = [*SHORT, "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"]
 
@@ -35,7 +35,7 @@ def pp_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_pp2_run_resumed_at_tp2_continues_it(pp_run, tmp_path):
-    s = _summary(pp_run)
+    s = read_summary(pp_run)
     assert s["finished"] and s["stage"] == "fixed" and len(s["ranks"]) == 8  # both stages' layers
     step4 = os.path.join(pp_run, "checkpoints", "step_000004")
     with open(os.path.join(step4, "inrank_growth.json")) as f:
@@ -47,7 +47,7 @@ def test_pp2_run_resumed_at_tp2_continues_it(pp_run, tmp_path):
 
     out = str(tmp_path / "tp2")
     run_train([*SHORT, f"output.dir={out}", f"output.resume={step4}"])  # TP=2, no pipeline
-    t = _summary(out)
+    t = read_summary(out)
     assert t["ranks"] == s["ranks"] and t["parameters"] == s["parameters"]
     assert _close(t["train_losses"], s["train_losses"][4:], 1e-6), \
         [a - b for a, b in zip(t["train_losses"], s["train_losses"][4:])]
@@ -63,7 +63,7 @@ def test_pp2_dp2_from_a_resharded_checkpoint_continues_the_pp2_run(pp_run, tmp_p
     assert cli.main(["reshard", src, dst, "--tp", "1", "--pp", "2", "--world-size", "4"]) == 0
     out = str(tmp_path / "pp2dp2")
     run_train([*PP2, f"output.dir={out}", f"output.resume={dst}"], nproc=4, timeout=900)
-    s, t = _summary(pp_run), _summary(out)
+    s, t = read_summary(pp_run), read_summary(out)
     assert t["ranks"] == s["ranks"] and t["parameters"] == s["parameters"]
     assert _close(t["train_losses"], s["train_losses"][4:], 1e-5), \
         [a - b for a, b in zip(t["train_losses"], s["train_losses"][4:])]

@@ -2,51 +2,20 @@
 TP=2 and DP=2 runs on the shipped corpus with the loss going down, rank checks on the expected
 optimizer steps, the stage cut, evaluation, metrics and a rank plot; the two-stage schedule as two
 runs (stage-1 checkpoint, then stage 2 from it) and a real SIGKILL + ``resume=auto`` both continue
-bit for bit like an uninterrupted run; cumulative mode grows capacity; bad input fails before any
-process group starts and leaves existing checkpoints untouched. configs/gpt2-medium.yaml (355M,
-SDPA attention) trains 3 steps at TP=2 through rank checks and the cut."""
+bit for bit like the uninterrupted run (the session's ``tp2_run``, tests/conftest.py); cumulative
+mode grows capacity; bad input fails before any process group starts and leaves existing
+checkpoints untouched. configs/gpt2-medium.yaml (355M, SDPA attention) trains 3 steps at TP=2
+through rank checks and the cut."""
 
 import csv
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A run short enough for 2 cores: growth every 2 steps from step 2, cut after step 8.
-SHORT = ["train.steps=16", "train.lr_warmup_steps=2", "train.log_interval=1",
-         "train.eval_interval=8", "train.eval_iters=1", "train.save_interval=4",
-         "inrank.warmup=2", "inrank.gap=2", "inrank.stage1_steps=8", "output.plot=false",
-         "model.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4"]
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cmd(overrides, nproc=2, config="tiny-cpu.yaml"):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={_port()}", "-m", "inrank_megatron.train",
-            "--config", os.path.join(REPO, "configs", config), *overrides]
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def run_train(overrides, nproc=2, timeout=600, check=True, config="tiny-cpu.yaml"):
-    proc = subprocess.run(_cmd(overrides, nproc, config), cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return proc
+from tests.distributed import REPO, SHORT, read_summary, run_train, train_command, train_env
 
 
 def _descendants(pid):
@@ -81,22 +50,10 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def _summary(out):
-    with open(os.path.join(out, "summary.json")) as f:
-        return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("uninterrupted"))
-    run_train([*SHORT, f"output.dir={out}", "output.plot=true"])
-    return out
-
-
 @pytest.mark.slow
-def test_tp2_run_grows_cuts_evaluates(uninterrupted):
-    out = uninterrupted
-    s = _summary(out)
+def test_tp2_run_grows_cuts_evaluates(tp2_run):
+    out = tp2_run
+    s = read_summary(out)
     assert s["finished"] and s["steps"] == 16 and s["stage"] == "fixed"
     losses = s["train_losses"]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
@@ -115,34 +72,31 @@ def test_tp2_run_grows_cuts_evaluates(uninterrupted):
 
 
 @pytest.mark.slow
-def test_dp2_matches_tp2(uninterrupted, tmp_path):
-    out = str(tmp_path / "dp2")
-    run_train([*SHORT, f"output.dir={out}", "parallel.tensor_model_parallel_size=1",
-               "train.save_interval=16"])
-    ref = _summary(uninterrupted)
-    s = _summary(out)
+def test_dp2_matches_tp2(tp2_run, dp2_run):
+    ref = read_summary(tp2_run)
+    s = read_summary(dp2_run)
     # Same global batch and initialisation: DP averages what TP computes in one replica.
     assert s["train_losses"][:8] == pytest.approx(ref["train_losses"][:8], rel=1e-4)
     assert s["ranks"] == ref["ranks"]
 
 
 @pytest.mark.slow
-def test_two_run_schedule_continues_bit_for_bit(uninterrupted, tmp_path):
+def test_two_run_schedule_continues_bit_for_bit(tp2_run, tmp_path):
     out = str(tmp_path / "two_runs")
     run_train([*SHORT, f"output.dir={out}", "train.exit_after_step=8"])
-    first = _summary(out)
+    first = read_summary(out)
     assert first["steps"] == 8 and first["stage"] == "fixed" and not first["finished"]
     run_train([*SHORT, f"output.dir={out}", "output.resume=auto"])
-    ref = _summary(uninterrupted)["train_losses"]
+    ref = read_summary(tp2_run)["train_losses"]
     assert first["train_losses"] == ref[:8]
-    assert _summary(out)["train_losses"] == ref[8:]
+    assert read_summary(out)["train_losses"] == ref[8:]
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_auto_is_bit_identical(uninterrupted, tmp_path):
+def test_sigkill_then_resume_auto_is_bit_identical(tp2_run, tmp_path):
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(_cmd([*SHORT, f"output.dir={out}"]), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_command([*SHORT, f"output.dir={out}"]), cwd=REPO,
+                            env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     latest = os.path.join(out, "checkpoints", "latest")
     deadline = time.time() + 600
@@ -161,27 +115,28 @@ def test_sigkill_then_resume_auto_is_bit_identical(uninterrupted, tmp_path):
     resumed_from = int(open(latest).read().strip().split("_")[1])
     assert resumed_from < 16
     run_train([*SHORT, f"output.dir={out}", "output.resume=auto"])
-    ref = _summary(uninterrupted)["train_losses"]
-    assert _summary(out)["train_losses"] == ref[resumed_from:]
-    steps = [int(r["step"]) for r in _rows(os.path.join(out, "metrics.csv")) if r["split"] == "train"]
+    ref = read_summary(tp2_run)["train_losses"]
+    assert read_summary(out)["train_losses"] == ref[resumed_from:]
+    steps = [int(r["step"]) for r in _rows(os.path.join(out, "metrics.csv"))
+             if r["split"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # the resume trimmed re-run rows
 
 
 @pytest.mark.slow
-def test_resume_at_another_layout_continues(uninterrupted, tmp_path):
+def test_resume_at_another_layout_continues(tp2_run, tmp_path):
     """Checkpoints hold model and AdamW state as megatron dist checkpoints sharded like the
     parameters: a TP=2 checkpoint resumes at TP=1 x DP=2 and follows the TP=2 run."""
     import shutil
 
     out = str(tmp_path / "relayout")
-    shutil.copytree(os.path.join(uninterrupted, "checkpoints", "step_000012"),
+    shutil.copytree(os.path.join(tp2_run, "checkpoints", "step_000012"),
                     os.path.join(out, "checkpoints", "step_000012"))
     with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
         f.write("step_000012\n")
     run_train([*SHORT, f"output.dir={out}", "output.resume=auto",
                "parallel.tensor_model_parallel_size=1"])
-    ref = _summary(uninterrupted)["train_losses"][12:]
-    assert _summary(out)["train_losses"] == pytest.approx(ref, rel=1e-4)
+    ref = read_summary(tp2_run)["train_losses"][12:]
+    assert read_summary(out)["train_losses"] == pytest.approx(ref, rel=1e-4)
 
 
 @pytest.mark.slow
@@ -189,7 +144,7 @@ def test_cumulative_mode_grows_capacity(tmp_path):
     out = str(tmp_path / "cumulative")
     run_train([*SHORT, f"output.dir={out}", "inrank.mode=cumulative", "inrank.stage1_steps=null",
                "train.steps=8", "train.save_interval=8"])
-    s = _summary(out)
+    s = read_summary(out)
     assert s["stage"] == "growing" and all(r > 2 for r in s["ranks"].values())
 
 
@@ -206,12 +161,12 @@ def test_bad_input_fails_before_any_process_group(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_incompatible_config_is_refused(uninterrupted):
-    before = sorted(os.listdir(os.path.join(uninterrupted, "checkpoints")))
-    proc = run_train([*SHORT, f"output.dir={uninterrupted}", "output.resume=auto",
+def test_resume_with_incompatible_config_is_refused(tp2_run):
+    before = sorted(os.listdir(os.path.join(tp2_run, "checkpoints")))
+    proc = run_train([*SHORT, f"output.dir={tp2_run}", "output.resume=auto",
                       "model.hidden_size=64"], check=False)
     assert proc.returncode != 0 and "model.hidden_size" in proc.stderr
-    assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == before
+    assert sorted(os.listdir(os.path.join(tp2_run, "checkpoints"))) == before
 
 
 @pytest.mark.slow
@@ -229,7 +184,7 @@ def test_gpt2_medium_trains_at_tp2_through_the_cut(tmp_path):
                "output.plot=false", "output.tensorboard=false", "output.resume=none",
                f"data.prefix={tmp_path / 'data' / 'wiki_gpt2_text_document'}",
                "data.corpus=wiki", f"output.dir={out}"], config="gpt2-medium.yaml", timeout=1500)
-    s = _summary(out)
+    s = read_summary(out)
     assert s["finished"] and s["steps"] == 3 and s["stage"] == "fixed" and s["world_size"] == 2
     # 24 layers x (fc1, fc2) InRank at GPT-2 medium's shapes, ln(50304) = 10.83 at the start.
     assert len(s["ranks"]) == 48 and all(100 < r < 512 - 100 for r in s["ranks"].values())
