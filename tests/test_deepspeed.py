@@ -7,7 +7,8 @@ against the torch backend.
   for bit), including parameters whose numel is not divisible by the data-parallel size; an
   ``extend`` carries every moment with zero new slots; step counts carry (a ``reset`` cut restarts
   the factor group's). DP=2 at every stage and TP=2 x DP=2 at stage 3; the consolidated checkpoint
-  (``tools/zero_to_fp32.py``) equals the masters.
+  (``tools/zero_to_fp32.py``) equals the masters. Under every policy the torch and DeepSpeed
+  backends keep the same Adam step per parameter and train on to the same losses.
 - End to end (``python -m inrank_megatron.train``, 2 processes, growth and the cut): the losses of
   ZeRO 0, 1, 2 and 3 equal the torch AdamW + DDP backend's to two fp32 ulps; TP=2 x DP=2 with sequence
   parallelism under ZeRO-2 too (4 processes).
@@ -207,6 +208,66 @@ def test_resize_carries_state_exactly_tp2_dp2_zero3(tmp_path):
     results = run_distributed(_resize_body, 4, str(tmp_path), 3, 2, 258, timeout=1200)
     for rank_result in results:
         assert rank_result == {key: [] for key in rank_result}
+
+
+def _resize_against_torch(rank, world_size, tmpdir, stage):
+    """Every policy, both backends on the same model and batches: train 2 steps, cut, resize,
+    train 2 more; return ``{policy: {backend: (Adam step by parameter, losses after the cut)}}``."""
+    from megatron.core import parallel_state
+
+    from inrank_megatron.config import from_dict, to_dict
+    from inrank_megatron.growth.controller import named_inrank_layers
+    from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
+    from inrank_megatron.training.backends.torch_ddp import TorchBackend
+    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.training.parallel import init_parallel, set_seeds
+
+    ds_cfg = _config(tmpdir, stage, 1, "efficient", 129, world_size)
+    plain = to_dict(ds_cfg)
+    plain["parallel"].update(backend="torch", deepspeed_config=None)
+    torch_cfg = from_dict(plain)
+    groups = init_parallel(1, 1, backend="gloo")
+    batches = _batches(4, parallel_state.get_data_parallel_rank())
+    out = {}
+    for policy in POLICIES:
+        out[policy] = {}
+        for cls, cfg in ((TorchBackend, torch_cfg), (DeepSpeedBackend, ds_cfg)):
+            set_seeds(1234)
+            model = build_model(cfg, VOCAB, 1)
+            backend = cls(cfg, model, groups)
+            n = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
+
+            def train(bs):
+                losses = []
+                for b in bs:
+                    for i in range(n):
+                        losses.append(backend.forward_backward(b, n, last=i == n - 1).item())
+                    backend.step()
+                return losses
+
+            train(batches[:2])
+            backend.resize([layer.cut(2) for _, layer in named_inrank_layers(model)], policy)
+            steps = {name: step for name, _, _, step in backend.export_state()}
+            out[policy][cls.name] = (steps, train(batches[2:]))
+            if cls is DeepSpeedBackend:
+                backend.engine.destroy()
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.mark.slow
+def test_resize_policies_equal_torch_backend(tmp_path):
+    """What a policy does to the moments and to Adam's step is the core's (``resize_state``): the
+    torch and DeepSpeed backends keep the same step per parameter (``reset`` restarts the factors'
+    at 0 in both) and train on to the same losses."""
+    result = run_distributed(_resize_against_torch, 2, str(tmp_path), 1, timeout=900)[0]
+    for policy, by_backend in result.items():
+        (torch_steps, torch_losses), (ds_steps, ds_losses) = by_backend["torch"], \
+            by_backend["deepspeed"]
+        assert torch_steps == ds_steps, policy
+        factors = {n: s for n, s in ds_steps.items() if n.endswith((".A", ".B"))}
+        assert set(factors.values()) == ({0.0} if policy == "reset" else {2.0}), policy
+        assert _close(ds_losses, torch_losses, tol=1e-6), (policy, ds_losses, torch_losses)
 
 
 # ----------------------------------------------------------------- checkpoints, zero_to_fp32

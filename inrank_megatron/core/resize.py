@@ -10,6 +10,14 @@ moment mapped through the same slot-dimension maps as the factors, exactly; the 
 coordinates are independent: ``Var(sum_i p_i g_i) = sum_i p_i^2 Var(g_i)``). Where factors only gain
 slots (``extend``) every policy carries surviving state exactly and new slots start at zero.
 
+:func:`resize_state` is the whole rule for one factor (master value, moments and Adam's step),
+the same in every backend: ``Backend.resize`` (``training/backends/base.py``) applies it between
+``export_state`` and ``import_state``. The step: ``reset`` at a cut restarts it at 0, so that the
+zeroed moments get a fresh Adam's bias correction (carrying step ``t`` would divide them by
+``1 - beta^t ~ 1``: the first updates would be ~3x a fresh Adam's); ``slice`` and ``project`` carry
+the step with the moments they map (the reference's ``slice`` does), and ``extend`` carries it
+under every policy (old and new slots share one tensor, so one step).
+
 Slot dimension: ``A`` is ``[slots, in]`` (dim 0), ``B`` is ``[out, slots]`` (dim 1).
 """
 
@@ -22,6 +30,7 @@ import torch
 
 from inrank_megatron.core.names import POLICIES
 from inrank_megatron.core.truncation import TruncationMaps
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 SLOT_DIM = {"A": 0, "B": 1}
 
@@ -96,3 +105,44 @@ def map_slot_state(t: torch.Tensor, role: str, resize: FactorResize, *, policy: 
     if policy == "reset":
         return _resize_slots(t, role, resize.new_slots).zero_()
     return _resize_slots(t, role, resize.new_slots)  # slice
+
+
+def map_slot_step(step: float, resize: FactorResize, *, policy: str) -> float:
+    """Adam's step count of a resized factor (module docstring): 0 under ``reset`` at a cut,
+    carried otherwise."""
+    if policy not in POLICIES:
+        raise ValueError(f"resize policy must be one of {POLICIES}, got {policy!r}")
+    return 0.0 if (policy == "reset" and resize.kind == "truncate") else float(step)
+
+
+def resize_state(master: torch.Tensor, moments: dict, step: float, role: str,
+                 resize: FactorResize, new_param: torch.Tensor, *, policy: str):
+    """What a resize does to one factor's optimizer state, in every backend.
+
+    Args:
+        master: the old factor's master value (this TP rank's shard, whole over DP): fp32, or
+            the parameter itself where the model holds its own masters.
+        moments: its ``{"exp_avg", "exp_avg_sq"}``, shaped like ``master``.
+        step: its Adam step count.
+        role: ``"A"`` or ``"B"``.
+        resize: the event.
+        new_param: the layer's new factor (its own dtype), computed by the layer from the old one.
+        policy: ``"slice"``, ``"reset"`` or ``"project"``.
+
+    Returns:
+        ``(master, moments, step)`` for the new factor. The master is the layer's new factor when
+        the parameters are their own masters (same dtype; the layer computed the new factor in
+        fp64 from the old one: equal to ``map_slot_state(kind="param")`` of the old master); with
+        bf16/fp16 parameters over fp32 masters, the old master mapped (truncate) or kept in the
+        old slots, the new slots as the layer drew them (extend).
+    """
+    if new_param.dtype == master.dtype:
+        new_master = new_param.detach().clone()
+    elif resize.kind == "truncate":
+        new_master = map_slot_state(master, role, resize, policy=policy, kind="param")
+    else:
+        new_master = new_param.detach().to(torch.float32).clone()
+        new_master.narrow(SLOT_DIM[role], 0, resize.old_slots).copy_(master)
+    new_moments = {k: map_slot_state(moments[k], role, resize, policy=policy, kind=k)
+                   for k in MOMENTS}
+    return new_master, new_moments, map_slot_step(step, resize, policy=policy)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from inrank_megatron.core.resize import resize_state
+
 
 class Backend:
     """Base class. Subclasses build their optimizer in ``__init__``.
@@ -55,7 +57,44 @@ class Backend:
         raise NotImplementedError
 
     def resize(self, resizes, policy: str) -> None:
-        """Carry optimizer state across factor reallocations (``FactorResize`` events)."""
+        """Carry optimizer state across factor reallocations (``FactorResize`` events): the
+        module already holds the new factors; the old ones are the events'.
+
+        Written once for every backend: :meth:`export_state` of the parameters as they were (the
+        old factors in place of the new), :meth:`_rebuild` around the new ones, then
+        :meth:`import_state` with each resized factor's state through
+        :func:`inrank_megatron.core.resize_state` (what the policy does to the master, the
+        moments and the Adam step) and every other parameter's carried as it is.
+        """
+        replaced = {}  # id(new param) -> (role, event, old param)
+        for event in resizes:
+            for role, old, new in event.pairs():
+                replaced[id(new)] = (role, event, old)
+        named = self._trainable()
+        # The layer's new factor values, before a rebuild may partition them (ZeRO-3).
+        new_values = {name: p.detach().clone() for name, p in named if id(p) in replaced}
+        role_event = {name: replaced[id(p)][:2] for name, p in named if id(p) in replaced}
+        exported = self.export_state([(n, replaced[id(p)][2] if id(p) in replaced else p)
+                                      for n, p in named])
+        self._rebuild(resizes)
+
+        def items():
+            for name, master, moments, step in exported:
+                if name in role_event:
+                    role, event = role_event[name]
+                    master, moments, step = resize_state(master, moments, step, role, event,
+                                                         new_values.pop(name), policy=policy)
+                yield name, master, moments, step
+
+        self.import_state(items())
+
+    def _trainable(self) -> list:
+        """``(name, parameter)`` of every trainable parameter, in module order."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _rebuild(self, resizes) -> None:
+        """Rebuild what holds the parameters (optimizer, DDP wrapper, engine) around the module's
+        new factors, with empty optimizer state for :meth:`import_state` to fill."""
         raise NotImplementedError
 
     def save(self, path: str) -> None:
@@ -69,11 +108,20 @@ class Backend:
 
     # ---- backend-neutral state (tools/convert_checkpoint.py from-deepspeed / to-deepspeed) ----
 
-    def export_state(self):
-        """Collective (every rank, same order): yield ``(name, master, moments, step)`` for every
+    def export_state(self, named=None):
+        """Collective (every rank, same order): ``(name, master, moments, step)`` for every
         trainable parameter in module order: its fp32 master value (this TP rank's shard, whole
         over data parallelism), AdamW's ``{"exp_avg", "exp_avg_sq"}`` shaped like it (zeros
-        before the first step) and its Adam step count (a float)."""
+        before the first step) and its Adam step count (a float).
+
+        Args:
+            named: ``(name, parameter)`` to read, default :meth:`_trainable`; a resize passes the
+                old factors, which the optimizer still holds.
+
+        Returns:
+            An iterator over the items. What it reads is captured when this is called, so that
+            the items can be consumed after :meth:`_rebuild` (which drops the old optimizer).
+        """
         raise NotImplementedError
 
     def import_state(self, items) -> None:

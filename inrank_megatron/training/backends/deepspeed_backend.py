@@ -12,16 +12,16 @@ What comes from where:
   refused (:func:`check_deepspeed_config`).
 - ``torch.optim.AdamW`` over three param groups: dense matrices (decayed), 1-D parameters (not
   decayed) and the InRank factors (decayed) in a group of their own, because ZeRO keeps one Adam
-  ``step`` per group (see :meth:`DeepSpeedBackend.resize`). megatron's ``OptimizerParamScheduler``
+  ``step`` per group (a ``reset`` cut restarts the factors' step: core ``resize_state``). megatron's ``OptimizerParamScheduler``
   sets the groups' lr and weight decay once per optimizer step, as in the torch backend.
 - ``mpu=`` is :class:`~inrank_megatron.training.backends.deepspeed_compat.MegatronMPU`, so that
   ZeRO partitions over megatron's data-parallel group and counts TP shards once in the norm.
 
-A resize (the stage cut, cumulative capacity growth) rebuilds the engine: this rank's pieces of the
-old optimizer state are kept (no copy), the engine is rebuilt around the module with the new
-factors, zeroed state carrying the old step counts is created, and every parameter's fp32 master
-and Adam moments move over by name, one parameter at a time, through the resize policy
-(:func:`inrank_megatron.core.map_slot_state`). Every DeepSpeed workaround lives in
+A resize (the stage cut, cumulative capacity growth) is ``Backend.resize``: this rank's pieces of
+the old optimizer state are kept (no copy), the engine is rebuilt around the module with the new
+factors (:meth:`DeepSpeedBackend._rebuild`), and every parameter's fp32 master, Adam moments and
+step move over by name, one parameter at a time, through the resize policy
+(:func:`inrank_megatron.core.resize_state`). Every DeepSpeed workaround lives in
 :mod:`~inrank_megatron.training.backends.deepspeed_compat`.
 """
 
@@ -44,7 +44,7 @@ from inrank_megatron.checkpoint_format import (
     write_deepspeed_meta,
 )
 from inrank_megatron.config import ConfigError, TrainConfig, data_parallel_size
-from inrank_megatron.core.resize import MOMENTS, map_slot_state
+from inrank_megatron.core.resize import MOMENTS
 from inrank_megatron.growth.controller import named_inrank_layers
 from inrank_megatron.rules import DEEPSPEED_KEY, read_deepspeed_json, zero_stage
 from inrank_megatron.training.backends import deepspeed_compat as compat
@@ -312,91 +312,28 @@ class DeepSpeedBackend(Backend):
 
     # ---- resize ------------------------------------------------------------------------------
 
-    def resize(self, resizes, policy: str) -> None:
-        """Rebuild the engine around the resized factors and move every parameter's fp32 master
-        and Adam moments to it by name.
+    def _rebuild(self, resizes) -> None:
+        """Destroy the engine and build a new one around the resized factors (``Backend.resize``
+        moves every parameter's fp32 master and Adam moments to it by name, through
+        :func:`inrank_megatron.core.resize_state` for the resized factors, bit for bit for the
+        rest). Engine counters (``global_steps``, ``global_samples``, micro-steps) and megatron's
+        scheduler continue.
 
-        - Resized factors: moments through ``map_slot_state(policy)``; master = the layer's new
-          factor (fp32 parameters: computed by the layer in fp64 from the old factors, so equal to
-          ``map_slot_state(kind="param")`` of the old master), or, for bf16/fp16 parameters, the
-          old fp32 master mapped (truncate) or kept with the new slots' init (extend).
-        - Every other parameter: master and moments carried bit for bit.
-        - Adam ``step``: carried per group, except that when ``policy == "reset"`` re-zeroes the
-          moments of every factor at a cut, the factor group's step restarts at 0, so that the
-          fresh moments get a fresh Adam's bias correction (ZeRO keeps one step per group; the
-          factors have a group of their own for this). New slots of an ``extend`` keep the
-          group's step: one step cannot serve old and new slots of one tensor.
-        - Engine counters (``global_steps``, ``global_samples``, micro-steps) and megatron's
-          scheduler continue.
-
-        Memory: this rank's old partitions stay alive until the move is done (no copy), the new
-        engine allocates its own, and at most one parameter's full master and moments are
-        materialised at a time (``tools/bench_resize.py`` measures the peak).
+        Memory: :meth:`export_state`'s references keep this rank's old partitions alive until the
+        move is done (no copy), the new engine allocates its own, and at most one parameter's full
+        master and moments are materialised at a time (``tools/bench_resize.py`` measures the
+        peak).
         """
-        replaced = {}  # id(new param) -> (role, event, old param)
-        for event in resizes:
-            for role, old, new in event.pairs():
-                replaced[id(new)] = (role, event, old)
         compat.strip_deepspeed_attributes([new for e in resizes for _, _, new in e.pairs()],
                                           self._megatron_attributes)
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        old_state = compat.LocalState(
-            self.engine, [(n, replaced[id(p)][2] if id(p) in replaced else p) for n, p in named])
-        steps = self._carried_steps(old_state.group_steps, replaced, resizes, policy)
-        # The layer's new factor values (full: ZeRO-3 keeps factors materialised), before the
-        # rebuild partitions them; only the resized factors.
-        new_values = {id(p): p.detach().to(torch.float32).clone()
-                      for _, p in named if id(p) in replaced}
         counters = compat.engine_counters(self.engine)
         self.engine.destroy()
         self.engine = None
         gc.collect()
         self.engine = self._build_engine()
-        compat.create_zeroed_state(self.engine, steps)
-        self._state_linked = True
-        for name, p in named:
-            if id(p) in replaced:
-                role, event, _ = replaced[id(p)]
-                master = self._resized_master(old_state, name, new_values.pop(id(p)), p, role,
-                                              event)
-                moments = {k: map_slot_state(old_state.full(name, k), role, event, policy=policy,
-                                             kind=k) for k in MOMENTS}
-            else:
-                master = old_state.full(name)
-                moments = {k: old_state.full(name, k) for k in MOMENTS}
-            compat.write_local(self.engine, p, master)
-            for k in MOMENTS:
-                compat.write_local(self.engine, p, moments[k], k)
-            del master, moments
-        del old_state
-        gc.collect()
-        compat.refresh_model_params(self.engine)
         compat.set_engine_counters(self.engine, counters)
         self.scheduler.optimizer = self.engine.optimizer
         self.scheduler.step(0)  # the current lr and weight decay into the new groups
-
-    def _carried_steps(self, steps: list, replaced: dict, resizes, policy: str) -> list:
-        steps = [s.clone() for s in steps]
-        names = [g["name"] for g in self.param_groups()]
-        if FACTOR_GROUP not in names or policy != "reset":
-            return steps
-        every_factor_reset = all(e.kind == "truncate" for e in resizes) and \
-            all(id(p) in replaced for p in self.factor_params())
-        if every_factor_reset:
-            steps[names.index(FACTOR_GROUP)].zero_()
-        return steps
-
-    @staticmethod
-    def _resized_master(old_state, name, new_value, param, role, event) -> torch.Tensor:
-        if param.dtype == torch.float32:
-            return new_value
-        old_master = old_state.full(name)
-        if event.kind == "truncate":
-            return map_slot_state(old_master, role, event, policy="slice", kind="param")
-        out = new_value.clone()  # extend: old slots exact from the master, new slots as drawn
-        dim = 0 if role == "A" else 1
-        out.narrow(dim, 0, event.old_slots).copy_(old_master)
-        return out
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -436,15 +373,16 @@ class DeepSpeedBackend(Backend):
 
     # ---- backend-neutral state ---------------------------------------------------------------
 
-    def _named_trainable(self) -> list:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+    def export_state(self, named=None):
+        named = named if named is not None else self._trainable()
+        state = compat.LocalState(self.engine, named)  # this rank's pieces, referenced now
 
-    def export_state(self):
-        named = self._named_trainable()
-        state = compat.LocalState(self.engine, named)
-        for name, _ in named:
-            step = float(state.group_steps[state.pieces[name].param_group])
-            yield name, state.full(name), {k: state.full(name, k) for k in MOMENTS}, step
+        def items():
+            for name, _ in named:
+                step = float(state.group_steps[state.pieces[name].param_group])
+                yield name, state.full(name), {k: state.full(name, k) for k in MOMENTS}, step
+
+        return items()
 
     def import_state(self, items) -> None:
         """Zeroed state is created first, then each item's master and moments are written to this
@@ -454,7 +392,7 @@ class DeepSpeedBackend(Backend):
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         steps = [None] * len(groups)
         compat.create_zeroed_state(self.engine, [torch.tensor(0.0)] * len(groups))
-        params = dict(self._named_trainable())
+        params = dict(self._trainable())
         for name, master, moments, step in items:
             p = params.pop(name)
             gi = group_of[id(p)]

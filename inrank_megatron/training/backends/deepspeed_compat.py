@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from inrank_megatron.core.resize import MOMENTS
 
 
 # --------------------------------------------------------------------------------- process setup

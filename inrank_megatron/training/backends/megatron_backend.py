@@ -14,11 +14,12 @@ Selection: ``parallel.backend=megatron``; the distributed optimizer when
 
 Resizes (the stage cut, cumulative growth) replace factor parameters, which megatron's DDP holds in
 its flat buffers and the optimizer in its groups (sharded, for the distributed optimizer). So a
-resize snapshots every parameter's full Adam moments by name, rebuilds DDP and the optimizer around
-the resized module, and writes the moments back, mapping resized factors through
-:func:`inrank_megatron.core.map_slot_state` exactly as the torch backend does. The model is fp32
-(bf16/fp16 run under autocast), so the model parameters are the fp32 master values and carry over
-with the module; the Adam step count and the LR schedule continue.
+resize is ``Backend.resize`` as in every backend: :meth:`MegatronBackend.export_state` snapshots
+every parameter's full Adam moments and step by name, :meth:`MegatronBackend._rebuild` rebuilds DDP
+and the optimizer around the resized module, and :meth:`MegatronBackend.import_state` writes them
+back, resized factors mapped by :func:`inrank_megatron.core.resize_state`. The model is fp32
+(bf16/fp16 run under autocast), so the model parameters are the fp32 master values; the LR schedule
+continues.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 
 import torch
 
-from inrank_megatron.core.resize import map_slot_state
+from inrank_megatron.core.resize import MOMENTS
 from inrank_megatron.training.backends.base import Backend
 from inrank_megatron.training.optim import build_scheduler
 
@@ -141,12 +142,9 @@ class MegatronBackend(Backend):
 
     # ---- per-parameter Adam state, whatever the sharding --------------------------------------
 
-    def _named_params(self):
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
     def _full_state(self, param) -> dict:
-        """Full (DP-unsharded) ``exp_avg``/``exp_avg_sq`` of ``param``; collective when the
-        optimizer is distributed. Empty before the first step."""
+        """Full (DP-unsharded) ``exp_avg``/``exp_avg_sq`` of ``param`` and its Adam ``step``;
+        collective when the optimizer is distributed. Empty before the first step."""
         for opt in self._optimizers():
             if self.distributed:
                 if param not in opt.model_param_group_index_map:
@@ -159,22 +157,26 @@ class MegatronBackend(Backend):
                 if "exp_avg" not in local:
                     return {}
                 out = {}
-                for key in ("exp_avg", "exp_avg_sq"):
+                for key in MOMENTS:
                     full = torch.zeros(param.numel(), dtype=torch.float32, device=self.device)
                     full[start:end] = local[key].detach().float().view(-1)
                     torch.distributed.all_reduce(full, group=self.groups.dp_group)
                     out[key] = full.view(param.shape)
+                if "step" in local:
+                    out["step"] = float(local["step"])
                 return out
             inner = opt.optimizer
             for group in inner.param_groups:
                 for main in group["params"]:
                     if main is param:  # fp32 model parameters are their own main parameters
                         state = inner.state.get(main, {})
-                        return {k: state[k].detach().clone() for k in ("exp_avg", "exp_avg_sq")
-                                if k in state}
+                        out = {k: state[k].detach().clone() for k in MOMENTS if k in state}
+                        if out and "step" in state:
+                            out["step"] = float(state["step"])
+                        return out
         return {}
 
-    def _set_full_state(self, param, state: dict, step: int) -> None:
+    def _set_full_state(self, param, state: dict, step: float) -> None:
         """Write full moments (and the step count) for ``param`` into the fresh optimizer."""
         for opt in self._optimizers():
             if self.distributed:
@@ -196,24 +198,34 @@ class MegatronBackend(Backend):
                                                         state.items()}}
                         return
 
-    # ---- resize ----------------------------------------------------------------------------
+    # ---- backend-neutral state and resize (Backend.resize) --------------------------------------
 
-    def resize(self, resizes, policy: str) -> None:
-        """Rebuild DDP and the optimizer around the resized module; carry Adam moments by name."""
-        # The factor objects are already swapped in the module: read the old ones' state
-        # through the events, every other parameter's through its (unchanged) object.
-        old_by_new = {}
-        for event in resizes:
-            for role, old, new in event.pairs():
-                old_by_new[id(new)] = (role, old, event)
-        carried = {}
-        for name, p in self._named_params():
-            role, old, event = old_by_new.get(id(p), (None, p, None))
-            state = self._full_state(old)
-            if state and event is not None:
-                state = {k: map_slot_state(v, role, event, policy=policy, kind=k)
-                         for k, v in state.items()}
-            carried[name] = state
+    def export_state(self, named=None):
+        """Read now (collective), one full copy of the moments: megatron's buffers do not outlive
+        :meth:`_rebuild`."""
+        items = []
+        for name, p in named if named is not None else self._trainable():
+            state = self._full_state(p)
+            step = state.pop("step", float(self._step)) if state else float(self._step)
+            moments = {k: state[k] if k in state else torch.zeros(p.shape, device=p.device)
+                       for k in MOMENTS}
+            # The model is fp32 (bf16/fp16 run under autocast): the parameters are the masters.
+            items.append((name, p.detach(), moments, step))
+        return iter(items)
+
+    @torch.no_grad()
+    def import_state(self, items) -> None:
+        params = dict(self._trainable())
+        for name, master, moments, step in items:
+            p = params.pop(name)
+            p.copy_(master.reshape(p.shape))
+            self._set_full_state(p, {k: v.reshape(p.shape) for k, v in moments.items()}, step)
+        if params:
+            raise RuntimeError(f"import_state: no state given for {sorted(params)[:3]}")
+
+    def _rebuild(self, resizes) -> None:
+        """Rebuild megatron's DDP (its flat buffers hold the parameters) and optimizer around the
+        resized module; the LR schedule and the step count continue."""
         # Drop the old wrapper before the new one hooks the same parameters: its backward hooks
         # (registered on the parameters' grad accumulators) stay alive as long as it does.
         self.ddp.param_to_bucket_group = {}
@@ -222,18 +234,6 @@ class MegatronBackend(Backend):
         self._build()
         self.scheduler.optimizer = self.optimizer
         self.scheduler.step(0)  # the current lr and weight decay into the new groups
-        if self._step:
-            for name, p in self._named_params():
-                if carried.get(name):
-                    self._set_full_state(p, carried[name], self._step)
-            for opt in self._optimizers():  # any parameter with no state: zeros at the same step
-                inner = opt.optimizer
-                for group in inner.param_groups:
-                    for main in group["params"]:
-                        if not inner.state.get(main):
-                            inner.state[main] = {"step": torch.tensor(float(self._step)),
-                                                 "exp_avg": torch.zeros_like(main),
-                                                 "exp_avg_sq": torch.zeros_like(main)}
 
     # ---- checkpoints --------------------------------------------------------------------------
 

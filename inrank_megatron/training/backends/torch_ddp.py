@@ -1,9 +1,9 @@
 """The plain-PyTorch backend: torch DDP over the data-parallel group, torch AdamW, megatron's LR
 scheduler, autocast (bf16/fp16 with a GradScaler) over fp32 master weights.
 
-Resizes (the stage cut, cumulative capacity growth) replace factor parameters: AdamW's state moves
-to the new parameters under the configured policy (:func:`inrank_megatron.core.map_slot_state`),
-the step counts carry on, and DDP is re-wrapped around the same module.
+Resizes (the stage cut, cumulative capacity growth) replace factor parameters: ``Backend.resize``
+moves AdamW's state to the new parameters under the configured policy
+(:func:`inrank_megatron.core.resize_state`), and DDP is re-wrapped around the same module.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from inrank_megatron.core.resize import MOMENTS, map_slot_state
+from inrank_megatron.core.resize import MOMENTS
 from inrank_megatron.growth.controller import named_inrank_layers
 from inrank_megatron.tensor_parallel.layers import allreduce_sequence_parallel_grads
 from inrank_megatron.training.backends.base import Backend
@@ -142,23 +142,16 @@ class TorchBackend(Backend):
 
     # ---- resize ----------------------------------------------------------------------------
 
-    def resize(self, resizes, policy: str) -> None:
-        """Move AdamW state from each resized factor to its replacement, then re-wrap DDP."""
+    def _rebuild(self, resizes) -> None:
+        """Put each resized factor in its replacement's place in AdamW's groups (its state goes:
+        :meth:`import_state` gives the new one), then re-wrap DDP."""
         index = {id(p): (gi, pi) for gi, g in enumerate(self.optimizer.param_groups)
                  for pi, p in enumerate(g["params"])}
         for event in resizes:
-            for role, old, new in event.pairs():
+            for _, old, new in event.pairs():
                 gi, pi = index.pop(id(old))
                 self.optimizer.param_groups[gi]["params"][pi] = new
-                state = self.optimizer.state.pop(old, None)
-                if state:
-                    self.optimizer.state[new] = {
-                        "step": state["step"],
-                        "exp_avg": map_slot_state(state["exp_avg"], role, event, policy=policy,
-                                                  kind="exp_avg"),
-                        "exp_avg_sq": map_slot_state(state["exp_avg_sq"], role, event,
-                                                     policy=policy, kind="exp_avg_sq"),
-                    }
+                self.optimizer.state.pop(old, None)
         self._wrap()
 
     # ---- checkpoints --------------------------------------------------------------------------
@@ -248,13 +241,14 @@ class TorchBackend(Backend):
 
     # ---- backend-neutral state ---------------------------------------------------------------
 
-    def export_state(self):
+    def export_state(self, named=None):
         self._init_state()
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                state = self.optimizer.state[p]
-                yield (name, p.detach().to(torch.float32),
-                       {k: state[k] for k in MOMENTS}, float(state["step"]))
+        items = []
+        for name, p in named if named is not None else self._trainable():
+            state = self.optimizer.state[p]  # references: nothing is copied
+            # The parameters are the masters (fp32 in training; autocast computes in bf16/fp16).
+            items.append((name, p.detach(), {k: state[k] for k in MOMENTS}, float(state["step"])))
+        return iter(items)
 
     @torch.no_grad()
     def import_state(self, items) -> None:
