@@ -29,8 +29,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from inrank_megatron.core.names import MODES, POLICIES, RULES
+from inrank_megatron.models.shape import LAYER_KINDS, linear_shapes
 
-INRANK_LAYER_KINDS = ("fc1", "fc2", "qkv", "proj")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
@@ -131,7 +131,7 @@ class InRankSection:
     spectrum_dtype: str = _field("float32", "Precision of the rank checks' spectra.",
                                  choices=SPECTRUM_DTYPES)
     layers: list[str] = _field(["fc1", "fc2"], "Linear layers made InRank; the others stay dense.",
-                               choices=INRANK_LAYER_KINDS)
+                               choices=LAYER_KINDS)
     resize_policy: str = _field(
         "slice", "Optimizer state at a reallocation: slice (reference), reset or project.",
         choices=POLICIES)
@@ -605,10 +605,9 @@ def grad_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
 
 
 def inrank_layer_shapes(cfg: TrainConfig) -> dict[str, tuple[int, int]]:
-    """Full (unsharded) ``(in, out)`` of each InRank layer kind in ``inrank.layers``."""
-    hidden, ffn = cfg.model.hidden_size, cfg.model.ffn()
-    shapes = {"fc1": (hidden, ffn), "fc2": (ffn, hidden), "qkv": (hidden, 3 * hidden),
-              "proj": (hidden, hidden)}
+    """Full (unsharded) ``(in, out)`` of each InRank layer kind in ``inrank.layers``
+    (:func:`inrank_megatron.models.shape.linear_shapes`)."""
+    shapes = linear_shapes(cfg.model.hidden_size, cfg.model.ffn(), cfg.model.activation)
     return {kind: shapes[kind] for kind in cfg.inrank.layers}
 
 

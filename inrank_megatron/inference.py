@@ -65,8 +65,10 @@ class GPTConfig:
                    add_bias_linear=m.add_bias_linear, inrank=dict(inrank or {}), **changes)
 
 
-class InRankLinear(nn.Module):
-    """``y = (x A^T) B^T (+ x W0^T) + bias`` with ``A`` ``[k, in]``, ``B`` ``[out, k]``."""
+class FactoredLinear(nn.Module):
+    """A trained InRank layer for inference: ``y = (x A^T) B^T (+ x W0^T) + bias`` with ``A``
+    ``[k, in]``, ``B`` ``[out, k]`` fixed (no growth, no buffer; the training layer is
+    :class:`inrank_megatron.layers.InRankLinear`)."""
 
     def __init__(self, in_features: int, out_features: int, slots: int, *, w0: bool, bias: bool):
         super().__init__()
@@ -90,8 +92,16 @@ def _linear(config: GPTConfig, name: str, n_in: int, n_out: int) -> nn.Module:
     spec = config.inrank.get(name)
     if spec is None:
         return nn.Linear(n_in, n_out, bias=config.add_bias_linear)
-    return InRankLinear(n_in, n_out, int(spec["slots"]), w0=bool(spec.get("w0")),
+    return FactoredLinear(n_in, n_out, int(spec["slots"]), w0=bool(spec.get("w0")),
                         bias=config.add_bias_linear)
+
+
+def _shapes(config: GPTConfig) -> dict:
+    """``{kind: (in, out)}`` of a layer's linears (:func:`inrank_megatron.models.shape.linear_shapes`,
+    SwiGLU's doubled fc1 included)."""
+    from inrank_megatron.models.shape import linear_shapes
+
+    return linear_shapes(config.hidden_size, config.ffn_hidden_size, config.activation)
 
 
 def _norm(config: GPTConfig) -> nn.Module:
@@ -111,10 +121,10 @@ class Attention(nn.Module):
 
     def __init__(self, config: GPTConfig, prefix: str):
         super().__init__()
-        h = config.hidden_size
         self.heads = config.num_attention_heads
-        self.linear_qkv = _linear(config, prefix + "linear_qkv", h, 3 * h)
-        self.linear_proj = _linear(config, prefix + "linear_proj", h, h)
+        shapes = _shapes(config)
+        self.linear_qkv = _linear(config, prefix + "linear_qkv", *shapes["qkv"])
+        self.linear_proj = _linear(config, prefix + "linear_proj", *shapes["proj"])
 
     def forward(self, x, rope=None):
         B, T, C = x.shape
@@ -132,11 +142,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig, prefix: str):
         super().__init__()
-        h, ffn = config.hidden_size, config.ffn_hidden_size
-        gated = config.activation == "swiglu"
         self.activation = config.activation
-        self.linear_fc1 = _linear(config, prefix + "linear_fc1", h, 2 * ffn if gated else ffn)
-        self.linear_fc2 = _linear(config, prefix + "linear_fc2", ffn, h)
+        shapes = _shapes(config)
+        self.linear_fc1 = _linear(config, prefix + "linear_fc1", *shapes["fc1"])
+        self.linear_fc2 = _linear(config, prefix + "linear_fc2", *shapes["fc2"])
 
     def forward(self, x):
         x = self.linear_fc1(x)
@@ -304,9 +313,9 @@ def load(path: str, *, tokenizer_model: Optional[str] = None) -> GPT:
     """
     from inrank_megatron.export.checkpoint import load_checkpoint
     from inrank_megatron.export.files import SENTENCEPIECE_FILE, SOURCE_FILE
+    from inrank_megatron.data.tokenizers import GPT2_VOCAB_SIZE
     from inrank_megatron.export.hf_gpt2 import (
-        GPT2_VOCAB_SIZE, HF_CONFIG, from_hf_state_dict, hf_activation_is_exact,
-        model_section_from_hf, read_hf_dir,
+        HF_CONFIG, from_hf_state_dict, hf_activation_is_exact, model_section_from_hf, read_hf_dir,
     )
     from inrank_megatron.export.native import is_inrank_export, read_inrank_export
 

@@ -44,9 +44,8 @@ from inrank_megatron import rules
 from inrank_megatron.config import (
     ConfigError, TrainConfig, data_parallel_size, grad_accumulation_steps, inrank_layer_shapes,
 )
+from inrank_megatron.models.shape import COLUMN_PARALLEL, linear_shapes
 
-# Ids of the GPT-2 byte-level BPE (inrank_megatron.data.tokenizers.GPT2Tokenizer.vocab_size).
-GPT2_VOCAB_SIZE = 50257
 STAGES = ("storage", "active", "fraction")
 DEFAULT_RANK_FRACTION = 0.33
 STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "megatron")
@@ -59,6 +58,8 @@ def tokenizer_vocab_size(cfg: TrainConfig) -> int:
     """Ids of the config's tokenizer: 50257 for GPT-2 BPE; a SentencePiece model's piece count when
     its file exists, else the size ``tools/train_tokenizer.py`` trains by default."""
     if cfg.data.tokenizer == "gpt2":
+        from inrank_megatron.data.tokenizers import GPT2_VOCAB_SIZE
+
         return GPT2_VOCAB_SIZE
     path = cfg.data.tokenizer_model
     if path and os.path.isfile(path):
@@ -111,14 +112,11 @@ class Linear:
 def _linears(cfg: TrainConfig, inrank: bool, slots: Callable[[int, int], int]) -> list[Linear]:
     """The four linears of one transformer layer (megatron's local spec: SelfAttention's
     ``linear_qkv``/``linear_proj``, MLP's ``linear_fc1``/``linear_fc2``)."""
-    h, f = cfg.model.hidden_size, cfg.model.ffn()
-    # No GQA here: num_query_groups = heads, so qkv is hidden -> 3 * hidden (kv_channels * 3 heads).
-    fc1_out = 2 * f if cfg.model.activation == "swiglu" else f  # gated fc1 doubles its width
-    shapes = [("qkv", h, 3 * h, True), ("proj", h, h, False), ("fc1", h, fc1_out, True),
-              ("fc2", f, h, False)]
+    m = cfg.model
     cumulative = cfg.inrank.mode == "cumulative"
     out = []
-    for kind, n_in, n_out, column in shapes:
+    for kind, (n_in, n_out) in linear_shapes(m.hidden_size, m.ffn(), m.activation).items():
+        column = COLUMN_PARALLEL[kind]
         if inrank and kind in cfg.inrank.layers:
             out.append(Linear(kind, n_in, n_out, column, slots(n_in, n_out), cumulative))
         else:

@@ -25,11 +25,11 @@ import numpy
 import pytest
 import torch
 
+from inrank_megatron.core.resize import MOMENTS
 from tests.distributed import REPO, SHORT, read_summary, run_distributed, run_train
 
 VOCAB = 128
 POLICIES = ("slice", "reset", "project")
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 # ------------------------------------------------------------------------------ resize, by stage

@@ -480,7 +480,7 @@ def test_native_export_is_smaller_by_the_parameter_ratio(runs, reference, tmp_pa
             model = inference.load(str(path), tokenizer_model=SP_MODEL)
             torch.testing.assert_close(model(TOKENS), logits, rtol=0, atol=1e-5)
         fc1 = inference.load(str(native)).decoder.layers[0].mlp.linear_fc1
-        assert isinstance(fc1, inference.InRankLinear)  # the factors, not a dense weight
+        assert isinstance(fc1, inference.FactoredLinear)  # the factors, not a dense weight
     cumulative = tmp_path / "native-cumulative"
     proc = _tool("export_inrank.py", runs["cumulative"], cumulative)
     assert proc.returncode == 0, proc.stderr

@@ -22,7 +22,7 @@ _GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be3
 _GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 _GPT2_ENDOFTEXT = "<|endoftext|>"
 _GPT2_EOD = 50256
-_GPT2_VOCAB_SIZE = 50257
+GPT2_VOCAB_SIZE = 50257  # ids of the GPT-2 byte-level BPE
 
 
 class Tokenizer(ABC):
@@ -173,7 +173,7 @@ def _gpt2_encoding():
         pat_str=r50k_pat_str,
         mergeable_ranks=mergeable_ranks,
         special_tokens={_GPT2_ENDOFTEXT: _GPT2_EOD},
-        explicit_n_vocab=_GPT2_VOCAB_SIZE,
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
     )
 
 

@@ -30,8 +30,9 @@ from inrank_megatron.checkpoint_format import Meta, record_files, write_growth, 
 from inrank_megatron.config import (
     ConfigError, TrainConfig, from_dict, parse_override, parse_yaml, to_dict, validate_layout,
 )
+from inrank_megatron.data.tokenizers import GPT2_VOCAB_SIZE
 from inrank_megatron.export.hf_gpt2 import (
-    GPT2_VOCAB_SIZE, from_hf_state_dict, hf_activation_is_exact, model_section_from_hf, read_hf_dir,
+    from_hf_state_dict, hf_activation_is_exact, model_section_from_hf, read_hf_dir,
 )
 from inrank_megatron.export.layout import inrank_layer_names, layer_kind, linear_shape
 

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from inrank_megatron.config import TrainConfig
+from inrank_megatron.data.tokenizers import GPT2_VOCAB_SIZE
 from inrank_megatron.export.checkpoint import CheckpointError, LoadedCheckpoint
 from inrank_megatron.export.files import (
     atomic_output_dir, checkpoint_tokenizer, dir_bytes, write_provenance,
@@ -38,7 +39,6 @@ HF_WEIGHTS = "model.safetensors"
 VOCAB_PADDING_FILE = "inrank_vocab_padding.safetensors"
 WTE = "embedding.word_embeddings.weight"
 LAYERNORM_EPS = 1e-5  # megatron TransformerConfig.layernorm_epsilon, which our config keeps
-GPT2_VOCAB_SIZE = 50257
 # HF activation names -> the one our model trains with; tanh variants are accepted on import with
 # a note (they differ from exact GELU by < 1e-3 per activation).
 _EXACT_GELU = ("gelu",)

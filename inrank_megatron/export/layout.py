@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 
 from inrank_megatron.config import TrainConfig
+from inrank_megatron.models.shape import linear_shapes
 
 # Module path of each InRank-able linear inside a transformer layer (megatron's local spec).
 LINEAR_PATHS = {"qkv": "self_attention.linear_qkv", "proj": "self_attention.linear_proj",
@@ -41,9 +42,7 @@ _PER_LAYER_FACTOR = re.compile(r"^decoder\.layers\.(?P<path>.+)\.layer(?P<layer>
 def linear_shape(cfg: TrainConfig, kind: str) -> tuple[int, int]:
     """Full ``(in, out)`` of a transformer-layer linear (``qkv``, ``proj``, ``fc1``, ``fc2``)."""
     m = cfg.model
-    h, ffn = m.hidden_size, m.ffn()
-    gated = 2 if m.activation == "swiglu" else 1  # megatron's fc1 holds [gate; up] for SwiGLU
-    return {"qkv": (h, 3 * h), "proj": (h, h), "fc1": (h, gated * ffn), "fc2": (ffn, h)}[kind]
+    return linear_shapes(m.hidden_size, m.ffn(), m.activation)[kind]
 
 
 def layer_kind(name: str) -> str:

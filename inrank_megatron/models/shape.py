@@ -1,9 +1,33 @@
-"""The architecture of a GPT as numbers, without megatron (the planner reads it too)."""
+"""The architecture of a GPT as numbers, without megatron: the shapes of its layers, which the
+config's checks, the planner, export and inference read from here.
+
+A transformer layer has four linears (megatron's local spec: SelfAttention's ``linear_qkv`` /
+``linear_proj``, MLP's ``linear_fc1`` / ``linear_fc2``); :data:`LAYER_KINDS` names them as
+``inrank.layers`` does and :func:`linear_shapes` gives their full (unsharded) ``(in, out)``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+
+# The transformer-layer linears, by the name ``inrank.layers`` uses.
+LAYER_KINDS = ("fc1", "fc2", "qkv", "proj")
+# Megatron's tensor-parallel split of each: column-parallel (``out`` split) or row-parallel (``in``).
+COLUMN_PARALLEL = {"qkv": True, "proj": False, "fc1": True, "fc2": False}
+
+
+def linear_shapes(hidden_size: int, ffn_hidden_size: int, activation: str) -> dict:
+    """``{kind: (in, out)}`` of a transformer layer's linears, full (unsharded), in module order
+    (qkv, proj, fc1, fc2).
+
+    No GQA: ``num_query_groups`` = heads, so qkv is ``hidden -> 3 * hidden``. SwiGLU's fc1 holds
+    ``[gate; up]``: ``hidden -> 2 * ffn`` (megatron's ``MLP`` with ``gated_linear_unit``).
+    """
+    h, f = hidden_size, ffn_hidden_size
+    fc1_out = 2 * f if activation == "swiglu" else f
+    return {"qkv": (h, 3 * h), "proj": (h, h), "fc1": (h, fc1_out), "fc2": (f, h)}
 
 
 @dataclass

@@ -10,6 +10,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from inrank_megatron.config import TrainConfig
 
+# Autocast dtype of each reduced training precision (fp32 runs without autocast).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
     """AdamW groups as the reference: matrices (InRank factors, dense weights, embeddings) decayed;

@@ -32,9 +32,8 @@ import torch
 
 from inrank_megatron.core.resize import MOMENTS
 from inrank_megatron.training.backends.base import Backend
-from inrank_megatron.training.optim import build_scheduler
+from inrank_megatron.training.optim import AMP_DTYPES, build_scheduler
 
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Distributed-optimizer checkpoints: one ShardedTensor per buffer, reshardable over DP
 # (DistributedOptimizer.sharded_state_dict).
 _DIST_OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -59,7 +58,7 @@ class MegatronBackend(Backend):
         model.cuda(self.device)  # use_cpu_initialization leaves the weights on the CPU
         t = cfg.train
         self.distributed = use_distributed_optimizer(cfg)
-        self.amp_dtype = _AMP_DTYPES.get(t.precision)
+        self.amp_dtype = AMP_DTYPES.get(t.precision)
         self._build()
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scheduler.step(0)  # set the step-0 learning rate in the groups

@@ -19,10 +19,8 @@ from inrank_megatron.growth.controller import named_inrank_layers
 from inrank_megatron.tensor_parallel.layers import allreduce_sequence_parallel_grads
 from inrank_megatron.training.backends.base import Backend
 from inrank_megatron.training.optim import (
-    SlotAdamW, build_scheduler, clip_gradients, param_groups,
+    AMP_DTYPES, SlotAdamW, build_scheduler, clip_gradients, param_groups,
 )
-
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchBackend(Backend):
@@ -46,7 +44,7 @@ class TorchBackend(Backend):
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scheduler.step(0)  # set the step-0 learning rate in the groups
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        self.amp_dtype = _AMP_DTYPES.get(t.precision)
+        self.amp_dtype = AMP_DTYPES.get(t.precision)
         self.scaler = torch.amp.GradScaler(self.device_type, init_scale=t.initial_loss_scale) \
             if t.precision == "fp16" else None
         self._wrap()
