@@ -28,13 +28,13 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from inrank_megatron.core.names import MODES, POLICIES, RULES
+from inrank_megatron.core.config import InRankConfig
+from inrank_megatron.core.names import POLICIES
 from inrank_megatron.models.shape import LAYER_KINDS, linear_shapes
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
-SPECTRUM_DTYPES = ("float32", "float64")
 BACKENDS = ("torch", "megatron", "deepspeed")
 TOKENIZERS = ("sentencepiece", "gpt2")
 CORPORA = ("wiki", "wiki+books", "none")
@@ -109,27 +109,12 @@ class ModelSection:
 
 
 @dataclass
-class InRankSection:
+class InRankSection(InRankConfig):
     """InRank growth (spec sections 3-5). Counters are optimizer steps; used iff model.inrank."""
 
-    mode: str = _field("efficient", "efficient: W = B A (published results); cumulative: "
-                       "W = W0 + B A with W0 frozen.", choices=MODES)
-    rank: int = _field(2, "Initial rank r0 of every InRank layer.", ge=0)
-    buffer: int = _field(100, "Buffer b: extra active slots while the rank grows.", ge=0)
-    max_rank: Optional[int] = _field(None, "Rank cap; null means min(in, out) // 2 per layer.",
-                                     ge=1)
-    threshold: float = _field(0.9, "Explained-ratio threshold alpha of the rank rule.",
-                              gt=0.0, lt=1.0)
-    warmup: int = _field(25, "Optimizer steps before the first rank check.", ge=0)
-    gap: int = _field(3, "Optimizer steps between rank checks.", ge=1)
-    stage1_steps: Optional[int] = _field(
-        130, "Efficient mode: steps of rank growth before the cut to fixed rank; null never cuts "
-        "(cumulative mode requires null).", ge=1)
-    rule: str = _field("variance", "Explained ratio: variance (the spec) or energy (opt-in).",
-                       choices=RULES)
-    init_scale: float = _field(1.0, "Multiplier on the kaiming-uniform factor init.", gt=0.0)
-    spectrum_dtype: str = _field("float32", "Precision of the rank checks' spectra.",
-                                 choices=SPECTRUM_DTYPES)
+    # The settings are the core's InRankConfig fields (declared there once, with their help);
+    # this section adds what only training reads.
+
     layers: list[str] = _field(["fc1", "fc2"], "Linear layers made InRank; the others stay dense.",
                                choices=LAYER_KINDS)
     resize_policy: str = _field(
@@ -142,21 +127,15 @@ class InRankSection:
         "min(in, out), rounded, at least 1 (0.33), text a run directory whose final per-layer "
         "ranks to take (runs/x); null: InRank growth.", gt=0)
 
-    def to_core(self):
-        """These settings as the core's :class:`inrank_megatron.core.InRankConfig`."""
-        import torch
+    def __post_init__(self):
+        # Fields are checked one by one when loaded (ConfigError naming the key); keys together
+        # by inrank_megatron.rules. The core's own checks run in to_core().
+        pass
 
-        from inrank_megatron.core.config import InRankConfig
-
-        return InRankConfig(
-            mode=self.mode, rank=self.rank, buffer=self.buffer, max_rank=self.max_rank,
-            threshold=self.threshold, warmup=self.warmup, gap=self.gap,
-            stage1_steps=self.stage1_steps, rule=self.rule, init_scale=self.init_scale,
-            spectrum_dtype=getattr(torch, self.spectrum_dtype))
-
-    def layer_max_rank(self, in_features: int, out_features: int) -> int:
-        """The rank cap of a layer of this full (unsharded) shape."""
-        return self.max_rank if self.max_rank is not None else min(in_features, out_features) // 2
+    def to_core(self) -> InRankConfig:
+        """These settings as the core's :class:`InRankConfig` (checked by it)."""
+        return InRankConfig(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(InRankConfig)})
 
 
 @dataclass

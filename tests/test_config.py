@@ -98,9 +98,17 @@ def test_every_field_is_documented():
 def test_inrank_section_converts_to_core():
     import torch
 
+    from inrank_megatron.core.config import InRankConfig
+
     core = tiny("inrank.spectrum_dtype=float64").inrank.to_core()
-    assert (core.rank, core.buffer, core.stage1_steps, core.spectrum_dtype) == (2, 16, 60,
-                                                                                torch.float64)
+    assert type(core) is InRankConfig
+    assert (core.rank, core.buffer, core.stage1_steps, core.spectrum_torch_dtype) == (
+        2, 16, 60, torch.float64)
+    # The section is the core's settings plus two keys, declared once.
+    core_keys = [f.name for f in dataclasses.fields(InRankConfig)]
+    assert [f.name for f in dataclasses.fields(C.InRankSection)] == [
+        *core_keys, "layers", "resize_policy"]
+    assert InRankConfig(spectrum_dtype=torch.float64).spectrum_dtype == "float64"
 
 
 # ---------------------------------------------------------------------------------- bad inputs

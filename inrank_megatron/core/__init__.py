@@ -6,7 +6,7 @@ torch, for config checks that should not pay for importing it).
 
 import importlib
 
-from inrank_megatron.core.names import MODES, POLICIES, RULES, STAGES
+from inrank_megatron.core.names import MODES, POLICIES, RATIO_RULES, STAGES
 
 _EXPORTS = {
     "InRankConfig": "config", "GrowthState": "growth", "init_factors": "init",
@@ -16,7 +16,7 @@ _EXPORTS = {
     "truncate": "truncation", "truncation_maps": "truncation",
 }
 
-__all__ = sorted(["MODES", "POLICIES", "RULES", "STAGES", *_EXPORTS])
+__all__ = sorted(["MODES", "POLICIES", "RATIO_RULES", "STAGES", *_EXPORTS])
 
 
 def __getattr__(name):

@@ -1,17 +1,25 @@
-"""InRank settings (spec section 5 defaults) shared by every InRank layer of a model."""
+"""InRank settings (spec section 5 defaults) shared by every InRank layer of a model.
+
+:class:`InRankConfig` is the one declaration of these settings: the YAML section ``inrank``
+(:class:`inrank_megatron.config.InRankSection`) extends it with what only training reads, and
+``configs/README.md`` shows each field's ``metadata`` (``help``; allowed values in ``choices``;
+numeric bounds in ``ge``/``gt``/``lt``, as in :mod:`inrank_megatron.config`). No torch at import,
+so configs can be checked without it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
+from inrank_megatron.core.names import MODES, RATIO_RULES
 
-from inrank_megatron.core.names import MODES, RULES
-from inrank_megatron.core.rank_rule import check_rank_settings
-from inrank_megatron.core.validation import check_int
+SPECTRUM_DTYPES = ("float32", "float64")
 
+
+def _setting(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
@@ -31,26 +39,36 @@ class InRankConfig:
             ``None`` never cuts. Cumulative mode grows for the whole run and must leave it ``None``.
         rule: ``"variance"`` (the spec) or ``"energy"`` (opt-in).
         init_scale: multiplier on the kaiming-uniform init of the factors (and on W0's gain).
-        spectrum_dtype: ``torch.float32`` (reference) or ``torch.float64``.
+        spectrum_dtype: ``"float32"`` (reference) or ``"float64"`` (a ``torch.dtype`` is accepted
+            and stored by name); :attr:`spectrum_torch_dtype` is the dtype.
     """
 
-    mode: str = "efficient"
-    rank: int = 2
-    buffer: int = 100
-    max_rank: Optional[int] = None
-    threshold: float = 0.9
-    warmup: int = 25
-    gap: int = 3
-    stage1_steps: Optional[int] = 130
-    rule: str = "variance"
-    init_scale: float = 1.0
-    spectrum_dtype: torch.dtype = torch.float32
+    mode: str = _setting("efficient", "efficient: W = B A (published results); cumulative: "
+                         "W = W0 + B A with W0 frozen.", choices=MODES)
+    rank: int = _setting(2, "Initial rank r0 of every InRank layer.", ge=0)
+    buffer: int = _setting(100, "Buffer b: extra active slots while the rank grows.", ge=0)
+    max_rank: Optional[int] = _setting(None, "Rank cap; null means min(in, out) // 2 per layer.",
+                                       ge=1)
+    threshold: float = _setting(0.9, "Explained-ratio threshold alpha of the rank rule.",
+                                gt=0.0, lt=1.0)
+    warmup: int = _setting(25, "Optimizer steps before the first rank check.", ge=0)
+    gap: int = _setting(3, "Optimizer steps between rank checks.", ge=1)
+    stage1_steps: Optional[int] = _setting(
+        130, "Efficient mode: steps of rank growth before the cut to fixed rank; null never cuts "
+        "(cumulative mode requires null).", ge=1)
+    rule: str = _setting("variance", "Explained ratio: variance (the spec) or energy (opt-in).",
+                         choices=RATIO_RULES)
+    init_scale: float = _setting(1.0, "Multiplier on the kaiming-uniform factor init.", gt=0.0)
+    spectrum_dtype: str = _setting("float32", "Precision of the rank checks' spectra.",
+                                   choices=SPECTRUM_DTYPES)
 
     def __post_init__(self):
+        from inrank_megatron.core.validation import check_int
+
         if self.mode not in MODES:
             raise ValueError(f"inrank mode must be one of {MODES}, got {self.mode!r}")
-        if self.rule not in RULES:
-            raise ValueError(f"inrank rule must be one of {RULES}, got {self.rule!r}")
+        if self.rule not in RATIO_RULES:
+            raise ValueError(f"inrank rule must be one of {RATIO_RULES}, got {self.rule!r}")
         check_int(self.warmup, "warmup", low=0)
         check_int(self.gap, "gap", low=1)
         if self.stage1_steps is not None:
@@ -58,14 +76,22 @@ class InRankConfig:
             if self.mode == "cumulative":
                 raise ValueError("stage1_steps must be None in cumulative mode (it grows for the "
                                  f"whole run; the cut is an efficient-mode stage), got {self.stage1_steps}")
-        if self.spectrum_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"spectrum_dtype must be torch.float32 or torch.float64, "
-                             f"got {self.spectrum_dtype}")
+        name = str(self.spectrum_dtype).removeprefix("torch.")
+        if name not in SPECTRUM_DTYPES:
+            raise ValueError(f"spectrum_dtype must be float32 or float64, got {self.spectrum_dtype}")
+        self.spectrum_dtype = name
         if not float(self.init_scale) > 0:
             raise ValueError(f"init_scale must be > 0, got {self.init_scale!r}")
 
+    @property
+    def spectrum_torch_dtype(self):
+        """``torch.float32`` or ``torch.float64``."""
+        import torch
+
+        return getattr(torch, self.spectrum_dtype)
+
     def layer_max_rank(self, in_features: int, out_features: int) -> int:
-        """The rank cap of a layer of this shape."""
+        """The rank cap of a layer of this full (unsharded) shape."""
         return self.max_rank if self.max_rank is not None else min(in_features, out_features) // 2
 
     def check_layer(self, in_features: int, out_features: int, *, layer: str | None = None) -> int:
@@ -73,6 +99,8 @@ class InRankConfig:
 
         The active slots ``rank + buffer`` must fit under ``max_rank <= min(in, out)``.
         """
+        from inrank_megatron.core.rank_rule import check_rank_settings
+
         n = min(in_features, out_features)
         max_rank = self.layer_max_rank(in_features, out_features)
         where = f"layer {layer}: " if layer else ""

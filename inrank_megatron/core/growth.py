@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from inrank_megatron.core.names import RULES, STAGES
+from inrank_megatron.core.names import RATIO_RULES, STAGES
 from inrank_megatron.core.rank_rule import check_rank_settings, select_rank
 from inrank_megatron.core.validation import check_int
 
@@ -55,8 +55,8 @@ class GrowthState:
         check_int(self.step, "step", low=-1, layer=layer)
         if self.stage not in STAGES:
             raise ValueError(f"layer {self.layer}: stage must be one of {STAGES}, got {self.stage!r}")
-        if self.rule not in RULES:
-            raise ValueError(f"layer {self.layer}: rule must be one of {RULES}, got {self.rule!r}")
+        if self.rule not in RATIO_RULES:
+            raise ValueError(f"layer {self.layer}: rule must be one of {RATIO_RULES}, got {self.rule!r}")
 
     @property
     def active_slots(self) -> int:

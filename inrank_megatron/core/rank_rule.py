@@ -9,7 +9,7 @@ import torch
 
 from inrank_megatron.core.validation import _where, check_finite, check_int, check_threshold
 
-from inrank_megatron.core.names import RULES
+from inrank_megatron.core.names import RATIO_RULES
 
 
 def _as_spectrum(s: torch.Tensor, name: str = "s") -> torch.Tensor:
@@ -41,8 +41,8 @@ def explained_ratios(s: torch.Tensor, rule: str = "variance") -> torch.Tensor:
     Returns:
         float64 tensor of length ``n + 1``; entry ``k`` is ``g(s, k)``.
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule not in RATIO_RULES:
+        raise ValueError(f"rule must be one of {RATIO_RULES}, got {rule!r}")
     s = _as_spectrum(s)
     n = s.numel()
     zero = s.new_zeros(1)

@@ -96,7 +96,7 @@ class InRankFactorsMixin:
 
     def factor_r(self, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``R`` factors (``[k, k]``) of the full active ``A^T`` and ``B``."""
-        dtype = dtype or self.inrank_config.spectrum_dtype
+        dtype = dtype or self.inrank_config.spectrum_torch_dtype
         A, B = self.active_factors()
         R_A = self._reduce_r(r_factor(A.T, dtype=dtype), "A")
         R_B = self._reduce_r(r_factor(B, dtype=dtype), "B")
