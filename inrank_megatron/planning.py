@@ -46,7 +46,8 @@ from inrank_megatron.config import (
 )
 from inrank_megatron.models.shape import COLUMN_PARALLEL, linear_shapes
 
-STAGES = ("storage", "active", "fraction")
+# Which InRank slots a count uses (the `stage` argument; not the growth stages of core.STAGES).
+SLOT_COUNTS = ("storage", "active", "fraction")
 DEFAULT_RANK_FRACTION = 0.33
 STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "megatron")
 STRATEGY_NAMES = {"zero0": "ZeRO-0 (DDP)", "zero1": "ZeRO-1", "zero2": "ZeRO-2",
@@ -163,7 +164,7 @@ def _slot_rule(cfg: TrainConfig, stage: str, rank_fraction: float) -> Callable[[
         if ir.mode == "efficient":
             return lambda i, o: fraction_rank(cfg, i, o, rank_fraction)
         return lambda i, o: fraction_rank(cfg, i, o, rank_fraction) + ir.buffer
-    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    raise ValueError(f"stage must be one of {SLOT_COUNTS}, got {stage!r}")
 
 
 def _check_inrank(cfg: TrainConfig) -> None:
@@ -267,8 +268,8 @@ def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional
     inrank = m.inrank if inrank is None else inrank
     if inrank:
         _check_inrank(cfg)
-    elif stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    elif stage not in SLOT_COUNTS:
+        raise ValueError(f"stage must be one of {SLOT_COUNTS}, got {stage!r}")
     slots = _slot_rule(cfg, stage, rank_fraction)
     h, vocab = m.hidden_size, padded_vocab(cfg, vocab_size=vocab_size)
     norm = 2 * h if m.normalization == "LayerNorm" else h  # torch LayerNorm: weight + bias
@@ -982,7 +983,7 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
     params = {"dense": count_parameters(cfg, inrank=False, **kw)}
     flops = {"dense": flops_per_token(cfg, inrank=False, **kw)}
     if inrank_error is None:
-        for stage in STAGES:
+        for stage in SLOT_COUNTS:
             params[stage] = count_parameters(cfg, inrank=True, stage=stage, **kw)
         for stage in ("active", "fraction"):
             flops[stage] = flops_per_token(cfg, inrank=True, stage=stage, **kw)
