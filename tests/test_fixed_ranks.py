@@ -21,7 +21,7 @@ import torch
 from inrank_megatron.checkpoint_format import Meta, write_growth, write_latest, write_meta
 from inrank_megatron.config import ConfigError, load_config, save_config, to_dict, validate_layout
 from inrank_megatron.training.fixed_ranks import fraction_rank, resolve_fixed_ranks
-from tests.distributed import run_distributed
+from tests.distributed import SHORT, run_distributed, run_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny-cpu.yaml")
@@ -205,15 +205,14 @@ def test_fixed_layers_are_the_same_full_layer_at_tp1_and_tp2():
 
 # ------------------------------------------------------------------------ end to end, TP = 2
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """An InRank run grown and cut at step 8 of 16, then a run fixed at its learned ranks (with a
-    checkpoint at step 8), and that run resumed from step 8 in another directory."""
-    from tests.test_train_runs import SHORT, run_train
-
+def runs(tmp_path_factory, tp2_run):
+    """An InRank run grown and cut at step 8 of 16 (the session's ``tp2_run``), then a run fixed
+    at its learned ranks (with a checkpoint at step 8), and that run resumed from step 8 in
+    another directory."""
     quick = [*SHORT, "output.tensorboard=false", "train.save_interval=8"]
     root = tmp_path_factory.mktemp("fixed")
-    learned, fixed, resumed = (str(root / n) for n in ("learned", "fixed", "resumed"))
-    run_train([*quick, f"output.dir={learned}", "train.save_interval=16"])
+    learned = tp2_run
+    fixed, resumed = (str(root / n) for n in ("fixed", "resumed"))
     run_train([*quick, f"output.dir={fixed}", f"inrank.fixed_ranks={learned}"])
     run_train([*quick, f"output.dir={resumed}", f"inrank.fixed_ranks={learned}",
                f"output.resume={os.path.join(fixed, 'checkpoints', 'step_000008')}"])
@@ -293,7 +292,6 @@ def test_resharded_to_tp1_continues(runs, tmp_path):
     """``reshard`` to TP=1 x DP=2 (no run-directory read: the checkpoint holds the ranks), then
     training on follows the TP=2 run."""
     from inrank_megatron.convert.layout import reshard
-    from tests.test_train_runs import SHORT, run_train
 
     out = str(tmp_path / "tp1")
     step = os.path.join(out, "checkpoints", "step_000008")
