@@ -29,8 +29,9 @@ import pytest
 from inrank_megatron import config as C
 from inrank_megatron.config import (
     ConfigError, TrainConfig, data_parallel_size, diff_incompatible, from_dict,
-    grad_accumulation_steps, load_config, render_reference, save_config, to_dict, validate_layout,
+    grad_accumulation_steps, load_config, save_config, to_dict, validate_layout,
 )
+from inrank_megatron.config_reference import render_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny-cpu.yaml")

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Generate configs/README.md, the reference of every training-configuration key, from the
-dataclasses in inrank_megatron/config.py (type, default and meaning of each key, per section).
+dataclasses in inrank_megatron/config.py (type, default and meaning of each key, per section)
+and the rules of inrank_megatron/rules.py (inrank_megatron/config_reference.py renders it).
 
     python tools/config_doc.py > configs/README.md     # regenerate after changing config.py
     python tools/config_doc.py --check                  # exit 1 if configs/README.md is stale
@@ -13,7 +14,7 @@ import difflib
 import os
 import sys
 
-from inrank_megatron.config import render_reference
+from inrank_megatron.config_reference import render_reference
 
 DEFAULT_README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "README.md")
