@@ -4,7 +4,7 @@ InRank, and whether its parallel layout fits ``nodes x gpus_per_node`` GPUs.
     cfg = load_config("configs/gpt2-medium.yaml")
     count_parameters(cfg, inrank=False).total              # == sum(p.numel()) of the built GPT
     count_parameters(cfg, stage="fraction").per_gpu        # after the cut at 33% of d_model
-    print(format_plan(plan(cfg, nodes=2, gpus_per_node=8)))
+    plan(cfg, nodes=2, gpus_per_node=8).checks             # what tools/plan.py prints, as data
 
 Parameter counts follow megatron.core's ``GPTModel`` as
 :func:`inrank_megatron.models.gpt.build_gpt` builds it (local layer spec), layer by layer;
@@ -42,7 +42,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from inrank_megatron import rules
 from inrank_megatron.config import (
-    ConfigError, TrainConfig, data_parallel_size, grad_accumulation_steps, inrank_layer_shapes,
+    ConfigError, TrainConfig, data_parallel_size, grad_accumulation_steps,
 )
 from inrank_megatron.models.shape import COLUMN_PARALLEL, linear_shapes
 
@@ -911,7 +911,7 @@ def layout_checks(cfg: TrainConfig, world_size: int) -> list[Check]:
 # ------------------------------------------------------------------------------------------ plan
 @dataclass
 class Plan:
-    """Everything :func:`format_plan` prints for a config on ``nodes x gpus_per_node`` GPUs.
+    """Everything ``tools/plan.py`` (``format_plan``) prints for a config on ``nodes x gpus_per_node`` GPUs.
 
     Attributes:
         params: ``dense``, ``storage``, ``active``, ``fraction`` (the last three InRank).
@@ -1018,215 +1018,3 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
                 flops=flops, checks=checks, strategy=selected_strategy(cfg), dp=dp,
                 grad_accumulation=accumulation, config_path=config_path,
                 inrank_error=inrank_error, activations=activations, fit=fit_result)
-
-
-# ------------------------------------------------------------------------------------ formatting
-def _count(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f}"
-
-
-def _flops(n: float) -> str:
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} FLOP"
-
-
-def _table(header: list, rows: list, left: int = 1, indent: str = "  ") -> list[str]:
-    """Plain aligned text: the first ``left`` columns (text) left-aligned, the rest (numbers)
-    right-aligned."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-
-    def line(r):
-        cells = [str(c).ljust(widths[i]) if i < left else str(c).rjust(widths[i])
-                 for i, c in enumerate(r)]
-        return (indent + "  ".join(cells)).rstrip()
-
-    return [line(header), indent + "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-
-
-def _slots_text(pc: ParamCount) -> str:
-    values = sorted(set(pc.slots.values()))
-    return "/".join(str(v) for v in values) if values else "-"
-
-
-def _variant_name(attention: str, recompute: str) -> str:
-    return attention if recompute == "none" else f"{attention}+{recompute}"
-
-
-def _overrides_text(change: dict) -> str:
-    from inrank_megatron.config import format_value
-
-    return " ".join(f"{k}={format_value(v)}" for k, v in change.items())
-
-
-def _format_activations(p: Plan) -> list[str]:
-    """The activation table and the fit on ``--gpu-memory-gib`` GPUs."""
-    if not p.activations:
-        return ["Activations per GPU: not computed (the batch does not fit this layout)", ""]
-    cfg = p.cfg
-    m, par, t = cfg.model, cfg.parallel, cfg.train
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    any_estimate = next(iter(p.activations["dense"].values()))
-    autocast = " autocast" if t.precision != "fp32" and par.backend != "deepspeed" else ""
-    out = [f"Activations per GPU, GiB: micro batch {t.micro_batch_size} x seq {m.seq_length}, "
-           f"TP {tp}, SP {'on' if par.sequence_parallel and tp > 1 else 'off'}, PP {pp}, "
-           f"{t.precision}{autocast}",
-           f"  (kept for backward, {any_estimate.in_flight} micro-batch(es) in flight on the "
-           "fullest stage, + the largest backward buffer;",
-           "  Korthikanti et al. 2022 adapted to this code: planning.activation_memory)"]
-    labels = {"dense": "dense", "active": "InRank stage 1 (rank + buffer)",
-              "fraction": f"InRank after cut (rank {p.rank_fraction:g} x d)"}
-    mine = (m.attention, m.recompute)
-    header = ["model"] + [_variant_name(a, r) + (" *" if (a, r) == mine else "")
-                          for a, r in ACTIVATION_VARIANTS]
-    rows = [[labels[key]] + [_gib(by[v].total) for v in ACTIVATION_VARIANTS]
-            for key, by in p.activations.items()]
-    out += _table(header, rows)
-    out.append(f"  * the config's model.attention / model.recompute"
-               + (f" (recompute_num_layers {m.recompute_num_layers})"
-                  if m.recompute_num_layers is not None else ""))
-    out.append("")
-    f = p.fit
-    if f is None:
-        return out + ["Fit: not computed (a layout check fails)", ""]
-    gib = f.gpu_bytes / 2**30
-    out.append(f"Fit on {gib:g} GiB GPUs ({STRATEGY_NAMES[p.strategy]}, "
-               f"attention {m.attention}, recompute {m.recompute}): "
-               f"{'fits' if f.fits else 'does NOT fit'}")
-    out += _table(["phase", "state", "activations", "total", "free"],
-                  [[ph.label, _gib(ph.state), _gib(ph.activations), _gib(ph.total),
-                    _gib(f.gpu_bytes - ph.total)] for ph in f.phases])
-    if not f.fits:
-        if f.suggestions:
-            out.append("  Fits with any one of (cheapest first):")
-            for change, total in f.suggestions:
-                out.append(f"    {_overrides_text(change)}  -> {_gib(total)} GiB")
-        else:
-            out.append("  Nothing tried fits (SDPA, recompute, smaller micro batch, 2x TP): "
-                       "use more GPUs per replica (TP/PP) or ZeRO-3.")
-    out.append("")
-    return out
-
-
-def format_plan(p: Plan) -> str:
-    """The plan as plain aligned text tables."""
-    cfg = p.cfg
-    m, ir, par, t = cfg.model, cfg.inrank, cfg.parallel, cfg.train
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    out = []
-    where = p.config_path or "config"
-    out.append(f"Plan for {where} on {p.nodes} node(s) x {p.gpus_per_node} GPUs = "
-               f"{p.world_size} GPUs")
-    out.append("")
-    dense = p.params["dense"]
-    pos = "learned positions" if m.position_embedding_type == "learned_absolute" else "rope"
-    tied = "untied" if m.untie_embeddings_and_output_weights else "tied"
-    out.append(f"  model     {m.num_layers} layers x hidden {m.hidden_size}, "
-               f"{m.num_attention_heads} heads, ffn {m.ffn()}, seq {m.seq_length}, "
-               f"{m.normalization}, {m.activation}, {pos}, {tied} embeddings"
-               f"{'' if m.inrank else ' (config is the dense twin: model.inrank=false)'}")
-    out.append(f"  vocab     {cfg.data.tokenizer} {p.vocab_size} ids, padded to {dense.vocab_size} "
-               f"(multiple of {m.make_vocab_size_divisible_by}), {dense.vocab_size / tp:g} per TP "
-               "rank")
-    shapes = inrank_layer_shapes(cfg)
-    layer_text = ", ".join(f"{k} {i}->{o} max_rank {ir.layer_max_rank(i, o)}"
-                           for k, (i, o) in shapes.items())
-    out.append(f"  InRank    {ir.mode}: {layer_text}; rank {ir.rank} + buffer {ir.buffer}")
-    until = (f"cut after step {ir.stage1_steps}" if ir.stage1_steps is not None
-             else f"no cut (to step {t.steps})")
-    reach = "/".join(str(v) for v in sorted({reachable_rank(cfg, i, o)
-                                               for i, o in shapes.values()}))
-    out.append(f"            threshold {ir.threshold}, checks every {ir.gap} steps from step "
-               f"{ir.warmup}, {until}: {rank_checks(cfg)} checks, rank <= {reach} reachable")
-    dp_text = str(p.dp) if p.dp is not None else "?"
-    out.append(f"  layout    TP {tp} x PP {pp} x DP {dp_text}, sequence parallel "
-               f"{'on' if par.sequence_parallel else 'off'}, backend {par.backend} "
-               f"= {STRATEGY_NAMES[p.strategy]}, precision {t.precision}")
-    if p.grad_accumulation is not None:
-        out.append(f"  batch     micro {t.micro_batch_size} x DP {p.dp} x {p.grad_accumulation} "
-                   f"accumulation steps = global {t.global_batch_size} sequences = "
-                   f"{t.global_batch_size * m.seq_length:,} tokens per step")
-    else:
-        out.append(f"  batch     micro {t.micro_batch_size}, global {t.global_batch_size}: "
-                   "does not fit this layout (see checks)")
-    out.append(f"  heads     {m.num_attention_heads / tp:g} per TP rank; layers "
-               f"{m.num_layers / pp:g} per pipeline stage")
-    out.append("")
-
-    out.append(f"Layout checks (world_size = {p.world_size}): "
-               f"{'all pass' if p.ok else 'FAILED'}")
-    out += _table(["check", "result", "detail"],
-                  [[c.name, "pass" if c.ok else "FAIL", c.detail] for c in p.checks], left=3)
-    out.append("")
-
-    labels = {
-        "dense": "dense",
-        "storage": f"InRank allocated ({ir.mode} storage)",
-        "active": "InRank stage 1 active (rank + buffer)",
-        "fraction": (f"InRank after cut (rank {p.rank_fraction:g} x d)" if ir.mode == "efficient"
-                     else f"InRank at rank {p.rank_fraction:g} x d + buffer"),
-    }
-    out.append(f"Parameters (per GPU = one TP shard of the fullest of {pp} pipeline stage(s))")
-    rows = []
-    for key, pc in p.params.items():
-        rows.append([labels[key], _slots_text(pc), _count(pc.total), _count(pc.per_gpu),
-                     f"{dense.total / pc.total:.2f}x"])
-    out += _table(["model", "slots/layer", "total", "per GPU", "dense / this"], rows)
-    storage = p.params.get("storage")
-    if storage is not None and storage.buffers:
-        out.append(f"  + frozen w0 buffers (cumulative mode, not trainable): "
-                   f"{_count(storage.buffers)} total, {_count(storage.buffers_per_gpu)} per GPU")
-    if p.inrank_error:
-        out.append(f"  InRank not computed: {p.inrank_error}")
-    out.append("")
-
-    if p.memory:
-        per_param = ", ".join(
-            f"{STRATEGY_NAMES[k]} {'+'.join(str(b) for b in bytes_per_parameter(t.precision, k))}"
-            for k in ("zero0", "zero1", "megatron"))
-        out.append(f"Memory per GPU, GiB: weights + gradients + optimizer state, sharded over "
-                   f"DP {p.dp} (activations below)")
-        out.append(f"  ({t.precision}, bytes per parameter before sharding: {per_param}; "
-                   "ZeRO-2/3 as ZeRO-1)")
-        out.append("  (InRank as allocated is what stage 1 holds)")
-        rows = []
-        for key in [k for k in ("dense", "storage", "fraction") if k in p.memory]:
-            for s in STRATEGIES:
-                e = p.memory[key][s]
-                mark = " *" if s == p.strategy else ""
-                rows.append([labels[key] if s == STRATEGIES[0] else "", e.name + mark,
-                             _gib(e.weights), _gib(e.gradients), _gib(e.optimizer),
-                             _gib(e.total)])
-        out += _table(["model", "strategy", "weights", "grads", "optimizer", "total"], rows, left=2)
-        out.append(f"  * the config's backend ({par.backend}). ZeRO-0 is the torch backend (DDP, "
-                   "autocast over fp32")
-        out.append("    weights); Megatron dist-opt shards the optimizer state, fp32 master "
-                   "weights included, over DP.")
-    else:
-        out.append("Memory per GPU: not computed (TP x PP does not divide the world size)")
-    out.append("")
-    out += _format_activations(p)
-
-    tokens = t.global_batch_size * m.seq_length
-    out.append("Training FLOPs per token: forward + backward = 3 x 2 x multiply-adds of the "
-               "matmuls")
-    out.append("  (norms, softmax, GELU and the rank checks' QR/SVD not counted)")
-    flops_labels = {"dense": "dense", "active": "InRank stage 1 (rank + buffer slots)",
-                    "fraction": labels["fraction"]}
-    rows = []
-    fd = p.flops["dense"]
-    for key, fc in p.flops.items():
-        rows.append([flops_labels[key], _flops(fc.linear), _flops(fc.attention),
-                     _flops(fc.logits), _flops(fc.total), f"{fd.total / fc.total:.2f}x",
-                     _flops(fc.total * tokens)])
-    out += _table(["model", "linears", "attention", "logits", "total", "dense / this",
-                   f"per step ({tokens:,} tokens)"], rows)
-    return "\n".join(out) + "\n"

@@ -30,9 +30,10 @@ import pytest
 from inrank_megatron.config import load_config, validate_layout
 from inrank_megatron.planning import (
     ACTIVATION_VARIANTS, STRATEGIES, activation_memory, count_parameters, fit, flops_per_token,
-    format_plan, memory_per_gpu, plan, rank_checks, tokenizer_vocab_size,
+    memory_per_gpu, plan, rank_checks, tokenizer_vocab_size,
 )
 from tests.distributed import run_distributed
+from tools.plan import format_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.relpath(p, REPO)

@@ -558,7 +558,7 @@ def _duration(s: float) -> str:
 def format_report(res: dict) -> str:
     """The result as plain aligned tables: one report per attention, then, with several, their
     step times and peak memory side by side."""
-    from inrank_megatron.planning import _table
+    from inrank_megatron.text_table import aligned_table
 
     by = res.get("by_attention")
     if not by:
@@ -574,7 +574,7 @@ def format_report(res: dict) -> str:
                     [_f(steps[0] / x, ".3f") + "x" for x in steps[1:]] +
                     [_mb(by[att]["arms"][arm]["peak_bytes"]) for att in by])
     out.append("model.attention compared (medians; speed of each over the first):\n" +
-               "\n".join(_table(header, rows)) + "\n")
+               "\n".join(aligned_table(header, rows)) + "\n")
     return "\n".join(out)
 
 
@@ -608,7 +608,7 @@ def _format_one(res: dict) -> str:
         if mfu:
             row[7:7] = [_f(a.get("mfu"), ".1%")]
         rows.append(row)
-    out += _table(header, rows, left=2)
+    out += aligned_table(header, rows, left=2)
     kind = next(iter(res["arms"].values()))["peak_kind"]
     out.append(f"  achieved/ideal = speedup / FLOP-ideal (planning.flops_per_token at the built "
                f"slots); peak MB = {kind} of the arm's process (this rank)")
