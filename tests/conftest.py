@@ -6,6 +6,8 @@ session here (each is about a minute on 2 cores). Tests must treat their directo
 copy a checkpoint out before resuming from it into another directory.
 """
 
+import os
+
 import pytest
 
 from tests.distributed import SHORT, run_train
@@ -13,6 +15,19 @@ from tests.distributed import SHORT, run_train
 
 def pytest_configure(config):
     config.pluginmanager.import_plugin("tests.slow_check")
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Every test starts from the session's environment: an in-process ``train.main`` (its
+    ``init_distributed_env``) writes RANK / WORLD_SIZE / MASTER_* into ``os.environ``, and a later
+    subprocess inheriting them believes it was launched (``convert_checkpoint.py`` then runs one
+    process instead of spawning its job)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # ----------------------------------------------------------------------------- reference runs
