@@ -86,6 +86,6 @@ def test_pp2_with_full_recompute_is_the_same_run(pp_run, tmp_path):
     micro-batches in flight on stage 1): same losses, ranks and cut as without recompute."""
     out = str(tmp_path / "recompute")
     run_train([*PP2, f"output.dir={out}", "model.recompute=full", "train.save_interval=16"])
-    s, r = _summary(pp_run), _summary(out)
+    s, r = read_summary(pp_run), read_summary(out)
     assert r["ranks"] == s["ranks"] and r["stage"] == "fixed"
     assert r["train_losses"] == s["train_losses"] and r["valid_loss"] == s["valid_loss"]

@@ -472,7 +472,8 @@ def test_kill_9_of_the_launcher_leaves_no_rank_alive(tmp_path):
     import signal
     import time
 
-    from tests.test_train_runs import SHORT, _descendants
+    from tests.distributed import SHORT
+    from tests.test_train_runs import _descendants
 
     run = tmp_path / "run"
     launcher = subprocess.Popen(

@@ -579,7 +579,7 @@ def format_report(res: dict) -> str:
 
 
 def _format_one(res: dict) -> str:
-    from inrank_megatron.planning import _table
+    from inrank_megatron.text_table import aligned_table
 
     attention = f", attention {res['attention']}" if "attention" in res else ""
     out = [f"bench_step: {res['config']}, seq {res['seq']}, micro {res['micro']}, TP {res['tp']}, "
