@@ -15,7 +15,7 @@ A rank that raises fails the test with that rank's traceback; the other ranks ar
 than left waiting in a collective, and a run over `timeout` seconds is killed as a whole.
 
 Every end-to-end test runs the trainer as a user does, through `run_train` (``torchrun -m
-inrank_megatron.train --config configs/tiny-cpu.yaml`` plus overrides, usually `SHORT`), and
+inrank_megatron.train --config tests/tiny.yaml`` plus overrides, usually `SHORT`), and
 reads its ``summary.json`` with `read_summary`. Runs several files compare against are trained
 once per session by the fixtures in ``tests/conftest.py``.
 """
@@ -32,6 +32,8 @@ import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The suite's small GPT (configs/tiny-cpu.yaml's spec-like InRank settings, pinned for the tests).
+TINY_CONFIG = "tests/tiny.yaml"
 # A run short enough for 2 cores: growth every 2 steps from step 2, cut after step 8.
 SHORT = ["train.steps=16", "train.lr_warmup_steps=2", "train.log_interval=1",
          "train.eval_interval=8", "train.eval_iters=1", "train.save_interval=4",
@@ -191,12 +193,12 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300, **kwargs) 
 
 
 # ------------------------------------------------------------------------- the trainer, torchrun
-def train_command(overrides, nproc: int = 2, config: str = "tiny-cpu.yaml") -> list:
-    """``torchrun --nproc_per_node N -m inrank_megatron.train --config configs/CONFIG``
-    followed by ``overrides``."""
+def train_command(overrides, nproc: int = 2, config: str = TINY_CONFIG) -> list:
+    """``torchrun --nproc_per_node N -m inrank_megatron.train --config CONFIG`` (a path relative
+    to the repository) followed by ``overrides``."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             f"--master_port={_free_port()}", "-m", "inrank_megatron.train",
-            "--config", os.path.join(REPO, "configs", config), *overrides]
+            "--config", os.path.join(REPO, config), *overrides]
 
 
 def train_env() -> dict:
@@ -205,8 +207,8 @@ def train_env() -> dict:
 
 
 def run_train(overrides, nproc: int = 2, timeout: float = 600, check: bool = True,
-              config: str = "tiny-cpu.yaml"):
-    """Train ``configs/CONFIG`` (default tiny-cpu.yaml) with ``overrides`` on ``nproc`` processes.
+              config: str = TINY_CONFIG):
+    """Train ``CONFIG`` (default the test suite's ``tests/tiny.yaml``) with ``overrides`` on ``nproc`` processes.
 
     Returns:
         The finished ``subprocess.CompletedProcess`` (text stdout and stderr).

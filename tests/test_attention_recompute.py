@@ -198,9 +198,9 @@ def test_full_recompute_keeps_autocast():
 def test_recompute_rules(overrides, message):
     from inrank_megatron.config import ConfigError, load_config, validate_layout
 
-    cfg = load_config("configs/tiny-cpu.yaml", overrides)
+    cfg = load_config("tests/tiny.yaml", overrides)
     with pytest.raises(ConfigError, match=message):
         validate_layout(cfg, 2)
-    ok = load_config("configs/tiny-cpu.yaml", ["model.recompute=full", "model.attention=sdpa",
+    ok = load_config("tests/tiny.yaml", ["model.recompute=full", "model.attention=sdpa",
                                                "model.recompute_num_layers=4"])
     validate_layout(ok, 2)

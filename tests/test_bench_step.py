@@ -13,7 +13,7 @@ from inrank_megatron.bench import step as bench
 from inrank_megatron.config import ConfigError, load_config, save_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny-cpu.yaml")
+TINY = os.path.join(REPO, "tests", "tiny.yaml")
 
 
 def test_learned_ranks_read_like_fixed_ranks_and_checked(tmp_path):

@@ -21,7 +21,7 @@ from inrank_megatron.training.compare import RunDirError, compare_runs, format_t
 from inrank_megatron.training.metrics import MetricsWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny-cpu.yaml")
+TINY = os.path.join(REPO, "tests", "tiny.yaml")
 LAYERS = ["decoder.layers.0.mlp.linear_fc1", "decoder.layers.0.mlp.linear_fc2"]
 
 

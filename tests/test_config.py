@@ -10,7 +10,7 @@ Pins down:
   out-of-range value, an override without '='.
 - Every rule of `validate_layout` fires with a message naming its key and the expected value,
   including InRank rank settings checked against each layer kind's own full shape.
-- configs/tiny-cpu.yaml loads and passes `validate_layout(world_size=2)`, dense variant too.
+- tests/tiny.yaml (the suite's copy of tiny-cpu's spec-like settings) loads and passes `validate_layout(world_size=2)`, dense variant too.
 - configs/README.md is what tools/config_doc.py generates now.
 - `diff_incompatible` flags model/inrank/tokenizer changes and ignores schedule/output changes.
 
@@ -34,7 +34,7 @@ from inrank_megatron.config import (
 from inrank_megatron.config_reference import render_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
+TINY = os.path.join(ROOT, "tests", "tiny.yaml")
 README = os.path.join(ROOT, "configs", "README.md")
 
 

@@ -24,7 +24,7 @@ from inrank_megatron.training.fixed_ranks import fraction_rank, resolve_fixed_ra
 from tests.distributed import SHORT, run_distributed, run_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny-cpu.yaml")
+TINY = os.path.join(REPO, "tests", "tiny.yaml")
 NAMES = [f"decoder.layers.{i}.mlp.linear_fc{j}" for i in range(4) for j in (1, 2)]
 
 

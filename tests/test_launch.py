@@ -38,7 +38,7 @@ from inrank_megatron.launch_env import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
 SLURM_HELPERS = os.path.join(REPO, "tests", "slurm")
-CONFIG = "configs/tiny-cpu.yaml"  # relative, as users pass it: scripts run with cwd=REPO
+CONFIG = "tests/tiny.yaml"  # relative, as users pass it: scripts run with cwd=REPO
 # 4 optimizer steps: rank checks from step 1, the stage cut after step 3, evaluation at 2 and 4,
 # one checkpoint at step 4.
 SHORT = ["train.steps=4", "train.lr_warmup_steps=1", "train.log_interval=1",

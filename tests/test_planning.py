@@ -212,7 +212,7 @@ def test_gpt2_medium_matches_the_published_size():
 def test_rank_checks_follow_the_growth_state():
     from inrank_megatron.core import GrowthState
 
-    for path in ("configs/tiny-cpu.yaml", "configs/gpt2-medium.yaml"):
+    for path in ("tests/tiny.yaml", "configs/gpt2-medium.yaml"):
         ir = _load(path).inrank
         state = GrowthState(rank=ir.rank, buffer=ir.buffer, max_rank=10**6,
                             threshold=ir.threshold, warmup=ir.warmup, gap=ir.gap)
@@ -222,7 +222,7 @@ def test_rank_checks_follow_the_growth_state():
 
 
 def test_rank_fraction_is_clipped_to_what_the_rule_reaches():
-    cfg = _load("configs/tiny-cpu.yaml")  # max_rank 64, buffer 16: the rule stops below 48
+    cfg = _load("tests/tiny.yaml")  # max_rank 64, buffer 16: the rule stops below 48
     assert count_parameters(cfg, stage="fraction", rank_fraction=0.9).slots == {"fc1": 47,
                                                                                 "fc2": 47}
     assert count_parameters(cfg, stage="fraction", rank_fraction=0.001).slots["fc1"] == 2
@@ -380,7 +380,7 @@ BF16 = ["train.precision=bf16", "parallel.backend=deepspeed",
 def _small(tp, *overrides):
     layout = [f"parallel.tensor_model_parallel_size={tp}",
               f"parallel.sequence_parallel={'true' if tp > 1 else 'false'}"]
-    return _load("configs/tiny-cpu.yaml", *SMALL, *layout, *overrides)
+    return _load("tests/tiny.yaml", *SMALL, *layout, *overrides)
 
 
 def _measured_peaks(rank, world_size, cfgs, repeats=3):

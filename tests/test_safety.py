@@ -38,7 +38,7 @@ def _config(tmp_path, **extra):
 
     overrides = [f"output.dir={tmp_path / 'run'}", "parallel.tensor_model_parallel_size=1",
                  *[f"{k}={v}" for k, v in extra.items()]]
-    return to_dict(load_config(os.path.join(REPO, "configs", "tiny-cpu.yaml"), overrides))
+    return to_dict(load_config(os.path.join(REPO, "tests", "tiny.yaml"), overrides))
 
 
 def _checkpoint(tmp_path, backend="torch", **extra):
@@ -109,7 +109,7 @@ def test_resume_refuses_pickled_code(tmp_path, capsys, clean_env, backend, rel, 
     if backend == "deepspeed":
         overrides += ["parallel.backend=deepspeed",
                       f"parallel.deepspeed_config={REPO}/configs/deepspeed/zero2.json"]
-    rc = train.main(["--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"), *overrides])
+    rc = train.main(["--config", os.path.join(REPO, "tests", "tiny.yaml"), *overrides])
     assert rc == 2 and not marker.exists()
     _one_line_refusal(capsys.readouterr().err, step / rel)
 
@@ -275,7 +275,7 @@ def _hashes(root):
 def _train(tmp_path, *overrides):
     from inrank_megatron import train
 
-    return train.main(["--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"),
+    return train.main(["--config", os.path.join(REPO, "tests", "tiny.yaml"),
                        f"output.dir={tmp_path / 'run'}", "parallel.tensor_model_parallel_size=1",
                        *overrides])
 
@@ -478,7 +478,7 @@ def test_kill_9_of_the_launcher_leaves_no_rank_alive(tmp_path):
     run = tmp_path / "run"
     launcher = subprocess.Popen(
         ["bash", os.path.join(REPO, "launch", "torchrun.sh"), "--nproc", "2",
-         os.path.join(REPO, "configs", "tiny-cpu.yaml"), *SHORT, "train.steps=400",
+         os.path.join(REPO, "tests", "tiny.yaml"), *SHORT, "train.steps=400",
          "train.save_interval=null", f"output.dir={run}"],
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)

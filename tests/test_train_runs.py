@@ -183,7 +183,7 @@ def test_gpt2_medium_trains_at_tp2_through_the_cut(tmp_path):
                "train.eval_interval=3", "train.eval_iters=1", "train.save_interval=null",
                "output.plot=false", "output.tensorboard=false", "output.resume=none",
                f"data.prefix={tmp_path / 'data' / 'wiki_gpt2_text_document'}",
-               "data.corpus=wiki", f"output.dir={out}"], config="gpt2-medium.yaml", timeout=1500)
+               "data.corpus=wiki", f"output.dir={out}"], config="configs/gpt2-medium.yaml", timeout=1500)
     s = read_summary(out)
     assert s["finished"] and s["steps"] == 3 and s["stage"] == "fixed" and s["world_size"] == 2
     # 24 layers x (fc1, fc2) InRank at GPT-2 medium's shapes, ln(50304) = 10.83 at the start.

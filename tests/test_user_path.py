@@ -34,7 +34,7 @@ from inrank_megatron import launch_env
 from inrank_megatron.config import load_config, to_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "tiny-cpu.yaml")
+CONFIG = os.path.join(REPO, "tests", "tiny.yaml")
 SP_MODEL = os.path.join(REPO, "data", "wiki_sp8k.model")
 
 
