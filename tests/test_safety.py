@@ -480,7 +480,9 @@ def test_kill_9_of_the_launcher_leaves_no_rank_alive(tmp_path):
         ["bash", os.path.join(REPO, "launch", "torchrun.sh"), "--nproc", "2",
          os.path.join(REPO, "tests", "tiny.yaml"), *SHORT, "train.steps=400",
          "train.save_interval=null", f"output.dir={run}"],
-        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+        # PYTHON: the launcher's interpreter is `python` on PATH, which under CI is not the venv's.
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable),
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
     ranks = []
     try:
