@@ -33,13 +33,18 @@ def check_threshold(value, name: str, *, layer: str | None = None) -> float:
     return float(value)
 
 
+class NonFiniteValueError(ValueError):
+    """A factor or spectrum holds NaN or inf (the training loop turns it into a run fault)."""
+
+
 def check_finite(t: torch.Tensor, name: str, *, layer: str | None = None) -> None:
     """``t`` must hold no NaN or inf."""
     # One reduction first: the sum of finite values is finite unless it overflows, so the
     # element-wise check runs only when something may be wrong.
     if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
-        raise ValueError(f"{_where(layer)}{name} contains {bad}; factors and spectra must be finite")
+        raise NonFiniteValueError(
+            f"{_where(layer)}{name} contains {bad}; factors and spectra must be finite")
 
 
 def check_matrix(t, name: str, *, layer: str | None = None) -> torch.Tensor:

@@ -58,10 +58,10 @@ def check_loss(loss: float, step: int, model, controller, groups, latest) -> Non
 def check_parameters(step: int, model, controller, groups, latest) -> None:
     """Collective: raise :class:`NonFiniteError` when any rank's parameters hold NaN or inf
     (before a checkpoint of them is written)."""
-    bad = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.numel():
-            bad = bad + (~torch.isfinite(p.detach())).sum().double().cpu()
+    # Counted on each parameter's device, moved to the host once (not one sync per parameter).
+    counts = [(~torch.isfinite(p.detach())).sum() for p in model.parameters() if p.numel()]
+    bad = torch.stack([c.to(counts[0].device) for c in counts]).sum().double().cpu() \
+        if counts else torch.zeros((), dtype=torch.float64)
     if torch.distributed.is_initialized() and groups.world_size > 1:
         torch.distributed.all_reduce(bad)
     if bad.item():

@@ -18,6 +18,7 @@ import torch
 
 from inrank_megatron.checkpoint_format import CHECKPOINTS_DIR, Meta, read_meta
 from inrank_megatron.config import TrainConfig, save_config, to_dict
+from inrank_megatron.core.validation import NonFiniteValueError
 from inrank_megatron.growth.controller import GrowthController
 from inrank_megatron.models.gpt import build_gpt, transformer_config
 from inrank_megatron.models.shape import shape_from_config
@@ -163,9 +164,7 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
         info = backend.step()
         try:
             report = controller.step(step)
-        except ValueError as error:  # a rank check met NaN/inf factors (the update made them)
-            if "NaN" not in str(error) and "inf" not in str(error):
-                raise
+        except NonFiniteValueError:  # a rank check met NaN/inf factors (the update made them)
             raise finite.fault(step, "InRank factors", model, controller, groups, latest) \
                 from None
         if report.resizes:
