@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from inrank_megatron.core.names import MODES, RATIO_RULES
+from inrank_megatron.core.names import MODES, RATIO_RULES, SIGNALS, STARTS
 
 SPECTRUM_DTYPES = ("float32", "float64")
 
@@ -38,6 +38,14 @@ class InRankConfig:
         stage1_steps: efficient mode: optimizer steps of stage 1 before the cut to fixed rank;
             ``None`` never cuts. Cumulative mode grows for the whole run and must leave it ``None``.
         rule: ``"variance"`` (the spec) or ``"energy"`` (opt-in).
+        signal: the spectrum the rule reads: ``"product"`` (the spec: the active ``B A``) or
+            ``"update"`` (efficient mode: the cumulative update ``B A - B0 A0`` over the active
+            slots, ``B0, A0`` their initial values; a rank that comes from learning, not from
+            the init's spectrum).
+        start: ``"low_rank"`` (the spec: stage 1 trains ``rank + buffer`` slots and grows) or
+            ``"dense"`` (efficient mode with a cut: stage 1 trains all ``min(in, out)`` slots, the
+            factorised dense weight; at the cut the rule picks each layer's rank once, from the
+            trained spectrum, at most ``max_rank``).
         init_scale: multiplier on the kaiming-uniform init of the factors (and on W0's gain).
         spectrum_dtype: ``"float32"`` (reference) or ``"float64"`` (a ``torch.dtype`` is accepted
             and stored by name); :attr:`spectrum_torch_dtype` is the dtype.
@@ -58,6 +66,14 @@ class InRankConfig:
         "(cumulative mode requires null).", ge=1)
     rule: str = _setting("variance", "Explained ratio: variance (the spec) or energy (opt-in).",
                          choices=RATIO_RULES)
+    signal: str = _setting(
+        "product", "Spectrum the rank rule reads: product (the spec: the active B A) or update "
+        "(efficient mode: the cumulative update B A - B0 A0 of the active slots since init).",
+        choices=SIGNALS)
+    start: str = _setting(
+        "low_rank", "Stage 1: low_rank (the spec: rank + buffer slots, growing) or dense "
+        "(efficient mode, needs stage1_steps: all min(in, out) slots train, and the cut picks "
+        "each layer's rank once from the trained spectrum, at most max_rank).", choices=STARTS)
     init_scale: float = _setting(1.0, "Multiplier on the kaiming-uniform factor init.", gt=0.0)
     spectrum_dtype: str = _setting("float32", "Precision of the rank checks' spectra.",
                                    choices=SPECTRUM_DTYPES)
@@ -69,6 +85,17 @@ class InRankConfig:
             raise ValueError(f"inrank mode must be one of {MODES}, got {self.mode!r}")
         if self.rule not in RATIO_RULES:
             raise ValueError(f"inrank rule must be one of {RATIO_RULES}, got {self.rule!r}")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"inrank signal must be one of {SIGNALS}, got {self.signal!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"inrank start must be one of {STARTS}, got {self.start!r}")
+        if self.mode != "efficient" and (self.signal, self.start) != ("product", "low_rank"):
+            raise ValueError(f"signal={self.signal!r} / start={self.start!r} need efficient mode "
+                             f"(in cumulative mode B A is already the update and grows from "
+                             f"zero), got mode={self.mode!r}")
+        if self.start == "dense" and self.stage1_steps is None:
+            raise ValueError("start='dense' needs stage1_steps (the cut is where the rank is "
+                             "chosen), got None")
         check_int(self.warmup, "warmup", low=0)
         check_int(self.gap, "gap", low=1)
         if self.stage1_steps is not None:
@@ -89,6 +116,12 @@ class InRankConfig:
         import torch
 
         return getattr(torch, self.spectrum_dtype)
+
+    @property
+    def keeps_init(self) -> bool:
+        """Whether layers draw their factors from a recorded seed, so that the initial factors
+        ``B0, A0`` can be drawn again (the ``update`` signal) instead of being stored."""
+        return self.signal == "update"
 
     def layer_max_rank(self, in_features: int, out_features: int) -> int:
         """The rank cap of a layer of this full (unsharded) shape."""

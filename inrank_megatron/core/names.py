@@ -4,3 +4,5 @@ MODES = ("efficient", "cumulative")  # spec section 2
 RATIO_RULES = ("variance", "energy")  # explained-ratio rules, spec section 3 (energy: opt-in)
 STAGES = ("growing", "fixed")  # spec section 4
 POLICIES = ("slice", "reset", "project")  # optimizer state across a reallocation
+SIGNALS = ("product", "update")  # what spectrum the rank rule reads (product: the spec)
+STARTS = ("low_rank", "dense")  # what stage 1 trains (low_rank: the spec's r0 + b slots)

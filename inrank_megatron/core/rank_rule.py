@@ -114,3 +114,29 @@ def select_rank(s: torch.Tensor, rank: int, buffer: int, max_rank: int, threshol
         return stop - 1
     return rank + int(passing[0])
 
+
+
+def select_cut_rank(s: torch.Tensor, max_rank: int, threshold: float, *, rule: str = "variance",
+                    layer: str | None = None) -> int:
+    """The rank a dense start (``inrank.start=dense``) cuts to: the rule of :func:`select_rank` over
+    the whole range at once, since the spectrum is of a trained full-rank weight (or of its update)
+    rather than of a growing slice: the smallest ``k`` in ``[1, max_rank]`` whose explained ratio
+    is strictly above ``threshold``, else ``max_rank``.
+
+    Args:
+        s: singular values, length ``n = min(in, out)``.
+        max_rank: the cap, ``1 <= max_rank <= n``.
+        threshold: ``alpha`` in (0, 1).
+        rule: ``"variance"`` or ``"energy"``.
+        layer: layer name for error messages.
+
+    Returns:
+        The rank (a Python int).
+    """
+    check_int(max_rank, "max_rank", low=1, layer=layer)
+    check_threshold(threshold, "threshold", layer=layer)
+    if max_rank > s.numel():
+        raise ValueError(f"{_where(layer)}max_rank={max_rank} must be <= len(s)={s.numel()}")
+    ratios = explained_ratios(s, rule)
+    passing = (ratios[1:max_rank + 1] > threshold).nonzero()
+    return max_rank if passing.numel() == 0 else 1 + int(passing[0])

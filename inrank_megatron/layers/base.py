@@ -17,6 +17,7 @@ from inrank_megatron.core.config import InRankConfig
 from inrank_megatron.core.growth import GrowthState
 from inrank_megatron.core.init import init_factors
 from inrank_megatron.core.resize import FactorResize
+from inrank_megatron.core.rank_rule import select_cut_rank
 from inrank_megatron.core.spectrum import r_factor, spectrum_from_r
 from inrank_megatron.core.truncation import truncation_maps
 
@@ -55,14 +56,25 @@ class InRankFactorsMixin:
         self.full_out_features = out_features
         self._inrank_in_slice = in_slice
         self._inrank_out_slice = out_slice
-        self.growth = GrowthState(rank=config.rank, buffer=config.buffer, max_rank=max_rank,
-                                  threshold=config.threshold, warmup=config.warmup, gap=config.gap,
-                                  rule=config.rule, layer=layer or "")
+        if config.start == "dense":
+            # Stage 1 trains every slot (the factorised dense weight); the cut picks the rank.
+            n = min(in_features, out_features)
+            self.growth = GrowthState(rank=n, buffer=0, max_rank=n, threshold=config.threshold,
+                                      warmup=config.warmup, gap=config.gap, rule=config.rule,
+                                      layer=layer or "")
+        else:
+            self.growth = GrowthState(rank=config.rank, buffer=config.buffer, max_rank=max_rank,
+                                      threshold=config.threshold, warmup=config.warmup,
+                                      gap=config.gap, rule=config.rule, layer=layer or "")
         # Efficient mode pre-allocates max_rank slots and only widens the active slice (reference);
         # cumulative mode allocates what is active and grows capacity by doubling.
-        slots = max_rank if config.mode == "efficient" else self.growth.active_slots
-        full = init_factors(config.mode, in_features, out_features, slots,
-                            init_scale=config.init_scale)
+        slots = self.growth.max_rank if config.mode == "efficient" else self.growth.active_slots
+        # The update signal needs B0, A0 at every check: they are drawn again from this seed
+        # (k x (in + out) random numbers) rather than kept, so no state, checkpoint or export
+        # format changes. Other settings draw from the global stream, as they always have.
+        self._init_seed = (int(torch.randint(0, 2**62, (1,), device="cpu"))
+                           if config.keeps_init else None)
+        full = self._draw_init(slots)
         self.A = torch.nn.Parameter(full.A[:, in_slice].to(params_dtype).to(device).contiguous())
         self.B = torch.nn.Parameter(full.B[out_slice].to(params_dtype).to(device).contiguous())
         if full.w0 is not None:
@@ -73,6 +85,31 @@ class InRankFactorsMixin:
         # Seed of the rows given to new capacity in cumulative mode, drawn with the factors so that
         # every TP rank (same CPU RNG stream) draws the same full rows.
         self._extend_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+
+    def _draw_init(self, slots: int):
+        """The full initial factors of ``slots`` slots (:func:`init_factors`), from the recorded
+        seed when there is one (the same numbers every time), else from the global CPU RNG."""
+        config = self.inrank_config
+        gen = None if self._init_seed is None else torch.Generator().manual_seed(self._init_seed)
+        return init_factors(config.mode, self.full_in_features, self.full_out_features, slots,
+                            init_scale=config.init_scale, generator=gen)
+
+    def initial_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A0[:k]`` and ``B0[:, :k]``: this shard of the active slots' initial values, drawn again
+        from the layer's seed (the ``update`` signal; efficient mode)."""
+        if self._init_seed is None:
+            raise ValueError(f"layer {self.growth.layer}: initial factors are only kept with "
+                             "inrank.signal=update")
+        k = self.active_slots
+        # The draw at init had the slots of stage 1's allocation (B's fan-in, and where A's
+        # numbers end and B's begin in the stream): draw those again, keep the active ones.
+        n = min(self.full_in_features, self.full_out_features)
+        full = self._draw_init(n if self.inrank_config.start == "dense" else
+                               self.inrank_config.layer_max_rank(self.full_in_features,
+                                                                 self.full_out_features))
+        A0 = full.A[:k, self._inrank_in_slice].to(self.A.dtype).to(self.A.device)
+        B0 = full.B[self._inrank_out_slice, :k].to(self.B.dtype).to(self.B.device)
+        return A0, B0
 
     # ---- what the forward pass uses ---------------------------------------------------------
 
@@ -102,9 +139,22 @@ class InRankFactorsMixin:
         R_B = self._reduce_r(r_factor(B, dtype=dtype), "B")
         return R_A, R_B
 
+    def update_r(self, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``R`` factors (``[2k, 2k]``) of ``[A; -A0]^T`` and ``[B, B0]``, whose product
+        ``B A - B0 A0`` is the cumulative update of the active slots (the QR route at ``2k``:
+        ``2k x 2k`` traffic under TP, never a factor)."""
+        dtype = dtype or self.inrank_config.spectrum_torch_dtype
+        A, B = self.active_factors()
+        A0, B0 = self.initial_factors()
+        R_A = self._reduce_r(r_factor(torch.cat([A.detach(), -A0]).T, dtype=dtype), "A")
+        R_B = self._reduce_r(r_factor(torch.cat([B.detach(), B0], dim=1), dtype=dtype), "B")
+        return R_A, R_B
+
     def spectrum(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Singular values of the full active ``B A``, zero-padded to ``min(in, out)``."""
-        R_A, R_B = self.factor_r(dtype)
+        """Singular values of what the rank rule reads (``inrank.signal``): the full active
+        ``B A``, or its update since init ``B A - B0 A0``; zero-padded to ``min(in, out)``."""
+        R_A, R_B = self.update_r(dtype) if self.inrank_config.signal == "update" \
+            else self.factor_r(dtype)
         return spectrum_from_r(R_A, R_B, min(self.full_in_features, self.full_out_features))
 
     # ---- growth, the cut, capacity -----------------------------------------------------------
@@ -169,9 +219,19 @@ class InRankFactorsMixin:
 
     def cut(self, step: int) -> FactorResize:
         """Stage 1 -> stage 2 (spec section 4): truncate the active product to the current rank,
-        re-factorise balanced, drop the buffer, fix the rank. Reallocates ``A`` and ``B``."""
+        re-factorise balanced, drop the buffer, fix the rank. Reallocates ``A`` and ``B``.
+
+        A dense start (``inrank.start=dense``) first picks the rank: :func:`select_cut_rank` on
+        the spectrum the rule reads (``inrank.signal``), capped at ``max_rank``."""
         if self.growth.stage != "growing":
             raise ValueError(f"layer {self.growth.layer}: already cut (stage {self.growth.stage})")
+        config = self.inrank_config
+        if config.start == "dense":
+            cap = config.layer_max_rank(self.full_in_features, self.full_out_features)
+            rank = select_cut_rank(self.spectrum(), cap, config.threshold, rule=config.rule,
+                                   layer=self.growth.layer or None)
+            # The other trained slots are the buffer that the cut drops.
+            self.growth.rank, self.growth.buffer = rank, self.active_slots - rank
         # The SVD of the cut always runs in at least fp32 (spec section 5); fp64 here is cheap (k x k).
         R_A, R_B = self.factor_r(torch.float64)
         maps = truncation_maps(R_A, R_B, self.growth.rank)
@@ -188,14 +248,23 @@ class InRankFactorsMixin:
 
     def inrank_state(self) -> dict:
         """Growth state plus what a reload needs to rebuild the factor shapes."""
-        return {"growth": self.growth.state_dict(), "allocated_slots": self.allocated_slots,
-                "extend_seed": self._extend_seed}
+        state = {"growth": self.growth.state_dict(), "allocated_slots": self.allocated_slots,
+                 "extend_seed": self._extend_seed}
+        if self._init_seed is not None:
+            state["init_seed"] = self._init_seed
+        return state
 
     def load_inrank_state(self, state: dict) -> None:
         """Restore growth state and reshape (empty) factors to the recorded allocation, so that a
         following ``load_state_dict`` of the factor values fits."""
         self.growth.load_state_dict(state["growth"])
         self._extend_seed = int(state["extend_seed"])
+        if self.inrank_config.keeps_init:
+            if state.get("init_seed") is None:
+                raise ValueError(f"layer {self.growth.layer}: inrank.signal=update needs the "
+                                 "initial factors' seed, which this checkpoint does not record "
+                                 "(it was trained with another signal)")
+            self._init_seed = int(state["init_seed"])
         slots = int(state["allocated_slots"])
         if slots != self.allocated_slots:
             self.A = replace_parameter(self.A, self.A.new_zeros(slots, self.A.shape[1]))
