@@ -457,6 +457,21 @@ def _inrank_signal_start(cfg, world_size):
                       "inrank.stage1_steps=100")
 
 
+@rule("InRank factor init", ("inrank.init", "inrank.mode"),
+      "with `model.inrank=true`: `inrank.init=spectral` needs `inrank.mode=efficient` (in "
+      "cumulative mode `B A` starts at zero and the layer at its frozen `W0`: there is no product "
+      "to initialise).",
+      summary=lambda cfg, w: ("dense (model.inrank=false): not checked" if not cfg.model.inrank
+                              else f"{cfg.inrank.init}, {cfg.inrank.mode} mode"))
+def _inrank_init(cfg, world_size):
+    ir = cfg.inrank
+    if cfg.model.inrank and ir.init == "spectral" and ir.mode != "efficient":
+        yield Failure("inrank.init", ir.init, "kaiming with inrank.mode=cumulative",
+                      f"inrank.init=spectral with inrank.mode={ir.mode}: B A starts at zero in "
+                      "cumulative mode (W = W0 + B A), so there is no product to initialise; "
+                      "expected inrank.mode=efficient or inrank.init=kaiming")
+
+
 def _fit_summary(cfg, world_size):
     if not cfg.model.inrank:
         return "dense (model.inrank=false): not checked"

@@ -140,6 +140,7 @@ def test_inrank_section_converts_to_core():
     ("parallel.backend=ddp", ["parallel.backend", "torch, megatron, deepspeed"]),
     ("parallel.zero_stage=4", ["parallel.zero_stage", "0, 1, 2, 3"]),
     ("inrank.mode=full", ["inrank.mode", "efficient, cumulative"]),
+    ("inrank.init=svd", ["inrank.init", "'svd' is not allowed", "kaiming, spectral"]),
     ("inrank.threshold=1", ["inrank.threshold", "< 1.0"]),
     ("train.micro_batch_size=0", ["train.micro_batch_size", ">= 1", "got 0"]),
 ])
@@ -260,6 +261,8 @@ LAYOUT_ERRORS = [
     (["model.ffn_hidden_size=64", "inrank.buffer=40", "inrank.layers=[qkv,proj,fc2]"], 2,
      ["inrank.buffer=40", "layer fc2 (64 -> 128) has max_rank=32"]),
     (["inrank.mode=cumulative"], 2, ["inrank.stage1_steps=60", "cumulative", "expected null"]),
+    (["inrank.mode=cumulative", "inrank.stage1_steps=null", "inrank.init=spectral"], 2,
+     ["inrank.init=spectral with inrank.mode=cumulative", "expected inrank.mode=efficient"]),
     (["model.position_embedding_type=rope", "model.hidden_size=132"], 2,
      ["model.position_embedding_type=rope", "even head dimension", "33"]),
     (["model.max_position_embeddings=64"], 2,
@@ -288,6 +291,8 @@ def test_layout_error(overrides, world_size, expected, ds_json):
     (["model.inrank=false", "inrank.buffer=100", "model.activation=swiglu"], 2),
     (["model.activation=swiglu", "inrank.layers=[fc2]"], 2),
     (["inrank.mode=cumulative", "inrank.stage1_steps=null"], 2),
+    (["inrank.init=spectral"], 2),
+    (["model.inrank=false", "inrank.mode=cumulative", "inrank.init=spectral"], 2),  # not read
     (["inrank.rank=48"], 2),  # rank + buffer == max_rank exactly
     (["inrank.layers=[fc1,fc2,qkv,proj]", "inrank.max_rank=128", "inrank.buffer=100"], 2),
     (["parallel.sequence_parallel=true", "train.precision=bf16"], 2),

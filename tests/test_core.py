@@ -226,6 +226,70 @@ def test_inrank_linear_init_follows_reference():
     assert torch.allclose(cum.w0.T @ cum.w0, torch.eye(64), atol=1e-5)  # orthogonal columns
 
 
+def _svd_truncation(W, k):
+    """Brute force: the best rank-k approximation of W and its top-k singular values."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return U[:, :k] @ torch.diag(S[:k]) @ Vh[:k], S[:k]
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (96, 40)])
+def test_spectral_init_is_the_truncated_svd_of_the_dense_init(shape):
+    from functools import partial
+
+    from inrank_megatron.core.init import dense_init_weight
+
+    n_in, n_out = shape
+    cfg = InRankConfig(rank=2, buffer=4, init="spectral", init_scale=0.5)
+    torch.manual_seed(0)
+    layer = InRankLinear(n_in, n_out, cfg)
+    torch.manual_seed(0)  # the dense layer's own init: nn.Linear's, drawn from the same RNG state
+    W = torch.nn.Linear(n_in, n_out).weight.detach()
+    slots = min(n_in, n_out) // 2
+    assert layer.A.shape == (slots, n_in) and layer.B.shape == (n_out, slots)
+    A, B = layer.A.detach().double(), layer.B.detach().double()
+    for k in (layer.active_slots, 11, slots):  # every prefix of slots is a truncation of W
+        product, s = _svd_truncation(W, k)
+        torch.testing.assert_close(B[:, :k] @ A[:k], 0.25 * product, rtol=0, atol=1e-6)
+        # Balanced: B^T B = A A^T = diag(S) (times init_scale^2).
+        for gram in (B[:, :k].T @ B[:, :k], A[:k] @ A[:k].T):
+            torch.testing.assert_close(gram, 0.25 * torch.diag(s), rtol=0, atol=1e-6)
+    # The fixed-rank arm: exactly `rank` slots, the truncation of a dense init drawn from the
+    # layer's seeded generator; megatron's init_method (global RNG) drawn from that generator too.
+    layer.fix_rank(7)
+    W7 = dense_init_weight(n_in, n_out, generator=torch.Generator().manual_seed(layer._extend_seed))
+    torch.testing.assert_close((layer.B @ layer.A).double(), 0.25 * _svd_truncation(W7, 7)[0],
+                               rtol=0, atol=1e-6)
+    normal = partial(torch.nn.init.normal_, mean=0.0, std=0.02)
+    state = torch.get_rng_state()
+    gen = torch.Generator().manual_seed(5)
+    drawn = dense_init_weight(n_in, n_out, dense_init=normal, generator=gen)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    torch.manual_seed(5)
+    assert torch.equal(drawn, normal(torch.empty(n_out, n_in)))
+    assert torch.equal(gen.get_state(), torch.get_rng_state())  # and the generator advanced
+
+
+def test_spectral_init_with_the_learned_rank_keys():
+    # The dense start trains every slot: its product is the dense init itself.
+    cfg = InRankConfig(init="spectral", start="dense", buffer=0, stage1_steps=10)
+    torch.manual_seed(1)
+    layer = InRankLinear(48, 80, cfg)
+    torch.manual_seed(1)
+    W = torch.nn.Linear(48, 80).weight.detach()
+    torch.testing.assert_close(layer.dense_weight().detach(), W, rtol=0, atol=1e-6)
+    # The update signal draws the initial factors again from its seed: the spectral ones.
+    layer = InRankLinear(48, 80, InRankConfig(init="spectral", signal="update", rank=2, buffer=4))
+    A0, B0 = layer.initial_factors()
+    assert torch.equal(A0, layer.A[:6].detach()) and torch.equal(B0, layer.B[:, :6].detach())
+
+
+def test_spectral_init_needs_efficient_mode():
+    with pytest.raises(ValueError, match="init='spectral' needs mode='efficient'"):
+        InRankConfig(mode="cumulative", stage1_steps=None, init="spectral")
+    with pytest.raises(ValueError, match="init must be one of"):
+        InRankConfig(init="orthogonal")
+
+
 def test_cut_truncates_and_fixes_rank():
     torch.manual_seed(0)
     layer = InRankLinear(48, 80, InRankConfig(rank=4, buffer=6, max_rank=20), dtype=torch.float64)

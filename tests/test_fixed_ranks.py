@@ -5,7 +5,8 @@ latest checkpoint or its summary) resolve to exact per-layer ranks; bad values (
 the full rank, fraction > 1, cumulative mode, missing run directory, a run of another architecture)
 are refused naming the key (and the layer); a layer fixed at rank r allocates exactly r slots drawn
 as efficient mode draws them, has the parameters of an InRank layer cut at r, and is the same full
-layer at TP=1 and TP=2; and, end to end at TP=2 (slow), a run at another run's learned ranks keeps
+layer at TP=1 and TP=2 (kaiming and spectral init, whose factors are the truncated SVD of
+megatron's dense draw); and, end to end at TP=2 (slow), a run at another run's learned ranks keeps
 them with no growth and no cut, has exactly that InRank run's parameter count, resumes bit for bit,
 reshards to TP=1 and trains on, and exports (native and Hugging Face) to a model whose validation
 loss is the run's.
@@ -160,6 +161,7 @@ def test_fixed_layer_allocates_the_rank_drawn_as_efficient_mode():
 def _tp_body(rank, world_size):
     from megatron.core import parallel_state
     from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.utils import init_method_normal
 
     from inrank_megatron import InRankConfig, enable_cpu_fallback
     from inrank_megatron.tensor_parallel import (
@@ -172,13 +174,8 @@ def _tp_body(rank, world_size):
     config = ModelParallelConfig(tensor_model_parallel_size=world_size,
                                  use_cpu_initialization=True, params_dtype=torch.float32,
                                  gradient_accumulation_fusion=False)
-    out = {}
-    for cls, extra, dim in ((InRankColumnParallelLinear, {"gather_output": False}, ("B", 0)),
-                            (InRankRowParallelLinear, {"input_is_parallel": True}, ("A", 1))):
-        torch.manual_seed(1234)
-        layer = cls(48, 80, config=config, init_method=None, bias=True, skip_bias_add=False,
-                    inrank_config=InRankConfig(rank=2, buffer=4), **extra)
-        layer.fix_rank(5)
+
+    def gather(layer, dim):
         full = {}
         for role in ("A", "B"):
             t = getattr(layer, role).detach()
@@ -187,20 +184,47 @@ def _tp_body(rank, world_size):
                 torch.distributed.all_gather(parts, t.contiguous(), group=group)
                 t = torch.cat(parts, dim=dim[1])
             full[role] = t.clone()
-        sharded = getattr(layer, dim[0])
-        out[cls.__name__] = (full, getattr(sharded, "tensor_model_parallel", False),
-                             layer.growth.stage, layer.allocated_slots)
+        return full
+
+    out = {}
+    for init in ("kaiming", "spectral"):
+        for cls, extra, dim in ((InRankColumnParallelLinear, {"gather_output": False}, ("B", 0)),
+                                (InRankRowParallelLinear, {"input_is_parallel": True}, ("A", 1))):
+            torch.manual_seed(1234)
+            # spectral factorises the dense layer's init: megatron's init_method, as GPT passes it
+            layer = cls(48, 80, config=config, init_method=init_method_normal(0.02), bias=True,
+                        skip_bias_add=False, inrank_config=InRankConfig(rank=2, buffer=4,
+                                                                        init=init), **extra)
+            grown = gather(layer, dim)
+            layer.fix_rank(5)
+            sharded = getattr(layer, dim[0])
+            out[init, cls.__name__] = (grown, gather(layer, dim),
+                                       getattr(sharded, "tensor_model_parallel", False),
+                                       layer.growth.stage, layer.allocated_slots)
     return out
 
 
 @pytest.mark.slow  # three spawned processes importing megatron
 def test_fixed_layers_are_the_same_full_layer_at_tp1_and_tp2():
+    """Kaiming and spectral factors alike, as allocated at init and fixed at a rank: the full
+    factors at TP=2 equal TP=1's bit for bit; spectral ones are the truncated SVD of megatron's
+    draw of the dense weight."""
     ref = run_distributed(_tp_body, 1)[0]
     for result in run_distributed(_tp_body, 2):
-        for name, (full, tp_attr, stage, slots) in result.items():
+        for name, (grown, full, tp_attr, stage, slots) in result.items():
             assert stage == "fixed" and slots == 5 and tp_attr
+            assert grown["A"].shape == (24, 48) and grown["B"].shape == (80, 24)
             assert full["A"].shape == (5, 48) and full["B"].shape == (80, 5)
-            assert all(torch.equal(full[r], ref[name][0][r]) for r in ("A", "B"))
+            assert all(torch.equal(f[r], g[r]) for f, g in ((grown, ref[name][0]),
+                                                            (full, ref[name][1]))
+                       for r in ("A", "B"))
+    torch.manual_seed(1234)
+    W = torch.nn.init.normal_(torch.empty(80, 48), mean=0.0, std=0.02).double()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    for kind in ("InRankColumnParallelLinear", "InRankRowParallelLinear"):
+        grown = ref["spectral", kind][0]
+        torch.testing.assert_close((grown["B"] @ grown["A"]).double(),
+                                   U[:, :24] @ torch.diag(S[:24]) @ Vh[:24], rtol=0, atol=1e-7)
 
 
 # ------------------------------------------------------------------------ end to end, TP = 2

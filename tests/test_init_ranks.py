@@ -28,12 +28,15 @@ def _literal_rule(s, r, b, max_rank, alpha):
     return ks[-1] if ks else r
 
 
-@pytest.mark.parametrize("shape,buffer,max_rank", [((128, 512), 16, 64), ((96, 40), 4, 20)])
-def test_trajectory_equals_brute_force(shape, buffer, max_rank):
+@pytest.mark.parametrize("shape,buffer,max_rank,init", [((128, 512), 16, 64, "kaiming"),
+                                                        ((96, 40), 4, 20, "kaiming"),
+                                                        ((128, 512), 16, 64, "spectral")])
+def test_trajectory_equals_brute_force(shape, buffer, max_rank, init):
     fan_in, fan_out = shape
     got = init_rank_trajectory(fan_in, fan_out, rank=2, buffer=buffer, max_rank=max_rank,
-                               threshold=0.9, seed=3)
-    f = init_factors("efficient", fan_in, fan_out, max_rank,
+                               threshold=0.9, seed=3, init=init)
+    f = init_factors("efficient", fan_in, fan_out, max_rank, init=init,
+                     dense_init=torch.nn.init.normal_,  # what the kaiming init ignores
                      generator=torch.Generator().manual_seed(3))
     want, r = [2], 2
     while True:
@@ -46,7 +49,7 @@ def test_trajectory_equals_brute_force(shape, buffer, max_rank):
     assert got == want
     assert len(got) > 2 and got == sorted(got)
     assert init_rank_trajectory(fan_in, fan_out, rank=2, buffer=buffer, max_rank=max_rank,
-                                threshold=0.9, seed=3, max_checks=1) == got[:2]
+                                threshold=0.9, seed=3, max_checks=1, init=init) == got[:2]
 
 
 def test_gpt2_medium_fixed_point_is_the_published_rank():

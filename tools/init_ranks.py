@@ -42,12 +42,13 @@ def main(argv=None) -> int:
     from inrank_megatron.core.init_ranks import init_rank_trajectory
 
     print(f"rule={ir.rule} threshold={ir.threshold} rank={ir.rank} buffer={ir.buffer} "
-          f"init_scale={ir.init_scale}")
+          f"init_scale={ir.init_scale} init={ir.init}")
     for kind, (fan_in, fan_out) in inrank_layer_shapes(cfg).items():
         max_rank = ir.layer_max_rank(fan_in, fan_out)
         trajectory = init_rank_trajectory(
             fan_in, fan_out, rank=ir.rank, buffer=ir.buffer, max_rank=max_rank,
-            threshold=ir.threshold, rule=ir.rule, init_scale=ir.init_scale, seed=args.seed)
+            threshold=ir.threshold, rule=ir.rule, init_scale=ir.init_scale, seed=args.seed,
+            init=ir.init)
         full = min(fan_in, fan_out)
         print(f"{kind:5s} {fan_in} -> {fan_out}  max_rank {max_rank}  fixed point "
               f"{trajectory[-1]} ({trajectory[-1] / full:.1%} of full rank {full}) after "

@@ -6,17 +6,17 @@ torch, for config checks that should not pay for importing it).
 
 import importlib
 
-from inrank_megatron.core.names import MODES, POLICIES, RATIO_RULES, STAGES
+from inrank_megatron.core.names import INITS, MODES, POLICIES, RATIO_RULES, STAGES
 
 _EXPORTS = {
     "InRankConfig": "config", "GrowthState": "growth", "init_factors": "init",
     "explained_ratio": "rank_rule", "explained_ratios": "rank_rule", "select_rank": "rank_rule",
     "FactorResize": "resize", "map_slot_state": "resize", "factor_spectrum": "spectrum",
     "r_factor": "spectrum", "spectrum_from_r": "spectrum", "TruncationMaps": "truncation",
-    "truncate": "truncation", "truncation_maps": "truncation",
+    "truncate": "truncation", "truncation_maps": "truncation", "svd_factors": "truncation",
 }
 
-__all__ = sorted(["MODES", "POLICIES", "RATIO_RULES", "STAGES", *_EXPORTS])
+__all__ = sorted(["INITS", "MODES", "POLICIES", "RATIO_RULES", "STAGES", *_EXPORTS])
 
 
 def __getattr__(name):

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from inrank_megatron.core.names import MODES, RATIO_RULES, SIGNALS, STARTS
+from inrank_megatron.core.names import INITS, MODES, RATIO_RULES, SIGNALS, STARTS
 
 SPECTRUM_DTYPES = ("float32", "float64")
 
@@ -46,7 +46,10 @@ class InRankConfig:
             ``"dense"`` (efficient mode with a cut: stage 1 trains all ``min(in, out)`` slots, the
             factorised dense weight; at the cut the rule picks each layer's rank once, from the
             trained spectrum, at most ``max_rank``).
-        init_scale: multiplier on the kaiming-uniform init of the factors (and on W0's gain).
+        init_scale: multiplier on each factor's init (and on W0's gain).
+        init: ``"kaiming"`` (the reference: kaiming-uniform factors) or ``"spectral"`` (efficient
+            mode: the balanced truncated SVD of the dense layer's standard init, Khodak et al.;
+            :func:`inrank_megatron.core.init.init_factors`).
         spectrum_dtype: ``"float32"`` (reference) or ``"float64"`` (a ``torch.dtype`` is accepted
             and stored by name); :attr:`spectrum_torch_dtype` is the dtype.
     """
@@ -74,7 +77,15 @@ class InRankConfig:
         "low_rank", "Stage 1: low_rank (the spec: rank + buffer slots, growing) or dense "
         "(efficient mode, needs stage1_steps: all min(in, out) slots train, and the cut picks "
         "each layer's rank once from the trained spectrum, at most max_rank).", choices=STARTS)
-    init_scale: float = _setting(1.0, "Multiplier on the kaiming-uniform factor init.", gt=0.0)
+    init_scale: float = _setting(1.0, "Multiplier on each factor's init (and on W0's gain in "
+                                 "cumulative mode).", gt=0.0)
+    init: str = _setting(
+        "kaiming", "Factor init. kaiming: A and B kaiming-uniform (the reference). spectral "
+        "(efficient mode; Khodak et al., arXiv 2105.01029): B = U sqrt(S), A = sqrt(S) V^T from "
+        "the SVD of the dense layer's own init (megatron's init_method, drawn full-size as "
+        "use_cpu_initialization does, so TP-independent), truncated to the allocated slots: the "
+        "active slots multiply to that init's best rank-(rank + buffer) approximation, and each "
+        "growth step adds its next singular directions.", choices=INITS)
     spectrum_dtype: str = _setting("float32", "Precision of the rank checks' spectra.",
                                    choices=SPECTRUM_DTYPES)
 
@@ -83,6 +94,11 @@ class InRankConfig:
 
         if self.mode not in MODES:
             raise ValueError(f"inrank mode must be one of {MODES}, got {self.mode!r}")
+        if self.init not in INITS:
+            raise ValueError(f"inrank init must be one of {INITS}, got {self.init!r}")
+        if self.init == "spectral" and self.mode != "efficient":
+            raise ValueError("inrank init='spectral' needs mode='efficient' (in cumulative mode "
+                             "B A starts at zero and W at W0)")
         if self.rule not in RATIO_RULES:
             raise ValueError(f"inrank rule must be one of {RATIO_RULES}, got {self.rule!r}")
         if self.signal not in SIGNALS:

@@ -26,7 +26,7 @@ from inrank_megatron.core.spectrum import factor_spectrum
 def init_rank_trajectory(in_features: int, out_features: int, *, rank: int, buffer: int,
                          max_rank: int, threshold: float, rule: str = "variance",
                          init_scale: float = 1.0, seed: int = 0,
-                         max_checks: Optional[int] = None) -> list[int]:
+                         max_checks: Optional[int] = None, init: str = "kaiming") -> list[int]:
     """The ranks successive checks select on the untrained efficient-mode init of one layer.
 
     Each check computes the spectrum of the active product ``B[:, :r+b] @ A[:r+b]`` (the QR route of
@@ -40,13 +40,17 @@ def init_rank_trajectory(in_features: int, out_features: int, *, rank: int, buff
         init_scale: ``inrank.init_scale``.
         seed: seed of the factor draw (the fixed point barely depends on it).
         max_checks: stop after this many checks (None: at the fixed point).
+        init: ``inrank.init``; ``"spectral"`` factorises a normal dense draw, as megatron's
+            ``init_method`` of a GPT layer (the rule is scale-invariant, so its std does not
+            matter).
 
     Returns:
         ``[rank, rank after check 1, ...]``; its last entry is the fixed point.
     """
     generator = torch.Generator().manual_seed(seed)
     factors = init_factors("efficient", in_features, out_features, max_rank,
-                           init_scale=init_scale, generator=generator)
+                           init_scale=init_scale, generator=generator, init=init,
+                           dense_init=torch.nn.init.normal_ if init == "spectral" else None)
     trajectory = [rank]
     while max_checks is None or len(trajectory) <= max_checks:
         k = min(rank + buffer, max_rank)

@@ -80,3 +80,26 @@ def truncate(A: torch.Tensor, B: torch.Tensor, rank: int, *,
     A_new = (maps.P_A @ A.detach().to(torch.float64)).to(A.dtype)
     B_new = (B.detach().to(torch.float64) @ maps.P_B).to(B.dtype)
     return A_new, B_new
+
+
+def svd_factors(W: torch.Tensor, rank: int, *,
+                layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors of the best rank-``rank`` approximation of a dense ``W``.
+
+    :func:`truncate` of the trivial factorisation with ``min(in, out)`` slots (``W = I W`` or
+    ``W I``), so the factors are :func:`truncation_maps`'s, signs fixed: every process computing
+    them from the same ``W`` gets the same factors.
+
+    Args:
+        W: ``[out, in]`` matrix.
+        rank: target rank, ``1 <= rank <= min(in, out)``.
+        layer: layer name for error messages.
+
+    Returns:
+        ``(A [rank, in], B [out, rank])`` in the dtype of ``W``, with ``B A = U_r S_r V_r^T``
+        and ``B^T B = A A^T = S_r``.
+    """
+    n_out, n_in = W.shape
+    eye = torch.eye(min(n_out, n_in), dtype=W.dtype, device=W.device)
+    return truncate(W, eye, rank, layer=layer) if n_out <= n_in else truncate(eye, W, rank,
+                                                                             layer=layer)

@@ -172,27 +172,11 @@ def select_import_rank(W: torch.Tensor, *, rank: Optional[int], threshold: Optio
     return int(passing[0]) + 1 if passing.numel() else s.numel()
 
 
-def svd_factors(W: torch.Tensor, rank: int, *, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced factors ``(A [rank, in], B [out, rank])`` of the best rank-``rank`` approximation
-    of ``W``, through :func:`inrank_megatron.core.truncate` of the trivial factorisation with
-    ``min(in, out)`` slots (``W = I W`` or ``W I``)."""
-    from inrank_megatron.core import truncate
-
-    n_out, n_in = W.shape
-    W = W.double()
-    if n_out <= n_in:
-        A, B = W, torch.eye(n_out, dtype=W.dtype)
-    else:
-        A, B = torch.eye(n_in, dtype=W.dtype), W
-    A, B = truncate(A, B, rank, layer=layer)
-    return A.float().contiguous(), B.float().contiguous()
-
-
 def inrank_state(cfg: TrainConfig, dense: dict, *, rank: Optional[int], threshold: Optional[float],
                  seed: int) -> tuple[dict, dict]:
     """``(tensors, growth)``: our TP=1 tensors with the InRank layers factorised, and the
     ``inrank_growth.json`` entries."""
-    from inrank_megatron.core import GrowthState, init_factors
+    from inrank_megatron.core import GrowthState, init_factors, svd_factors
 
     ir = cfg.inrank
     tensors = dict(dense)
@@ -219,7 +203,8 @@ def inrank_state(cfg: TrainConfig, dense: dict, *, rank: Optional[int], threshol
                     f"{max_rank}; raise inrank.max_rank (at most min(in, out) = "
                     f"{min(n_in, n_out)}) or choose a lower --rank / --threshold")
             slots = r
-            tensors[name + ".A"], tensors[name + ".B"] = svd_factors(W, r, layer=name)
+            A, B = svd_factors(W.double(), r, layer=name)
+            tensors[name + ".A"], tensors[name + ".B"] = A.float(), B.float()
             state = GrowthState(rank=r, buffer=0, max_rank=max_rank, threshold=ir.threshold,
                                 warmup=ir.warmup, gap=ir.gap, stage="fixed", step=0, rule=ir.rule,
                                 layer=name)

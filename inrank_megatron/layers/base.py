@@ -9,7 +9,7 @@ per-shard ``R`` factors (TSQR); the rank (slot) dimension is never sharded. No t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -38,7 +38,7 @@ class InRankFactorsMixin:
     def _init_inrank(self, config: InRankConfig, in_features: int, out_features: int, *,
                      in_slice: slice = slice(None), out_slice: slice = slice(None),
                      params_dtype: torch.dtype = torch.float32, device=None,
-                     layer: Optional[str] = None) -> None:
+                     layer: Optional[str] = None, dense_init: Optional[Callable] = None) -> None:
         """Draw the full factors (CPU RNG, TP-size independent), keep this rank's shard.
 
         Args:
@@ -49,6 +49,8 @@ class InRankFactorsMixin:
             params_dtype: parameter dtype.
             device: parameter device (default CPU).
             layer: name for error messages (renamed later by :func:`name_inrank_layers`).
+            dense_init: the dense layer's init method, which ``inrank.init=spectral`` factorises
+                (megatron's ``init_method``; None: ``torch.nn.Linear``'s).
         """
         max_rank = config.check_layer(in_features, out_features, layer=layer)
         self.inrank_config = config
@@ -56,6 +58,7 @@ class InRankFactorsMixin:
         self.full_out_features = out_features
         self._inrank_in_slice = in_slice
         self._inrank_out_slice = out_slice
+        self._dense_init = dense_init
         if config.start == "dense":
             # Stage 1 trains every slot (the factorised dense weight); the cut picks the rank.
             n = min(in_features, out_features)
@@ -92,7 +95,8 @@ class InRankFactorsMixin:
         config = self.inrank_config
         gen = None if self._init_seed is None else torch.Generator().manual_seed(self._init_seed)
         return init_factors(config.mode, self.full_in_features, self.full_out_features, slots,
-                            init_scale=config.init_scale, generator=gen)
+                            init_scale=config.init_scale, generator=gen, init=config.init,
+                            dense_init=self._dense_init)
 
     def initial_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A0[:k]`` and ``B0[:, :k]``: this shard of the active slots' initial values, drawn again
@@ -194,10 +198,11 @@ class InRankFactorsMixin:
         """The fixed-rank baseline: train at ``rank`` from the start, no growth, no cut.
 
         Reallocates exactly ``rank`` slots (no buffer, so the layer has the parameters of an InRank
-        layer cut at that rank), drawn as efficient mode draws its factors (kaiming-uniform times
-        ``init_scale``, B's fan-in its slot count), full-size from a generator seeded at init by
-        the global CPU RNG, so that every TP size and rank draws the same full factors. Call it
-        before the optimizer is built.
+        layer cut at that rank), drawn as efficient mode draws its factors (``inrank.init``:
+        kaiming-uniform times ``init_scale`` with B's fan-in its slot count, or spectral at
+        ``rank`` slots), full-size from a generator seeded at init by the global CPU RNG, so that
+        every TP size and rank draws the same full factors. Call it before the optimizer is
+        built.
         """
         n = min(self.full_in_features, self.full_out_features)
         name = self.growth.layer
@@ -208,8 +213,10 @@ class InRankFactorsMixin:
             raise ValueError(f"layer {name}: fixed rank must be an integer in 1..{n} "
                              f"(min(in, out)), got {rank!r}")
         gen = torch.Generator().manual_seed(self._extend_seed)
+        cfg = self.inrank_config
         full = init_factors("efficient", self.full_in_features, self.full_out_features, rank,
-                            init_scale=self.inrank_config.init_scale, generator=gen)
+                            init_scale=cfg.init_scale, generator=gen, init=cfg.init,
+                            dense_init=self._dense_init)
         self.A = replace_parameter(self.A, full.A[:, self._inrank_in_slice])
         self.B = replace_parameter(self.B, full.B[self._inrank_out_slice])
         g = self.growth

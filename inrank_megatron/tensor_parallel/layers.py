@@ -161,7 +161,8 @@ class InRankColumnParallelLinear(_InRankParallelLinear):
     Args:
         input_size, output_size: full layer shape.
         config: megatron ``ModelParallelConfig`` / ``TransformerConfig``.
-        init_method: accepted for megatron's contract; InRank factors use the reference's init.
+        init_method: the dense layer's init; ``inrank.init=spectral`` factorises a full weight
+            drawn with it (the kaiming init ignores it, as the reference).
         bias: learn a bias (sharded like the output; zero-initialised).
         gather_output: all-gather the output over TP.
         skip_bias_add: return the bias instead of adding it.
@@ -198,7 +199,7 @@ class InRankColumnParallelLinear(_InRankParallelLinear):
                            layer=name)
         self.output_size_per_partition = out_slice.stop - out_slice.start
         self._init_inrank(inrank_config, input_size, output_size, out_slice=out_slice,
-                          params_dtype=config.params_dtype, layer=name)
+                          params_dtype=config.params_dtype, layer=name, dense_init=init_method)
         self._make_bias(bias, self.output_size_per_partition, config.params_dtype)
         self._finish_params()
 
@@ -238,7 +239,8 @@ class InRankRowParallelLinear(_InRankParallelLinear):
     Args:
         input_size, output_size: full layer shape.
         config: megatron ``ModelParallelConfig`` / ``TransformerConfig``.
-        init_method: accepted for megatron's contract; InRank factors use the reference's init.
+        init_method: the dense layer's init; ``inrank.init=spectral`` factorises a full weight
+            drawn with it (the kaiming init ignores it, as the reference).
         bias: learn a bias (zero-initialised).
         input_is_parallel: the input is already split along its last dim (required under SP).
         skip_bias_add: return the bias instead of adding it.
@@ -270,7 +272,7 @@ class InRankRowParallelLinear(_InRankParallelLinear):
                           layer=name)
         self.input_size_per_partition = in_slice.stop - in_slice.start
         self._init_inrank(inrank_config, input_size, output_size, in_slice=in_slice,
-                          params_dtype=config.params_dtype, layer=name)
+                          params_dtype=config.params_dtype, layer=name, dense_init=init_method)
         self._make_bias(bias, output_size, config.params_dtype)
         self._finish_params()
 
