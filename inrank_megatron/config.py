@@ -127,6 +127,17 @@ class InRankSection(InRankConfig):
         "integer is the rank (40), a float in (0, 1] a fraction of the layer's full rank "
         "min(in, out), rounded, at least 1 (0.33), text a run directory whose final per-layer "
         "ranks to take (runs/x); null: InRank growth.", gt=0)
+    lr_multiplier: float = _field(
+        1.0, "Learning rate of the InRank factors (A, B) over train.lr and train.min_lr, through "
+        "the whole schedule (their own optimizer param group, in every backend, kept across "
+        "resizes); factorised layers want their own lr (Qiu et al., arXiv 2406.06248).", gt=0.0)
+    frobenius_decay: float = _field(
+        0.0, "Frobenius decay lambda on each InRank layer's product: lambda/2 ||B A||_F^2 over "
+        "the active slots is added to the training objective (not to the logged loss), so its "
+        "gradients lambda (B^T B) A and lambda B (A A^T) (k x k products; under TP a k x k "
+        "all-reduce) enter AdamW and clipping with the data gradient (Khodak et al., arXiv "
+        "2105.01029). When > 0 it replaces train.weight_decay on the factors (their param group "
+        "gets none); 0: the factors are decayed by train.weight_decay (the reference).", ge=0.0)
 
     def __post_init__(self):
         # Fields are checked one by one when loaded (ConfigError naming the key); keys together

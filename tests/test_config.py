@@ -141,6 +141,9 @@ def test_inrank_section_converts_to_core():
     ("parallel.zero_stage=4", ["parallel.zero_stage", "0, 1, 2, 3"]),
     ("inrank.mode=full", ["inrank.mode", "efficient, cumulative"]),
     ("inrank.init=svd", ["inrank.init", "'svd' is not allowed", "kaiming, spectral"]),
+    ("inrank.lr_multiplier=0", ["inrank.lr_multiplier", "> 0.0", "got 0"]),
+    ("inrank.frobenius_decay=-0.1", ["inrank.frobenius_decay", ">= 0.0", "got -0.1"]),
+    ("inrank.frobenius_decay=high", ["inrank.frobenius_decay", "expected float"]),
     ("inrank.threshold=1", ["inrank.threshold", "< 1.0"]),
     ("train.micro_batch_size=0", ["train.micro_batch_size", ">= 1", "got 0"]),
 ])
@@ -361,6 +364,9 @@ def test_diff_incompatible():
     assert diff_incompatible(saved, tiny("inrank.buffer=8", "data.tokenizer_model=other.model")) \
         == ["inrank.buffer", "data.tokenizer_model"]
     assert diff_incompatible(saved, tiny("model.inrank=false")) == ["model.inrank"]
+    assert diff_incompatible(saved, tiny("inrank.lr_multiplier=2", "inrank.frobenius_decay=0.1",
+                                         "inrank.init=spectral")) == \
+        ["inrank.init", "inrank.lr_multiplier", "inrank.frobenius_decay"]
     dense = tiny("model.inrank=false")
     assert diff_incompatible(dense, tiny("model.inrank=false", "inrank.buffer=8")) == []
 

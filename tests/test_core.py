@@ -290,6 +290,35 @@ def test_spectral_init_needs_efficient_mode():
         InRankConfig(init="orthogonal")
 
 
+@pytest.mark.parametrize("mode", ["efficient", "cumulative"])
+def test_frobenius_penalty_is_autograd_of_the_dense_product(mode):
+    from inrank_megatron.layers.base import frobenius_penalty
+
+    torch.manual_seed(0)
+    cfg = InRankConfig(mode=mode, rank=3, buffer=4, max_rank=20,
+                       stage1_steps=None if mode == "cumulative" else 130)
+    model = torch.nn.Sequential(InRankLinear(48, 80, cfg, dtype=torch.float64),
+                                InRankLinear(80, 48, cfg, dtype=torch.float64))
+    with torch.no_grad():
+        for layer in model:
+            layer.B.normal_()  # cumulative mode starts at B = 0
+    penalty = frobenius_penalty(model, 0.7)
+    penalty.backward()
+    want = 0.0
+    for layer in model:
+        k = layer.active_slots  # 7 of 20 allocated in efficient mode
+        A, B = layer.A.detach()[:k].requires_grad_(), layer.B.detach()[:, :k].requires_grad_()
+        ref = 0.7 / 2 * (B @ A).pow(2).sum()  # the (out, in) product, formed by the reference
+        ref.backward()
+        want += ref.item()
+        torch.testing.assert_close(layer.A.grad[:k], A.grad, rtol=1e-12, atol=0)
+        torch.testing.assert_close(layer.B.grad[:, :k], B.grad, rtol=1e-12, atol=0)
+        assert not layer.A.grad[k:].any() and not layer.B.grad[:, k:].any()
+    assert penalty.item() == pytest.approx(want, rel=1e-13)
+    assert frobenius_penalty(model, 0.0) is None
+    assert frobenius_penalty(torch.nn.Linear(4, 4), 0.7) is None
+
+
 def test_cut_truncates_and_fixes_rank():
     torch.manual_seed(0)
     layer = InRankLinear(48, 80, InRankConfig(rank=4, buffer=6, max_rank=20), dtype=torch.float64)

@@ -6,7 +6,9 @@ against the torch backend.
   ``safe_get_full_optimizer_state``, equal the policy's definition exactly (moved parameters bit
   for bit), including parameters whose numel is not divisible by the data-parallel size; an
   ``extend`` carries every moment with zero new slots; step counts carry (a ``reset`` cut restarts
-  the factor group's). DP=2 at every stage and TP=2 x DP=2 at stage 3; the consolidated checkpoint
+  the factor group's); the param groups keep their lr and weight decay (the factors': the
+  ``inrank.lr_multiplier`` and ``inrank.frobenius_decay`` settings). DP=2 at every stage and
+  TP=2 x DP=2 at stage 3; the consolidated checkpoint
   (``tools/zero_to_fp32.py``) equals the masters. Under every policy the torch and DeepSpeed
   backends keep the same Adam step per parameter and train on to the same losses.
 - End to end (``python -m inrank_megatron.train``, 2 processes, growth and the cut): the losses of
@@ -33,7 +35,11 @@ POLICIES = ("slice", "reset", "project")
 
 
 # ------------------------------------------------------------------------------ resize, by stage
-def _config(tmpdir, stage, tp, mode, ffn, world_size):
+# The factors' own training settings: their param group's lr and decay differ from the others'.
+FACTOR_KEYS = {"lr_multiplier": 2.0, "frobenius_decay": 0.01}
+
+
+def _config(tmpdir, stage, tp, mode, ffn, world_size, **inrank):
     from inrank_megatron.config import from_dict
 
     ds_json = os.path.join(tmpdir, f"zero{stage}.json")
@@ -47,7 +53,7 @@ def _config(tmpdir, stage, tp, mode, ffn, world_size):
         "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                   "ffn_hidden_size": ffn, "seq_length": 16},
         "inrank": {"mode": mode, "rank": 2, "buffer": 6, "warmup": 1, "gap": 1,
-                   "stage1_steps": None},
+                   "stage1_steps": None, **inrank},
         "parallel": {"tensor_model_parallel_size": tp, "backend": "deepspeed",
                      "deepspeed_config": ds_json},
         "train": {"micro_batch_size": 2, "global_batch_size": 4 * dp, "lr": 1e-2, "clip_grad": 0.5,
@@ -102,11 +108,14 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     from inrank_megatron.core.resize import map_slot_state
     from inrank_megatron.growth.controller import named_inrank_layers
     from inrank_megatron.training.backends import deepspeed_compat as compat
-    from inrank_megatron.training.backends.deepspeed_backend import FACTOR_GROUP, DeepSpeedBackend
+    from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
     from inrank_megatron.training.loop import build_model
+    from inrank_megatron.training.optim import FACTOR_GROUP
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
-    cfg = _config(tmpdir, stage, tp, mode, ffn, world_size)
+    # Efficient mode with the factors' own lr and Frobenius decay, cumulative mode without.
+    cfg = _config(tmpdir, stage, tp, mode, ffn, world_size,
+                  **(FACTOR_KEYS if mode == "efficient" else {}))
     groups = init_parallel(tp, 1, backend="gloo")
     set_seeds(1234)
     model = build_model(cfg, VOCAB, tp)
@@ -160,9 +169,14 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     names_of_groups = [g["name"] for g in backend.engine.optimizer.param_groups]
     if names_of_groups != ["decay", "no_decay", FACTOR_GROUP] or len(steps_after) != 3:
         problems.append(f"param groups after the rebuild: {names_of_groups}")
+    factor_keys = cfg.inrank.frobenius_decay > 0
     for group in backend.engine.optimizer.param_groups:
-        want_wd = cfg.train.weight_decay * (0.0 if group["name"] == "no_decay" else 1.0)
-        if group["lr"] != backend.scheduler.get_lr(group) or group["weight_decay"] != want_wd:
+        factors = group["name"] == FACTOR_GROUP
+        no_wd = group["name"] == "no_decay" or (factors and factor_keys)
+        want_wd = cfg.train.weight_decay * (0.0 if no_wd else 1.0)
+        want_max = cfg.train.lr * (cfg.inrank.lr_multiplier if factors else 1.0)
+        if group["lr"] != backend.scheduler.get_lr(group) or group["weight_decay"] != want_wd or \
+                group.get("max_lr", cfg.train.lr) != want_max:
             problems.append(f"group {group['name']}: lr {group['lr']}, wd {group['weight_decay']}")
     if [sorted(n for n, p in model.named_parameters() if id(p) in {id(q) for q in g["params"]})
             for g in backend.param_groups()] != groups_before:
@@ -222,7 +236,7 @@ def _resize_against_torch(rank, world_size, tmpdir, stage):
     from inrank_megatron.training.loop import build_model
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
-    ds_cfg = _config(tmpdir, stage, 1, "efficient", 129, world_size)
+    ds_cfg = _config(tmpdir, stage, 1, "efficient", 129, world_size, **FACTOR_KEYS)
     plain = to_dict(ds_cfg)
     plain["parallel"].update(backend="torch", deepspeed_config=None)
     torch_cfg = from_dict(plain)
@@ -259,7 +273,9 @@ def _resize_against_torch(rank, world_size, tmpdir, stage):
 def test_resize_policies_equal_torch_backend(tmp_path):
     """What a policy does to the moments and to Adam's step is the core's (``resize_state``): the
     torch and DeepSpeed backends keep the same step per parameter (``reset`` restarts the factors'
-    at 0 in both) and train on to the same losses."""
+    at 0 in both) and train on to the same losses, with the factors' lr multiplier and Frobenius
+    decay on (their own param group, rebuilt by the resize; the penalty through ZeRO's gradient
+    reduction)."""
     result = run_distributed(_resize_against_torch, 2, str(tmp_path), 1, timeout=900)[0]
     for policy, by_backend in result.items():
         (torch_steps, torch_losses), (ds_steps, ds_losses) = by_backend["torch"], \

@@ -6,10 +6,11 @@ the full rank, fraction > 1, cumulative mode, missing run directory, a run of an
 are refused naming the key (and the layer); a layer fixed at rank r allocates exactly r slots drawn
 as efficient mode draws them, has the parameters of an InRank layer cut at r, and is the same full
 layer at TP=1 and TP=2 (kaiming and spectral init, whose factors are the truncated SVD of
-megatron's dense draw); and, end to end at TP=2 (slow), a run at another run's learned ranks keeps
-them with no growth and no cut, has exactly that InRank run's parameter count, resumes bit for bit,
-reshards to TP=1 and trains on, and exports (native and Hugging Face) to a model whose validation
-loss is the run's.
+megatron's dense draw); and, end to end at TP=2 (slow) with the factor-training keys (spectral
+init, lr multiplier, Frobenius decay), a run at another run's learned ranks keeps them with no
+growth and no cut, has exactly that InRank run's parameter count, resumes bit for bit, reshards
+to TP=1 and trains on, and exports (native and Hugging Face) to a model whose validation loss is
+the run's.
 """
 
 import json
@@ -228,12 +229,16 @@ def test_fixed_layers_are_the_same_full_layer_at_tp1_and_tp2():
 
 
 # ------------------------------------------------------------------------ end to end, TP = 2
+# The fixed-rank arm trained the way issue 20 trains factors at a given rank: spectral init, the
+# factors' own lr, Frobenius decay instead of weight decay on them. Resume, reshard and exports
+# below therefore hold with these keys too.
+FACTOR_KEYS = ["inrank.init=spectral", "inrank.lr_multiplier=2", "inrank.frobenius_decay=0.01"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tp2_run):
     """An InRank run grown and cut at step 8 of 16 (the session's ``tp2_run``), then a run fixed
     at its learned ranks (with a checkpoint at step 8), and that run resumed from step 8 in
-    another directory."""
-    quick = [*SHORT, "output.tensorboard=false", "train.save_interval=8"]
+    another directory; both with the factor-training keys (:data:`FACTOR_KEYS`)."""
+    quick = [*SHORT, "output.tensorboard=false", "train.save_interval=8", *FACTOR_KEYS]
     root = tmp_path_factory.mktemp("fixed")
     learned = tp2_run
     fixed, resumed = (str(root / n) for n in ("fixed", "resumed"))
@@ -314,7 +319,8 @@ def test_exports_give_the_runs_validation_loss(runs, tmp_path):
 @pytest.mark.slow
 def test_resharded_to_tp1_continues(runs, tmp_path):
     """``reshard`` to TP=1 x DP=2 (no run-directory read: the checkpoint holds the ranks), then
-    training on follows the TP=2 run."""
+    training on follows the TP=2 run (the Frobenius decay's k x k all-reduce at TP=2 against
+    none at TP=1)."""
     from inrank_megatron.convert.layout import reshard
 
     out = str(tmp_path / "tp1")
@@ -322,7 +328,7 @@ def test_resharded_to_tp1_continues(runs, tmp_path):
     reshard(os.path.join(runs["fixed"], "checkpoints", "step_000008"), step, tp=1)
     run_train([*SHORT, "output.tensorboard=false", "train.save_interval=8", f"output.dir={out}",
                f"inrank.fixed_ranks={runs['learned']}", f"output.resume={step}",
-               "parallel.tensor_model_parallel_size=1"])
+               "parallel.tensor_model_parallel_size=1", *FACTOR_KEYS])
     ref = _read(runs["fixed"], "summary.json")
     s = _read(out, "summary.json")
     assert s["ranks"] == ref["ranks"] and s["parameters"] == ref["parameters"]

@@ -1,8 +1,10 @@
 """Tensor-parallel InRank layers at TP = 1, 2, 4 (gloo, CPU): outputs and every parameter gradient
 (gathered) equal the TP=1 layer and a dense reference ``x W^T + b`` with ``W = W0 + B A``, in both
 modes, with bias on/off, skip_bias_add on/off, sequence parallelism on/off and odd shapes; the
-spectrum from TSQR equals the core's on the gathered factors on every rank; efficient-mode layers
-move rank-sized tensors over TP (collectives counted); bad layer settings fail at build time."""
+spectrum from TSQR equals the core's on the gathered factors on every rank; the Frobenius decay's
+value and gradients equal autograd of lambda/2 ||B A||_F^2 on the dense product; efficient-mode
+layers move rank-sized tensors over TP, and the decay one k x k matrix (collectives counted); bad
+layer settings fail at build time."""
 
 import itertools
 
@@ -124,8 +126,25 @@ def _layer_body(rank, world_size):
         # Spectrum from shards (TSQR) vs the core on the gathered active factors.
         s = layer.spectrum(torch.float64)
         s_ref = factor_spectrum(A_full[:k], B_full[:, :k], dtype=torch.float64)
+        # Frobenius decay from shards (k x k Gram all-reduce; under SP the replicated factor's
+        # gradient from one rank, then summed like its data gradient) vs autograd of
+        # lambda/2 ||B A||_F^2 on the dense product of the full factors.
+        layer.zero_grad()
+        penalty = layer.frobenius_penalty(0.3)
+        penalty.backward()
+        allreduce_sequence_parallel_grads(layer, group)
+        sharded_dim = 0 if kind == "column" else 1
+        pA = gather(layer.A.grad, 1) if kind == "row" else layer.A.grad.clone()
+        pB = gather(layer.B.grad, sharded_dim) if kind == "column" else layer.B.grad.clone()
+        Ar, Br = A_full[:k].clone().requires_grad_(), B_full[:, :k].clone().requires_grad_()
+        ref = 0.3 / 2 * (Br @ Ar).pow(2).sum()
+        ref.backward()
+        frob_err = max((penalty - ref).abs().item(), (pA[:k] - Ar.grad).abs().max().item(),
+                       (pB[:, :k] - Br.grad).abs().max().item(),
+                       pA[k:].abs().sum().item() + pB[:, k:].abs().sum().item())  # inactive: 0
         results[case] = dict(y=y_full, gA=gA, gB=gB, gx=gx, gb=gb, dense_err=dense_err,
-                             spec_err=(s - s_ref).abs().max().item(), spectrum=s)
+                             spec_err=(s - s_ref).abs().max().item(), spectrum=s,
+                             frob_err=frob_err / ref.item())
     return results
 
 
@@ -134,6 +153,7 @@ def test_tp_layers_match_tp1_and_dense():
     ref = run_distributed(_layer_body, 1)[0]
     for case, r in ref.items():
         assert r["dense_err"] < 1e-10, (case, r["dense_err"])
+        assert r["frob_err"] < 1e-12, (case, r["frob_err"])
     for tp in (2, 4):
         per_rank = run_distributed(_layer_body, tp)
         for case, r0 in ref.items():
@@ -141,6 +161,7 @@ def test_tp_layers_match_tp1_and_dense():
                 r = res[case]
                 assert r["dense_err"] < 1e-10, (tp, rank, case, r["dense_err"])
                 assert r["spec_err"] < 1e-10, (tp, rank, case)
+                assert r["frob_err"] < 1e-12, (tp, rank, case, r["frob_err"])
                 for key in ("y", "gA", "gB", "gx"):
                     assert torch.allclose(r[key], r0[key], atol=1e-10, rtol=0), (tp, case, key)
                 # TSQR: bit-identical spectrum on every rank of the group.
@@ -186,6 +207,10 @@ def _comm_body(rank, world_size):
             with count_collectives() as bwd:
                 y.sum().backward()
             out[(sp, name)] = ([(r.op, r.shape) for r in fwd], [(r.op, r.shape) for r in bwd])
+            if name.startswith("inrank"):
+                with count_collectives() as frobenius:
+                    layer.frobenius_penalty(0.1).backward()
+                out[(sp, name, "frobenius")] = [(r.op, r.shape) for r in frobenius]
     return out
 
 
@@ -209,6 +234,10 @@ def test_efficient_layers_move_rank_sized_tensors():
     assert res[(True, "inrank_row")] == ([("reduce_scatter", (SEQ, BATCH, k))],
                                           [("all_gather", (SEQ, BATCH, k))])
     assert tokens * k < tokens * IN
+    # Frobenius decay: one k x k all-reduce (the sharded factor's Gram matrix), never in x out.
+    for sp in (False, True):
+        for name in ("inrank_column", "inrank_row"):
+            assert res[(sp, name, "frobenius")] == [("all_reduce", (k, k))], (sp, name)
 
 
 def _bad_body(rank, world_size):

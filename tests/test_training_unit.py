@@ -1,5 +1,7 @@
-"""Single-process pieces of the training loop: the AdamW decay groups (factors decayed, biases and
-norms not), and the torch backend's optimizer state across reallocations: for each resize policy
+"""Single-process pieces of the training loop: the AdamW param groups (factors decayed, biases and
+norms not; the factors in a group of their own: ``inrank.lr_multiplier`` gives exactly the update of
+AdamW at that lr, and ``inrank.frobenius_decay`` exactly the update of AdamW on the objective plus
+lambda/2 ||B A||_F^2 with the factors' weight decay off), and the torch backend's optimizer state across reallocations: for each resize policy
 the moments after the cut equal what the policy defines, exactly; capacity growth carries
 surviving moments exactly with new slots at zero; step counts continue (restart under ``reset``)
 and training goes on."""
@@ -37,19 +39,107 @@ def _train(model, backend, steps, seed=0):
         backend.step()
 
 
-def _backend(model):
-    cfg = load_config(None, ["train.lr=1e-2", "train.lr_warmup_steps=0", "train.clip_grad=0",
-                             "train.lr_decay_style=constant"])
-    return TorchBackend(cfg, model, GROUPS)
+CONSTANT_LR = ["train.lr=1e-2", "train.lr_warmup_steps=0", "train.clip_grad=0",
+               "train.lr_decay_style=constant"]
 
 
-def test_decay_groups_follow_reference():
-    model = Tiny()
-    decay, no_decay = param_groups(model)
-    assert {id(p) for p in decay["params"]} == {id(model.fc.A), id(model.fc.B)}
+def _backend(model, *overrides):
+    return TorchBackend(load_config(None, [*CONSTANT_LR, *overrides]), model, GROUPS)
+
+
+class WithDense(Tiny):
+    """Tiny plus a dense matrix (the decayed group's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = torch.nn.Linear(80, 80, bias=False, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.dense(super().forward(x))
+
+
+def test_param_groups_follow_reference_with_factors_apart():
+    model = WithDense()
+    cfg = load_config(None, [])
+    decay, no_decay, factors = param_groups(model, cfg)
+    assert [g["name"] for g in (decay, no_decay, factors)] == ["decay", "no_decay",
+                                                                 "inrank_factors"]
+    assert [id(p) for p in decay["params"]] == [id(model.dense.weight)]
+    assert [id(p) for p in factors["params"]] == [id(model.fc.A), id(model.fc.B)]
     assert {id(p) for p in no_decay["params"]} == {id(model.fc.bias), id(model.norm.weight),
                                                    id(model.norm.bias)}
-    assert decay["wd_mult"] == 1.0 and no_decay["wd_mult"] == 0.0
+    # The reference: factors decayed like every matrix, at the schedule's lr.
+    assert decay["wd_mult"] == factors["wd_mult"] == 1.0 and no_decay["wd_mult"] == 0.0
+    assert (factors["max_lr"], factors["min_lr"]) == (cfg.train.lr, cfg.train.min_lr)
+    # Frobenius decay replaces weight decay on the factors; the multiplier scales their lr.
+    cfg = load_config(None, ["inrank.frobenius_decay=0.1", "inrank.lr_multiplier=3"])
+    factors = param_groups(model, cfg)[2]
+    assert factors["wd_mult"] == 0.0
+    assert (factors["max_lr"], factors["min_lr"]) == (3 * cfg.train.lr, 3 * cfg.train.min_lr)
+    assert [g["name"] for g in param_groups(torch.nn.Linear(4, 4), cfg)] == ["decay", "no_decay"]
+
+
+class _TinyLoss(TorchBackend):
+    """The torch backend with a loss for Tiny's batches (``{"x": ...}``): squared distance of the
+    normalised output to a fixed target (``pow(2).mean()`` of a LayerNorm output is constant up to
+    its eps, and its gradient is rounding noise that Adam would amplify)."""
+
+    @staticmethod
+    def loss(module, batch):
+        return (module(batch["x"]) - torch.linspace(-1, 1, 80, dtype=torch.float64)).pow(2).mean()
+
+
+@pytest.mark.parametrize("mode", ["efficient", "cumulative"])
+def test_lr_multiplier_and_frobenius_decay_give_the_reference_update(mode):
+    """Through the backend's real path (micro-batches, the penalty on the last one, SlotAdamW,
+    the scheduler's groups): every parameter after 3 steps equals torch AdamW's on a copy whose
+    objective is the mean micro-batch loss plus lambda/2 ||B A||_F^2 of the dense active product
+    (autograd), with lr * multiplier and no weight decay on the factors."""
+    lam, mult = 0.05, 3.0
+    torch.manual_seed(0)
+    model, ref = Tiny(mode), Tiny(mode)
+    with torch.no_grad():
+        model.fc.B.normal_()  # cumulative mode starts at B = 0, where the penalty is flat
+    ref.load_state_dict(model.state_dict())
+    backend = _TinyLoss(load_config(None, [*CONSTANT_LR, f"inrank.frobenius_decay={lam}",
+                                           f"inrank.lr_multiplier={mult}"]), model, GROUPS)
+    k = model.fc.active_slots
+    factors = [ref.fc.A, ref.fc.B]
+    others = [p for p in ref.parameters() if all(p is not q for q in factors)]  # all 1-D
+    opt = torch.optim.AdamW([{"params": factors, "lr": 1e-2 * mult},
+                             {"params": others, "lr": 1e-2}], weight_decay=0.0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        micro = [{"x": torch.randn(8, 48, generator=gen, dtype=torch.float64)} for _ in range(2)]
+        for i, batch in enumerate(micro):
+            backend.forward_backward(batch, 2, last=i == 1)
+        backend.step()
+        opt.zero_grad()
+        W = ref.fc.B[:, :k] @ ref.fc.A[:k]  # (out, in), formed only by the reference
+        loss = sum(_TinyLoss.loss(ref, b) for b in micro) / 2 + lam / 2 * W.pow(2).sum()
+        loss.backward()
+        opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=name)
+    assert backend.optimizer.param_groups[-1]["lr"] == 1e-2 * mult
+
+
+def test_factor_lr_follows_the_schedule_times_the_multiplier():
+    """Warm-up and cosine decay: the factors' lr is the multiplier times the others' at every step
+    (megatron's scheduler, from the group's max_lr / min_lr), before and after a resize."""
+    torch.manual_seed(0)
+    model = WithDense()
+    backend = TorchBackend(load_config(None, ["train.lr_warmup_steps=3", "train.steps=10",
+                                              "inrank.lr_multiplier=0.5"]), model, GROUPS)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(8):
+        model(torch.randn(4, 48, generator=gen, dtype=torch.float64)).pow(2).mean().backward()
+        backend.step()
+        if step == 4:
+            backend.resize([model.fc.cut(step=5)], "slice")
+        dense, _, factors = backend.optimizer.param_groups
+        assert factors["params"] == [model.fc.A, model.fc.B]
+        assert factors["lr"] == pytest.approx(0.5 * dense["lr"], rel=1e-12) and dense["lr"] > 0
 
 
 @pytest.mark.parametrize("policy", ["slice", "reset", "project"])
@@ -124,8 +214,9 @@ def test_slot_adamw_equals_adamw_bit_for_bit(monkeypatch, foreach, mode):
     new.load_state_dict(ref.state_dict())
     kw = dict(lr=3e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, foreach=foreach)
     backends = [_backend(ref), _backend(new)]  # for their resize(); stepped directly below
-    plain = backends[0].optimizer = torch.optim.AdamW(param_groups(ref), **kw)
-    slot = backends[1].optimizer = SlotAdamW(param_groups(new), slot_layers=[new.fc], **kw)
+    cfg = load_config(None, [])
+    plain = backends[0].optimizer = torch.optim.AdamW(param_groups(ref, cfg), **kw)
+    slot = backends[1].optimizer = SlotAdamW(param_groups(new, cfg), slot_layers=[new.fc], **kw)
     seen, real_adam = {"plain": set(), "slot": set()}, adam_module.adam
     monkeypatch.setattr(adam_module, "adam", lambda params, *a, **k: (
         seen[current].update(tuple(p.shape) for p in params if p.dim() == 2),

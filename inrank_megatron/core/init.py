@@ -50,7 +50,7 @@ def init_factors(mode: str, in_features: int, out_features: int, slots: int, *,
     ``efficient``, ``init="kaiming"``: A and B ``kaiming_uniform_(a=sqrt(5))`` times
     ``init_scale``, as the reference (the fan-in of B is its slot count, the pre-allocated
     ``max_rank``).
-    ``efficient``, ``init="spectral"`` (Khodak et al., arXiv 2105.01029, section 3): the balanced
+    ``efficient``, ``init="spectral"`` (Khodak et al., arXiv 2105.01029): the balanced
     factors of the truncated SVD of a standard dense init ``W`` (:func:`dense_init_weight`):
     ``B = U_s S_s^{1/2}``, ``A = S_s^{1/2} V_s^T`` over all ``s = slots`` allocated slots, each
     times ``init_scale``. Slot ``i`` holds the ``i``-th singular direction, so the first ``k``

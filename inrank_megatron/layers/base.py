@@ -1,10 +1,12 @@
 """What every InRank linear layer has, sharded or not: factor storage, growth state, the spectrum of
-its active product, rank growth, the stage-1 -> stage-2 cut and capacity growth.
+its active product, Frobenius decay of that product, rank growth, the stage-1 -> stage-2 cut and
+capacity growth.
 
 A layer holds ``A`` (``[slots, in_shard]``) and ``B`` (``[out_shard, slots]``) and, in cumulative mode,
 a frozen buffer ``w0`` (``[out_shard, in_shard]``). Which dimension is sharded is the subclass's
 business: it passes the slices of the full factors it owns and overrides :meth:`_reduce_r` to combine
-per-shard ``R`` factors (TSQR); the rank (slot) dimension is never sharded. No torch.distributed here.
+per-shard ``R`` factors (TSQR) and :meth:`_reduce_gram` to sum per-shard Gram matrices; the rank
+(slot) dimension is never sharded. No torch.distributed here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from inrank_megatron.core.config import InRankConfig
+from inrank_megatron.core.frobenius import FrobeniusPenalty, gram_dtype
 from inrank_megatron.core.growth import GrowthState
 from inrank_megatron.core.init import init_factors
 from inrank_megatron.core.resize import FactorResize
@@ -161,6 +164,32 @@ class InRankFactorsMixin:
             else self.factor_r(dtype)
         return spectrum_from_r(R_A, R_B, min(self.full_in_features, self.full_out_features))
 
+    # ---- Frobenius decay ---------------------------------------------------------------------
+
+    def _reduce_gram(self, gram: torch.Tensor, role: str) -> torch.Tensor:
+        """Sum per-shard Gram matrices (``A A^T`` or ``B^T B``) of factor ``role`` into the full
+        factor's. Unsharded layers return ``gram`` as is; tensor-parallel layers all-reduce it."""
+        return gram
+
+    def _frobenius_grad_scale(self, role: str) -> float:
+        """Multiplier on the penalty's gradient of factor ``role`` on this process: 1, unless
+        another process's copy of it is summed in (tensor-parallel layers override this)."""
+        return 1.0
+
+    def frobenius_penalty(self, coefficient: float) -> torch.Tensor:
+        """``coefficient/2 ||B A||_F^2`` of the active product (:mod:`inrank_megatron.core.frobenius`):
+        a scalar whose backward adds ``coefficient (B^T B) A`` to ``A``'s gradient and
+        ``coefficient B (A A^T)`` to ``B``'s, with ``k x k`` Gram matrices (reduced over shards)
+        and never the ``in x out`` product. The same value on every tensor-parallel rank."""
+        A, B = self.active_factors()
+        dtype = gram_dtype(A.dtype)
+        with torch.no_grad():
+            gram_A = self._reduce_gram(A.to(dtype) @ A.to(dtype).T, "A")  # (k, k)
+            gram_B = self._reduce_gram(B.to(dtype).T @ B.to(dtype), "B")  # (k, k)
+        return FrobeniusPenalty.apply(A, B, gram_A, gram_B, coefficient,
+                                      self._frobenius_grad_scale("A"),
+                                      self._frobenius_grad_scale("B"))
+
     # ---- growth, the cut, capacity -----------------------------------------------------------
 
     @property
@@ -296,6 +325,16 @@ class InRankFactorsMixin:
 def inrank_layers(model: torch.nn.Module):
     """``(name, layer)`` of every InRank layer of ``model``, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, InRankFactorsMixin)]
+
+
+def frobenius_penalty(model: torch.nn.Module, coefficient: float) -> Optional[torch.Tensor]:
+    """``coefficient/2`` times the sum of ``||B A||_F^2`` over the InRank layers of ``model`` (this
+    process's pipeline stage), or None when there is nothing to penalise (``coefficient`` 0, or no
+    InRank layer). Collective over each layer's tensor-parallel group."""
+    layers = inrank_layers(model)
+    if not coefficient or not layers:
+        return None
+    return sum(layer.frobenius_penalty(coefficient) for _, layer in layers)
 
 
 def name_inrank_layers(model: torch.nn.Module, prefix: str = "") -> None:

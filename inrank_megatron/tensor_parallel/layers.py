@@ -113,6 +113,20 @@ class _InRankParallelLinear(InRankFactorsMixin, torch.nn.Module):
             return R
         return tsqr_r(R, self.tp_group)
 
+    def _reduce_gram(self, gram: torch.Tensor, role: str) -> torch.Tensor:
+        if role != self._sharded_role or self.tp_world_size == 1:
+            return gram
+        gram = gram.contiguous()
+        torch.distributed.all_reduce(gram, group=self.tp_group)  # k x k, never in x out
+        return gram
+
+    def _frobenius_grad_scale(self, role: str) -> float:
+        # Under SP a replicated factor's gradient is summed over TP (it is marked
+        # sequence_parallel); every rank computes the same penalty gradient, so one rank adds it.
+        if role != self._sharded_role and self.sequence_parallel and self.tp_rank > 0:
+            return 0.0
+        return 1.0
+
     def _output(self, output: torch.Tensor):
         if self.skip_bias_add:
             return output, self.bias

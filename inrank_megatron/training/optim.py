@@ -1,5 +1,6 @@
-"""Optimizer pieces shared by every backend: AdamW decay groups (the reference's), megatron's LR
-scheduler, and the global gradient norm under tensor parallelism."""
+"""Optimizer pieces shared by every backend: AdamW param groups (the reference's decay split, the
+InRank factors' own lr and decay), megatron's LR scheduler, and the global gradient norm under
+tensor parallelism."""
 
 from __future__ import annotations
 
@@ -9,20 +10,49 @@ import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from inrank_megatron.config import TrainConfig
+from inrank_megatron.layers.base import inrank_layers
 
 # Autocast dtype of each reduced training precision (fp32 runs without autocast).
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """AdamW groups as the reference: matrices (InRank factors, dense weights, embeddings) decayed;
-    biases and norm weights (1-D) not. ``wd_mult`` is read by megatron's scheduler."""
-    decay, no_decay = [], []
+FACTOR_GROUP = "inrank_factors"
+
+
+def factor_params(model: torch.nn.Module) -> list:
+    """The InRank factors (``A``, ``B`` of every InRank layer), in module order."""
+    return [p for _, layer in inrank_layers(model) for p in (layer.A, layer.B)]
+
+
+def factor_group_settings(cfg: TrainConfig) -> dict:
+    """What the InRank factors' param group sets apart from the others: ``max_lr`` / ``min_lr``
+    (``inrank.lr_multiplier`` times ``train.lr`` / ``train.min_lr``; megatron's scheduler reads
+    them per group) and ``wd_mult`` (0 when ``inrank.frobenius_decay`` replaces weight decay on
+    the factors)."""
+    m = cfg.inrank.lr_multiplier
+    return {"max_lr": cfg.train.lr * m, "min_lr": cfg.train.min_lr * m,
+            "wd_mult": 0.0 if cfg.inrank.frobenius_decay > 0 else 1.0}
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: the reference's decay split (matrices decayed, biases and norm weights, 1-D,
+    not), with the InRank factors in a group of their own (:func:`factor_group_settings`; ZeRO
+    also keeps one Adam step per group). ``wd_mult`` is read by megatron's scheduler; empty groups
+    are left out."""
+    factors = {id(p) for p in factor_params(model)}
+    decay, no_decay, grown = [], [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "wd_mult": 1.0, "name": "decay"},
-            {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"}]
+        if not p.requires_grad:
+            continue
+        if id(p) in factors:
+            grown.append(p)
+        else:
+            # ZeRO-3 leaves a partitioned parameter's data empty: its shape is ds_shape.
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "wd_mult": 1.0, "name": "decay"},
+              {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"},
+              {"params": grown, "name": FACTOR_GROUP, **factor_group_settings(cfg)}]
+    return [g for g in groups if g["params"]]
 
 
 class SlotAdamW(torch.optim.AdamW):

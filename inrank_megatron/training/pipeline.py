@@ -78,12 +78,17 @@ class PipelineSchedule:
         self._send(out, self.next)
         return x, out, None
 
-    def _backward(self, x, out) -> None:
+    def _backward(self, x, out, last: bool) -> None:
+        # The step's last micro-batch carries the Frobenius decay of this stage's InRank layers.
+        penalty = self.backend.frobenius_penalty() if last else None
         if self.groups.last_stage:
-            out.backward()
+            (out if penalty is None else out + penalty).backward()
         else:
             grad = self._recv(self.next).to(out.dtype)
-            torch.autograd.backward(out, grad)
+            if penalty is None:
+                torch.autograd.backward(out, grad)
+            else:
+                torch.autograd.backward([out, penalty], [grad, torch.ones_like(penalty)])
         if x is not None:
             self._send(x.grad, self.prev)
 
@@ -112,11 +117,18 @@ class PipelineSchedule:
 
         for i in range(warmup):
             forward(i)
+        done = 0  # backwards so far; the m-th is the step's last micro-batch
+
+        def backward():
+            nonlocal done
+            done += 1
+            self._backward(*pending.pop(0), last=done == m)
+
         for i in range(warmup, m):
             forward(i)
-            self._backward(*pending.pop(0))
+            backward()
         while pending:
-            self._backward(*pending.pop(0))
+            backward()
         self._wait_sends()
         return self._broadcast_losses(losses, m)
 

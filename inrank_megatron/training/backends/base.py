@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from inrank_megatron.core.resize import resize_state
+from inrank_megatron.layers.base import frobenius_penalty
 
 
 class Backend:
@@ -37,8 +38,19 @@ class Backend:
         return (losses.float() * mask).sum() / mask.sum().clamp_min(1)
 
     def forward_backward(self, batch: dict, num_microbatches: int, *, last: bool) -> torch.Tensor:
-        """Forward and backward one micro-batch; returns its (unscaled) loss."""
+        """Forward and backward one micro-batch; returns its (unscaled) loss. The step's last
+        micro-batch also back-propagates :meth:`frobenius_penalty` (once per step)."""
         raise NotImplementedError
+
+    def frobenius_penalty(self):
+        """``inrank.frobenius_decay``'s term of the step's objective: ``lambda/2`` times the sum of
+        ``||B A||_F^2`` over this rank's InRank layers (:func:`inrank_megatron.layers.base.
+        frobenius_penalty`), or None (decay off, or no InRank layer). Added once per optimizer
+        step, next to the last micro-batch's ``loss / num_microbatches``, so that its gradient
+        goes through the same DP reduction, loss scaling and clipping as the data gradient; the
+        logged loss leaves it out."""
+        decay = self.cfg.inrank.frobenius_decay if self.cfg.model.inrank else 0.0
+        return frobenius_penalty(self.model, decay)
 
     def step(self) -> dict:
         """Reduce, clip and apply the accumulated gradients; advance the LR schedule.

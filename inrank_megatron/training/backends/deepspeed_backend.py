@@ -10,9 +10,11 @@ What comes from where:
 - The DeepSpeed JSON holds ZeRO settings only; batch sizes, ``gradient_clipping`` and bf16/fp16
   are written into it from the YAML (:func:`deepspeed_config`); a JSON that sets them otherwise is
   refused (:func:`check_deepspeed_config`).
-- ``torch.optim.AdamW`` over three param groups: dense matrices (decayed), 1-D parameters (not
-  decayed) and the InRank factors (decayed) in a group of their own, because ZeRO keeps one Adam
-  ``step`` per group (a ``reset`` cut restarts the factors' step: core ``resize_state``). megatron's ``OptimizerParamScheduler``
+- ``torch.optim.AdamW`` over the param groups of every backend (``training.optim.param_groups``):
+  dense matrices (decayed), 1-D parameters (not decayed) and the InRank factors in a group of
+  their own (``inrank.lr_multiplier``, ``inrank.frobenius_decay``), which ZeRO also needs because
+  it keeps one Adam ``step`` per group (a ``reset`` cut restarts the factors' step: core
+  ``resize_state``). megatron's ``OptimizerParamScheduler``
   sets the groups' lr and weight decay once per optimizer step, as in the torch backend.
 - ``mpu=`` is :class:`~inrank_megatron.training.backends.deepspeed_compat.MegatronMPU`, so that
   ZeRO partitions over megatron's data-parallel group and counts TP shards once in the norm.
@@ -49,10 +51,11 @@ from inrank_megatron.growth.controller import named_inrank_layers
 from inrank_megatron.rules import DEEPSPEED_KEY, read_deepspeed_json, zero_stage
 from inrank_megatron.training.backends import deepspeed_compat as compat
 from inrank_megatron.training.backends.base import Backend
-from inrank_megatron.training.optim import build_scheduler, global_grad_norm
+from inrank_megatron.training.optim import (
+    build_scheduler, factor_params, global_grad_norm, param_groups,
+)
 
 TAG = DEEPSPEED_DIR  # the DeepSpeed checkpoint lives in <step dir>/deepspeed/
-FACTOR_GROUP = "inrank_factors"
 # JSON keys the YAML owns: (DeepSpeed key, YAML key).
 _FROM_YAML = (("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
               ("gradient_accumulation_steps", "train.global_batch_size / (train.micro_batch_size"
@@ -227,38 +230,16 @@ class DeepSpeedBackend(Backend):
 
     # ---- engine -------------------------------------------------------------------------------
 
-    def factor_params(self) -> list:
-        """The InRank factors (``A``, ``B`` of every InRank layer), in module order."""
-        return [p for _, layer in named_inrank_layers(self.model) for p in (layer.A, layer.B)]
-
-    def param_groups(self) -> list:
-        """AdamW groups: the reference's decay split (``training.optim.param_groups``), with the
-        InRank factors (decayed) moved to a group of their own."""
-        factors = {id(p) for p in self.factor_params()}
-        decay, no_decay, grown = [], [], []
-        for p in self.model.parameters():
-            if not p.requires_grad:
-                continue
-            if id(p) in factors:
-                grown.append(p)
-            else:
-                # ZeRO-3 leaves a partitioned parameter's data empty: its shape is ds_shape.
-                (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "wd_mult": 1.0, "name": "decay"},
-                  {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"},
-                  {"params": grown, "wd_mult": 1.0, "name": FACTOR_GROUP}]
-        return [g for g in groups if g["params"]]
-
     def _build_engine(self):
         import deepspeed
 
         t = self.cfg.train
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=t.lr,
+        optimizer = torch.optim.AdamW(param_groups(self.model, self.cfg), lr=t.lr,
                                       betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                       weight_decay=t.weight_decay)
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                config=copy.deepcopy(self.ds_config), mpu=self.mpu)
-        compat.keep_full(engine, self.factor_params())
+        compat.keep_full(engine, factor_params(self.model))
         self._state_linked = False
         return engine
 
@@ -279,7 +260,9 @@ class DeepSpeedBackend(Backend):
             raise RuntimeError("DeepSpeed's micro-step counter is out of step with the loop "
                                f"(boundary={boundary}, last={last})")
         loss = self.loss(engine, batch)
-        engine.backward(loss)
+        penalty = self.frobenius_penalty() if last else None
+        # engine.backward divides by gradient_accumulation_steps (= num_microbatches).
+        engine.backward(loss if penalty is None else loss + num_microbatches * penalty)
         if not last:
             engine.step()
         return loss.detach()
@@ -388,7 +371,7 @@ class DeepSpeedBackend(Backend):
         """Zeroed state is created first, then each item's master and moments are written to this
         rank's partitions. ZeRO keeps one Adam step per param group: the items of one group
         must agree (a ValueError names the parameter otherwise)."""
-        groups = self.param_groups()
+        groups = param_groups(self.model, self.cfg)
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         steps = [None] * len(groups)
         compat.create_zeroed_state(self.engine, [torch.tensor(0.0)] * len(groups))

@@ -32,7 +32,9 @@ import torch
 
 from inrank_megatron.core.resize import MOMENTS
 from inrank_megatron.training.backends.base import Backend
-from inrank_megatron.training.optim import AMP_DTYPES, build_scheduler
+from inrank_megatron.training.optim import (
+    AMP_DTYPES, FACTOR_GROUP, build_scheduler, factor_group_settings, factor_params,
+)
 
 # Distributed-optimizer checkpoints: one ShardedTensor per buffer, reshardable over DP
 # (DistributedOptimizer.sharded_state_dict).
@@ -42,6 +44,27 @@ _DIST_OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 def use_distributed_optimizer(cfg) -> bool:
     """The distributed optimizer is megatron's ZeRO-1: selected by ``parallel.zero_stage >= 1``."""
     return (cfg.parallel.zero_stage or 0) >= 1
+
+
+def config_overrides(cfg, model, config) -> dict:
+    """megatron's param-group overrides that give the groups of ``optim.param_groups``: its
+    standard ones (1-D parameters and biases get ``wd_mult`` 0; everything else is decayed) and
+    the InRank factors' (:func:`~inrank_megatron.training.optim.factor_group_settings`: their
+    ``max_lr`` / ``min_lr`` and ``wd_mult``), matched by identity, so that the rebuild after a
+    resize finds the new factors.
+
+    Args:
+        cfg: the run's TrainConfig.
+        model: the module whose parameters the optimizer gets.
+        config: megatron's ``OptimizerConfig``.
+    """
+    from megatron.core.optimizer import ParamKey, ParamPredicate, get_standard_config_overrides
+
+    factors = {id(p) for p in factor_params(model)}
+    overrides = get_standard_config_overrides(config)
+    overrides[ParamKey(predicate=ParamPredicate(name=FACTOR_GROUP, fn=lambda p: id(p) in factors))] \
+        = factor_group_settings(cfg)
+    return overrides
 
 
 class MegatronBackend(Backend):
@@ -75,15 +98,15 @@ class MegatronBackend(Backend):
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
             use_distributed_optimizer=self.distributed)
         self.ddp = DistributedDataParallel(self.model.config, ddp_config, self.model)
-        # megatron's default groups are ours (optim.param_groups): 1-D parameters and biases get
-        # wd_mult 0, everything else is decayed; lr/min_lr become each group's max_lr/min_lr.
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+        config = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
             clip_grad=t.clip_grad if t.clip_grad > 0 else 0.0,
             bf16=t.precision == "bf16", fp16=t.precision == "fp16",
             initial_loss_scale=t.initial_loss_scale if t.precision == "fp16" else 2 ** 32,
-            use_distributed_optimizer=self.distributed), [self.ddp])
+            use_distributed_optimizer=self.distributed)
+        self.optimizer = get_megatron_optimizer(
+            config, [self.ddp], config_overrides=config_overrides(self.cfg, self.model, config))
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
@@ -107,6 +130,9 @@ class MegatronBackend(Backend):
         with self._autocast():
             loss = self.loss(self.ddp, self._batch(batch))
         scaled = loss / num_microbatches
+        penalty = self.frobenius_penalty() if last else None
+        if penalty is not None:
+            scaled = scaled + penalty
         scale = self.optimizer.get_loss_scale()  # 1 unless fp16
         (scaled * scale).backward()
         return loss.detach()

@@ -37,7 +37,7 @@ class TorchBackend(Backend):
         if self.device is not None:
             model.cuda(self.device)
         # AdamW, skipping the moment arithmetic of stage 1's unused factor slots (bit-identical).
-        self.optimizer = SlotAdamW(param_groups(model), lr=t.lr,
+        self.optimizer = SlotAdamW(param_groups(model, cfg), lr=t.lr,
                                    betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                    weight_decay=t.weight_decay,
                                    slot_layers=[layer for _, layer in named_inrank_layers(model)])
@@ -71,9 +71,11 @@ class TorchBackend(Backend):
         with self._autocast():
             return self.loss(self.ddp, self.to_device(batch))
 
-    def backward(self, loss: torch.Tensor, num_microbatches: int) -> None:
-        """Accumulate the gradient of ``loss / num_microbatches`` (scaled under fp16)."""
+    def backward(self, loss: torch.Tensor, num_microbatches: int, penalty=None) -> None:
+        """Accumulate the gradient of ``loss / num_microbatches + penalty`` (scaled under fp16)."""
         scaled = loss / num_microbatches
+        if penalty is not None:
+            scaled = scaled + penalty
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         scaled.backward()
@@ -82,7 +84,7 @@ class TorchBackend(Backend):
         sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
         with sync:
             loss = self.forward(batch)
-            self.backward(loss, num_microbatches)
+            self.backward(loss, num_microbatches, self.frobenius_penalty() if last else None)
         return loss.detach()
 
     @torch.no_grad()
