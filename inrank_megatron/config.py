@@ -3,7 +3,7 @@
     python -m inrank_megatron.train --config configs/tiny-cpu.yaml train.lr=3e-4 model.inrank=false
 
     cfg = load_config("configs/tiny-cpu.yaml", ["train.steps=50"])  # types, enums, ranges
-    validate_layout(cfg, world_size=2)                                # everything that spans keys
+    rules.validate(cfg, world_size=2)   # everything that spans keys (inrank_megatron.rules)
 
 Every field has a type, a default and a one-line meaning (``field(metadata={"help": ...})``), from
 which :mod:`inrank_megatron.config_reference` renders ``configs/README.md``
@@ -47,6 +47,26 @@ RECOMPUTE = ("none", "selective", "full")
 
 class ConfigError(ValueError):
     """A bad configuration; the message names the full dotted key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One problem: the dotted key, its value, what is expected, and the one-line message.
+
+    ``message`` defaults to ``"KEY=VALUE: expected EXPECTED"``.
+    """
+
+    key: str
+    value: Any
+    expected: str
+    message: str = ""
+
+    def __str__(self) -> str:
+        if self.message:
+            return self.message
+        shown = repr(self.value) if isinstance(self.value, str) else format_value(self.value)
+        return f"{self.key}={shown}: expected {self.expected}"
+
 
 
 def _field(default, help: str, *, choices=None, **bounds):
@@ -513,7 +533,7 @@ def load_config(path: Optional[str], overrides: list[str] = (),
     (:data:`ONLY_READ_WITH`: ``data.tokenizer=gpt2`` and the file's ``data.tokenizer_model``)
     drops that other key's file value, unless an override sets it too; each such implication is
     appended to ``notes`` as one line for the user. Cross-key rules that depend on the world size
-    are :func:`validate_layout`'s job.
+    are :func:`inrank_megatron.rules.validate`'s job.
 
     Args:
         path: YAML file; None or ``""`` means all defaults.
@@ -602,16 +622,28 @@ def inrank_layer_shapes(cfg: TrainConfig) -> dict[str, tuple[int, int]]:
     return {kind: shapes[kind] for kind in cfg.inrank.layers}
 
 
-def validate_layout(cfg: TrainConfig, world_size: int) -> None:
-    """Every rule that spans keys (:data:`inrank_megatron.rules.RULES`, scope ``config``), for a run
-    on ``world_size`` processes; the fields are re-checked first (a config may be built in code).
-
-    Raises:
-        ConfigError: listing every failure, each naming the key and the value expected.
-    """
-    from inrank_megatron import rules
-
-    rules.validate(cfg, world_size)
+def inrank_fit_failures(cfg: TrainConfig) -> list[Failure]:
+    """What of ``cfg.inrank`` does not fit its layers, whatever ``model.inrank`` says (the planner
+    counts the InRank twin of a dense config too)."""
+    ir, out = cfg.inrank, []
+    for kind, (n_in, n_out) in inrank_layer_shapes(cfg).items():
+        n = min(n_in, n_out)
+        max_rank = ir.layer_max_rank(n_in, n_out)
+        shape = f"layer {kind} ({n_in} -> {n_out}) has max_rank={max_rank}"
+        if max_rank > n:
+            out.append(Failure("inrank.max_rank", max_rank, f"<= {n}",
+                               f"inrank.max_rank={max_rank} exceeds min(in, out)={n} of layer "
+                               f"{kind} ({n_in} -> {n_out}); expected <= {n}"))
+        elif ir.buffer >= max_rank:
+            out.append(Failure("inrank.buffer", ir.buffer, f"< {max_rank}",
+                               f"inrank.buffer={ir.buffer} is too large: {shape}; expected "
+                               f"inrank.buffer < {max_rank}"))
+        elif ir.rank + ir.buffer > max_rank:
+            out.append(Failure("inrank.rank", ir.rank, f"<= {max_rank - ir.buffer}",
+                               f"inrank.rank + inrank.buffer = {ir.rank} + {ir.buffer} = "
+                               f"{ir.rank + ir.buffer} does not fit: {shape}; expected "
+                               f"inrank.rank <= {max_rank - ir.buffer}"))
+    return out
 
 
 # Keys that may not change when a run resumes from a checkpoint: they change the parameters or the

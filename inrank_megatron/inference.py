@@ -6,7 +6,7 @@
     texts = inrank_megatron.inference.generate_text("exports/tiny-inrank", "The history of")
 
 :class:`GPT` is a small nanoGPT-style transformer with megatron ``GPTModel``'s parameter names
-(:mod:`inrank_megatron.export.layout`), so a checkpoint's tensors load unchanged. An InRank layer
+(:mod:`inrank_megatron.checkpoint.layout`), so a checkpoint's tensors load unchanged. An InRank layer
 keeps its factors and computes ``(x A^T) B^T (+ x W0^T) + bias`` (spec section 2) over its active
 slots; every other linear is dense. Besides our GPT-2-style default it runs what the training
 config can build: RoPE, SwiGLU, RMSNorm, untied output layer, no biases.
@@ -311,7 +311,7 @@ def load(path: str, *, tokenizer_model: Optional[str] = None) -> GPT:
     Returns:
         The model; ``model.tokenizer_info`` says how :func:`load_tokenizer` builds its tokenizer.
     """
-    from inrank_megatron.export.checkpoint import load_checkpoint
+    from inrank_megatron.checkpoint.reader import load_checkpoint
     from inrank_megatron.export.files import SENTENCEPIECE_FILE, SOURCE_FILE
     from inrank_megatron.data.tokenizers import GPT2_VOCAB_SIZE
     from inrank_megatron.export.hf_gpt2 import (

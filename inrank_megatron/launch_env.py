@@ -291,7 +291,8 @@ def check(config: str, world_size: int, overrides: Sequence[str] = (),
         A one-line summary, e.g. ``"world 2 = TP 2 x PP 1 x DP 1, backend torch"``.
 
     Raises:
-        ConfigError: from :func:`inrank_megatron.config.load_config` or ``validate_layout``, or
+        ConfigError: from :func:`inrank_megatron.config.load_config` or
+            :func:`inrank_megatron.rules.validate`, or
             ``train_module`` not found.
     """
     import importlib.util
@@ -309,17 +310,16 @@ def check(config: str, world_size: int, overrides: Sequence[str] = (),
                               "inrank_megatron.train with the package installed")
 
     from inrank_megatron import rules
-    from inrank_megatron.training.data import split_report
 
     notes: list = []
     cfg = load_config(config, list(overrides), notes)
     # What the trainer's pre-flight checks but this machine's devices: the configuration and the
     # files the run reads (data, tokenizer, DeepSpeed JSON, output dir, resume).
-    rules.validate(cfg, world_size, scopes=("config", "files"))
+    found = rules.validate(cfg, world_size, scopes=("config", "files"))
     # What the overrides implied and what is legal but dubious, before the summary (last line).
     for note in notes:
         print(f"note: {note}")
-    for warning in split_report(cfg)[1]:
+    for warning in found["split_warnings"]:
         print(f"warning: {warning}")
     p = cfg.parallel
     return (f"world {world_size} = TP {p.tensor_model_parallel_size} x PP "

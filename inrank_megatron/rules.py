@@ -4,10 +4,9 @@
     validate(cfg, world_size=16)                  # ConfigError listing them all
     validate(cfg, world_size, scopes=ALL_SCOPES)  # the trainer's pre-flight: this machine too
 
-Who runs them: :func:`inrank_megatron.config.validate_layout` (training, convert, export, the
-launch scripts' pre-flight ``python -m inrank_megatron.launch_env check``) and
-:func:`inrank_megatron.train.check_supported` run :func:`validate`; the planner
-(``planning.layout_checks``, ``tools/plan.py``) shows each rule as a pass/FAIL row; and
+Who runs them: training (``inrank_megatron.train``: every scope), convert, import and the launch
+scripts' pre-flight (``python -m inrank_megatron.launch_env check``) run :func:`validate`; the
+planner (``planning.plan.layout_checks``, ``tools/plan.py``) shows each rule as a pass/FAIL row; and
 ``configs/README.md`` lists each rule's ``doc`` (:func:`render_rules`). A rule therefore cannot
 pass in one place and fail in another.
 
@@ -36,42 +35,32 @@ Fields one at a time (types, allowed values, ranges) are the schema's job
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 from inrank_megatron.config import (
-    ConfigError, TrainConfig, check_fields, data_parallel_size, format_value,
-    grad_accumulation_steps, inrank_layer_shapes,
+    ConfigError, Failure, TrainConfig, check_fields, data_parallel_size, grad_accumulation_steps,
+    inrank_fit_failures, inrank_layer_shapes,
 )
+from inrank_megatron.deepspeed_json import DEEPSPEED_KEY, read_deepspeed_json, zero_stage
 
 SCOPES = ("config", "machine", "files")
 ALL_SCOPES = SCOPES
 
 TP = "parallel.tensor_model_parallel_size"
 PP = "parallel.pipeline_model_parallel_size"
-DEEPSPEED_KEY = "parallel.deepspeed_config"
 
 
 @dataclass(frozen=True)
-class Failure:
-    """One problem: the dotted key, its value, what is expected, and the one-line message.
+class Finding:
+    """What a rule computed on the way that its caller needs as well (the checkpoint to resume,
+    the split's warnings): a rule yields it next to its failures and :func:`validate` returns it
+    by ``name``, so that the work (a pickle scan, an index read) runs once per process."""
 
-    ``message`` defaults to ``"KEY=VALUE: expected EXPECTED"``.
-    """
-
-    key: str
+    name: str
     value: Any
-    expected: str
-    message: str = ""
-
-    def __str__(self) -> str:
-        if self.message:
-            return self.message
-        shown = repr(self.value) if isinstance(self.value, str) else format_value(self.value)
-        return f"{self.key}={shown}: expected {self.expected}"
 
 
 @dataclass(frozen=True)
@@ -86,13 +75,20 @@ class Rule:
     world: bool = False
     summary: Optional[Callable[[TrainConfig, Optional[int]], str]] = None
 
-    def failures(self, cfg: TrainConfig, world_size: Optional[int]) -> list[Failure]:
-        """Every failure of this rule (a ConfigError raised inside counts as one)."""
+    def run(self, cfg: TrainConfig, world_size: Optional[int]) -> tuple[list, list]:
+        """``(failures, findings)`` of this rule (a ConfigError raised inside counts as one
+        failure)."""
         try:
-            return list(self.fn(cfg, world_size) or ())
+            items = list(self.fn(cfg, world_size) or ())
         except ConfigError as error:
             key = self.keys[0] if self.keys else ""
-            return [Failure(key, None, "", str(error))]
+            return [Failure(key, None, "", str(error))], []
+        return ([i for i in items if isinstance(i, Failure)],
+                [i for i in items if isinstance(i, Finding)])
+
+    def failures(self, cfg: TrainConfig, world_size: Optional[int]) -> list[Failure]:
+        """Every failure of this rule (a ConfigError raised inside counts as one)."""
+        return self.run(cfg, world_size)[0]
 
     def describe(self, cfg: TrainConfig, world_size: Optional[int]) -> str:
         """The planner's text for a pass (``"not checked: ..."`` where another rule's failure
@@ -126,26 +122,43 @@ def applicable(world_size: Optional[int], scopes: Iterable[str] = ("config",)) -
 
 
 def check(cfg: TrainConfig, world_size: Optional[int] = None,
-          scopes: Iterable[str] = ("config",)) -> list[Failure]:
+          scopes: Iterable[str] = ("config",), found: Optional[dict] = None) -> list[Failure]:
     """Every failure of every rule in ``scopes`` (rules needing a world size are skipped without
     one). The fields are re-checked first (a config may be built in code).
+
+    Args:
+        found: receives the rules' :class:`Finding` values by name (None: dropped).
 
     Raises:
         ConfigError: a field alone is wrong (the first one).
     """
     check_fields(cfg)
-    return [f for r in applicable(world_size, scopes) for f in r.failures(cfg, world_size)]
+    failures = []
+    for r in applicable(world_size, scopes):
+        failed, findings = r.run(cfg, world_size)
+        failures += failed
+        if found is not None:
+            found.update((f.name, f.value) for f in findings)
+    return failures
 
 
 def validate(cfg: TrainConfig, world_size: Optional[int] = None,
-             scopes: Iterable[str] = ("config",)) -> None:
+             scopes: Iterable[str] = ("config",)) -> dict:
     """:func:`check`, raising one ``ConfigError`` that lists every failure (``"; "``-joined, one
-    line) and carries them as ``error.failures``."""
-    failures = check(cfg, world_size, scopes)
+    line) and carries them as ``error.failures``.
+
+    Returns:
+        What the rules found, by name: with the ``files`` scope ``"resume_path"`` (the checkpoint
+        to resume, or None: :func:`inrank_megatron.checkpoint.resume.resolve_resume`) and
+        ``"split_warnings"`` (:func:`inrank_megatron.data.checks.split_report`).
+    """
+    found: dict = {}
+    failures = check(cfg, world_size, scopes, found)
     if failures:
         error = ConfigError("; ".join(str(f) for f in failures))
         error.failures = failures
         raise error
+    return found
 
 
 def render_rules() -> str:
@@ -157,39 +170,6 @@ def render_rules() -> str:
                  "files": " *(trainer only: files on disk)*"}[r.scope]
         lines.append(f"- **{r.name}** ({keys}){where}: {r.doc}")
     return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------- the DeepSpeed JSON
-def read_deepspeed_json(path: Optional[str], key: str = DEEPSPEED_KEY) -> dict:
-    """The DeepSpeed JSON at ``path`` (the one reader of it).
-
-    Raises:
-        ConfigError: naming ``key``: no path, no file, not JSON, not an object.
-    """
-    if path is None:
-        raise ConfigError(f"{key} is required when parallel.backend=deepspeed; expected the path "
-                          "of a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{key}={path!r}: file not found; expected the path of a DeepSpeed JSON")
-    try:
-        with open(path, encoding="utf-8") as f:
-            ds = json.load(f)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{key}={path!r} is not readable JSON ({error}); expected a DeepSpeed "
-                          "JSON object") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{key}={path!r} holds a {type(ds).__name__}; expected a DeepSpeed "
-                          "JSON object")
-    return ds
-
-
-def zero_stage(cfg: TrainConfig, ds: Optional[dict] = None) -> int:
-    """The ZeRO stage a deepspeed run uses: ``parallel.zero_stage``, else the JSON's
-    ``zero_optimization.stage`` (default 0)."""
-    if cfg.parallel.zero_stage is not None:
-        return cfg.parallel.zero_stage
-    ds = read_deepspeed_json(cfg.parallel.deepspeed_config) if ds is None else ds
-    return int((ds.get("zero_optimization") or {}).get("stage", 0))
 
 
 # ------------------------------------------------------------------------------------ the rules
@@ -491,30 +471,6 @@ def _inrank_fit(cfg, world_size):
         yield from inrank_fit_failures(cfg)
 
 
-def inrank_fit_failures(cfg: TrainConfig) -> list[Failure]:
-    """What of ``cfg.inrank`` does not fit its layers, whatever ``model.inrank`` says (the planner
-    counts the InRank twin of a dense config too)."""
-    ir, out = cfg.inrank, []
-    for kind, (n_in, n_out) in inrank_layer_shapes(cfg).items():
-        n = min(n_in, n_out)
-        max_rank = ir.layer_max_rank(n_in, n_out)
-        shape = f"layer {kind} ({n_in} -> {n_out}) has max_rank={max_rank}"
-        if max_rank > n:
-            out.append(Failure("inrank.max_rank", max_rank, f"<= {n}",
-                               f"inrank.max_rank={max_rank} exceeds min(in, out)={n} of layer "
-                               f"{kind} ({n_in} -> {n_out}); expected <= {n}"))
-        elif ir.buffer >= max_rank:
-            out.append(Failure("inrank.buffer", ir.buffer, f"< {max_rank}",
-                               f"inrank.buffer={ir.buffer} is too large: {shape}; expected "
-                               f"inrank.buffer < {max_rank}"))
-        elif ir.rank + ir.buffer > max_rank:
-            out.append(Failure("inrank.rank", ir.rank, f"<= {max_rank - ir.buffer}",
-                               f"inrank.rank + inrank.buffer = {ir.rank} + {ir.buffer} = "
-                               f"{ir.rank + ir.buffer} does not fit: {shape}; expected "
-                               f"inrank.rank <= {max_rank - ir.buffer}"))
-    return out
-
-
 @rule("fixed ranks", ("inrank.fixed_ranks", "inrank.mode"),
       "with `model.inrank=true` and `inrank.fixed_ranks` set: efficient mode; an integer rank "
       "within `min(in, out)` of every InRank layer, or a fraction in (0, 1]. A run directory's "
@@ -613,7 +569,7 @@ def _megatron_cuda(cfg, world_size):
 def _deepspeed_json(cfg, world_size):
     if cfg.parallel.backend != "deepspeed":
         return ()
-    from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_config
+    from inrank_megatron.deepspeed_json import check_deepspeed_config
 
     check_deepspeed_config(cfg, world_size)
     return ()
@@ -624,7 +580,7 @@ def _deepspeed_json(cfg, world_size):
       "existing ones are a Megatron index (header, version, dtype) and a .bin of exactly the "
       "tokens the index describes.", scope="files")
 def _data_files(cfg, world_size):
-    from inrank_megatron.training.data import check_data_config
+    from inrank_megatron.data.checks import check_data_config
 
     check_data_config(cfg)
     return ()
@@ -634,10 +590,12 @@ def _data_files(cfg, world_size):
       "`data.split` gives the valid split at least one document of the existing dataset (fewer "
       "than 3 documents in train or valid is a warning).", scope="files")
 def _data_split(cfg, world_size):
-    from inrank_megatron.training.data import split_report
+    from inrank_megatron.data.checks import split_report
 
-    for error in split_report(cfg)[0]:
+    errors, warnings = split_report(cfg)
+    for error in errors:
         yield Failure("data.split", cfg.data.split, "a split giving valid documents", error)
+    yield Finding("split_warnings", warnings)
 
 
 @rule("tokenizer file", ("data.tokenizer_model",),
@@ -682,7 +640,7 @@ def _output_dir(cfg, world_size):
       "`output.resume=auto` finds a checkpoint there or an empty directory: nothing a run did not "
       "write is overwritten.", scope="files")
 def _output_dir_state(cfg, world_size):
-    from inrank_megatron.checkpoint_format import CHECKPOINTS_DIR
+    from inrank_megatron.checkpoint import CHECKPOINTS_DIR
     from inrank_megatron.run_dir import check_not_locked, entries
 
     o = cfg.output
@@ -711,10 +669,9 @@ def _output_dir_state(cfg, world_size):
       "`inrank.resize_policy`) and tokenizer; the message gives the values it needs.",
       scope="files")
 def _resume(cfg, world_size):
-    from inrank_megatron.train import resolve_resume
+    from inrank_megatron.checkpoint.resume import resolve_resume
 
-    resolve_resume(cfg, world_size)
-    return ()
+    yield Finding("resume_path", resolve_resume(cfg, world_size))
 
 
 # Bytes per training sample of megatron's GPTDataset index: the shuffle index (int64) and the
@@ -756,7 +713,7 @@ def _index_fits(cfg, world_size):
       "one micro-batch's activations (`tools/plan.py`'s estimate) fit in a GPU's memory, or on "
       "CPU in the host's memory shared by the node's processes.", scope="machine", world=True)
 def _activations_fit(cfg, world_size):
-    from inrank_megatron.planning import activation_memory
+    from inrank_megatron.planning.activations import activation_memory
 
     have, what = _memory_bytes()
     if what == "host memory":

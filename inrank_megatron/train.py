@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
-from typing import Optional
 
 from inrank_megatron import rules
-from inrank_megatron.checkpoint_format import CheckpointError
-from inrank_megatron.config import (
-    ConfigError, TrainConfig, diff_incompatible, format_value, from_dict, get_value, load_config,
-)
-from inrank_megatron.run_dir import check_not_locked, lock_output_dir
+from inrank_megatron.checkpoint import CheckpointError
+from inrank_megatron.config import ConfigError, load_config
+from inrank_megatron.run_dir import lock_output_dir
 
 
 def parse_args(argv=None):
@@ -39,93 +35,6 @@ def parse_args(argv=None):
                    help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     return p.parse_args(argv)
-
-
-def resolve_resume(cfg: TrainConfig, world_size: int):
-    """The checkpoint to resume from (or None), checked against this run's config and layout, its
-    pickled files checked for code (nothing is loaded yet)."""
-    from inrank_megatron.checkpoint_format import (
-        CHECKPOINTS_DIR, check_pickles, is_complete, read_meta,
-    )
-
-    resume = cfg.output.resume
-    if resume == "none":
-        return None
-    try:
-        if resume == "auto":
-            path = auto_resume_path(os.path.join(cfg.output.dir, CHECKPOINTS_DIR))
-            if path is None:
-                return None
-        else:
-            path = resume
-            if not os.path.isdir(path):
-                raise ConfigError(f"output.resume={resume!r}: no such checkpoint directory")
-            reason = is_complete(path)
-            if reason:
-                raise ConfigError(f"output.resume={resume!r} is not a complete checkpoint: {reason}")
-        meta = read_meta(path)
-        check_pickles(path)
-    except CheckpointError as e:
-        raise ConfigError(f"output.resume={resume!r}: {e}") from None
-    saved = from_dict(meta.config)
-    changed = diff_incompatible(saved, cfg)
-    if changed:
-        needed = " ".join(f"{key}={format_value(get_value(saved, key))}" for key in changed)
-        now = ", ".join(f"{key}={format_value(get_value(cfg, key))}" for key in changed)
-        raise ConfigError(f"output.resume: checkpoint {path} was trained with {needed} (this run: "
-                          f"{now}); resume with those values (or start a new output.dir)")
-    # A weights-only checkpoint (tools/import_hf.py, to-dense) is a megatron dist checkpoint of the
-    # model and nothing else: every backend starts from it with a fresh optimizer.
-    if meta.backend != cfg.parallel.backend and not meta.weights_only:
-        raise ConfigError(f"output.resume: checkpoint {path} was written by backend "
-                          f"{meta.backend!r}, this run uses parallel.backend="
-                          f"{cfg.parallel.backend!r}; convert it with tools/convert_checkpoint.py "
-                          f"{'from' if meta.backend == 'deepspeed' else 'to'}-deepspeed")
-    root = os.path.join(cfg.output.dir, CHECKPOINTS_DIR)
-    later = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else ())
-                   if re.fullmatch(r"step_\d{6,}", n) and int(n[5:]) > meta.step)
-    if later:
-        raise ConfigError(f"output.resume: {root} already holds {', '.join(later[:3])}, after the "
-                          f"resumed step {meta.step}; this run would have to replace them: resume "
-                          "the newest one, or choose another output.dir")
-    if meta.step >= cfg.train.steps:
-        raise ConfigError(f"output.resume: checkpoint {path} is at step {meta.step}, "
-                          f"train.steps={cfg.train.steps}: nothing left to train; expected "
-                          f"train.steps > {meta.step}")
-    return path
-
-
-def auto_resume_path(root: str):
-    """``output.resume=auto``: the newest complete (verified) step directory of ``root``, which
-    is the one ``latest`` names unless a save was killed between its rename and the move of
-    ``latest``, or ``latest`` is missing; None when ``root`` holds no step directory at all.
-
-    Raises:
-        CheckpointError: step directories exist but none is complete (never start fresh over
-            them), or ``latest`` names something other than a step directory of ``root``.
-    """
-    from inrank_megatron.checkpoint_format import complete_step_dirs, is_complete, read_latest
-
-    read_latest(root)  # refuses a latest that points anywhere else
-    complete = complete_step_dirs(root)
-    if complete:
-        return complete[-1]
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) \
-        if os.path.isdir(root) else []
-    if not steps:
-        return None
-    raise CheckpointError(f"{root} holds {', '.join(steps)} but no complete checkpoint "
-                          f"({is_complete(os.path.join(root, steps[-1]))}); refusing to start "
-                          "fresh over them: resume one with output.resume=<step dir>, or choose "
-                          "another output.dir")
-
-
-def check_supported(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
-    """The configuration rules and what this machine cannot run (megatron without CUDA):
-    :func:`inrank_megatron.rules.validate` with the ``config`` and ``machine`` scopes."""
-    from inrank_megatron import rules
-
-    rules.validate(cfg, world_size, scopes=("config", "machine"))
 
 
 # Seconds a failed rank other than 0 waits before it reports (see main).
@@ -161,18 +70,16 @@ def main(argv=None) -> int:
     try:
         notes: list = []
         cfg = load_config(args.config, args.overrides, notes)
-        check_not_locked(cfg.output.dir)  # a second run into a running one's output.dir
         # Every rule: the config's, this machine's (CUDA) and the files' (data, DeepSpeed JSON,
-        # tokenizer, the output directory's kind and state, resume).
-        rules.validate(cfg, env["world_size"], scopes=rules.ALL_SCOPES)
-        resume_path = resolve_resume(cfg, env["world_size"])
-        if resume_path is None:
+        # tokenizer, the output directory's kind, lock and state, resume), each run once.
+        found = rules.validate(cfg, env["world_size"], scopes=rules.ALL_SCOPES)
+        resume_path = found["resume_path"]
+        fixed_ranks = None
+        if resume_path is None:  # a resumed run takes its ranks from the checkpoint
             from inrank_megatron.training.fixed_ranks import resolve_fixed_ranks
 
-            resolve_fixed_ranks(cfg)  # a fixed-rank run's ranks (a run directory read) are sound
-        from inrank_megatron.training.data import split_report
-
-        notes += [f"warning: {w}" for w in split_report(cfg)[1]]
+            fixed_ranks = resolve_fixed_ranks(cfg)  # a run directory's ranks read and checked
+        notes += [f"warning: {w}" for w in found["split_warnings"]]
         if env["rank"] == 0:
             lock_output_dir(cfg.output.dir)  # before anything is written; held until exit
     except ConfigError as e:
@@ -187,7 +94,8 @@ def main(argv=None) -> int:
     from inrank_megatron.training.parallel import shutdown
 
     try:
-        summary = train(cfg, resume_path=resume_path, dist_backend=env["backend"])
+        summary = train(cfg, resume_path=resume_path, fixed_ranks=fixed_ranks,
+                        dist_backend=env["backend"])
     except CheckpointError as e:  # a refused checkpoint file: one line, nothing of it ran
         if env["rank"] == 0:
             print(f"error: {e}", file=sys.stderr)

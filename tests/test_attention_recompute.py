@@ -196,11 +196,12 @@ def test_full_recompute_keeps_autocast():
     (["model.recompute=full", "model.recompute_num_layers=5"], "exceeds the 4 transformer"),
 ])
 def test_recompute_rules(overrides, message):
-    from inrank_megatron.config import ConfigError, load_config, validate_layout
+    from inrank_megatron.config import ConfigError, load_config
+    from inrank_megatron import rules
 
     cfg = load_config("tests/tiny.yaml", overrides)
     with pytest.raises(ConfigError, match=message):
-        validate_layout(cfg, 2)
+        rules.validate(cfg, 2)
     ok = load_config("tests/tiny.yaml", ["model.recompute=full", "model.attention=sdpa",
                                                "model.recompute_num_layers=4"])
-    validate_layout(ok, 2)
+    rules.validate(ok, 2)

@@ -86,7 +86,7 @@ def test_one_launch_reports_the_planners_bytes_and_slots(tmp_path, capsys):
     """A real (tiny) run through launch/torchrun.sh: all four arms, the bytes of parameters,
     gradients and AdamW moments equal the planner's counts x 4 bytes, the slots are the planner's
     rank at the fraction (plus the buffer in stage 1), the FLOP-ideal is the planner's."""
-    from inrank_megatron.planning import count_parameters, flops_per_token
+    from inrank_megatron.planning.estimates import count_parameters, flops_per_token
     from tools.bench_step import main
 
     out = tmp_path / "bench.json"

@@ -8,9 +8,9 @@ Pins down:
   (listing the valid keys, with a "did you mean" hint), wrong type (int accepted for float, bool
   rejected for int, text rejected for numbers, null only for Optional), a disallowed or
   out-of-range value, an override without '='.
-- Every rule of `validate_layout` fires with a message naming its key and the expected value,
+- Every rule of `rules.validate` fires with a message naming its key and the expected value,
   including InRank rank settings checked against each layer kind's own full shape.
-- tests/tiny.yaml (the suite's copy of tiny-cpu's spec-like settings) loads and passes `validate_layout(world_size=2)`, dense variant too.
+- tests/tiny.yaml (the suite's copy of tiny-cpu's spec-like settings) loads and passes `rules.validate(world_size=2)`, dense variant too.
 - configs/README.md is what tools/config_doc.py generates now.
 - `diff_incompatible` flags model/inrank/tokenizer changes and ignores schedule/output changes.
 
@@ -29,8 +29,9 @@ import pytest
 from inrank_megatron import config as C
 from inrank_megatron.config import (
     ConfigError, TrainConfig, data_parallel_size, diff_incompatible, from_dict,
-    grad_accumulation_steps, load_config, save_config, to_dict, validate_layout,
+    grad_accumulation_steps, load_config, save_config, to_dict,
 )
+from inrank_megatron import rules
 from inrank_megatron.config_reference import render_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,7 +199,7 @@ def test_tokenizer_switch_drops_the_inherited_sentencepiece_model():
     assert notes == ["data.tokenizer=gpt2 implies data.tokenizer_model=null (the value "
                      f"'data/wiki_sp8k.model' in {TINY} is only read by "
                      "data.tokenizer=sentencepiece)"]
-    validate_layout(cfg, 2)
+    rules.validate(cfg, 2)
     # Said on the command line, the model is kept (and is the rules' to judge); no switch, no note.
     cfg = load_config(TINY, ["data.tokenizer=gpt2", "data.tokenizer_model=m.model"], notes := [])
     assert cfg.data.tokenizer_model == "m.model" and notes == []
@@ -247,7 +248,7 @@ LAYOUT_ERRORS = [
      ["parallel.pipeline_model_parallel_size=2", "not supported", "expected 1"]),
     (["parallel.deepspeed_config={ds}"], 2, ["parallel.deepspeed_config", "expected null"]),
     # The planner and the trainer used to disagree here (the trainer refused it after
-    # validate_layout had passed it): one rule now.
+    # rules.validate had passed it): one rule now.
     (["parallel.pipeline_model_parallel_size=2", "parallel.backend=megatron"], 4,
      ["parallel.pipeline_model_parallel_size=2", "parallel.backend='megatron'", "expected 1"]),
     (["parallel.zero_stage=2"], 2, ["parallel.zero_stage=2", "expected null"]),
@@ -283,7 +284,7 @@ LAYOUT_ERRORS = [
 def test_layout_error(overrides, world_size, expected, ds_json):
     cfg = tiny(*[o.format(ds=ds_json) for o in overrides])  # loads: each field alone is fine
     with pytest.raises(ConfigError) as info:
-        validate_layout(cfg, world_size)
+        rules.validate(cfg, world_size)
     for text in expected:
         assert text in str(info.value), (text, str(info.value))
 
@@ -305,23 +306,23 @@ def test_layout_error(overrides, world_size, expected, ds_json):
     (["data.tokenizer=gpt2", "data.tokenizer_model=null", "data.split=100"], 2),
 ])
 def test_layout_ok(overrides, world_size, ds_json):
-    validate_layout(tiny(*[o.format(ds=ds_json) for o in overrides]), world_size)
+    rules.validate(tiny(*[o.format(ds=ds_json) for o in overrides]), world_size)
 
 
 def test_layout_rechecks_fields_of_a_config_built_in_code():
     cfg = tiny()
     cfg.inrank.layers = ["fc1", "mlp"]
     with pytest.raises(ConfigError, match=r"inrank.layers: 'mlp' is not allowed"):
-        validate_layout(cfg, 2)
+        rules.validate(cfg, 2)
     cfg = tiny()
     cfg.train.steps = True
     with pytest.raises(ConfigError, match=r"train.steps: expected int, got true"):
-        validate_layout(cfg, 2)
+        rules.validate(cfg, 2)
 
 
 def test_tiny_cpu_config():
     cfg = tiny()
-    validate_layout(cfg, world_size=2)
+    rules.validate(cfg, world_size=2)
     assert cfg.parallel.tensor_model_parallel_size == 2
     assert data_parallel_size(cfg, 2) == 1 and grad_accumulation_steps(cfg, 2) == 2
     assert C.inrank_layer_shapes(cfg) == {"fc1": (128, 512), "fc2": (512, 128)}
@@ -382,27 +383,27 @@ def test_every_failure_is_reported_with_its_key():
         ("inrank.buffer", 64), ("inrank.buffer", 64), ("train.min_lr", 0.1)]
     assert [f.expected for f in failures[1:]] == ["null", "< 64", "< 64", "<= 0.001"]
     with pytest.raises(ConfigError) as info:
-        validate_layout(cfg, 3)
+        rules.validate(cfg, 3)
     assert info.value.failures == failures
     assert str(info.value) == "; ".join(str(f) for f in failures)
     assert "\n" not in str(info.value)  # the launch scripts print it as one line
 
 
 def test_megatron_distributed_optimizer_passes_the_trainer_and_the_planner_alike():
-    # It used to pass validate_layout and FAIL tools/plan.py ("only read by deepspeed").
+    # It used to pass rules.validate and FAIL tools/plan.py ("only read by deepspeed").
     from inrank_megatron import rules
-    from inrank_megatron.planning import plan
+    from inrank_megatron.planning.plan import plan
 
     for stage, strategy in ((None, "zero0"), (0, "zero0"), (1, "megatron")):
         cfg = load_config(os.path.join(ROOT, "configs", "gpt2-medium.yaml"),
                           ["parallel.backend=megatron", f"parallel.zero_stage={format(stage)}"
                            if stage is not None else "parallel.zero_stage=null"])
-        validate_layout(cfg, 8)
+        rules.validate(cfg, 8)
         p = plan(cfg, 1, 8)
         assert p.ok and p.strategy == strategy, [c for c in p.checks if not c.ok]
     cfg.parallel.zero_stage = 2
     with pytest.raises(ConfigError, match="parallel.zero_stage=2 with parallel.backend=megatron"):
-        validate_layout(cfg, 8)
+        rules.validate(cfg, 8)
     assert [c.name for c in plan(cfg, 1, 8).checks if not c.ok] == ["backend"]
     assert [c.name for c in plan(cfg, 1, 8).checks] == [r.name for r in rules.applicable(8)]
 

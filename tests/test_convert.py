@@ -15,14 +15,14 @@ from tests.distributed import REPO, SHORT, read_summary, run_distributed, run_tr
 
 
 def _loss_body(rank, world_size, step_dir):
-    from inrank_megatron.checkpoint_format import read_meta
+    from inrank_megatron.checkpoint import read_meta
     from inrank_megatron.config import from_dict
     from inrank_megatron.data.tokenizers import build_tokenizer
     from inrank_megatron.growth.controller import GrowthController
-    from inrank_megatron.training import checkpoint as ckpt
+    from inrank_megatron.checkpoint import manager as ckpt
     from inrank_megatron.training.backends import build_backend
     from inrank_megatron.training.data import build_datasets, step_microbatches
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.models.gpt import build_model
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
     meta = read_meta(step_dir)

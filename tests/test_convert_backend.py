@@ -40,8 +40,8 @@ def _close(a, b, tol=1e-6):
 
 @pytest.mark.slow
 def test_zero2_to_torch_resume_continues_the_deepspeed_run(tmp_path):
-    from inrank_megatron.export.checkpoint import read_dist_tensors, unmap_dist_key
-    from inrank_megatron.training.backends.deepspeed_backend import consolidate_checkpoint
+    from inrank_megatron.checkpoint.reader import read_dist_tensors, unmap_dist_key
+    from inrank_megatron.checkpoint.deepspeed import consolidate_checkpoint
 
     ds = str(tmp_path / "ds")
     policy = "inrank.resize_policy=reset"
@@ -88,7 +88,7 @@ def test_torch_to_zero2_resume_continues_the_dp2_run(dp2_run, tmp_path):
 
 @pytest.mark.slow
 def test_round_trip_through_zero3_at_tp2_is_bit_identical(dp2_run, tmp_path):
-    from inrank_megatron.export.checkpoint import read_dist_tensors
+    from inrank_megatron.checkpoint.reader import read_dist_tensors
 
     src = os.path.join(dp2_run, "checkpoints", "step_000012")
     mid = str(tmp_path / "ds3" / "step_000012")

@@ -106,10 +106,10 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     from megatron.core import parallel_state
 
     from inrank_megatron.core.resize import map_slot_state
-    from inrank_megatron.growth.controller import named_inrank_layers
+    from inrank_megatron.layers.base import named_inrank_layers
     from inrank_megatron.training.backends import deepspeed_compat as compat
+    from inrank_megatron.models.gpt import build_model
     from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
-    from inrank_megatron.training.loop import build_model
     from inrank_megatron.training.optim import FACTOR_GROUP
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
@@ -230,10 +230,10 @@ def _resize_against_torch(rank, world_size, tmpdir, stage):
     from megatron.core import parallel_state
 
     from inrank_megatron.config import from_dict, to_dict
-    from inrank_megatron.growth.controller import named_inrank_layers
+    from inrank_megatron.layers.base import named_inrank_layers
     from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
     from inrank_megatron.training.backends.torch_ddp import TorchBackend
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.models.gpt import build_model
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
     ds_cfg = _config(tmpdir, stage, 1, "efficient", 129, world_size, **FACTOR_KEYS)
@@ -291,12 +291,12 @@ def _checkpoint_body(rank, world_size, tmpdir, stage, tp):
     """Train, cut, save; return this rank's full masters (all ranks agree on replicated ones)."""
     from megatron.core import parallel_state
 
-    from inrank_megatron.checkpoint_format import Meta
+    from inrank_megatron.checkpoint import Meta
     from inrank_megatron.config import to_dict
     from inrank_megatron.growth.controller import GrowthController
-    from inrank_megatron.training import checkpoint as ckpt
+    from inrank_megatron.checkpoint import manager as ckpt
     from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.models.gpt import build_model
     from inrank_megatron.training.parallel import init_parallel, rng_state, set_seeds
 
     cfg = _config(tmpdir, stage, tp, "efficient", 128, world_size)
@@ -326,7 +326,7 @@ def _checkpoint_body(rank, world_size, tmpdir, stage, tp):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,tp,world", [(0, 1, 2), (2, 1, 2), (3, 2, 4)])
 def test_zero_to_fp32_consolidates_masters(stage, tp, world, tmp_path):
-    from inrank_megatron.training.backends.deepspeed_backend import save_consolidated
+    from inrank_megatron.checkpoint.deepspeed import save_consolidated
 
     results = run_distributed(_checkpoint_body, world, str(tmp_path), stage, tp, timeout=900)
     path = results[0][0]
@@ -443,7 +443,7 @@ def _cfg(tmp_path, ds: dict, **train):
 ])
 def test_bad_deepspeed_json_is_refused_naming_the_key(ds, key, tmp_path):
     from inrank_megatron.config import ConfigError
-    from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_config
+    from inrank_megatron.deepspeed_json import check_deepspeed_config
 
     cfg = _cfg(tmp_path, ds, clip_grad=0.5, precision="bf16" if "stage 0" in key else "fp32")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")):
@@ -451,9 +451,7 @@ def test_bad_deepspeed_json_is_refused_naming_the_key(ds, key, tmp_path):
 
 
 def test_matching_json_and_yaml_pass(tmp_path):
-    from inrank_megatron.training.backends.deepspeed_backend import (
-        check_deepspeed_config, deepspeed_config,
-    )
+    from inrank_megatron.deepspeed_json import check_deepspeed_config, deepspeed_config
 
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
           "train_batch_size": 8, "gradient_clipping": 0.5, "bf16": {"enabled": False},
@@ -483,7 +481,7 @@ def _fake_checkpoint(path, slots, shape_slots, rank, stage="fixed"):
 
 def test_checkpoint_with_contradicting_factor_shapes_is_refused(tmp_path):
     from inrank_megatron.config import ConfigError
-    from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_checkpoint
+    from inrank_megatron.checkpoint.deepspeed import check_deepspeed_checkpoint
 
     _fake_checkpoint(tmp_path / "ok", 7, 7, 7)
     check_deepspeed_checkpoint(str(tmp_path / "ok"))

@@ -82,10 +82,10 @@ def _megatron_logits(rank, world_size, paths, tokens, tokenizer_model):
     from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
     from inrank_megatron import enable_cpu_fallback
-    from inrank_megatron.export.checkpoint import checkpoint_vocab_size, read_checkpoint_config
+    from inrank_megatron.checkpoint.reader import checkpoint_vocab_size, read_checkpoint_config
     from inrank_megatron.growth.controller import GrowthController
-    from inrank_megatron.training import checkpoint as ckpt
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.checkpoint import manager as ckpt
+    from inrank_megatron.models.gpt import build_model
 
     enable_cpu_fallback()
     parallel_state.initialize_model_parallel(world_size)
@@ -121,8 +121,8 @@ def _megatron_other_architecture(rank, world_size, overrides, tokens):
 
     from inrank_megatron import enable_cpu_fallback
     from inrank_megatron.config import load_config
-    from inrank_megatron.export.layout import inrank_layer_names
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.checkpoint.layout import inrank_layer_names
+    from inrank_megatron.models.gpt import build_model
 
     enable_cpu_fallback()
     parallel_state.initialize_model_parallel(1)
@@ -175,7 +175,8 @@ def hf_model(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["efficient", "cumulative"])
 def test_export_hf_matches_megatron(runs, reference, tmp_path, mode):
-    from inrank_megatron.export import export_hf, load_checkpoint
+    from inrank_megatron.checkpoint.reader import load_checkpoint
+    from inrank_megatron.export import export_hf
 
     ckpt = load_checkpoint(runs[mode], tokenizer_model=SP_MODEL)
     logits, state = reference[mode]
@@ -211,7 +212,8 @@ def test_import_cumulative_round_trip(hf_model, tmp_path):
 
     from inrank_megatron import inference
     from inrank_megatron.data.tokenizers import build_tokenizer
-    from inrank_megatron.export import export_hf, load_checkpoint
+    from inrank_megatron.checkpoint.reader import load_checkpoint
+    from inrank_megatron.export import export_hf
 
     imported = tmp_path / "imported"
     proc = _tool("import_hf.py", hf_model, imported, "--mode", "cumulative", "inrank.buffer=4")
@@ -268,7 +270,7 @@ def test_import_efficient_truncated_svd(hf_model, tmp_path):
 
     from inrank_megatron import inference
     from inrank_megatron.core import explained_ratios
-    from inrank_megatron.export import load_checkpoint
+    from inrank_megatron.checkpoint.reader import load_checkpoint
 
     original = load_file(os.path.join(hf_model, "model.safetensors"))
     tokens = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -319,12 +321,13 @@ def source_run(tmp_path_factory):
     """A run directory whose checkpoint has random weights everywhere, vocabulary padding rows and
     non-zero B factors included (what training leaves: the padding rows train through the
     softmax), written by the training checkpoint writer (not by import_hf)."""
-    from inrank_megatron.checkpoint_format import Meta, write_latest
+    from inrank_megatron.checkpoint import Meta, write_latest
     from inrank_megatron.config import load_config
-    from inrank_megatron.export.from_hf import (
-        inrank_state, single_process_megatron, write_training_checkpoint,
+    from inrank_megatron.checkpoint.writer import (
+        single_process_megatron, write_training_checkpoint,
     )
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.convert.from_hf import inrank_state
+    from inrank_megatron.models.gpt import build_model
 
     cfg = load_config(None, TINY_RUN)
     dense_cfg = load_config(None, [*TINY_RUN, "model.inrank=false"])
@@ -362,7 +365,9 @@ def test_hf_round_trip_is_loss_exact(source_run, tmp_path):
     """Issue 15 item 6: export -> import -> evaluate gives the source run's loss (6.1776 vs 6.1641
     before: the export dropped the vocabulary padding rows and import padded with zeros).
     Also item 8: the exported weights are 0644 like the other files (safetensors wrote 0600)."""
-    from inrank_megatron.export import export_hf, import_hf, load_checkpoint
+    from inrank_megatron.checkpoint.reader import load_checkpoint
+    from inrank_megatron.convert import import_hf
+    from inrank_megatron.export import export_hf
 
     source = load_checkpoint(source_run)
     out = tmp_path / "hf"
@@ -388,8 +393,10 @@ def test_import_writes_a_run_that_resume_auto_continues(source_run, tmp_path):
     chose (no --config: a default inrank.buffer too big for the model, cumulative's
     stage1_steps) are in meta.json."""
     from inrank_megatron.config import load_config
-    from inrank_megatron.export import export_hf, import_hf, load_checkpoint
-    from inrank_megatron.train import resolve_resume
+    from inrank_megatron.checkpoint.reader import load_checkpoint
+    from inrank_megatron.convert import import_hf
+    from inrank_megatron.export import export_hf
+    from inrank_megatron.checkpoint.resume import resolve_resume
 
     hf = tmp_path / "hf"
     export_hf(load_checkpoint(source_run), str(hf))
@@ -413,7 +420,9 @@ def test_import_writes_a_run_that_resume_auto_continues(source_run, tmp_path):
 
 
 def test_import_refuses_what_it_cannot_express(hf_model_fast, tmp_path):
-    from inrank_megatron.export import CheckpointError, UnsupportedModelError, import_hf
+    from inrank_megatron.checkpoint.reader import CheckpointError
+    from inrank_megatron.convert import import_hf
+    from inrank_megatron.export import UnsupportedModelError
 
     path, config = hf_model_fast
     out = tmp_path / "out"
@@ -450,7 +459,8 @@ def hf_model_fast(tmp_path):
 @pytest.mark.slow
 def test_native_export_is_smaller_by_the_parameter_ratio(runs, reference, tmp_path):
     from inrank_megatron import inference
-    from inrank_megatron.export import export_hf, load_checkpoint
+    from inrank_megatron.checkpoint.reader import load_checkpoint
+    from inrank_megatron.export import export_hf
 
     ckpt = load_checkpoint(runs["efficient"], tokenizer_model=SP_MODEL)
     native, dense = tmp_path / "native", tmp_path / "dense"
@@ -571,7 +581,7 @@ def test_partial_checkpoint_is_refused(runs, tmp_path):
 
 @pytest.mark.slow
 def test_factor_shapes_contradicting_the_ranks_are_refused(runs, tmp_path):
-    from inrank_megatron.export import CheckpointError, load_checkpoint
+    from inrank_megatron.checkpoint.reader import CheckpointError, load_checkpoint
 
     step = tmp_path / "step"
     shutil.copytree(os.path.join(runs["efficient"], "checkpoints", "step_000010"), step)
@@ -629,7 +639,7 @@ def test_gpt2_incompatibilities_name_each_feature():
 
 
 def test_pickled_code_in_checkpoint_metadata_is_refused(tmp_path):
-    from inrank_megatron.export.checkpoint import CheckpointError, read_dist_tensors
+    from inrank_megatron.checkpoint.reader import CheckpointError, read_dist_tensors
 
     marker = tmp_path / "pwned"
 

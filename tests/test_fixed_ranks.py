@@ -20,8 +20,9 @@ import os
 import pytest
 import torch
 
-from inrank_megatron.checkpoint_format import Meta, write_growth, write_latest, write_meta
-from inrank_megatron.config import ConfigError, load_config, save_config, to_dict, validate_layout
+from inrank_megatron.checkpoint import Meta, write_growth, write_latest, write_meta
+from inrank_megatron.config import ConfigError, load_config, save_config, to_dict
+from inrank_megatron import rules
 from inrank_megatron.training.fixed_ranks import fraction_rank, resolve_fixed_ranks
 from tests.distributed import SHORT, run_distributed, run_train
 
@@ -32,7 +33,7 @@ NAMES = [f"decoder.layers.{i}.mlp.linear_fc{j}" for i in range(4) for j in (1, 2
 
 def _cfg(*overrides):
     cfg = load_config(TINY, list(overrides))
-    validate_layout(cfg, 2)
+    rules.validate(cfg, 2)
     return cfg
 
 
@@ -280,7 +281,8 @@ def test_resume_is_bit_identical(runs):
 def test_exports_give_the_runs_validation_loss(runs, tmp_path):
     from inrank_megatron import inference
     from inrank_megatron.data.tokenizers import build_tokenizer
-    from inrank_megatron.export import export_hf, export_inrank, load_checkpoint
+    from inrank_megatron.checkpoint.reader import load_checkpoint
+    from inrank_megatron.export import export_hf, export_inrank
     from inrank_megatron.training.data import build_datasets, eval_microbatches
 
     ckpt = load_checkpoint(runs["fixed"])

@@ -141,9 +141,9 @@ def test_gpt_inrank_sequence_parallel_and_cumulative():
 def _ckpt_body(rank, world_size, ckpt_dir, action, cut):
     from megatron.core import dist_checkpointing, parallel_state
 
-    from inrank_megatron.checkpoint_format import write_growth
+    from inrank_megatron.checkpoint import write_growth
     from inrank_megatron.growth.controller import GrowthController
-    from inrank_megatron.training.checkpoint import load_growth_state, load_model_weights
+    from inrank_megatron.checkpoint.manager import load_growth_state, load_model_weights
 
     model, icfg = _setup(world_size, seed=99 if action == "load" else 1234)
     controller = GrowthController(model, stage1_steps=icfg.stage1_steps)

@@ -70,14 +70,14 @@ def test_pp2_dp2_from_a_resharded_checkpoint_continues_the_pp2_run(pp_run, tmp_p
 
 
 def test_pipeline_refuses_what_it_cannot_run():
+    from inrank_megatron import rules
     from inrank_megatron.config import ConfigError, from_dict
-    from inrank_megatron.train import check_supported
 
     cfg = from_dict({"parallel": {"pipeline_model_parallel_size": 2},
                      "train": {"precision": "fp16"}, "data": {"tokenizer_model": "unused"}})
     with pytest.raises(ConfigError, match=r"pipeline_model_parallel_size=2 with "
                                           r"train.precision='fp16'.*expected bf16 or fp32"):
-        check_supported(cfg)
+        rules.validate(cfg, scopes=("config", "machine"))
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The planner (inrank_megatron/planning.py, tools/plan.py) against the real model and the configs.
+"""The planner (inrank_megatron/planning/, tools/plan.py) against the real model and the configs.
 
 Pinned down here:
 - its parameter counts equal ``sum(p.numel() for p in model.parameters())`` of megatron.core's
@@ -8,7 +8,7 @@ Pinned down here:
   device, at TP=1 for the totals and, on 2 gloo processes, at TP=2 and PP=2 for the per-GPU shards;
 - the published GPT-2 medium size (354,823,168 parameters with the unpadded 50257 vocabulary) and
   the 6N-style FLOP formula on GPT-2 medium;
-- every config loads, passes ``validate_layout`` at 2 nodes x 8 GPUs and at its natural world size
+- every config loads, passes ``rules.validate`` at 2 nodes x 8 GPUs and at its natural world size
   and passes every planner check at 2 x 8; the DeepSpeed JSONs are valid ZeRO configs;
 - a bad layout (TP not dividing the heads) is a failing check naming the keys, and the CLI exits 1;
 - activation memory: Korthikanti et al.'s ``sbh (34 + 5 a s / h)`` per layer in 16-bit with
@@ -27,11 +27,14 @@ import os
 
 import pytest
 
-from inrank_megatron.config import load_config, validate_layout
-from inrank_megatron.planning import (
-    ACTIVATION_VARIANTS, STRATEGIES, activation_memory, count_parameters, fit, flops_per_token,
-    memory_per_gpu, plan, rank_checks, tokenizer_vocab_size,
+from inrank_megatron import rules
+from inrank_megatron.config import load_config
+from inrank_megatron.planning.activations import ACTIVATION_VARIANTS, activation_memory
+from inrank_megatron.planning.estimates import (
+    STRATEGIES, count_parameters, flops_per_token, memory_per_gpu, rank_checks,
+    tokenizer_vocab_size,
 )
+from inrank_megatron.planning.plan import fit, plan
 from tests.distributed import run_distributed
 from tools.plan import format_plan
 
@@ -97,13 +100,13 @@ def _build_counts(rank, world_size, cases):
     """Build every case's GPTModel on the meta device at each layout; return this rank's parameter
     and buffer element counts per layout and case. At TP=1 (DP=2) the ranks split the cases.
 
-    The model is the training loop's own (``training.loop.build_model``: this rank's pipeline
+    The model is the training loop's own (``models.gpt.build_model``: this rank's pipeline
     stage)."""
     import torch
     from megatron.core import parallel_state
 
     from inrank_megatron import enable_cpu_fallback
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.models.gpt import build_model
 
     enable_cpu_fallback()
     # InRankFactorsMixin._init_inrank draws its capacity-growth seed with int(torch.randint(...))
@@ -282,8 +285,8 @@ def test_memory_sharding():
 def test_config_loads_and_fits_its_world_sizes(path):
     cfg = _load(path)
     for world in {NATURAL_WORLD.get(path, 8)} | ({16} if path in BIG else set()):
-        validate_layout(cfg, world_size=world)
-        validate_layout(_load(path, "model.inrank=false"), world_size=world)
+        rules.validate(cfg, world_size=world)
+        rules.validate(_load(path, "model.inrank=false"), world_size=world)
 
 
 @pytest.mark.parametrize("path", BIG)
@@ -395,7 +398,7 @@ def _measured_peaks(rank, world_size, cfgs, repeats=3):
     from torch.profiler import ProfilerActivity, profile
 
     from inrank_megatron import enable_cpu_fallback
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.models.gpt import build_model
 
     enable_cpu_fallback()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)

@@ -43,7 +43,7 @@ def _config(tmp_path, **extra):
 
 def _checkpoint(tmp_path, backend="torch", **extra):
     """A run dir whose latest step directory has the files of ``backend`` (contents plain)."""
-    from inrank_megatron.checkpoint_format import (
+    from inrank_megatron.checkpoint import (
         Meta, write_growth, write_latest, write_meta,
     )
 
@@ -169,7 +169,7 @@ def test_dependencies_loaders_are_guarded(tmp_path):
     from megatron.core.dist_checkpointing.strategies import torch as strategy
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    from inrank_megatron.checkpoint_format import UnsafeCheckpointError, safe_loading
+    from inrank_megatron.checkpoint import UnsafeCheckpointError, safe_loading
 
     marker = tmp_path / "pwned"
     _poison(tmp_path / "states.pt", marker, True)
@@ -196,7 +196,7 @@ def test_dependencies_loaders_are_guarded(tmp_path):
 
 # ------------------------------------------------------------------------------ the format
 def test_format_module_imports_without_torch():
-    code = ("import sys, inrank_megatron.checkpoint_format as f; "
+    code = ("import sys, inrank_megatron.checkpoint as f; "
             "assert 'torch' not in sys.modules, 'torch imported'; print(f.META_FILE)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=REPO))
@@ -206,7 +206,7 @@ def test_format_module_imports_without_torch():
 def test_meta_refuses_unknown_and_missing_keys(tmp_path):
     import json
 
-    from inrank_megatron.checkpoint_format import CheckpointError, read_meta
+    from inrank_megatron.checkpoint import CheckpointError, read_meta
 
     step = _checkpoint(tmp_path)
     file = step / "meta.json"
@@ -232,7 +232,7 @@ def test_meta_refuses_unknown_and_missing_keys(tmp_path):
 @pytest.mark.parametrize("content", ["/etc", "../../elsewhere/checkpoints/step_000004",
                                      "step_000004/../../x", "..", ""])
 def test_latest_names_only_its_own_step_directories(tmp_path, content):
-    from inrank_megatron.checkpoint_format import CheckpointError, read_latest, resolve_checkpoint
+    from inrank_megatron.checkpoint import CheckpointError, read_latest, resolve_checkpoint
 
     step = _checkpoint(tmp_path)
     root = step.parent
@@ -302,10 +302,10 @@ def test_auto_resume_takes_the_newest_verified_checkpoint_or_refuses(tmp_path, c
                                                                      clean_env):
     import shutil
 
-    from inrank_megatron.checkpoint_format import (
+    from inrank_megatron.checkpoint import (
         CheckpointError, Meta, is_complete, read_meta, record_files, write_meta,
     )
-    from inrank_megatron.train import auto_resume_path
+    from inrank_megatron.checkpoint.resume import auto_resume_path
 
     step4 = _checkpoint(tmp_path)
     root = step4.parent
@@ -418,8 +418,8 @@ def test_first_nonfinite_names_the_inrank_layer():
 @pytest.mark.slow
 def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(tmp_path, capsys, clean_env):
     """train.lr=1e6 (the issue's case): before, the run ended with rc 0 and latest on NaN."""
-    from inrank_megatron.checkpoint_format import read_latest
-    from inrank_megatron.export.checkpoint import read_dist_tensors
+    from inrank_megatron.checkpoint import read_latest
+    from inrank_megatron.checkpoint.reader import read_dist_tensors
 
     rc = _train(tmp_path, "train.lr=1e6", "train.steps=8", "train.lr_warmup_steps=1",
                 "train.save_interval=1", "train.eval_interval=100", "output.plot=false",

@@ -142,7 +142,7 @@ def test_output_dir_that_is_a_file_is_refused(dataset, tmp_path, capsys):
 # ------------------------------------------------------------------------------------ resume
 def _checkpoint(run, cfg, step=5, files=None):
     """A step directory as the training loop writes it, as far as pre-flight reads it."""
-    from inrank_megatron.checkpoint_format import (
+    from inrank_megatron.checkpoint import (
         Meta, record_files, step_dir, write_growth, write_latest, write_meta,
     )
 
@@ -168,7 +168,7 @@ def test_incompatible_resume_names_the_values_needed(dataset, tmp_path, capsys):
 
 
 def test_truncated_distcp_is_named_before_launch(dataset, tmp_path, capsys):
-    """The launch pre-flight runs the resume checks (checkpoint_format.is_complete names it)."""
+    """The launch pre-flight runs the resume checks (checkpoint.meta.is_complete names it)."""
     overrides = _data(dataset, tmp_path)
     step_dir = _checkpoint(tmp_path / "run", load_config(CONFIG, overrides),
                            files={"model/__0_0.distcp": 4096})

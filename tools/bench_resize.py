@@ -72,10 +72,10 @@ def _measure(stage: int, args: dict) -> dict:
     from megatron.core import parallel_state
 
     from inrank_megatron.config import from_dict
-    from inrank_megatron.growth.controller import named_inrank_layers
+    from inrank_megatron.layers.base import named_inrank_layers
     from inrank_megatron.training.backends import deepspeed_compat as compat
     from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.models.gpt import build_model
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
     tmp = tempfile.mkdtemp()

@@ -4,7 +4,7 @@ as InRank in stage 1 (rank + buffer active, all max_rank slots allocated), after
 fixed rank, interleaved in one launched job (launch/torchrun.sh, --tp processes).
 
 Per arm: forward / backward / optimizer seconds, tokens/s, speedup over dense next to the
-planner's FLOP-ideal (inrank_megatron/planning.py) and their ratio, bytes of parameters, gradients
+planner's FLOP-ideal (inrank_megatron/planning/) and their ratio, bytes of parameters, gradients
 and optimizer state, peak memory (CUDA max allocated, or peak RSS on CPU); the time of one rank
 check of all layers and its share of the steps between two checks; and the config's whole run
 projected (stage-1 steps at stage-1 speed, the rest after the cut, every rank check and the cut)

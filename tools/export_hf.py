@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     from inrank_megatron.training.console import quiet_third_party
 
     quiet_third_party(0)  # megatron-core's TE/apex fallback notices: nothing to act on here
-    from inrank_megatron.export import export_hf, load_checkpoint
-    from inrank_megatron.export.checkpoint import read_checkpoint_config
+    from inrank_megatron.checkpoint.reader import load_checkpoint, read_checkpoint_config
+    from inrank_megatron.export import export_hf
     from inrank_megatron.export.hf_gpt2 import check_gpt2_exportable
 
     try:

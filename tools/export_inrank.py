@@ -28,7 +28,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from inrank_megatron.export import export_inrank, load_checkpoint
+    from inrank_megatron.checkpoint.reader import load_checkpoint
+    from inrank_megatron.export import export_inrank
 
     try:
         ckpt = load_checkpoint(args.checkpoint, tokenizer_model=args.tokenizer_model)

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     quiet_third_party(0)  # megatron-core's TE/apex fallback notices: nothing to act on here
     from inrank_megatron.config import format_value
-    from inrank_megatron.export import import_hf
+    from inrank_megatron.convert import import_hf
 
     try:
         result = import_hf(args.hf_dir, args.out, mode=args.mode, rank=args.rank,

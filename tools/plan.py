@@ -6,7 +6,7 @@ dense and InRank, and whether its TP/PP/DP layout fits the cluster.
     python tools/plan.py --config configs/gpt-13b.yaml --nodes 1 --gpus-per-node 8 \\
         parallel.tensor_model_parallel_size=8 --rank-fraction 0.25
 
-What it prints (inrank_megatron/planning.py has the formulas and their sources):
+What it prints (inrank_megatron/planning/ has the formulas and their sources):
 
   - the rules of inrank_megatron/rules.py, one row each (pass/FAIL, naming the key), with
     world_size = nodes x GPUs per node, heads per TP rank, layers per pipeline stage, micro and
@@ -36,11 +36,11 @@ import argparse
 import sys
 
 from inrank_megatron.config import ConfigError, format_value, inrank_layer_shapes, load_config
-from inrank_megatron.planning import (
-    ACTIVATION_VARIANTS, DEFAULT_GPU_MEMORY_GIB, DEFAULT_RANK_FRACTION,
-    STRATEGIES, STRATEGY_NAMES, ParamCount, Plan, bytes_per_parameter, plan, rank_checks,
-    reachable_rank,
+from inrank_megatron.planning.activations import ACTIVATION_VARIANTS
+from inrank_megatron.planning.estimates import (
+    DEFAULT_RANK_FRACTION, STRATEGIES, STRATEGY_NAMES, ParamCount, bytes_per_parameter, rank_checks, reachable_rank,
 )
+from inrank_megatron.planning.plan import DEFAULT_GPU_MEMORY_GIB, Plan, plan
 from inrank_megatron.text_table import aligned_table
 
 
@@ -90,7 +90,7 @@ def _format_activations(p: Plan) -> list[str]:
            f"{t.precision}{autocast}",
            f"  (kept for backward, {any_estimate.in_flight} micro-batch(es) in flight on the "
            "fullest stage, + the largest backward buffer;",
-           "  Korthikanti et al. 2022 adapted to this code: planning.activation_memory)"]
+           "  Korthikanti et al. 2022 adapted to this code: planning.activations.activation_memory)"]
     labels = {"dense": "dense", "active": "InRank stage 1 (rank + buffer)",
               "fraction": f"InRank after cut (rank {p.rank_fraction:g} x d)"}
     mine = (m.attention, m.recompute)

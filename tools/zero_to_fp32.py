@@ -27,7 +27,7 @@ def main(argv=None) -> int:
                    "written with parallel.backend=deepspeed")
     p.add_argument("output", help="OUT.pt or OUT.safetensors")
     args = p.parse_args(argv)
-    from inrank_megatron.training.backends.deepspeed_backend import save_consolidated
+    from inrank_megatron.checkpoint.deepspeed import save_consolidated
 
     try:
         result = save_consolidated(args.checkpoint, args.output)

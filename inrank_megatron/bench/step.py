@@ -11,10 +11,10 @@ Arms (``ARMS``), each the same config, seed and synthetic batch:
   ``r`` slots from the start, no buffer, no growth, no cut.
 
 ``r`` per layer is ``--rank-fraction`` of d_model (clipped as the planner clips it:
-:func:`inrank_megatron.planning.fraction_rank`) or a run's learned ranks (``--ranks-from``); stage 1
+:func:`inrank_megatron.planning.estimates.rank_after_cut`) or a run's learned ranks (``--ranks-from``); stage 1
 is measured at that ``r`` (its last and most expensive steps). Per arm: forward / backward /
 optimizer time, tokens/s, the speedup over dense against the planner's FLOP-ideal
-(:func:`inrank_megatron.planning.flops_per_token` at the slots the built model uses), peak memory
+(:func:`inrank_megatron.planning.estimates.flops_per_token` at the slots the built model uses), peak memory
 (``torch.cuda.max_memory_allocated``, or the process's peak RSS on CPU), and the bytes of
 parameters, gradients and optimizer state. The stage-1 arm also times one rank check of all layers
 (:meth:`GrowthController.step` at a due step); the cut arm times the cut.
@@ -51,8 +51,9 @@ from typing import Optional
 import torch
 
 from inrank_megatron.config import (
-    ATTENTIONS, ConfigError, TrainConfig, load_config, validate_layout,
+    ATTENTIONS, ConfigError, TrainConfig, load_config,
 )
+from inrank_megatron import rules
 
 ARMS = ("dense", "stage1", "cut", "fixed")
 ARM_LABELS = {"dense": "dense", "stage1": "InRank stage 1", "cut": "InRank after cut",
@@ -167,11 +168,11 @@ def check_options(opts: BenchOptions) -> tuple[TrainConfig, TrainConfig, Optiona
                           "are efficient mode's; expected inrank.mode=efficient")
     ranks = learned_ranks(cfg, opts.ranks_from) if opts.ranks_from is not None else None
     job = load_config(opts.config, [*opts.overrides, *bench_overrides(opts, cfg)])
-    validate_layout(job, opts.tp)
+    rules.validate(job, opts.tp)
     for attention in opts.attentions:  # e.g. selective recompute needs local attention
-        validate_layout(_with_attention(job, attention), opts.tp)
+        rules.validate(_with_attention(job, attention), opts.tp)
     if job.parallel.backend == "deepspeed":
-        from inrank_megatron.training.backends.deepspeed_backend import check_deepspeed_config
+        from inrank_megatron.deepspeed_json import check_deepspeed_config
 
         check_deepspeed_config(job, opts.tp)
     if job.parallel.backend != "torch" and job.train.precision == "bf16" and \
@@ -269,7 +270,7 @@ def _arm_config(cfg: TrainConfig, arm: str) -> TrainConfig:
 
 def _target_ranks(cfg: TrainConfig, layers, spec: dict) -> dict:
     """``{layer name: r}``: the run's learned ranks, or the planner's rank at the fraction."""
-    from inrank_megatron.planning import DEFAULT_RANK_FRACTION, fraction_rank
+    from inrank_megatron.planning.estimates import DEFAULT_RANK_FRACTION, rank_after_cut
 
     given = spec.get("ranks")
     out = {}
@@ -277,7 +278,7 @@ def _target_ranks(cfg: TrainConfig, layers, spec: dict) -> dict:
         if given is not None:  # checked against this model's layers by learned_ranks
             out[name] = int(given[name])
         else:
-            out[name] = fraction_rank(cfg, layer.full_in_features, layer.full_out_features,
+            out[name] = rank_after_cut(cfg, layer.full_in_features, layer.full_out_features,
                                       spec.get("rank_fraction") or DEFAULT_RANK_FRACTION)
         g = layer.growth
         if not 0 <= out[name] <= g.max_rank - g.buffer:
@@ -288,9 +289,9 @@ def _target_ranks(cfg: TrainConfig, layers, spec: dict) -> dict:
 
 def _build_arm(cfg: TrainConfig, arm: str, groups, vocab: int, spec: dict):
     """The arm's model and backend (same seed every time); with the cut's wall time."""
-    from inrank_megatron.growth.controller import named_inrank_layers
+    from inrank_megatron.layers.base import named_inrank_layers
     from inrank_megatron.training.backends import build_backend
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.models.gpt import build_model
     from inrank_megatron.training.parallel import set_seeds
 
     set_seeds(cfg.train.seed)
@@ -353,7 +354,7 @@ def measure(cfg: TrainConfig, groups, spec: dict, log=None) -> dict:
     """Run the arms interleaved on this rank (collective over the job), with each attention of
     ``spec["attentions"]`` (default the config's). Returns ``{attention: {arm: ...}}``: per-arm
     lists of per-step times and the arm's memory, slots, rank-check and cut times."""
-    from inrank_megatron.planning import tokenizer_vocab_size
+    from inrank_megatron.planning.estimates import tokenizer_vocab_size
 
     vocab = tokenizer_vocab_size(cfg)
     batch = synthetic_batch(cfg, vocab, spec["seed"])
@@ -464,7 +465,7 @@ def _layer_slots(cfg: TrainConfig, slots: dict) -> list:
 
 def analyse(cfg: TrainConfig, job: TrainConfig, raw: dict, opts: BenchOptions) -> dict:
     """Medians, tokens/s, speedups against the planner's FLOP-ideal, MFU, and the projection."""
-    from inrank_megatron.planning import flops_per_token
+    from inrank_megatron.planning.estimates import flops_per_token
 
     tokens = job.train.micro_batch_size * job.model.seq_length  # per step, one replica
     arms = {}
@@ -511,8 +512,8 @@ def project_run(cfg: TrainConfig, job: TrainConfig, arms: dict) -> Optional[dict
     """The config's whole schedule at its global batch on one data-parallel replica of the bench's
     processes: a step is ``global / micro`` micro-batches (forward + backward) and one optimizer
     step. InRank: ``stage1_steps`` at stage-1 speed, the rest at the cut's, plus every rank check
-    (:func:`inrank_megatron.planning.rank_checks`) and the cut; dense: every step at dense speed."""
-    from inrank_megatron.planning import rank_checks
+    (:func:`inrank_megatron.planning.estimates.rank_checks`) and the cut; dense: every step at dense speed."""
+    from inrank_megatron.planning.estimates import rank_checks
 
     if not {"dense", "stage1", "cut"} <= set(arms):
         return None

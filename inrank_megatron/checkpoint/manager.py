@@ -1,5 +1,5 @@
 """Training checkpoints: the save and the resume loads of the training loop (and the conversion
-jobs), in the format :mod:`inrank_megatron.checkpoint_format` owns.
+jobs), in the format :mod:`inrank_megatron.checkpoint` owns.
 
 A save writes ``checkpoints/.step_000100.<pid>.tmp``: the backend's files (torch / megatron:
 ``model/`` and ``train.pt``; deepspeed: ``deepspeed/`` and ``inrank_deepspeed.json``),
@@ -8,7 +8,7 @@ size, which resume verifies); it renames the directory to ``step_000100`` and on
 ``latest``, so an interrupted save leaves the previous checkpoint as the latest one. A step
 directory that already exists is never replaced: this run did not write it.
 
-Every load here runs under :func:`~inrank_megatron.checkpoint_format.safe_loading`: nothing in a
+Every load here runs under :func:`~inrank_megatron.checkpoint.safe_loading`: nothing in a
 checkpoint can run code.
 """
 
@@ -20,7 +20,7 @@ import shutil
 import numpy
 import torch
 
-from inrank_megatron.checkpoint_format import (
+from inrank_megatron.checkpoint import (
     CheckpointError, Meta, read_growth, record_files, safe_loading, safe_torch_load, step_dir,
     write_growth, write_latest, write_meta,
 )

@@ -10,10 +10,12 @@ without importing torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import shutil
 from typing import Optional
 
 META_FILE = "meta.json"
@@ -296,6 +298,38 @@ def new_work_dir(dst: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ locating
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str, source: str | None = None):
+    """Yield a new temporary sibling of ``out_dir`` to fill; rename it to ``out_dir`` on success,
+    delete it on failure. ``out_dir`` must not exist (exports never overwrite) nor lie inside
+    ``source`` (the checkpoint read: tools never write into their input)."""
+    if source is not None:
+        check_destination(source, out_dir)
+    out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir):
+        raise FileExistsError(f"{out_dir} already exists; refusing to overwrite it (remove it or "
+                              "choose another output directory)")
+    tmp = new_work_dir(out_dir)
+    try:
+        yield tmp
+        _umask_modes(tmp)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask_modes(path: str) -> None:
+    """Give every file under ``path`` the mode a plain ``open()`` would (0644 under umask 022):
+    some writers (safetensors' ``save_file``) create theirs 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def resolve_checkpoint(path: str) -> str:
     """The step directory that ``path`` names: a step directory itself, a ``checkpoints/``
     directory (its ``latest``) or a run's ``output.dir`` (its ``checkpoints/latest``).

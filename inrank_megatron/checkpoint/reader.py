@@ -1,5 +1,5 @@
 """Read a training checkpoint into full, unsharded fp32 tensors named as megatron's single-process
-``GPTModel`` names them (:mod:`inrank_megatron.export.layout`), with its configuration and every
+``GPTModel`` names them (:mod:`inrank_megatron.checkpoint.layout`), with its configuration and every
 InRank layer's growth state.
 
     ckpt = load_checkpoint("runs/tiny-cpu")          # output.dir, its checkpoints/, or a step dir
@@ -22,12 +22,12 @@ from typing import Optional
 
 import torch
 
-from inrank_megatron.checkpoint_format import (
+from inrank_megatron.checkpoint import (
     GROWTH_FILE, META_FILE, MODEL_DIR, CheckpointError, Meta, read_dcp_metadata, read_growth,
     read_meta, resolve_checkpoint, safe_torch_load,
 )
 from inrank_megatron.config import ConfigError, TrainConfig, from_dict
-from inrank_megatron.export.layout import (
+from inrank_megatron.checkpoint.layout import (
     expected_shapes, inrank_layer_names, layer_kind, linear_shape, unmap_dist_key,
 )
 
@@ -69,7 +69,7 @@ class LoadedCheckpoint:
         path: the step directory read.
         step: optimizer steps completed.
         cfg: the run's full configuration.
-        meta: the checkpoint's :class:`~inrank_megatron.checkpoint_format.Meta`.
+        meta: the checkpoint's :class:`~inrank_megatron.checkpoint.Meta`.
         layers: ``{name: InRankLayerState}`` of the InRank layers (empty for a dense model).
         tensors: ``{parameter name: fp32 tensor}``, full and unsharded, factors at their allocated
             slots, the word embedding at the padded vocabulary.

@@ -7,7 +7,7 @@ ever built:
 - torch DCP ``model/.metadata`` (megatron's ``torch_dist`` format, read by torch with plain
   ``pickle.load``): :class:`DCPMetadataUnpickler`, which admits DCP's own metadata classes,
   ``torch.Size`` and dtypes only; megatron's loader is given
-  :class:`~inrank_megatron.checkpoint_format.dcp.SafeFileSystemReader`, which reads through it.
+  :func:`safe_filesystem_reader`, which reads through it.
 - every ``torch.load`` (ours; DeepSpeed's checkpoint engine and ``zero_to_fp32``, which pass
   ``weights_only=False``; DCP's byte items; megatron's ``common.pt``): forced to
   ``weights_only=True``, with the few plain-data classes DeepSpeed's own files name
@@ -20,13 +20,14 @@ torch is imported when a loader is called, never at import.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import pickle
 import re
 import threading
 
-from inrank_megatron.checkpoint_format.meta import CheckpointError
+from inrank_megatron.checkpoint.meta import CheckpointError
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -90,6 +91,39 @@ def _refused_global(error: Exception):
     return match.group(1) if match else None
 
 
+@functools.lru_cache(maxsize=None)
+def _safe_reader_class():
+    # Built on first use: megatron and torch.distributed.checkpoint are imported only then.
+    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeFileSystemReader(CachedMetadataFileSystemReader):
+        """megatron's cached ``FileSystemReader`` with ``.metadata`` read by
+        :class:`DCPMetadataUnpickler` instead of ``pickle.load`` (torch's
+        ``FileSystemReader.read_metadata``)."""
+
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            if self._cached_metadata is None:
+                path = self._get_metadata_path(kwargs.get("rank"))
+                with self.fs.create_stream(path, "rb") as stream:
+                    metadata = read_dcp_metadata(stream, str(path))
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                self._cached_metadata = metadata
+            return self._cached_metadata
+
+    return SafeFileSystemReader
+
+
+def safe_filesystem_reader(checkpoint_dir: str):
+    """A torch DCP ``FileSystemReader`` of ``checkpoint_dir`` (megatron's cached one) whose
+    metadata load runs no code: ``.metadata`` goes through :class:`DCPMetadataUnpickler`."""
+    return _safe_reader_class()(checkpoint_dir)
+
+
 # ------------------------------------------------------------------------------------ torch.load
 # Plain-data classes DeepSpeed 0.19's own checkpoint files name (model states and ZeRO optimizer
 # partitions): found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 saves.
@@ -144,8 +178,6 @@ def safe_loading(where: str):
     import torch
     from megatron.core.dist_checkpointing.strategies import torch as megatron_torch_strategy
 
-    from inrank_megatron.checkpoint_format.dcp import SafeFileSystemReader
-
     with _LOCK:
         _DEPTH += 1
         if _DEPTH == 1:
@@ -161,7 +193,7 @@ def safe_loading(where: str):
 
             torch.load = load
             megatron_torch_strategy._get_filesystem_reader = \
-                lambda checkpoint_dir, cache_metadata=False: SafeFileSystemReader(checkpoint_dir)
+                lambda checkpoint_dir, cache_metadata=False: safe_filesystem_reader(checkpoint_dir)
             # A second guard for code that bound torch.serialization.load before this block.
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:

@@ -24,16 +24,16 @@ before any process starts; the destination appears only when complete.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Optional
 
-from inrank_megatron.checkpoint_format import (
+from inrank_megatron.checkpoint import (
     Meta, check_destination, check_pickles, new_work_dir, read_deepspeed_meta, read_meta,
 )
-from inrank_megatron.config import ConfigError, TrainConfig, from_dict, to_dict, validate_layout
-from inrank_megatron.rules import read_deepspeed_json
+from inrank_megatron.config import ConfigError, TrainConfig, from_dict, to_dict
+from inrank_megatron import rules
+from inrank_megatron.deepspeed_json import read_deepspeed_json
 
 DIRECTIONS = ("from-deepspeed", "to-deepspeed")
 
@@ -88,11 +88,9 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
     Raises:
         ConfigError / CheckpointError: naming the argument, key or file; nothing is written.
     """
-    from inrank_megatron.export.checkpoint import checkpoint_vocab_size, read_checkpoint_config
-    from inrank_megatron.train import check_supported
-    from inrank_megatron.training.backends.deepspeed_backend import (
-        check_deepspeed_checkpoint, check_deepspeed_config,
-    )
+    from inrank_megatron.checkpoint.reader import checkpoint_vocab_size, read_checkpoint_config
+    from inrank_megatron.checkpoint.deepspeed import check_deepspeed_checkpoint
+    from inrank_megatron.deepspeed_json import check_deepspeed_config
 
     if direction not in DIRECTIONS:
         raise ConfigError(f"direction {direction!r}; expected one of {DIRECTIONS}")
@@ -149,10 +147,10 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
             src_cfg.parallel.tensor_model_parallel_size = tp
         world = world_size or dst_cfg.parallel.tensor_model_parallel_size * \
             meta.pp * meta.dp
-        validate_layout(src_cfg, world)
+        rules.validate(src_cfg, world)
         check_deepspeed_config(dst_cfg, world)
-    validate_layout(dst_cfg, world)
-    check_supported(dst_cfg)
+    rules.validate(dst_cfg, world)
+    rules.validate(dst_cfg, scopes=("machine",))  # what this machine cannot run (megatron, no CUDA)
     vocab = checkpoint_vocab_size(cfg, tokenizer_model)
     return ConversionPlan(direction=direction, src=os.path.abspath(step_dir), dst=dst,
                           step=meta.step, src_meta=meta.to_json(), src_cfg=to_dict(src_cfg),
@@ -162,9 +160,9 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
 def _build(cfg: TrainConfig, plan: ConversionPlan, groups):
     """Model (with the checkpoint's growth state and factor shapes), controller and backend."""
     from inrank_megatron.growth.controller import GrowthController
-    from inrank_megatron.training import checkpoint as ckpt
+    from inrank_megatron.checkpoint import manager as ckpt
     from inrank_megatron.training.backends import build_backend
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.models.gpt import build_model
 
     model = build_model(cfg, plan.vocab_size, groups.tp_size)
     controller = GrowthController(model, stage1_steps=cfg.inrank.stage1_steps
@@ -178,7 +176,7 @@ def run_conversion(plan: ConversionPlan, *, dist_backend: str = "gloo") -> dict:
     ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT`` in the environment). Returns the new meta."""
     import torch
 
-    from inrank_megatron.training import checkpoint as ckpt
+    from inrank_megatron.checkpoint import manager as ckpt
     from inrank_megatron.training.backends import deepspeed_compat as compat
     from inrank_megatron.training.parallel import (
         init_parallel, rng_state, set_seeds, shutdown,

@@ -19,22 +19,22 @@ checkpoint's model and growth state exactly as it resumes one; its optimizer sta
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Optional
 
 import torch
 
-from inrank_megatron.checkpoint_format import Meta, record_files, write_growth, write_meta
+from inrank_megatron.checkpoint import Meta
 from inrank_megatron.config import (
-    ConfigError, TrainConfig, from_dict, parse_override, parse_yaml, to_dict, validate_layout,
+    ConfigError, TrainConfig, from_dict, parse_override, parse_yaml, to_dict,
 )
+from inrank_megatron import rules
 from inrank_megatron.data.tokenizers import GPT2_VOCAB_SIZE
 from inrank_megatron.export.hf_gpt2 import (
     from_hf_state_dict, hf_activation_is_exact, model_section_from_hf, read_hf_dir,
 )
-from inrank_megatron.export.layout import inrank_layer_names, layer_kind, linear_shape
+from inrank_megatron.checkpoint.layout import inrank_layer_names, layer_kind, linear_shape
 
 
 
@@ -45,7 +45,7 @@ def _change(changes: list, key: str, value, was, why: str) -> None:
 
 def fitting_buffer(cfg: TrainConfig) -> int:
     """The largest ``inrank.buffer`` that fits every InRank layer of ``cfg`` at ``inrank.rank``
-    (``buffer < max_rank`` and ``rank + buffer <= max_rank``, the rules of ``validate_layout``)."""
+    (``buffer < max_rank`` and ``rank + buffer <= max_rank``, the rules of ``rules.validate``)."""
     from inrank_megatron.config import inrank_layer_shapes
 
     ir = cfg.inrank
@@ -153,7 +153,7 @@ def import_config(hf_config: dict, mode: str, config_path: Optional[str] = None,
                     "largest that does")
             cfg = from_dict(data)
     p = cfg.parallel
-    validate_layout(cfg, p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    rules.validate(cfg, p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
     return cfg, changes
 
 
@@ -211,66 +211,6 @@ def inrank_state(cfg: TrainConfig, dense: dict, *, rank: Optional[int], threshol
         growth[name] = {"growth": state.state_dict(), "allocated_slots": slots,
                         "extend_seed": extend_seed}
     return tensors, growth
-
-
-# ------------------------------------------------------------------------------------ writing
-@contextlib.contextmanager
-def single_process_megatron(seed: int):
-    """megatron.core's parallel state at TP = PP = 1 in this process (a one-rank gloo group on an
-    in-memory store), torn down afterwards; reuses a one-rank group that already exists."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    from inrank_megatron.cpu_fallback import enable_cpu_fallback
-
-    enable_cpu_fallback()
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    elif dist.get_world_size() != 1:
-        raise RuntimeError("writing a checkpoint here runs in a single process; torch.distributed "
-                           f"is initialised with world size {dist.get_world_size()}")
-    own_state = not parallel_state.model_parallel_is_initialized()
-    if own_state:
-        parallel_state.initialize_model_parallel(1)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    try:
-        yield
-    finally:
-        if own_state:
-            parallel_state.destroy_model_parallel()
-        if own_group:
-            dist.destroy_process_group()
-
-
-def write_training_checkpoint(out_dir: str, cfg: TrainConfig, vocab_size: int, tensors: dict,
-                              growth: dict, meta: Meta) -> None:
-    """Write ``tensors`` (TP=1 names, padded vocabulary) as a training checkpoint step directory,
-    atomically, through megatron's own ``dist_checkpointing.save`` of a TP=1 model."""
-    from megatron.core import dist_checkpointing
-
-    from inrank_megatron.export.files import atomic_output_dir
-    from inrank_megatron.growth.controller import GrowthController
-    from inrank_megatron.training.loop import build_model
-
-    with single_process_megatron(cfg.train.seed), atomic_output_dir(out_dir) as tmp:
-        model = build_model(cfg, vocab_size, 1)
-        controller = GrowthController(model)
-        controller.load_state_dict(growth)  # reshapes the factors to the recorded allocation
-        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        own = {k: v for k, v in own.items() if v is not None}
-        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        wrong = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
-        if missing or unexpected or wrong:
-            raise RuntimeError(f"imported tensors do not fit the model: missing {missing[:4]}, "
-                               f"unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
-        with torch.no_grad():
-            for key, value in own.items():
-                value.copy_(tensors[key])
-        os.makedirs(os.path.join(tmp, "model"))
-        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, "model"))
-        write_growth(tmp, controller.state_dict())
-        write_meta(tmp, meta.replace(files=record_files(tmp)))  # last, as the training loop does
 
 
 # ---------------------------------------------------------------------- the export directory
@@ -453,8 +393,9 @@ def import_hf(hf_dir: str, out_dir: str, *, mode: str, rank: Optional[int] = Non
                 backend=p.backend, weights_only=True, config=to_dict(cfg),
                 imported_from={"hf_dir": os.path.abspath(hf_dir), "mode": mode, "rank": rank,
                                "threshold": threshold, "changed": changes, "notes": notes})
-    from inrank_megatron.checkpoint_format import CHECKPOINTS_DIR, step_dir, write_latest
-    from inrank_megatron.export.files import atomic_output_dir
+    from inrank_megatron.checkpoint import CHECKPOINTS_DIR, step_dir, write_latest
+    from inrank_megatron.checkpoint.meta import atomic_output_dir
+    from inrank_megatron.checkpoint.writer import write_training_checkpoint
 
     if os.path.isdir(run_dir):
         os.rmdir(run_dir)  # empty (checked above): the import puts the whole run there at once

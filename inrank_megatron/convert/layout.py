@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 
-from inrank_megatron.checkpoint_format import (
+from inrank_megatron.checkpoint import (
     META_FILE, CheckpointError, check_destination, check_pickles, new_work_dir, read_meta,
     record_files, resolve_checkpoint, write_meta,
 )
-from inrank_megatron.config import ConfigError, from_dict, to_dict, validate_layout
+from inrank_megatron.config import ConfigError, from_dict, to_dict
+from inrank_megatron import rules
 
 
 def reshard(src: str, dst: str, *, tp: int, pp: int = 1, world_size: int | None = None) -> dict:
@@ -49,7 +50,7 @@ def reshard(src: str, dst: str, *, tp: int, pp: int = 1, world_size: int | None 
     cfg.parallel.tensor_model_parallel_size = tp
     cfg.parallel.pipeline_model_parallel_size = pp
     world = world_size or tp * pp * meta.dp
-    validate_layout(cfg, world)  # ConfigError naming the key that does not divide
+    rules.validate(cfg, world)  # ConfigError naming the key that does not divide
     tmp = new_work_dir(dst)
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True,
@@ -74,8 +75,8 @@ def to_dense(src: str, dst: str) -> dict:
     """
     import dataclasses
 
-    from inrank_megatron.export.checkpoint import load_checkpoint
-    from inrank_megatron.export.from_hf import write_training_checkpoint
+    from inrank_megatron.checkpoint.reader import load_checkpoint
+    from inrank_megatron.checkpoint.writer import write_training_checkpoint
     from inrank_megatron.models.shape import padded_vocab_size
 
     check_destination(resolve_checkpoint(src), dst)

@@ -3,48 +3,14 @@ the tokenizer that goes with the model, and a note of where the export came from
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 
-from inrank_megatron.checkpoint_format import check_destination, new_work_dir
-from inrank_megatron.export.checkpoint import CheckpointError, LoadedCheckpoint
+from inrank_megatron.checkpoint.reader import CheckpointError, LoadedCheckpoint
 
 SOURCE_FILE = "inrank_source.json"
 SENTENCEPIECE_FILE = "sentencepiece.model"
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str, source: str | None = None):
-    """Yield a new temporary sibling of ``out_dir`` to fill; rename it to ``out_dir`` on success,
-    delete it on failure. ``out_dir`` must not exist (exports never overwrite) nor lie inside
-    ``source`` (the checkpoint read: tools never write into their input)."""
-    if source is not None:
-        check_destination(source, out_dir)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir):
-        raise FileExistsError(f"{out_dir} already exists; refusing to overwrite it (remove it or "
-                              "choose another output directory)")
-    tmp = new_work_dir(out_dir)
-    try:
-        yield tmp
-        _umask_modes(tmp)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask_modes(path: str) -> None:
-    """Give every file under ``path`` the mode a plain ``open()`` would (0644 under umask 022):
-    some writers (safetensors' ``save_file``) create theirs 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, dirs, files in os.walk(path):
-        os.chmod(root, 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def dir_bytes(path: str, *names: str) -> int:

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 <-> our tensors (megatron ``GPTModel`` names, :mod:`~inrank_megatron.export.layout`).
+"""Hugging Face GPT-2 <-> our tensors (megatron ``GPTModel`` names, :mod:`~inrank_megatron.checkpoint.layout`).
 
 GPT-2 (``transformers.GPT2LMHeadModel``) is exactly the architecture of our default model: learned
 absolute positions, LayerNorm (eps 1e-5), GELU MLP, biases everywhere, embeddings tied to the LM
@@ -24,12 +24,10 @@ from typing import Optional
 
 import torch
 
+from inrank_megatron.checkpoint.meta import atomic_output_dir
+from inrank_megatron.checkpoint.reader import CheckpointError, LoadedCheckpoint
 from inrank_megatron.config import TrainConfig
-from inrank_megatron.data.tokenizers import GPT2_VOCAB_SIZE
-from inrank_megatron.export.checkpoint import CheckpointError, LoadedCheckpoint
-from inrank_megatron.export.files import (
-    atomic_output_dir, checkpoint_tokenizer, dir_bytes, write_provenance,
-)
+from inrank_megatron.export.files import checkpoint_tokenizer, dir_bytes, write_provenance
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -287,7 +285,7 @@ def export_hf(ckpt: LoadedCheckpoint, out_dir: str, *, dtype: str = "fp32") -> d
     tokenizer files), atomically: a temporary sibling directory renamed at the end.
 
     Args:
-        ckpt: a loaded training checkpoint (:func:`~inrank_megatron.export.load_checkpoint`).
+        ckpt: a loaded training checkpoint (:func:`~inrank_megatron.checkpoint.reader.load_checkpoint`).
         out_dir: the directory to create; it must not exist.
         dtype: ``fp32``, ``bf16`` or ``fp16`` for the weights.
 

@@ -2,7 +2,7 @@
 
 A directory with ``model.safetensors`` (InRank layers as their active factors ``A[:k]`` (``[k, in]``)
 and ``B[:, :k]`` (``[out, k]``), plus ``w0`` in cumulative mode; every other tensor dense; the
-vocabulary unpadded; names as :mod:`inrank_megatron.export.layout`) and ``inrank.json`` (format
+vocabulary unpadded; names as :mod:`inrank_megatron.checkpoint.layout`) and ``inrank.json`` (format
 version, the full training configuration, the vocabulary size, each InRank layer's rank, buffer,
 active slots and shapes, parameter counts, tokenizer, source checkpoint). Efficient mode is the
 smaller model: a ``k``-slot layer holds ``k (in + out)`` numbers instead of ``in * out``.
@@ -19,9 +19,10 @@ import os
 import torch
 
 from inrank_megatron.config import ConfigError, from_dict, to_dict
-from inrank_megatron.export.checkpoint import CheckpointError, LoadedCheckpoint, unpad_vocabulary
-from inrank_megatron.export.files import atomic_output_dir, dir_bytes, write_tokenizer
-from inrank_megatron.export.layout import expected_shapes
+from inrank_megatron.checkpoint.reader import CheckpointError, LoadedCheckpoint, unpad_vocabulary
+from inrank_megatron.checkpoint.meta import atomic_output_dir
+from inrank_megatron.export.files import dir_bytes, write_tokenizer
+from inrank_megatron.checkpoint.layout import expected_shapes
 
 INRANK_JSON = "inrank.json"
 WEIGHTS = "model.safetensors"

@@ -26,7 +26,7 @@ import torch
 
 from inrank_megatron.core.rank_rule import explained_ratios
 from inrank_megatron.core.resize import FactorResize
-from inrank_megatron.layers.base import InRankFactorsMixin
+from inrank_megatron.layers.base import InRankFactorsMixin, named_inrank_layers
 
 
 @dataclass
@@ -52,27 +52,6 @@ class GrowthReport:
     @property
     def changed(self) -> list:
         return [c for c in self.checks if c.new_rank != c.old_rank]
-
-
-def named_inrank_layers(modules) -> list:
-    """``(name, layer)`` for every InRank layer, named by global transformer-layer number (so names
-    agree across pipeline stages), e.g. ``decoder.layers.3.mlp.linear_fc1``."""
-    if isinstance(modules, torch.nn.Module):
-        modules = [modules]
-    out = []
-    for chunk in modules:
-        numbers = {}
-        for name, m in chunk.named_modules():
-            if hasattr(m, "layer_number") and name.rsplit(".", 1)[-1].isdigit():
-                numbers[name] = name.rsplit(".", 1)[0] + f".{m.layer_number - 1}"
-        for name, m in chunk.named_modules():
-            if isinstance(m, InRankFactorsMixin):
-                for local, global_name in numbers.items():
-                    if name.startswith(local + "."):
-                        name = global_name + name[len(local):]
-                        break
-                out.append((name.removeprefix("module."), m))
-    return out
 
 
 class GrowthController:
@@ -194,4 +173,4 @@ class GrowthController:
             layer.load_inrank_state(state[name])
 
 
-__all__ = ["FactorResize", "GrowthController", "GrowthReport", "LayerCheck", "named_inrank_layers"]
+__all__ = ["FactorResize", "GrowthController", "GrowthReport", "LayerCheck"]

@@ -51,7 +51,7 @@ class InRankFactorsMixin:
             out_slice: the rows of ``B`` / ``w0`` this shard owns.
             params_dtype: parameter dtype.
             device: parameter device (default CPU).
-            layer: name for error messages (renamed later by :func:`name_inrank_layers`).
+            layer: name for error messages (set by :class:`~inrank_megatron.growth.controller.GrowthController` from :func:`named_inrank_layers`).
             dense_init: the dense layer's init method, which ``inrank.init=spectral`` factorises
                 (megatron's ``init_method``; None: ``torch.nn.Linear``'s).
         """
@@ -322,22 +322,32 @@ class InRankFactorsMixin:
             self.load_inrank_state(state)
 
 
-def inrank_layers(model: torch.nn.Module):
-    """``(name, layer)`` of every InRank layer of ``model``, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, InRankFactorsMixin)]
-
-
 def frobenius_penalty(model: torch.nn.Module, coefficient: float) -> Optional[torch.Tensor]:
     """``coefficient/2`` times the sum of ``||B A||_F^2`` over the InRank layers of ``model`` (this
     process's pipeline stage), or None when there is nothing to penalise (``coefficient`` 0, or no
     InRank layer). Collective over each layer's tensor-parallel group."""
-    layers = inrank_layers(model)
+    layers = named_inrank_layers(model)
     if not coefficient or not layers:
         return None
     return sum(layer.frobenius_penalty(coefficient) for _, layer in layers)
 
 
-def name_inrank_layers(model: torch.nn.Module, prefix: str = "") -> None:
-    """Give each InRank layer's growth state its qualified module name (used in errors/reports)."""
-    for name, layer in inrank_layers(model):
-        layer.growth.layer = prefix + name
+def named_inrank_layers(modules) -> list:
+    """``(name, layer)`` for every InRank layer, named by global transformer-layer number (so names
+    agree across pipeline stages), e.g. ``decoder.layers.3.mlp.linear_fc1``."""
+    if isinstance(modules, torch.nn.Module):
+        modules = [modules]
+    out = []
+    for chunk in modules:
+        numbers = {}
+        for name, m in chunk.named_modules():
+            if hasattr(m, "layer_number") and name.rsplit(".", 1)[-1].isdigit():
+                numbers[name] = name.rsplit(".", 1)[0] + f".{m.layer_number - 1}"
+        for name, m in chunk.named_modules():
+            if isinstance(m, InRankFactorsMixin):
+                for local, global_name in numbers.items():
+                    if name.startswith(local + "."):
+                        name = global_name + name[len(local):]
+                        break
+                out.append((name.removeprefix("module."), m))
+    return out

@@ -78,3 +78,29 @@ def build_gpt(shape: GPTShape, config: TransformerConfig, *, inrank: Optional[In
             pre_process=pre_process, post_process=post_process, parallel_output=True,
             share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
             position_embedding_type=shape.position_embedding_type, vp_stage=vp_stage)
+
+
+def build_model(cfg, vocab_size: int, tp: int) -> GPTModel:
+    """The GPTModel of a training config (this rank's pipeline stage of it) with fp32 master
+    weights; bf16/fp16 run under autocast. The pipeline layout is megatron's parallel state (1
+    outside a PP job).
+
+    Args:
+        cfg: a :class:`~inrank_megatron.config.TrainConfig` (its ``model``, ``inrank`` and
+            ``parallel.sequence_parallel``).
+        vocab_size: the tokenizer's vocabulary (padded here for ``tp``).
+        tp: the tensor-parallel size.
+    """
+    from megatron.core import parallel_state
+
+    shape = shape_from_config(cfg, vocab_size, tp)
+    config = transformer_config(shape, tp=tp,
+                                pp=parallel_state.get_pipeline_model_parallel_world_size(),
+                                sequence_parallel=cfg.parallel.sequence_parallel,
+                                recompute=cfg.model.recompute,
+                                recompute_num_layers=cfg.model.recompute_num_layers)
+    inrank = cfg.inrank.to_core() if cfg.model.inrank else None
+    return build_gpt(shape, config, inrank=inrank, inrank_layers=tuple(cfg.inrank.layers),
+                     attention=cfg.model.attention,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage())

@@ -13,48 +13,8 @@ import os
 
 import torch
 
-from inrank_megatron.config import ConfigError, TrainConfig
-
-
-def _exists(prefix: str) -> bool:
-    return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
-
-
-def check_data_config(cfg: TrainConfig) -> None:
-    """Fail before any process group starts if there is no data and nothing may build it."""
-    d = cfg.data
-    if d.prefix is None:
-        raise ConfigError("data.prefix is not set: expected a megatron indexed dataset prefix "
-                          "(PREFIX.bin/.idx), e.g. data/wiki_sp8k_text_document")
-    if not _exists(d.prefix) and d.corpus == "none":
-        raise ConfigError(f"data.prefix={d.prefix!r}: {d.prefix}.bin/.idx not found and "
-                          "data.corpus=none; run tools/preprocess_data.py or set data.corpus=wiki "
-                          "(or wiki+books)")
-    if not _exists(d.prefix) and not d.prefix.endswith("_text_document"):
-        raise ConfigError(f"data.prefix={d.prefix!r} does not exist and cannot be built: a prefix "
-                          "that prepare builds must end in '_text_document'")
-    if _exists(d.prefix):
-        from inrank_megatron.data.datasets import check_indexed_files
-
-        try:
-            check_indexed_files(d.prefix)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-
-
-def split_report(cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """``(errors, warnings)`` of ``data.split`` over the existing dataset's documents
-    (:func:`inrank_megatron.data.datasets.split_problems`); nothing when the data does not exist
-    yet (prepare builds it) or is unreadable (the data files rule reports that)."""
-    from inrank_megatron.data.datasets import check_indexed_files, split_problems
-
-    d = cfg.data
-    if d.prefix is None or not _exists(d.prefix):
-        return [], []
-    try:
-        return split_problems(d.split, check_indexed_files(d.prefix)["documents"])
-    except (ValueError, AssertionError, ZeroDivisionError):  # the data and split rules say why
-        return [], []
+from inrank_megatron.config import TrainConfig
+from inrank_megatron.data.checks import dataset_exists
 
 
 def prepare_data(cfg: TrainConfig) -> None:
@@ -65,7 +25,7 @@ def prepare_data(cfg: TrainConfig) -> None:
     from inrank_megatron.data.train_tokenizer import train_sentencepiece
 
     d = cfg.data
-    if _exists(d.prefix):
+    if dataset_exists(d.prefix):
         return
     os.makedirs(os.path.dirname(d.prefix) or ".", exist_ok=True)
     if d.tokenizer == "sentencepiece" and not os.path.isfile(d.tokenizer_model):

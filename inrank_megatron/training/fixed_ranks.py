@@ -19,11 +19,11 @@ import json
 import math
 import os
 
-from inrank_megatron.checkpoint_format import (
+from inrank_megatron.checkpoint import (
     CHECKPOINTS_DIR, GROWTH_FILE, LATEST, CheckpointError, read_growth,
 )
 from inrank_megatron.config import ConfigError, TrainConfig, from_dict, load_config
-from inrank_megatron.export.layout import inrank_layer_names, layer_kind, linear_shape
+from inrank_megatron.checkpoint.layout import inrank_layer_names, layer_kind, linear_shape
 
 KEY = "inrank.fixed_ranks"
 SUMMARY = "summary.json"  # inrank_megatron.training.loop writes it at the end of a run
@@ -56,7 +56,7 @@ def read_run_ranks(run_dir: str) -> tuple[dict[str, int], TrainConfig]:
                           "in (0, 1] or the output.dir of a finished run)")
     try:
         if os.path.isfile(os.path.join(run_dir, CHECKPOINTS_DIR, LATEST)):
-            from inrank_megatron.export.checkpoint import read_checkpoint_config
+            from inrank_megatron.checkpoint.reader import read_checkpoint_config
 
             try:
                 step_dir, _, cfg = read_checkpoint_config(run_dir)

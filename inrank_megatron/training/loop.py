@@ -16,13 +16,12 @@ import time
 
 import torch
 
-from inrank_megatron.checkpoint_format import CHECKPOINTS_DIR, Meta, read_meta
+from inrank_megatron.checkpoint import CHECKPOINTS_DIR, Meta, read_meta
 from inrank_megatron.config import TrainConfig, save_config, to_dict
 from inrank_megatron.core.validation import NonFiniteValueError
 from inrank_megatron.growth.controller import GrowthController
-from inrank_megatron.models.gpt import build_gpt, transformer_config
-from inrank_megatron.models.shape import shape_from_config
-from inrank_megatron.training import checkpoint as ckpt
+from inrank_megatron.models.gpt import build_model
+from inrank_megatron.checkpoint import manager as ckpt
 from inrank_megatron.training import finite
 from inrank_megatron.training.backends import build_backend
 from inrank_megatron.training.console import Console
@@ -32,24 +31,6 @@ from inrank_megatron.training.data import (
 from inrank_megatron.training.parallel import (
     ParallelGroups, init_parallel, rng_state, set_rng_state, set_seeds,
 )
-
-
-def build_model(cfg: TrainConfig, vocab_size: int, tp: int):
-    """The GPTModel (this rank's pipeline stage of it) with fp32 master weights; bf16/fp16 run
-    under autocast. The pipeline layout is megatron's parallel state (1 outside a PP job)."""
-    from megatron.core import parallel_state
-
-    shape = shape_from_config(cfg, vocab_size, tp)
-    config = transformer_config(shape, tp=tp,
-                                pp=parallel_state.get_pipeline_model_parallel_world_size(),
-                                sequence_parallel=cfg.parallel.sequence_parallel,
-                                recompute=cfg.model.recompute,
-                                recompute_num_layers=cfg.model.recompute_num_layers)
-    inrank = cfg.inrank.to_core() if cfg.model.inrank else None
-    return build_gpt(shape, config, inrank=inrank, inrank_layers=tuple(cfg.inrank.layers),
-                     attention=cfg.model.attention,
-                     pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage())
 
 
 class _Averager:
@@ -65,8 +46,18 @@ class _Averager:
         return (t[0] / t[1]).item()
 
 
-def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> dict:
-    """Run the configured job on this rank. Returns the summary (also written to summary.json)."""
+def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
+          dist_backend: str = "gloo") -> dict:
+    """Run the configured job on this rank. Returns the summary (also written to summary.json).
+
+    Args:
+        cfg: the run's configuration, validated (:func:`inrank_megatron.rules.validate`).
+        resume_path: the checkpoint to resume (:mod:`inrank_megatron.checkpoint.resume`).
+        fixed_ranks: ``inrank.fixed_ranks`` resolved by the pre-flight
+            (:func:`~inrank_megatron.training.fixed_ranks.resolve_fixed_ranks`); None: resolved
+            here when needed.
+        dist_backend: the torch.distributed backend (gloo or nccl).
+    """
     t0 = time.time()
     groups = init_parallel(cfg.parallel.tensor_model_parallel_size,
                            cfg.parallel.pipeline_model_parallel_size, backend=dist_backend)
@@ -88,11 +79,12 @@ def train(cfg: TrainConfig, *, resume_path=None, dist_backend: str = "gloo") -> 
     controller = GrowthController(model, stage1_steps=cfg.inrank.stage1_steps
                                   if cfg.model.inrank else None)
     if resume_path is None and cfg.model.inrank and cfg.inrank.fixed_ranks is not None:
-        from inrank_megatron.training.fixed_ranks import resolve_fixed_ranks
+        if fixed_ranks is None:  # a resumed run takes its ranks from the checkpoint
+            from inrank_megatron.training.fixed_ranks import resolve_fixed_ranks
 
-        ranks = resolve_fixed_ranks(cfg)  # a resumed run takes its ranks from the checkpoint
+            fixed_ranks = resolve_fixed_ranks(cfg)
         for name, layer in controller.layers:
-            layer.fix_rank(ranks[name])
+            layer.fix_rank(fixed_ranks[name])
     start_step, weights_only = 0, False
     if resume_path is not None:
         meta = read_meta(resume_path)

@@ -10,7 +10,7 @@ import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from inrank_megatron.config import TrainConfig
-from inrank_megatron.layers.base import inrank_layers
+from inrank_megatron.layers.base import named_inrank_layers
 
 # Autocast dtype of each reduced training precision (fp32 runs without autocast).
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -21,7 +21,7 @@ FACTOR_GROUP = "inrank_factors"
 
 def factor_params(model: torch.nn.Module) -> list:
     """The InRank factors (``A``, ``B`` of every InRank layer), in module order."""
-    return [p for _, layer in inrank_layers(model) for p in (layer.A, layer.B)]
+    return [p for _, layer in named_inrank_layers(model) for p in (layer.A, layer.B)]
 
 
 def factor_group_settings(cfg: TrainConfig) -> dict:

@@ -14,7 +14,7 @@ def build_backend(cfg, model, groups) -> Backend:
         from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg, model, groups)
-    if name == "megatron":  # GPU only; check_supported refuses it without CUDA
+    if name == "megatron":  # GPU only; the rules refuse it without CUDA
         from inrank_megatron.training.backends.megatron_backend import MegatronBackend
 
         return MegatronBackend(cfg, model, groups)

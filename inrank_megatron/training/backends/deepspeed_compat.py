@@ -406,7 +406,7 @@ def refresh_model_params(engine) -> None:
 
 
 # ----------------------------------------------------------------------- sequence parallelism
-def allreduce_sequence_parallel_grads(engine, params, group) -> None:
+def allreduce_partitioned_sequence_parallel_grads(engine, params, group) -> None:
     """Collective over ``group`` (TP): sum the reduced gradients of ``params`` (those megatron
     marks ``sequence_parallel``: partial sums over sequence shards), between the accumulation
     boundary's backward and ``engine.step()``.

@@ -6,8 +6,8 @@ GPU only. megatron-core 0.16.1's optimizers allocate with ``device='cuda'`` lite
 (``FP32Optimizer.__init__``, ``MixedPrecisionOptimizer.__init__``, ``clip_grads.py``) and accept
 parameters only by ``Tensor.type() == 'torch.cuda.FloatTensor'`` (``DistributedOptimizer.
 _build_model_and_main_param_groups``); running them on CPU would need module-level ``torch``
-proxies or a global ``Tensor.type()`` override, which we do not ship. ``check_supported`` in
-``inrank_megatron.train`` refuses this backend without CUDA; ``tools/gpu_check.sh`` runs its tests.
+proxies or a global ``Tensor.type()`` override, which we do not ship. The rule "megatron needs CUDA"
+(:mod:`inrank_megatron.rules`) refuses this backend without CUDA; ``tools/gpu_check.sh`` runs its tests.
 
 Selection: ``parallel.backend=megatron``; the distributed optimizer when
 ``parallel.zero_stage >= 1`` (ZeRO-1: fp32 master weights and Adam moments sharded over DP).

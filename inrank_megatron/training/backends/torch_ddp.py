@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from inrank_megatron.core.resize import MOMENTS
-from inrank_megatron.growth.controller import named_inrank_layers
+from inrank_megatron.layers.base import named_inrank_layers
 from inrank_megatron.tensor_parallel.layers import allreduce_sequence_parallel_grads
 from inrank_megatron.training.backends.base import Backend
 from inrank_megatron.training.optim import (
