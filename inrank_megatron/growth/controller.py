@@ -26,7 +26,7 @@ import torch
 
 from inrank_megatron.core.rank_rule import explained_ratios
 from inrank_megatron.core.resize import FactorResize
-from inrank_megatron.layers.base import InRankFactorsMixin, named_inrank_layers
+from inrank_megatron.layers.base import named_inrank_layers
 
 
 @dataclass

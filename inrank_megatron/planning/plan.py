@@ -172,7 +172,7 @@ class Check:
 
 def layout_checks(cfg: TrainConfig, world_size: int) -> list[Check]:
     """Each rule of :data:`inrank_megatron.rules.RULES` that reads only the configuration, on its
-    own (so that every problem shows, not only the first): the rows ``validate_layout`` passes or
+    own (so that every problem shows, not only the first): the rows ``rules.validate`` passes or
     fails on."""
     checks = []
     for r in rules.applicable(world_size):
