@@ -107,7 +107,6 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
 
     from inrank_megatron.core.resize import map_slot_state
     from inrank_megatron.layers.base import named_inrank_layers
-    from inrank_megatron.training.backends import deepspeed_compat as compat
     from inrank_megatron.models.gpt import build_model
     from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
     from inrank_megatron.training.optim import FACTOR_GROUP
@@ -130,7 +129,7 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     groups_before = [sorted(n for n, p in model.named_parameters()
                             if id(p) in {id(q) for q in g["params"]})
                      for g in backend.param_groups()]
-    steps_before = compat.group_steps(backend.engine)
+    steps_before = backend.layout.group_steps()
     events, new_values = [], {}
     for name, layer in layers:
         event = layer.cut(2) if mode == "efficient" else \
@@ -165,7 +164,7 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
                 problems.append(f"{name} {k or 'master'}: not equal to the policy's definition")
     if not any(p.numel() % (world_size // tp) for _, layer in layers for p in (layer.A, layer.B)):
         problems.append("no factor with a numel not divisible by the DP size")
-    steps_after = compat.group_steps(backend.engine)
+    steps_after = backend.layout.group_steps()
     names_of_groups = [g["name"] for g in backend.engine.optimizer.param_groups]
     if names_of_groups != ["decay", "no_decay", FACTOR_GROUP] or len(steps_after) != 3:
         problems.append(f"param groups after the rebuild: {names_of_groups}")

@@ -114,7 +114,7 @@ def _measure(stage: int, args: dict) -> dict:
     one_step()  # warm-up (creates the optimizer state)
     step_s = statistics.median(one_step() for _ in range(args["steps"]))
     named = [(n, p) for n, p in model.named_parameters()]
-    state = compat.LocalState(backend.engine, named)
+    state = compat.LocalState(backend.layout, named)
     opt_bytes = 12 * sum(piece.numel for piece in state.pieces.values())  # fp32 x 3
     del state
     gc.collect()

@@ -80,7 +80,8 @@ class DeepSpeedBackend(Backend):
                                       weight_decay=t.weight_decay)
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                config=copy.deepcopy(self.ds_config), mpu=self.mpu)
-        compat.keep_full(engine, factor_params(self.model))
+        self.layout = compat.optimizer_layout(engine)
+        self.layout.keep_full(factor_params(self.model))
         self._state_linked = False
         return engine
 
@@ -112,10 +113,10 @@ class DeepSpeedBackend(Backend):
         engine = self.engine
         if self.groups.tp_size > 1 and self.cfg.parallel.sequence_parallel:
             partial = [p for p in self.model.parameters() if getattr(p, "sequence_parallel", False)]
-            compat.allreduce_partitioned_sequence_parallel_grads(engine, partial,
-                                                                 self.groups.tp_group)
+            self.layout.allreduce_partitioned_sequence_parallel_grads(partial,
+                                                                      self.groups.tp_group)
         norm = None
-        if compat.optimizer_layout(engine) == "torch":
+        if isinstance(self.layout, compat.TorchLayout):
             # Stage 0 in fp32 clips inside engine.step (deepspeed.runtime.utils.clip_grad_norm_)
             # without keeping the norm; the gradients are already averaged over DP here.
             params = [p for g in engine.optimizer.param_groups for p in g["params"]]
@@ -123,7 +124,7 @@ class DeepSpeedBackend(Backend):
                                     tp_rank=self.groups.tp_rank)
         engine.step()
         if not self._state_linked:
-            compat.relink_optimizer_state(engine)
+            self.layout.relink()
             self._state_linked = True
         self.scheduler.step(1)
         if norm is None:
@@ -153,7 +154,7 @@ class DeepSpeedBackend(Backend):
                                           self._megatron_attributes)
         counters = compat.engine_counters(self.engine)
         self.engine.destroy()
-        self.engine = None
+        self.engine = self.layout = None
         gc.collect()
         self.engine = self._build_engine()
         compat.set_engine_counters(self.engine, counters)
@@ -167,7 +168,7 @@ class DeepSpeedBackend(Backend):
         scheduler as client state) and ``path/inrank_deepspeed.json`` (shapes, TP layout)."""
         self.engine.save_checkpoint(path, tag=TAG, save_latest=False, client_state={
             "inrank_scheduler": self.scheduler.state_dict(),
-            "inrank_adam_steps": [float(s) for s in compat.group_steps(self.engine)]})
+            "inrank_adam_steps": [float(s) for s in self.layout.group_steps()]})
         if self.groups.rank == 0:
             meta = {"zero_stage": self.stage, "tp": self.groups.tp_size, "dp": self.groups.dp_size,
                     "precision": self.cfg.train.precision, "params": {}}
@@ -189,10 +190,10 @@ class DeepSpeedBackend(Backend):
             raise FileNotFoundError(f"{os.path.join(path, TAG)}: no DeepSpeed checkpoint (written "
                                     "by another backend?)")
         # ZeRO-3 restores one Adam step for every group; the factor group's may differ.
-        compat.set_group_steps(self.engine, client["inrank_adam_steps"])
-        compat.relink_optimizer_state(self.engine)
+        self.layout.set_group_steps(client["inrank_adam_steps"])
+        self.layout.relink()
         self._state_linked = True
-        compat.refresh_model_params(self.engine)
+        self.layout.refresh_model_params()
         self.scheduler.load_state_dict(client["inrank_scheduler"])
 
 
@@ -200,7 +201,7 @@ class DeepSpeedBackend(Backend):
 
     def export_state(self, named=None):
         named = named if named is not None else self._trainable()
-        state = compat.LocalState(self.engine, named)  # this rank's pieces, referenced now
+        state = compat.LocalState(self.layout, named)  # this rank's pieces, referenced now
 
         def items():
             for name, _ in named:
@@ -216,7 +217,7 @@ class DeepSpeedBackend(Backend):
         groups = param_groups(self.model, self.cfg)
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         steps = [None] * len(groups)
-        compat.create_zeroed_state(self.engine, [torch.tensor(0.0)] * len(groups))
+        self.layout.create_zeroed_state([torch.tensor(0.0)] * len(groups))
         params = dict(self._trainable())
         for name, master, moments, step in items:
             p = params.pop(name)
@@ -227,12 +228,12 @@ class DeepSpeedBackend(Backend):
                 raise ValueError(f"parameter {name} has Adam step {step:g}, other parameters of "
                                  f"its DeepSpeed param group {groups[gi]['name']!r} have "
                                  f"{steps[gi]:g}; ZeRO keeps one step per group")
-            compat.write_local(self.engine, p, master)
+            self.layout.write_local(p, master)
             for k in MOMENTS:
-                compat.write_local(self.engine, p, moments[k], k)
+                self.layout.write_local(p, moments[k], k)
         if params:
             raise RuntimeError(f"import_state: no state given for {sorted(params)[:3]}")
-        compat.set_group_steps(self.engine, [s or 0.0 for s in steps])
-        compat.relink_optimizer_state(self.engine)
+        self.layout.set_group_steps([s or 0.0 for s in steps])
+        self.layout.relink()
         self._state_linked = True
-        compat.refresh_model_params(self.engine)
+        self.layout.refresh_model_params()
