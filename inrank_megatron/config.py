@@ -7,8 +7,8 @@
 
 Every field has a type, a default and a one-line meaning (``field(metadata={"help": ...})``), from
 which :mod:`inrank_megatron.config_reference` renders ``configs/README.md``
-(``tools/config_doc.py``). Rules that span keys are :mod:`inrank_megatron.rules`'. Enum-like fields list their allowed
-values in ``metadata["choices"]``; numeric bounds are ``metadata["ge"|"gt"|"le"|"lt"]``.
+(``tools/config_doc.py``). Rules that span keys are :mod:`inrank_megatron.rules`'. Enum-like fields
+list their allowed values in ``metadata["choices"]``; numeric bounds are ``metadata["ge"|"gt"|"le"|"lt"]``.
 
 Every failure is a :class:`ConfigError` (a ``ValueError``) naming the full dotted key. YAML values
 and override values are read by :func:`yaml.safe_load` semantics, with one fix: ``3e-4`` is a float

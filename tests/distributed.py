@@ -208,7 +208,8 @@ def train_env() -> dict:
 
 def run_train(overrides, nproc: int = 2, timeout: float = 600, check: bool = True,
               config: str = TINY_CONFIG):
-    """Train ``CONFIG`` (default the test suite's ``tests/tiny.yaml``) with ``overrides`` on ``nproc`` processes.
+    """Train ``CONFIG`` (default the test suite's ``tests/tiny.yaml``) with ``overrides`` on
+    ``nproc`` processes.
 
     Returns:
         The finished ``subprocess.CompletedProcess`` (text stdout and stderr).

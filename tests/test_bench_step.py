@@ -47,8 +47,11 @@ def test_projection_arithmetic():
     cfg = load_config(TINY, ["train.steps=100", "train.global_batch_size=8",
                              "inrank.stage1_steps=30", "inrank.warmup=10", "inrank.gap=5"])
     job = load_config(TINY, ["train.micro_batch_size=2", "train.global_batch_size=2"])
-    arm = lambda f, b, o, **kw: dict(forward_s=f, backward_s=b, optimizer_s=o, step_s=f + b + o,
-                                     rank_check_s=None, cut_s=None, **kw)
+
+    def arm(f, b, o, **kw):
+        return dict(forward_s=f, backward_s=b, optimizer_s=o, step_s=f + b + o,
+                    rank_check_s=None, cut_s=None, **kw)
+
     arms = {"dense": arm(1.0, 2.0, 0.5), "stage1": arm(0.5, 1.0, 0.5, ),
             "cut": arm(0.25, 0.5, 0.25)}
     arms["stage1"]["rank_check_s"] = 0.7

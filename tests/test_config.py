@@ -10,7 +10,8 @@ Pins down:
   out-of-range value, an override without '='.
 - Every rule of `rules.validate` fires with a message naming its key and the expected value,
   including InRank rank settings checked against each layer kind's own full shape.
-- tests/tiny.yaml (the suite's copy of tiny-cpu's spec-like settings) loads and passes `rules.validate(world_size=2)`, dense variant too.
+- tests/tiny.yaml (the suite's copy of tiny-cpu's spec-like settings) loads and passes
+  `rules.validate(world_size=2)`, dense variant too.
 - configs/README.md is what tools/config_doc.py generates now.
 - `diff_incompatible` flags model/inrank/tokenizer changes and ignores schedule/output changes.
 

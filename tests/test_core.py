@@ -85,8 +85,8 @@ def test_select_rank_matches_brute_force_transcription():
         assert got >= r
         if 0 < b and r < max_rank - b:
             assert got < max_rank - b and got <= r + b - 1
-        outcomes.add("stuck" if r >= min(r + b, max_rank - b) else "pass" if got < min(r + b, max_rank - b) - 1
-                     else "last")
+        cap = min(r + b, max_rank - b)
+        outcomes.add("stuck" if r >= cap else "pass" if got < cap - 1 else "last")
     assert outcomes == {"stuck", "pass", "last"}
 
 

@@ -149,7 +149,7 @@ def _ckpt_body(rank, world_size, ckpt_dir, action, cut):
     controller = GrowthController(model, stage1_steps=icfg.stage1_steps)
     tokens, labels, pos = _batch()
     if action == "save":
-        for name, layer in controller.layers:  # a grown state, then maybe the cut
+        for _, layer in controller.layers:  # a grown state, then maybe the cut
             layer.set_rank(5)
             if cut:
                 layer.cut(step=3)

@@ -416,7 +416,7 @@ def _measured_peaks(rank, world_size, cfgs, repeats=3):
                                generator=torch.Generator().manual_seed(0))
         pos = torch.arange(s).unsqueeze(0).expand(b, s)
 
-        def step():
+        def step(model=model, tokens=tokens, pos=pos):
             loss = model(tokens[:, :-1], pos, attention_mask=None, labels=tokens[:, 1:])
             loss.float().mean().backward()
 

@@ -71,11 +71,13 @@ def _layer_body(rank, world_size):
         B_full, A_full, b_full = _full((OUT, slots), 1), _full((slots, IN), 2), _full((OUT,), 3)
         with torch.no_grad():
             if kind == "column":
-                layer.B.copy_(shard(B_full, 0)); layer.A.copy_(A_full)
+                layer.B.copy_(shard(B_full, 0))
+                layer.A.copy_(A_full)
                 if bias:
                     layer.bias.copy_(shard(b_full, 0))
             else:
-                layer.A.copy_(shard(A_full, 1)); layer.B.copy_(B_full)
+                layer.A.copy_(shard(A_full, 1))
+                layer.B.copy_(B_full)
                 if bias:
                     layer.bias.copy_(b_full)
         x = _full((SEQ, BATCH, IN), 4).requires_grad_(False)

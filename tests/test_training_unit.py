@@ -224,7 +224,8 @@ def test_slot_adamw_equals_adamw_bit_for_bit(monkeypatch, foreach, mode):
     gen = torch.Generator().manual_seed(1)
     for step in range(6):
         x = torch.randn(16, 48, generator=gen, dtype=torch.float64)
-        for current, model, opt in (("plain", ref, plain), ("slot", new, slot)):
+        for current, model, opt in (("plain", ref, plain), ("slot", new, slot)):  # noqa: B007
+            # ``current`` is read by the adam stand-in above.
             opt.zero_grad()
             model(x).pow(2).mean().backward()
             opt.step()

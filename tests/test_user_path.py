@@ -23,7 +23,6 @@ test_import_writes_a_run_that_resume_auto_continues), the tokenizer switch in te
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys

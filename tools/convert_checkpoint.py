@@ -2,8 +2,10 @@
 """Convert InRank training checkpoints.
 
     # another tensor / pipeline layout (growth state and learned ranks preserved; --pp N too)
-    python tools/convert_checkpoint.py reshard runs/x/checkpoints/step_000200 runs/y/checkpoints/step_000200 --tp 4
-    # then train on: output.dir=runs/y output.resume=runs/y/checkpoints/step_000200 parallel.tensor_model_parallel_size=4
+    python tools/convert_checkpoint.py reshard runs/x/checkpoints/step_000200 \
+        runs/y/checkpoints/step_000200 --tp 4
+    # then train on: output.dir=runs/y output.resume=runs/y/checkpoints/step_000200 \
+    #     parallel.tensor_model_parallel_size=4
     # merge W0 + B A into plain weights: a checkpoint of the dense megatron GPT (model.inrank=false)
     python tools/convert_checkpoint.py to-dense runs/x runs/x-dense/checkpoints/step_000200
     # DeepSpeed ZeRO (any stage, TP, DP) -> torch dist checkpoint, Adam moments included
@@ -62,7 +64,6 @@ def main(argv=None) -> int:
                            help="target processes (default: TP x the source's PP x DP)")
     args = p.parse_args(argv)
 
-    from inrank_megatron.config import ConfigError
     from inrank_megatron.convert import reshard, to_dense
 
     try:

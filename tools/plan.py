@@ -38,7 +38,8 @@ import sys
 from inrank_megatron.config import ConfigError, format_value, inrank_layer_shapes, load_config
 from inrank_megatron.planning.activations import ACTIVATION_VARIANTS
 from inrank_megatron.planning.estimates import (
-    DEFAULT_RANK_FRACTION, STRATEGIES, STRATEGY_NAMES, ParamCount, bytes_per_parameter, rank_checks, reachable_rank,
+    DEFAULT_RANK_FRACTION, STRATEGIES, STRATEGY_NAMES, ParamCount, bytes_per_parameter, rank_checks,
+    reachable_rank,
 )
 from inrank_megatron.planning.plan import DEFAULT_GPU_MEMORY_GIB, Plan, plan
 from inrank_megatron.text_table import aligned_table
@@ -99,7 +100,7 @@ def _format_activations(p: Plan) -> list[str]:
     rows = [[labels[key]] + [_gib(by[v].total) for v in ACTIVATION_VARIANTS]
             for key, by in p.activations.items()]
     out += aligned_table(header, rows)
-    out.append(f"  * the config's model.attention / model.recompute"
+    out.append("  * the config's model.attention / model.recompute"
                + (f" (recompute_num_layers {m.recompute_num_layers})"
                   if m.recompute_num_layers is not None else ""))
     out.append("")

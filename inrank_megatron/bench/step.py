@@ -11,11 +11,11 @@ Arms (``ARMS``), each the same config, seed and synthetic batch:
   ``r`` slots from the start, no buffer, no growth, no cut.
 
 ``r`` per layer is ``--rank-fraction`` of d_model (clipped as the planner clips it:
-:func:`inrank_megatron.planning.estimates.rank_after_cut`) or a run's learned ranks (``--ranks-from``); stage 1
-is measured at that ``r`` (its last and most expensive steps). Per arm: forward / backward /
-optimizer time, tokens/s, the speedup over dense against the planner's FLOP-ideal
-(:func:`inrank_megatron.planning.estimates.flops_per_token` at the slots the built model uses), peak memory
-(``torch.cuda.max_memory_allocated``, or the process's peak RSS on CPU), and the bytes of
+:func:`inrank_megatron.planning.estimates.rank_after_cut`) or a run's learned ranks
+(``--ranks-from``); stage 1 is measured at that ``r`` (its last and most expensive steps). Per
+arm: forward / backward / optimizer time, tokens/s, the speedup over dense against the planner's
+FLOP-ideal (:func:`inrank_megatron.planning.estimates.flops_per_token` at the slots the built model
+uses), peak memory (``torch.cuda.max_memory_allocated``, or the process's peak RSS on CPU), and the bytes of
 parameters, gradients and optimizer state. The stage-1 arm also times one rank check of all layers
 (:meth:`GrowthController.step` at a due step); the cut arm times the cut.
 

@@ -324,7 +324,7 @@ def _umask_modes(path: str) -> None:
     some writers (safetensors' ``save_file``) create theirs 0600."""
     umask = os.umask(0)
     os.umask(umask)
-    for root, dirs, files in os.walk(path):
+    for root, _, files in os.walk(path):
         os.chmod(root, 0o777 & ~umask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)

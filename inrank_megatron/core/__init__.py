@@ -6,7 +6,7 @@ torch, for config checks that should not pay for importing it).
 
 import importlib
 
-from inrank_megatron.core.names import INITS, MODES, POLICIES, RATIO_RULES, STAGES
+from inrank_megatron.core.names import INITS, MODES, POLICIES, RATIO_RULES, STAGES  # noqa: F401
 
 _EXPORTS = {
     "InRankConfig": "config", "GrowthState": "growth", "init_factors": "init",

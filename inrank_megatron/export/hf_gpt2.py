@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 <-> our tensors (megatron ``GPTModel`` names, :mod:`~inrank_megatron.checkpoint.layout`).
+"""Hugging Face GPT-2 <-> our tensors (megatron ``GPTModel`` names,
+:mod:`~inrank_megatron.checkpoint.layout`).
 
 GPT-2 (``transformers.GPT2LMHeadModel``) is exactly the architecture of our default model: learned
 absolute positions, LayerNorm (eps 1e-5), GELU MLP, biases everywhere, embeddings tied to the LM

@@ -111,7 +111,7 @@ class GrowthController:
                                             s[: self.top_k].double().tolist()))
         if self.stage1_steps is not None and step == self.stage1_steps:
             # Layers fixed from the start (the fixed-rank baseline) have no stage 1 to end.
-            for name, layer in self.layers:
+            for _, layer in self.layers:
                 if layer.growth.stage == "growing":
                     report.resizes.append(layer.cut(step))
                     report.cut = True

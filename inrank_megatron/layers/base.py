@@ -51,7 +51,8 @@ class InRankFactorsMixin:
             out_slice: the rows of ``B`` / ``w0`` this shard owns.
             params_dtype: parameter dtype.
             device: parameter device (default CPU).
-            layer: name for error messages (set by :class:`~inrank_megatron.growth.controller.GrowthController` from :func:`named_inrank_layers`).
+            layer: name for error messages (set from :func:`named_inrank_layers` by the
+                growth controller).
             dense_init: the dense layer's init method, which ``inrank.init=spectral`` factorises
                 (megatron's ``init_method``; None: ``torch.nn.Linear``'s).
         """

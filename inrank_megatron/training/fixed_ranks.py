@@ -22,7 +22,7 @@ import os
 from inrank_megatron.checkpoint import (
     CHECKPOINTS_DIR, GROWTH_FILE, LATEST, CheckpointError, read_growth,
 )
-from inrank_megatron.config import ConfigError, TrainConfig, from_dict, load_config
+from inrank_megatron.config import ConfigError, TrainConfig, load_config
 from inrank_megatron.checkpoint.layout import inrank_layer_names, layer_kind, linear_shape
 
 KEY = "inrank.fixed_ranks"

@@ -8,14 +8,15 @@ DeepSpeed's optimizer, megatron's LR scheduler, and InRank resizes that carry th
 What comes from where:
 
 - The DeepSpeed JSON holds ZeRO settings only; batch sizes, ``gradient_clipping`` and bf16/fp16
-  are written into it from the YAML (:func:`deepspeed_config`); a JSON that sets them otherwise is
-  refused (:func:`check_deepspeed_config`).
+  are written into it from the YAML (:func:`inrank_megatron.deepspeed_json.deepspeed_config`); a
+  JSON that sets them otherwise is refused (:func:`~inrank_megatron.deepspeed_json.
+  check_deepspeed_config`).
 - ``torch.optim.AdamW`` over the param groups of every backend (``training.optim.param_groups``):
   dense matrices (decayed), 1-D parameters (not decayed) and the InRank factors in a group of
   their own (``inrank.lr_multiplier``, ``inrank.frobenius_decay``), which ZeRO also needs because
   it keeps one Adam ``step`` per group (a ``reset`` cut restarts the factors' step: core
-  ``resize_state``). megatron's ``OptimizerParamScheduler``
-  sets the groups' lr and weight decay once per optimizer step, as in the torch backend.
+  ``resize_state``). megatron's ``OptimizerParamScheduler`` sets the groups' lr and weight decay
+  once per optimizer step, as in the torch backend.
 - ``mpu=`` is :class:`~inrank_megatron.training.backends.deepspeed_compat.MegatronMPU`, so that
   ZeRO partitions over megatron's data-parallel group and counts TP shards once in the norm.
 
