@@ -49,3 +49,13 @@ def dp2_run(tmp_path_factory):
     run_train([*SHORT, f"output.dir={out}", "parallel.tensor_model_parallel_size=1"])
     return out
 
+
+@pytest.fixture(scope="session")
+def cumulative_run(tmp_path_factory):
+    """``SHORT`` in cumulative mode at TP=2 (no cut: capacity grows), 8 steps, one checkpoint at
+    step 8. Read-only."""
+    out = str(tmp_path_factory.mktemp("cumulative_run"))
+    run_train([*SHORT, f"output.dir={out}", "inrank.mode=cumulative", "inrank.stage1_steps=null",
+               "train.steps=8", "train.save_interval=8"])
+    return out
+

@@ -36,11 +36,10 @@ import pytest
 import torch
 
 from inrank_megatron.config import ConfigError, to_dict
-from tests.distributed import REPO, SHORT, run_distributed, run_train, train_env
+from tests.distributed import REPO, run_distributed, train_env
 
 SP_MODEL = os.path.join(REPO, "data", "wiki_sp8k.model")
 TOKENS = torch.randint(0, 8000, (2, 64), generator=torch.Generator().manual_seed(0))
-QUICK = ["output.plot=false", "output.tensorboard=false"]
 
 
 def _tool(name, *args):
@@ -140,14 +139,10 @@ def _megatron_other_architecture(rank, world_size, overrides, tokens):
 
 # ---------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Two short TP=2 runs: efficient (cut to fixed ranks at step 8 of 10) and cumulative."""
-    eff = str(tmp_path_factory.mktemp("efficient"))
-    run_train([*SHORT, *QUICK, f"output.dir={eff}", "train.steps=10", "train.save_interval=10"])
-    cum = str(tmp_path_factory.mktemp("cumulative"))
-    run_train([*SHORT, *QUICK, f"output.dir={cum}", "inrank.mode=cumulative",
-               "inrank.stage1_steps=null", "train.steps=6", "train.save_interval=6"])
-    return {"efficient": eff, "cumulative": cum}
+def runs(tp2_run, cumulative_run):
+    """The session's two short TP=2 runs (tests/conftest.py): efficient (cut to fixed ranks at step
+    8 of 16) and cumulative. Read-only: tests copy what they change."""
+    return {"efficient": tp2_run, "cumulative": cumulative_run}
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +179,7 @@ def test_export_hf_matches_megatron(runs, reference, tmp_path, mode):
     assert all(torch.equal(ckpt.tensors[k], state[k]) for k in state)
     stages = {layer.stage for layer in ckpt.layers.values()}
     if mode == "efficient":  # went through the cut: fixed ranks, no buffer, factors reallocated
-        assert stages == {"fixed"} and ckpt.step == 10
+        assert stages == {"fixed"} and ckpt.step == 16
         assert all(l.buffer == 0 and l.allocated_slots == l.rank > 2 for l in ckpt.layers.values())
     else:
         assert stages == {"growing"} and all(k + ".w0" in ckpt.tensors for k in ckpt.layers)
@@ -567,9 +562,9 @@ def test_missing_checkpoint_is_refused(tmp_path):
 def test_partial_checkpoint_is_refused(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs["efficient"], run)
-    os.remove(run / "checkpoints" / "step_000010" / "meta.json")  # a crash mid-save
+    os.remove(run / "checkpoints" / "step_000016" / "meta.json")  # a crash mid-save
     before = _snapshot(run)
-    for target in (run, run / "checkpoints" / "step_000010"):
+    for target in (run, run / "checkpoints" / "step_000016"):
         for tool in ("export_hf.py", "export_inrank.py"):
             out = tmp_path / "out"
             proc = _tool(tool, target, out)
@@ -584,7 +579,7 @@ def test_factor_shapes_contradicting_the_ranks_are_refused(runs, tmp_path):
     from inrank_megatron.checkpoint.reader import CheckpointError, load_checkpoint
 
     step = tmp_path / "step"
-    shutil.copytree(os.path.join(runs["efficient"], "checkpoints", "step_000010"), step)
+    shutil.copytree(os.path.join(runs["efficient"], "checkpoints", "step_000016"), step)
     with open(step / "inrank_growth.json") as f:
         growth = json.load(f)
     layer = growth["decoder.layers.1.mlp.linear_fc2"]
@@ -609,7 +604,7 @@ def test_factor_shapes_contradicting_the_ranks_are_refused(runs, tmp_path):
 ])
 def test_gpt2_export_refuses_inexpressible_configs(runs, tmp_path, change, feature):
     step = tmp_path / "step"
-    shutil.copytree(os.path.join(runs["efficient"], "checkpoints", "step_000010"), step)
+    shutil.copytree(os.path.join(runs["efficient"], "checkpoints", "step_000016"), step)
     with open(step / "meta.json") as f:
         meta = json.load(f)
     meta["config"]["model"].update(change)

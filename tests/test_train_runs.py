@@ -140,11 +140,8 @@ def test_resume_at_another_layout_continues(tp2_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_cumulative_mode_grows_capacity(tmp_path):
-    out = str(tmp_path / "cumulative")
-    run_train([*SHORT, f"output.dir={out}", "inrank.mode=cumulative", "inrank.stage1_steps=null",
-               "train.steps=8", "train.save_interval=8"])
-    s = read_summary(out)
+def test_cumulative_mode_grows_capacity(cumulative_run):
+    s = read_summary(cumulative_run)
     assert s["stage"] == "growing" and all(r > 2 for r in s["ranks"].values())
 
 
