@@ -109,7 +109,7 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     from inrank_megatron.layers.base import named_inrank_layers
     from inrank_megatron.models.gpt import build_model
     from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
-    from inrank_megatron.training.optim import FACTOR_GROUP
+    from inrank_megatron.training.optim import FACTOR_GROUP, param_groups
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
     # Efficient mode with the factors' own lr and Frobenius decay, cumulative mode without.
@@ -128,7 +128,7 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     before = _snapshot(backend, stage)
     groups_before = [sorted(n for n, p in model.named_parameters()
                             if id(p) in {id(q) for q in g["params"]})
-                     for g in backend.param_groups()]
+                     for g in param_groups(model, cfg)]
     steps_before = backend.layout.group_steps()
     events, new_values = [], {}
     for name, layer in layers:
@@ -178,7 +178,7 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
                 group.get("max_lr", cfg.train.lr) != want_max:
             problems.append(f"group {group['name']}: lr {group['lr']}, wd {group['weight_decay']}")
     if [sorted(n for n, p in model.named_parameters() if id(p) in {id(q) for q in g["params"]})
-            for g in backend.param_groups()] != groups_before:
+            for g in param_groups(model, cfg)] != groups_before:
         problems.append("parameters changed param group in the rebuild")
     for gi, (a, b) in enumerate(zip(steps_before, steps_after)):
         reset = policy == "reset" and mode == "efficient" and names_of_groups[gi] == FACTOR_GROUP

@@ -1,7 +1,8 @@
 """Single-process pieces of the training loop: the AdamW param groups (factors decayed, biases and
 norms not; the factors in a group of their own: ``inrank.lr_multiplier`` gives exactly the update of
 AdamW at that lr, and ``inrank.frobenius_decay`` exactly the update of AdamW on the objective plus
-lambda/2 ||B A||_F^2 with the factors' weight decay off), and the torch backend's optimizer state across reallocations: for each resize policy
+lambda/2 ||B A||_F^2 with the factors' weight decay off), and the torch backend's optimizer state
+across reallocations: for each resize policy
 the moments after the cut equal what the policy defines, exactly; capacity growth carries
 surviving moments exactly with new slots at zero; step counts continue (restart under ``reset``)
 and training goes on."""
