@@ -4,7 +4,8 @@ backend: over a short run with growth every 2 steps and the stage cut after step
 the distributed optimizer (``parallel.zero_stage=1``), and with the factor-training keys
 (``inrank.init=spectral``, ``inrank.lr_multiplier``, ``inrank.frobenius_decay``) -- and a run
 stopped after the cut and resumed from its checkpoint continues like the uninterrupted one. On one
-GPU everything runs at world size 1 (two NCCL processes cannot share a GPU); with 2 GPUs also at DP=2 and TP=2.
+GPU everything runs at world size 1 (two NCCL processes cannot share a GPU); with 2 GPUs also at
+DP=2 and TP=2.
 Without CUDA the backend is refused before any process group starts (megatron-core 0.16.1's
 optimizers are GPU-only) and the GPU tests skip; ``tools/gpu_check.sh`` runs them on a GPU. On
 CPU, megatron's param groups built from our overrides are checked against the other backends'."""
