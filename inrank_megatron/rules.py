@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 from inrank_megatron.config import (
-    ConfigError, Failure, TrainConfig, check_fields, data_parallel_size, grad_accumulation_steps,
-    inrank_fit_failures, inrank_layer_shapes,
+    ConfigError, Failure, TrainConfig, check_fields, data_parallel_size, format_value, get_value,
+    grad_accumulation_steps, inrank_fit_failures, inrank_layer_shapes,
 )
 from inrank_megatron.deepspeed_json import DEEPSPEED_KEY, read_deepspeed_json, zero_stage
 
@@ -76,18 +76,28 @@ class Rule:
     summary: Optional[Callable[[TrainConfig, Optional[int]], str]] = None
 
     def run(self, cfg: TrainConfig, world_size: Optional[int]) -> tuple[list, list]:
-        """``(failures, findings)`` of this rule (a ConfigError raised inside counts as one
-        failure)."""
+        """``(failures, findings)`` of this rule. A ConfigError raised inside counts as one
+        failure; any other exception (a file the rule reads is corrupt in a way it did not
+        foresee) is one too, naming the rule's first key, its value and what the rule expects:
+        a rule never crashes the pre-flight."""
+        key = self.keys[0] if self.keys else ""
         try:
             items = list(self.fn(cfg, world_size) or ())
         except ConfigError as error:
-            key = self.keys[0] if self.keys else ""
             return [Failure(key, None, "", str(error))], []
+        except Exception as error:  # noqa: BLE001 - turned into this rule's failure, one line
+            value = get_value(cfg, key) if key else None
+            shown = repr(value) if isinstance(value, str) else format_value(value)
+            cause = " ".join(str(error).split()) or "no message"
+            expected = self.doc.replace("`", "")
+            return [Failure(key, value, expected,
+                            f"{key}={shown}: the {self.name!r} check failed "
+                            f"({type(error).__name__}: {cause}); expected {expected}")], []
         return ([i for i in items if isinstance(i, Failure)],
                 [i for i in items if isinstance(i, Finding)])
 
     def failures(self, cfg: TrainConfig, world_size: Optional[int]) -> list[Failure]:
-        """Every failure of this rule (a ConfigError raised inside counts as one)."""
+        """Every failure of this rule (an exception raised inside counts as one)."""
         return self.run(cfg, world_size)[0]
 
     def describe(self, cfg: TrainConfig, world_size: Optional[int]) -> str:
@@ -95,7 +105,7 @@ class Rule:
         leaves nothing to show, e.g. the batch on a world size TP * PP does not divide)."""
         try:
             return self.summary(cfg, world_size) if self.summary else "ok"
-        except ConfigError:
+        except Exception:  # noqa: BLE001 - the rule itself reports it as a failure
             return "not checked: see the failing rule above"
 
 
@@ -139,7 +149,9 @@ def check(cfg: TrainConfig, world_size: Optional[int] = None,
         failures += failed
         if found is not None:
             found.update((f.name, f.value) for f in findings)
-    return failures
+    # Two rules that read the same file (the tokenizer: its own rule and the activation estimate's
+    # vocabulary) report its fault once.
+    return list({str(f): f for f in failures}.values())
 
 
 def validate(cfg: TrainConfig, world_size: Optional[int] = None,
@@ -599,8 +611,8 @@ def _data_split(cfg, world_size):
 
 
 @rule("tokenizer file", ("data.tokenizer_model",),
-      "the SentencePiece model exists (unless the data is missing and `data.corpus` lets "
-      "prepare train it).", scope="files")
+      "the SentencePiece model exists and loads (unless the data is missing and `data.corpus` "
+      "lets prepare train it).", scope="files")
 def _tokenizer_file(cfg, world_size):
     d = cfg.data
     if d.tokenizer != "sentencepiece" or d.tokenizer_model is None:
@@ -613,6 +625,10 @@ def _tokenizer_file(cfg, world_size):
                       f"data.tokenizer_model={d.tokenizer_model!r}: no such file; expected the "
                       "SentencePiece .model the data was tokenized with (tools/train_tokenizer.py "
                       "makes one)")
+    elif os.path.isfile(d.tokenizer_model):
+        from inrank_megatron.planning.estimates import tokenizer_vocab_size
+
+        tokenizer_vocab_size(cfg)  # ConfigError naming the key when it is not a readable model
 
 
 @rule("output dir kind", ("output.dir",),

@@ -24,6 +24,10 @@ set_threads "$NPROC" "$GPUS" "$CORES"
 PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 # On CPU DeepSpeed picks its CPU accelerator itself; this only silences its warning.
 [ "$GPUS" -gt 0 ] || export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+# The launcher's own log (its command lines, "exits with return code" after rank 0's error line)
+# only with INRANK_DEBUG=1; inrank_megatron.launcher says the exit status.
+if [ "${INRANK_DEBUG:-0}" != 0 ]; then log_level=info; else log_level=critical; fi
 
-exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "$PORT" \
-  ${DEEPSPEED_ARGS:-} --module "$TRAIN_MODULE" --config "$CONFIG" "${OVERRIDES[@]}"
+exec "$PYTHON" -m inrank_megatron.launcher run --name "$SCRIPT" -- \
+  "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "$PORT" \
+  --log_level "$log_level" ${DEEPSPEED_ARGS:-} --module "$TRAIN_MODULE" --config "$CONFIG" "${OVERRIDES[@]}"

@@ -26,10 +26,13 @@ set_threads "$NPROC" "$GPUS" "$CORES"
 args=(-np "$NPROC" --bind-to none)
 [ "$(id -u)" != 0 ] || args+=(--allow-run-as-root)
 [ "$NPROC" -le "$CORES" ] || args+=(--oversubscribe)
+# -q: no "Primary job terminated normally, but..." help blocks after rank 0's error line.
+[ "${INRANK_DEBUG:-0}" != 0 ] || args+=(-q)
 # Local ranks inherit the environment; -x also carries these to remote ones (MPIRUN_ARGS -H ...).
 for var in PATH PYTHONPATH LD_LIBRARY_PATH OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS \
            MASTER_ADDR MASTER_PORT INRANK_TRAIN_MODULE; do
   [ -z "${!var+x}" ] || args+=(-x "$var")
 done
 
-exec mpirun "${args[@]}" ${MPIRUN_ARGS:-} "$PYTHON" -m "$TRAIN_MODULE" --config "$CONFIG" "${OVERRIDES[@]}"
+exec "$PYTHON" -m inrank_megatron.launcher run --name "$SCRIPT" -- \
+  mpirun "${args[@]}" ${MPIRUN_ARGS:-} "$PYTHON" -m "$TRAIN_MODULE" --config "$CONFIG" "${OVERRIDES[@]}"

@@ -22,5 +22,7 @@ check_config "$CONFIG" "$NPROC" "${OVERRIDES[@]}"
 set_threads "$NPROC" "$GPUS" "$CORES"
 
 # --standalone: a c10d rendezvous on localhost with a free port (no MASTER_PORT clashes).
-exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
-  ${TORCHRUN_ARGS:-} -m "$TRAIN_MODULE" --config "$CONFIG" "${OVERRIDES[@]}"
+# torchrun runs in this process through inrank_megatron.launcher: a failure ends in rank 0's line
+# and one of ours (exit status, the file holding torchrun's agent report).
+exec "$PYTHON" -m inrank_megatron.launcher torchrun --name "$SCRIPT" -- --standalone --nnodes=1 \
+  --nproc_per_node="$NPROC" ${TORCHRUN_ARGS:-} -m "$TRAIN_MODULE" --config "$CONFIG" "${OVERRIDES[@]}"

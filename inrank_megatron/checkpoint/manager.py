@@ -21,8 +21,8 @@ import numpy
 import torch
 
 from inrank_megatron.checkpoint import (
-    CheckpointError, Meta, read_growth, record_files, safe_loading, safe_torch_load, step_dir,
-    write_growth, write_latest, write_meta,
+    GROWTH_FILE, CheckpointError, Meta, read_growth, record_files, safe_loading, safe_torch_load,
+    step_dir, write_growth, write_latest, write_meta,
 )
 
 
@@ -87,8 +87,19 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
 
 
 def load_growth_state(path: str, controller) -> None:
-    """Restore growth state and reshape reallocated factors (before the backend is built)."""
-    controller.load_state_dict(read_growth(path))
+    """Restore growth state and reshape reallocated factors (before the backend is built).
+
+    Raises:
+        CheckpointError: naming ``inrank_growth.json`` when it parses but does not hold a growth
+            state these layers accept (a stage, rank or key that no save writes).
+    """
+    try:
+        controller.load_state_dict(read_growth(path))
+    except (KeyError, TypeError, ValueError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{os.path.join(path, GROWTH_FILE)}: {error}; expected the growth "
+                              "state of every InRank layer as the save wrote it") from None
 
 
 def load_model_weights(path: str, model) -> None:

@@ -64,9 +64,13 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
     later = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else ())
                    if re.fullmatch(r"step_\d{6,}", n) and int(n[5:]) > meta.step)
     if later:
+        # A later step directory is there but was not taken: say why (truncated, a file missing).
+        broken = next((f" ({n} is not complete: {reason})" for n in later
+                       if (reason := is_complete(os.path.join(root, n)))), "")
         raise ConfigError(f"output.resume: {root} already holds {', '.join(later[:3])}, after the "
-                          f"resumed step {meta.step}; this run would have to replace them: resume "
-                          "the newest one, or choose another output.dir")
+                          f"resumed step {meta.step}{broken}; this run would have to replace "
+                          "them: resume the newest one, move them out of the way, or choose "
+                          "another output.dir")
     if meta.step >= cfg.train.steps:
         raise ConfigError(f"output.resume: checkpoint {path} is at step {meta.step}, "
                           f"train.steps={cfg.train.steps}: nothing left to train; expected "

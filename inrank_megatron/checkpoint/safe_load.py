@@ -38,6 +38,11 @@ class UnsafeCheckpointError(CheckpointError):
                          "tensors and plain data; nothing from this file was run)")
         self.file, self.refused = file, refused
 
+    def __reduce__(self):
+        # torch DCP gathers a failed read's exception from every rank with all_gather_object,
+        # which unpickles it as cls(*args): rebuild from (file, refused), not the message.
+        return type(self), (self.file, self.refused)
+
 
 # --------------------------------------------------------------------------------- DCP metadata
 # The only globals a DCP ``.metadata`` pickle may name: torch.distributed.checkpoint's dataclasses,
@@ -115,6 +120,31 @@ def _safe_reader_class():
                 self._cached_metadata = metadata
             return self._cached_metadata
 
+        def read_data(self, plan, planner):
+            """torch's ``read_data``; a byte item refused or unreadable while loading is reported
+            with the ``.distcp`` file and the item holding it (the loader sees only bytes)."""
+            load_bytes = planner.load_bytes
+
+            def load_named(read_item, value):
+                file = os.path.join(str(self.path),
+                                    self.storage_data[read_item.storage_index].relative_path)
+                where = f"{file} (item {read_item.dest_index.fqn})"
+                with loading_item(where):  # refusals name the item
+                    try:
+                        return load_bytes(read_item, value)
+                    except CheckpointError:
+                        raise
+                    except Exception as error:  # noqa: BLE001 - a corrupt item: one line
+                        text = " ".join(str(error).split())
+                        raise CheckpointError(f"{where}: unreadable ({type(error).__name__}: "
+                                              f"{text})") from None
+
+            planner.load_bytes = load_named
+            try:
+                return super().read_data(plan, planner)
+            finally:
+                del planner.load_bytes
+
     return SafeFileSystemReader
 
 
@@ -159,13 +189,32 @@ def safe_torch_load(f, file: str | None = None, **kwargs):
         with torch.serialization.safe_globals(_safe_globals()):
             return load(f, weights_only=True, **kwargs)
     except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(where, _refused_global(error) or str(error).splitlines()[0]) \
-            from None
+        refused = _refused_global(error)
+        if refused:
+            raise UnsafeCheckpointError(where, refused) from None
+        # Not code but not a pickle either (zeroed or overwritten bytes): torch's message is a
+        # paragraph about weights_only around the one line that says what it met.
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)",
+                          str(error), re.DOTALL)
+        reason = " ".join((found.group(1) if found else str(error).splitlines()[0]).split())
+        raise CheckpointError(f"{where}: not a readable torch.save file ({reason})") from None
 
 
 _ORIGINAL_LOAD = None
 _LOCK = threading.Lock()
 _DEPTH = 0
+_ITEM = threading.local()  # what an in-memory load reads: see loading_item
+
+
+@contextlib.contextmanager
+def loading_item(where: str):
+    """Within this block, a refused or unreadable in-memory ``torch.load`` names ``where`` (a DCP
+    byte item: its ``.distcp`` file and key) instead of the whole checkpoint."""
+    _ITEM.where = where
+    try:
+        yield
+    finally:
+        _ITEM.where = None
 
 
 @contextlib.contextmanager
@@ -176,6 +225,7 @@ def safe_loading(where: str):
     in-memory item came from. Re-entrant."""
     global _ORIGINAL_LOAD, _DEPTH
     import torch
+    from torch.distributed.checkpoint.api import CheckpointException
     from megatron.core.dist_checkpointing.strategies import torch as megatron_torch_strategy
 
     with _LOCK:
@@ -188,8 +238,9 @@ def safe_loading(where: str):
 
             def load(f, map_location=None, pickle_module=None, **kwargs):
                 del pickle_module
-                return safe_torch_load(f, None if isinstance(f, (str, os.PathLike)) else where,
-                                       map_location=map_location, **kwargs)
+                item = None if isinstance(f, (str, os.PathLike)) else \
+                    getattr(_ITEM, "where", None) or where
+                return safe_torch_load(f, item, map_location=map_location, **kwargs)
 
             torch.load = load
             megatron_torch_strategy._get_filesystem_reader = \
@@ -198,6 +249,8 @@ def safe_loading(where: str):
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         yield
+    except CheckpointException as error:  # DCP's wrapper of every rank's failed read
+        raise dcp_failure(error, where) from None
     finally:
         with _LOCK:
             _DEPTH -= 1
@@ -211,6 +264,23 @@ def safe_loading(where: str):
                         os.environ.pop(name, None)
                     else:
                         os.environ[name] = value
+
+
+def dcp_failure(error: BaseException, where: str) -> Exception:
+    """The exception to report for torch DCP's ``CheckpointException`` (a ``BaseException``
+    holding every failed rank's exception and stack, printed as one traceback per rank): the
+    lowest failed rank's own :class:`CheckpointError` (a refused item, a full disk), else a
+    CheckpointError naming ``where`` (the checkpoint) and that rank's exception in one line."""
+    failures = getattr(error, "failures", None) or {}
+    if not failures:
+        return CheckpointError(f"{where}: {' '.join(str(error).split())}")
+    rank = min(failures)
+    cause = failures[rank][0]
+    if isinstance(cause, CheckpointError):
+        return cause
+    text = " ".join(str(cause).split()) or "no message"
+    return CheckpointError(f"{where}: rank {rank} failed in torch.distributed.checkpoint "
+                           f"({type(cause).__name__}: {text})")
 
 
 # ------------------------------------------------------------------------------ checking ahead

@@ -76,8 +76,7 @@ class SentencePieceTokenizer(Tokenizer):
             self._processor.LoadFromSerializedProto(model_bytes)
         except Exception as error:  # sentencepiece raises a bare RuntimeError/OSError
             raise ValueError(
-                f"tokenizer model (--tokenizer-model) {model_path!r} is not a SentencePiece "
-                f"model: {error}"
+                f"tokenizer model {model_path!r} is not a SentencePiece model ({error})"
             ) from None
         eos = self._processor.eos_id()
         if eos < 0:

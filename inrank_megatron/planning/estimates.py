@@ -52,16 +52,26 @@ STRATEGY_NAMES = {"zero0": "ZeRO-0 (DDP)", "zero1": "ZeRO-1", "zero2": "ZeRO-2",
 # ------------------------------------------------------------------------------------- model shape
 def tokenizer_vocab_size(cfg: TrainConfig) -> int:
     """Ids of the config's tokenizer: 50257 for GPT-2 BPE; a SentencePiece model's piece count when
-    its file exists, else the size ``tools/train_tokenizer.py`` trains by default."""
+    its file exists, else the size ``tools/train_tokenizer.py`` trains by default.
+
+    Raises:
+        ConfigError: naming ``data.tokenizer_model`` when its file is not a usable SentencePiece
+            model (truncated, another format, no end-of-sentence piece).
+    """
     if cfg.data.tokenizer == "gpt2":
         from inrank_megatron.data.tokenizers import GPT2_VOCAB_SIZE
 
         return GPT2_VOCAB_SIZE
     path = cfg.data.tokenizer_model
     if path and os.path.isfile(path):
-        import sentencepiece
+        from inrank_megatron.data.tokenizers import SentencePieceTokenizer
 
-        return sentencepiece.SentencePieceProcessor(model_file=path).get_piece_size()
+        try:
+            return SentencePieceTokenizer(path).vocab_size
+        except ValueError as error:
+            raise ConfigError(f"data.tokenizer_model={path!r}: {error}; expected the "
+                              "SentencePiece .model the data was tokenized with "
+                              "(tools/train_tokenizer.py makes one)") from None
     from inrank_megatron.data.train_tokenizer import DEFAULT_VOCAB_SIZE
 
     return DEFAULT_VOCAB_SIZE
