@@ -690,6 +690,29 @@ def _resume(cfg, world_size):
     yield Finding("resume_path", resolve_resume(cfg, world_size))
 
 
+@rule("disk space", ("output.dir",),
+      "the filesystem of `output.dir` has room for one more checkpoint: the size of its newest "
+      "checkpoint, else `tools/plan.py`'s estimate of one (the trainer checks again before every "
+      "save).", scope="files")
+def _disk_space(cfg, world_size):
+    from inrank_megatron.checkpoint import (
+        CHECKPOINTS_DIR, DiskSpaceError, check_free_space, complete_step_dirs, saved_bytes,
+    )
+    from inrank_megatron.planning.estimates import checkpoint_bytes
+
+    out = cfg.output.dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        return  # the output dir kind rule reports it
+    done = complete_step_dirs(os.path.join(out, CHECKPOINTS_DIR))
+    need = saved_bytes(done[-1]) if done else None
+    source = f"the size of {done[-1]}" if need else "tools/plan.py's estimate"
+    try:
+        check_free_space(out, need or checkpoint_bytes(cfg), source)
+    except DiskSpaceError as error:
+        yield Failure("output.dir", out, "room for a checkpoint",
+                      f"output.dir={out!r}: {error}; free space or choose another output.dir")
+
+
 # Bytes per training sample of megatron's GPTDataset index: the shuffle index (int64) and the
 # sample index (two int32 per sample), ignoring the per-epoch document index.
 _INDEX_BYTES_PER_SAMPLE = 16

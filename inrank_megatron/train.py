@@ -22,7 +22,7 @@ import sys
 import time
 
 from inrank_megatron import rules
-from inrank_megatron.checkpoint import CheckpointError
+from inrank_megatron.checkpoint import CheckpointError, DiskSpaceError
 from inrank_megatron.config import ConfigError, load_config
 from inrank_megatron.run_dir import lock_output_dir
 
@@ -96,6 +96,10 @@ def main(argv=None) -> int:
     try:
         summary = train(cfg, resume_path=resume_path, fixed_ranks=fixed_ranks,
                         dist_backend=env["backend"])
+    except DiskSpaceError as e:  # stopped before or while saving: latest untouched
+        if env["rank"] == 0:
+            print(f"\nerror: {e}", file=sys.stderr)
+        return 1
     except CheckpointError as e:  # a refused checkpoint file: one line, nothing of it ran
         if env["rank"] == 0:
             print(f"error: {e}", file=sys.stderr)

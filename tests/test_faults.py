@@ -264,6 +264,8 @@ CORRUPT_FILE = {
     "output dir kind": (_output_dir_a_file, "output dir kind"),
     "output directory": (_corrupt_lock, "output directory"),
     "resume": (_corrupt_meta, "resume"),
+    # its newest checkpoint's size comes from meta.json: a corrupt one is the resume rule's
+    "disk space": (_corrupt_meta, "resume"),
 }
 
 
@@ -334,6 +336,8 @@ TRIGGERED_BY = {
     "RunDirError": "test_compare_runs.py::test_bad_run_directories_are_one_line_exit_2",
     "UnsupportedModelError": "test_export.py::test_import_refuses_what_it_cannot_express",
     "LaunchEnvError": "test_launch.py::test_bad_launcher_env_is_named",
+    "DiskSpaceError":
+        "test_faults.py::test_enospc_while_writing_is_named_and_the_partial_save_removed",
 }
 
 
@@ -417,3 +421,93 @@ def test_a_failure_after_launch_is_rank_0s_line_and_the_exit_status(tmp_path, sc
         proc = subprocess.run(args, cwd=REPO, env=dict(env, INRANK_DEBUG="1"),
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1 and "ChildFailedError" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(size_mib)``: a tmpfs of that size (the real ENOSPC of a full filesystem), unmounted
+    after the test. Skipped, saying why, where this process may not mount (not root, a container
+    without CAP_SYS_ADMIN)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size_mib):
+        where = tmp_path / f"disk{len(mounted)}"
+        os.makedirs(where)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs",
+                               str(where)], capture_output=True, text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): the full-disk "
+                        "tests need root")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+# One InRank layer, short sequences: a checkpoint is 14.4 MB (tools/plan.py: 14.0 MB).
+SMALL = ["train.steps=4", "train.lr_warmup_steps=1", "train.save_interval=1",
+         "train.eval_interval=100", "train.eval_iters=1", "output.plot=false",
+         "output.tensorboard=false", "model.num_layers=1", "model.seq_length=32",
+         "train.micro_batch_size=2", "train.global_batch_size=2"]
+
+
+def test_too_little_space_is_refused_before_launch(small_disk, capsys, clean_env):
+    from inrank_megatron.config import load_config
+    from inrank_megatron.planning.estimates import checkpoint_bytes
+
+    disk = small_disk(10)
+    assert _train(disk / "run", *SMALL) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    need = checkpoint_bytes(load_config(os.path.join(REPO, "tests", "tiny.yaml"), SMALL))
+    assert line == (f"error: output.dir='{disk / 'run'}': no room for a checkpoint in "
+                    f"{disk / 'run'}: it needs {need:,} bytes (tools/plan.py's estimate), "
+                    f"{10 * 2**20:,} are free there; free space or choose another output.dir")
+    assert os.listdir(disk) == [] and not torch.distributed.is_initialized()
+
+
+def test_too_little_space_for_the_next_save_stops_with_latest_intact(small_disk, capsys,
+                                                                      clean_env):
+    """30 MiB hold two checkpoints: the third save is not started, the run stops in one line
+    (before: torch's 'unexpected pos' and 70 lines), and resume continues from the second."""
+    from inrank_megatron.checkpoint import is_complete, read_latest, saved_bytes
+
+    disk = small_disk(30)
+    root = disk / "run" / "checkpoints"
+    assert _train(disk / "run", *SMALL) == 1
+    lines = [_one_error_line(capsys.readouterr().err)]
+    need = saved_bytes(str(root / "step_000002"))
+    assert lines[0].startswith(
+        f"error: stopped at step 3: no room for a checkpoint in {root}: it needs {need:,} bytes "
+        "(the size of step_000002), "), lines
+    assert lines[0].endswith(" are free there; latest is still step_000002 (free space, then "
+                             "continue with output.resume=auto)"), lines
+    assert read_latest(str(root)) == str(root / "step_000002")
+    assert sorted(os.listdir(root)) == ["latest", "step_000001", "step_000002"]
+    assert is_complete(str(root / "step_000002")) is None
+
+
+def test_enospc_while_writing_is_named_and_the_partial_save_removed(small_disk, capsys,
+                                                                   clean_env, monkeypatch):
+    """The free-space check passes but the disk fills before the write (another writer): the
+    real ENOSPC of the tmpfs, inside torch DCP's write, is reported as such."""
+    from inrank_megatron.checkpoint import is_complete, read_latest
+    from inrank_megatron.checkpoint import manager as checkpoint
+
+    disk = small_disk(30)
+    root = disk / "run" / "checkpoints"
+    monkeypatch.setattr(checkpoint, "check_free_space", lambda *args: None)
+    assert _train(disk / "run", *SMALL) == 1
+    lines = [_one_error_line(capsys.readouterr().err)]  # megatron's own log of it dropped
+    assert lines[0].startswith(
+        "error: stopped at step 3: [Errno 28] no space left on device writing "
+        f".step_000003.{os.getpid()}.tmp in {root} ("), lines
+    assert lines[0].endswith(" bytes free then; the partial save was removed); latest is still "
+                             "step_000002 (free space, then continue with output.resume=auto)")
+    assert read_latest(str(root)) == str(root / "step_000002")
+    assert sorted(os.listdir(root)) == ["latest", "step_000001", "step_000002"]
+    assert is_complete(str(root / "step_000002")) is None

@@ -22,9 +22,10 @@ Other modules never open ``meta.json``, ``inrank_growth.json`` or ``latest`` the
 
 from inrank_megatron.checkpoint.meta import (  # noqa: F401
     CHECKPOINTS_DIR, DEEPSPEED_DIR, DEEPSPEED_META_FILE, GROWTH_FILE, LATEST, META_FILE, MODEL_DIR,
-    CheckpointError, Meta, check_destination, complete_step_dirs, is_complete, new_work_dir,
-    read_deepspeed_meta, read_growth, read_latest, read_meta, record_files, resolve_checkpoint,
-    step_dir, write_deepspeed_meta, write_growth, write_json, write_latest, write_meta,
+    CheckpointError, DiskSpaceError, Meta, check_destination, check_free_space,
+    complete_step_dirs, free_bytes, is_complete, new_work_dir, read_deepspeed_meta, read_growth,
+    read_latest, read_meta, record_files, resolve_checkpoint, saved_bytes, step_dir,
+    write_deepspeed_meta, write_growth, write_json, write_latest, write_meta,
 )
 from inrank_megatron.checkpoint.safe_load import (  # noqa: F401
     UnsafeCheckpointError, check_pickles, read_dcp_metadata, safe_loading, safe_torch_load,

@@ -14,15 +14,18 @@ checkpoint can run code.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+from typing import Optional
 
 import numpy
 import torch
 
 from inrank_megatron.checkpoint import (
-    GROWTH_FILE, CheckpointError, Meta, read_growth, record_files, safe_loading, safe_torch_load,
-    step_dir, write_growth, write_latest, write_meta,
+    GROWTH_FILE, CheckpointError, DiskSpaceError, Meta, check_free_space, free_bytes, read_growth,
+    read_latest, record_files, safe_loading, safe_torch_load, saved_bytes, step_dir, write_growth,
+    write_latest, write_meta,
 )
 
 
@@ -51,39 +54,143 @@ def _broadcast_str(text: str) -> str:
     return box[0]
 
 
+def _space_needed(root: str, estimate: Optional[int]) -> tuple:
+    """``(bytes, where the number comes from)`` a save under ``root`` needs: the size of the
+    checkpoint ``latest`` names (the previous save), else ``estimate`` (the planner's)."""
+    latest = read_latest(root) if os.path.isdir(root) else None
+    if latest is not None and os.path.isdir(latest):
+        size = saved_bytes(latest)
+        if size:
+            return size, f"the size of {os.path.basename(latest)}"
+    return estimate or 0, "tools/plan.py's estimate"
+
+
+def _no_space(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps: DCP's per-rank failures, causes) is ENOSPC."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] for f in (getattr(e, "failures", None) or {}).values()]
+    return False
+
+
+def _first_failure(error: Optional[BaseException], groups) -> Optional[tuple]:
+    """Collective: ``(rank, ENOSPC?, one line)`` of the lowest rank whose ``error`` is set, or
+    None when no rank failed; every rank learns the same answer, so none waits in a collective
+    another one skipped."""
+    failures = getattr(error, "failures", None)  # DCP's CheckpointException: the rank's own
+    cause = failures[min(failures)][0] if failures else error
+    mine = None if error is None else \
+        (groups.rank, _no_space(error), f"{type(cause).__name__}: {' '.join(str(cause).split())}")
+    if not torch.distributed.is_initialized():
+        return mine
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return next((f for f in every if f is not None), None)
+
+
 def save_training_checkpoint(root: str, step: int, *, controller, backend, groups, rng: dict,
-                             meta: Meta) -> str:
+                             meta: Meta, estimate: Optional[int] = None) -> str:
     """Collective. Writes step ``step`` under ``root`` (a run's ``checkpoints/``) and points
     ``latest`` at it; ``meta.step`` is set to ``step``. Returns the checkpoint directory.
+
+    First, rank 0 compares the free space of ``root`` with the previous save's size (``latest``),
+    or ``estimate`` (the planner's) before the first one.
 
     Raises:
         CheckpointError: the step directory exists already (another run's, or this directory was
             resumed from a later step): nothing is replaced.
+        DiskSpaceError: too little free space (nothing written), or the write ran out of space
+            (ENOSPC on any rank; its partial directory removed). ``latest`` is untouched.
     """
     final = step_dir(root, step)
-    tmp = ""
+    tmp, problem, need = "", "", 0
     if groups.rank == 0:
         os.makedirs(root, exist_ok=True)
-        if not os.path.exists(final):
-            tmp = os.path.join(root, f".step_{step:06d}.{os.getpid()}.tmp")
-            os.makedirs(tmp)
-    tmp = _broadcast_str(tmp)  # every rank learns the name, or that there is none
-    if not tmp:
-        raise CheckpointError(f"{final} exists; refusing to replace a checkpoint this run did "
-                              "not write")
-    backend.save(tmp)
-    part = os.path.join(tmp, f"rng_{groups.rank:05d}.pt")
-    torch.save(_portable_rng(rng), part + ".part")
-    os.replace(part + ".part", part)
+        if os.path.exists(final):
+            problem = f"exists:{final} exists; refusing to replace a checkpoint this run did not " \
+                      "write"
+        else:
+            try:
+                need, source = _space_needed(root, estimate)
+                check_free_space(root, need, source)
+                tmp = os.path.join(root, f".step_{step:06d}.{os.getpid()}.tmp")
+                os.makedirs(tmp)
+            except OSError as error:  # makedirs on a full disk
+                full = error.errno == errno.ENOSPC
+                problem = f"space:{_stopped(root, step, error)}" if full else \
+                    f"error:{root}: {error}"
+            except DiskSpaceError as error:
+                problem = f"space:{_stopped(root, step, error)}"
+    tmp, problem = _broadcast_str(tmp + "\n" + problem).split("\n", 1)  # every rank learns both
+    if problem:
+        kind, text = problem.split(":", 1)
+        raise (DiskSpaceError if kind == "space" else CheckpointError)(text)
+    error = None
+    try:
+        backend.save(tmp)
+        part = os.path.join(tmp, f"rng_{groups.rank:05d}.pt")
+        torch.save(_portable_rng(rng), part + ".part")
+        os.replace(part + ".part", part)
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        error = e
+    _write_failed(_first_failure(error, groups), root, step, tmp, groups, need)
     growth = controller.full_state_dict()  # collective over pipeline stages
     _barrier()
+    error = None
     if groups.rank == 0:
-        write_growth(tmp, growth)
-        write_meta(tmp, meta.replace(step=step, files=record_files(tmp)))
+        try:
+            write_growth(tmp, growth)
+            write_meta(tmp, meta.replace(step=step, files=record_files(tmp)))
+        except OSError as e:
+            error = e
+    _write_failed(_first_failure(error, groups), root, step, tmp, groups, need)
+    if groups.rank == 0:
         os.rename(tmp, final)
         write_latest(root, final)
     _barrier()
     return final
+
+
+def _stopped(root: str, step: int, error: BaseException) -> str:
+    """The one line of a save that did not happen for want of space (``latest`` untouched)."""
+    latest = read_latest(root) if os.path.isdir(root) else None
+    kept = f"latest is still {os.path.basename(latest)}" if latest else "no checkpoint was saved"
+    return (f"stopped at step {step}: {' '.join(str(error).split())}; {kept} (free space, then "
+            "continue with output.resume=auto)")
+
+
+def _write_failed(failure: Optional[tuple], root: str, step: int, tmp: str, groups,
+                  need: int) -> None:
+    """After a failed write on any rank (``failure`` from :func:`_first_failure`): rank 0 removes
+    the partial directory and says what happened; every rank raises it, DiskSpaceError when the
+    disk is full. ENOSPC often reaches us without its errno (torch's zip writer reports
+    ``unexpected pos``), so a write that failed with less free than the save needed
+    (rank 0's ``need``) counts as one too."""
+    if failure is None:
+        return
+    rank, no_space, text = failure
+    message = ""
+    if groups.rank == 0:
+        free = free_bytes(root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if no_space or free < need:
+            message = "space:" + _stopped(root, step, OSError(
+                errno.ENOSPC, f"no space left on device writing {os.path.basename(tmp)} in "
+                f"{root} ({free:,} bytes free then; the partial save was removed)"))
+        else:
+            message = (f"error:saving step {step} in {root} failed on rank {rank}: {text}; the "
+                       "partial save was removed and latest is untouched")
+    kind, text = _broadcast_str(message).split(":", 1)
+    raise (DiskSpaceError if kind == "space" else CheckpointError)(text)
 
 
 def load_growth_state(path: str, controller) -> None:

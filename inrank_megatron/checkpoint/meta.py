@@ -34,6 +34,40 @@ class CheckpointError(ValueError):
     the file (and the layer, for factor shapes)."""
 
 
+class DiskSpaceError(CheckpointError):
+    """Too little free space for a checkpoint: found before writing it, or the write itself ran
+    out of space (ENOSPC). The message names the directory, the bytes needed and those free."""
+
+
+def free_bytes(path: str) -> int:
+    """Bytes free to this user on the filesystem of ``path`` (its nearest existing parent when
+    ``path`` does not exist yet)."""
+    import shutil
+
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def check_free_space(directory: str, need: int, source: str) -> None:
+    """DiskSpaceError unless the filesystem of ``directory`` has ``need`` bytes free (``source``:
+    where the number comes from, for the message)."""
+    free = free_bytes(directory)
+    if free < need:
+        raise DiskSpaceError(f"no room for a checkpoint in {directory}: it needs {need:,} bytes "
+                             f"({source}), {free:,} are free there")
+
+
+def saved_bytes(path: str) -> Optional[int]:
+    """Bytes of step directory ``path`` as its save recorded them (:attr:`Meta.files` plus
+    ``meta.json``); None when it does not record them."""
+    meta = read_meta(path)
+    if meta.files is None:
+        return None
+    return sum(meta.files.values()) + os.path.getsize(os.path.join(path, META_FILE))
+
+
 def step_dir(root: str, step: int) -> str:
     """``root/step_000100``: where step ``step``'s checkpoint lives under ``checkpoints/``."""
     return os.path.join(root, f"step_{step:06d}")

@@ -11,6 +11,7 @@ The lines use values the loop has already gathered for ``metrics.csv`` (no extra
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -45,6 +46,10 @@ def quiet_third_party(rank: int, *, cpu: bool = False) -> None:
     guessed it (``DS_ACCELERATOR=cpu``, unless set)."""
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # megatron's checkpoint writer logs a failed write (a full disk: "unexpected pos 704 vs 598")
+    # before raising it to the save, which says what it was in one line (training/checkpoint.py).
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(
+        logging.CRITICAL)
     if rank != 0:
         warnings.simplefilter("ignore")
         return

@@ -142,6 +142,9 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     ranks_now = dict(all_ranks)  # every layer's rank, as the checks and the cut report them
     history, val_loss = [], None
     latest = resume_path  # the checkpoint a non-finite fault leaves as the latest
+    from inrank_megatron.planning.estimates import checkpoint_bytes
+
+    checkpoint_size = checkpoint_bytes(cfg)  # what the first save needs free (then: the last's)
     for step in range(start_step + 1, last_step + 1):
         tic = time.time()
         micro = step_microbatches(datasets.train, step - 1, cfg, groups.dp_size, groups.dp_rank)
@@ -195,7 +198,7 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
             finite.check_parameters(step, model, controller, groups, latest)
             latest = ckpt.save_training_checkpoint(
                 ckpt_root, step, controller=controller, backend=backend,
-                groups=groups, rng=rng_state(),
+                groups=groups, rng=rng_state(), estimate=checkpoint_size,
                 meta=Meta(step=step, consumed_samples=step * t.global_batch_size,
                           world_size=groups.world_size, tp=groups.tp_size, pp=groups.pp_size,
                           dp=groups.dp_size, backend=backend.name, config=to_dict(cfg)))
