@@ -488,3 +488,27 @@ def test_slurm_job_with_bad_layout_fails_before_training(slurm, script, tmp_path
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), text
     assert "does not divide world_size=1" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SLURM_SCRIPTS)
+def test_slurm_job_failing_after_launch_ends_in_rank_0s_line(slurm, script, tmp_path):
+    """After rank 0's error line, the job's output holds our exit-status line, not torchrun's
+    ChildFailedError report nor srun's task lines (those go to the log file it names)."""
+    from tests.failing_rank import LINE
+
+    info, text = _sbatch_and_wait(script, [CONFIG, f"output.dir={tmp_path / 'out'}"], tmp_path,
+                                  {"INRANK_TRAIN_MODULE": "tests.failing_rank"}, timeout=300)
+    # srun's status: the failed task's 1, or 128 + the signal it ended the other tasks with.
+    code = int(info.get("ExitCode", "0:0").split(":")[0])
+    assert info.get("JobState") == "FAILED" and code in (1, 137, 143), (info, text)
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert LINE in lines, text
+    after = lines[lines.index(LINE) + 1:]
+    assert after and all(line.startswith(f"{script}: training failed") for line in after), text
+    assert after[-1].startswith(f"{script}: training failed with exit status {code} (launcher "
+                                "report: "), text
+    assert not [line for line in lines if line.startswith(("srun: ", "slurmstepd: ", "Traceback"))
+                or "ChildFailedError" in line], text
+    with open(after[-1].split("(launcher report: ")[1].rstrip(")")) as f:
+        assert "Exited with exit code 1" in f.read()
