@@ -69,14 +69,78 @@ class Failure:
 
 
 
-def _field(default, help: str, *, choices=None, **bounds):
-    """A dataclass field with its meaning (``help``), allowed values and numeric bounds."""
+def _field(default, help: str, *, choices=None, parse=None, **bounds):
+    """A dataclass field with its meaning (``help``), allowed values and numeric bounds; ``parse``
+    is ``(key, value) -> checked value`` for a field of structured values (a data blend)."""
     metadata = {"help": help, **bounds}
     if choices is not None:
         metadata["choices"] = tuple(choices)
+    if parse is not None:
+        metadata["parse"] = parse
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------------- data blends
+def parse_blend(key: str, value) -> Union[str, list]:
+    """A dataset value (``data.prefix``, ``data.valid_prefix``), checked: one indexed-dataset prefix,
+    or a weighted blend, written as Megatron's ``--data-path`` (``[w1, prefix1, w2, prefix2,
+    ...]``) or as a list of ``{prefix: P, weight: W}``.
+
+    Returns:
+        The prefix (text), or the blend as ``[{"prefix": P, "weight": W}, ...]`` in the order
+        given, weights as given (megatron normalises them).
+
+    Raises:
+        ConfigError: naming ``key`` (and the entry) and what was expected: a weight that is not a
+            finite number > 0, a prefix that is not text, an odd flat list, a repeated prefix.
+    """
+    expected = ("expected a dataset prefix, or a blend [w1, prefix1, w2, prefix2, ...] or "
+                "[{prefix: P1, weight: w1}, ...]")
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError(f"{key}: an empty prefix; {expected}")
+        return value
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: {_show(value)} ({type(value).__name__}); {expected}")
+    name, space, origin = key.partition(" ")  # "data.prefix (override ...)": entry i after the name
+
+    def entry_key(i: int) -> str:
+        return f"{name}[{i}]{space}{origin}"
+
+    if all(isinstance(entry, str) for entry in value):
+        raise ConfigError(f"{key}: {_show(value)} lists prefixes without weights; {expected}")
+    if all(isinstance(entry, Mapping) for entry in value):
+        pairs = []
+        for i, entry in enumerate(value):
+            if set(entry) != {"prefix", "weight"}:
+                raise ConfigError(f"{entry_key(i)}: keys {sorted(map(str, entry))}; expected exactly "
+                                  "prefix and weight, e.g. {prefix: data/a_text_document, "
+                                  "weight: 0.3}")
+            pairs.append((entry["weight"], entry["prefix"]))
+    elif len(value) % 2 == 0 and not any(isinstance(entry, Mapping) for entry in value):
+        pairs = list(zip(value[0::2], value[1::2]))
+    else:
+        raise ConfigError(f"{key}: {_show(value)} is neither Megatron's flat [weight, prefix, ...] "
+                          f"(an even number of entries) nor a list of {{prefix, weight}}; "
+                          f"{expected}")
+    blend, seen = [], set()
+    for i, (weight, prefix) in enumerate(pairs):
+        where = entry_key(i)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"{where}: weight {_show(weight)} of {_show(prefix)}; expected a "
+                              "finite number > 0 (drop a dataset instead of weighting it 0)")
+        if not isinstance(prefix, str) or not prefix.strip():
+            raise ConfigError(f"{where}: prefix {_show(prefix)} after weight {weight}; expected "
+                              "the text of a dataset prefix (PREFIX.bin/.idx)")
+        if prefix in seen:
+            raise ConfigError(f"{key}: {prefix!r} appears twice; expected each dataset once "
+                              "(add its weights)")
+        seen.add(prefix)
+        blend.append({"prefix": prefix, "weight": float(weight)})
+    return blend
 
 
 # --------------------------------------------------------------------------------------- sections
@@ -191,8 +255,16 @@ class ParallelSection:
 class DataSection:
     """Tokenizer and the Megatron indexed dataset."""
 
-    prefix: Optional[str] = _field(
-        None, "Megatron indexed dataset prefix (PREFIX.bin/.idx), e.g. data/wiki_text_document.")
+    prefix: Optional[Union[str, list]] = _field(
+        None, "Megatron indexed dataset prefix (PREFIX.bin/.idx), e.g. data/wiki_text_document; "
+        "or a blend, Megatron's --data-path [w1, prefix1, w2, prefix2, ...] or a list of "
+        "{prefix: P, weight: W} (weights > 0, normalised; each dataset is split by data.split and "
+        "sampled in proportion to its weight by megatron's BlendedDataset).", parse=parse_blend)
+    valid_prefix: Optional[Union[str, list]] = _field(
+        None, "Validation data apart from the training data: a prefix or a blend, as data.prefix. "
+        "Set, train reads every document of data.prefix and valid every document of this "
+        "(Megatron's --train-data-path / --valid-data-path; data.split is not read); null: "
+        "valid is data.split's share of data.prefix.", parse=parse_blend)
     tokenizer: str = _field("sentencepiece", "Tokenizer.", choices=TOKENIZERS)
     tokenizer_model: Optional[str] = _field(
         None, "SentencePiece model file; required for the sentencepiece tokenizer.")
@@ -228,6 +300,11 @@ class TrainSection:
     initial_loss_scale: float = _field(65536.0, "fp16: initial dynamic loss scale.", gt=0.0)
     seed: int = _field(1234, "Seed of model init and dropout.", ge=0)
     log_interval: int = _field(10, "Steps between log lines.", ge=1)
+    peak_tflops: Optional[float] = _field(
+        None, "One device's peak TFLOP/s, for the MFU on each log line, in metrics.csv and "
+        "TensorBoard (model FLOPs at the current ranks / time / devices / this); null: the dense "
+        "bf16/fp16 (or fp32) peak of a known CUDA device by name (H200, H100, A100, L40S, L4, "
+        "A10, V100), and no MFU on CPU or an unknown device.", gt=0.0)
     eval_interval: int = _field(50, "Steps between validation runs.", ge=1)
     eval_iters: int = _field(5, "Validation batches per evaluation.", ge=1)
     save_interval: Optional[int] = _field(None, "Steps between checkpoints; null: no periodic "
@@ -315,6 +392,8 @@ def format_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -378,6 +457,10 @@ def check_value(key: str, value, tp, meta: Optional[Mapping] = None):
         if value is None:
             return None
         tp = inner
+    if "parse" in meta:
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        return meta["parse"](key, value)
     union = _union_args(tp)
     if union is not None:  # a scalar of one of several types: the member of the value's own type
         members, optional = union

@@ -587,10 +587,12 @@ def _deepspeed_json(cfg, world_size):
     return ()
 
 
-@rule("data files", ("data.prefix", "data.corpus"),
-      "`data.prefix` is set, and its .bin/.idx exist or `data.corpus=wiki` can build them; "
-      "existing ones are a Megatron index (header, version, dtype) and a .bin of exactly the "
-      "tokens the index describes.", scope="files")
+@rule("data files", ("data.prefix", "data.valid_prefix", "data.corpus"),
+      "`data.prefix` is set, and its .bin/.idx exist or `data.corpus=wiki` can build them (a "
+      "single prefix only: every dataset of a blend and of `data.valid_prefix` must exist); "
+      "each is a Megatron index (header, version, dtype) and a .bin of exactly the tokens the "
+      "index describes. A failure names the key (`data.prefix[1]` in a blend) and the file.",
+      scope="files")
 def _data_files(cfg, world_size):
     from inrank_megatron.data.checks import check_data_config
 
@@ -598,9 +600,11 @@ def _data_files(cfg, world_size):
     return ()
 
 
-@rule("data split", ("data.split", "data.prefix"),
-      "`data.split` gives the valid split at least one document of the existing dataset (fewer "
-      "than 3 documents in train or valid is a warning).", scope="files")
+@rule("data split", ("data.split", "data.prefix", "data.valid_prefix"),
+      "`data.split` gives the train and valid splits at least one document of every existing "
+      "dataset of `data.prefix` (fewer than 3 documents in train or valid is a warning); with "
+      "`data.valid_prefix`, whose datasets are read whole, each dataset has a document.",
+      scope="files")
 def _data_split(cfg, world_size):
     from inrank_megatron.data.checks import split_report
 
@@ -617,7 +621,10 @@ def _tokenizer_file(cfg, world_size):
     d = cfg.data
     if d.tokenizer != "sentencepiece" or d.tokenizer_model is None:
         return
-    data_exists = d.prefix is not None and all(os.path.isfile(d.prefix + suffix)
+    from inrank_megatron.data.checks import datasets_of
+
+    data_exists = d.prefix is not None and all(os.path.isfile(prefix + suffix)
+                                               for _, prefix, _ in datasets_of(cfg)
                                                for suffix in (".bin", ".idx"))
     if os.path.isdir(d.tokenizer_model) or (not os.path.isfile(d.tokenizer_model) and (
             d.corpus == "none" or data_exists)):

@@ -35,10 +35,13 @@ def test_learned_ranks_read_like_fixed_ranks_and_checked(tmp_path):
 
 
 def test_layer_slots_place_layers_by_number():
-    cfg = load_config(TINY)
-    slots = bench._layer_slots(cfg, {"decoder.layers.3.mlp.linear_fc2": 9,
-                                     "decoder.layers.0.mlp.linear_fc1": 5})
+    from inrank_megatron.training.throughput import layer_slots
+
+    slots = layer_slots(4, {"decoder.layers.3.mlp.linear_fc2": 9,
+                            "decoder.layers.0.mlp.linear_fc1": 5})
     assert slots == [{"fc1": 5}, {}, {}, {"fc2": 9}]
+    with pytest.raises(ValueError, match="decoder.layers.4.mlp.linear_fc1"):
+        layer_slots(4, {"decoder.layers.4.mlp.linear_fc1": 5})
 
 
 def test_projection_arithmetic():

@@ -40,7 +40,7 @@ def _read(path) -> str:
 
 
 def _write_small_run(run_dir, **kwargs) -> None:
-    """Two train steps, one eval, two rank checks around a cut."""
+    """Three train steps (the last with throughput), one eval, two rank checks around a cut."""
     with MetricsWriter(run_dir, **kwargs) as metrics:
         metrics.log_train(1, loss=10.5, lr=1e-4, grad_norm=2.25, tokens_per_s=1234.5,
                           stage="growing")
@@ -48,6 +48,8 @@ def _write_small_run(run_dir, **kwargs) -> None:
         metrics.log_train(2, loss=9.75, lr=2e-4, grad_norm=None, tokens_per_s=1300.0,
                           stage="growing", loss_scale=65536.0)
         metrics.log_eval(2, split="valid", loss=9.5)
+        metrics.log_train(3, loss=9.5, lr=2e-4, grad_norm=1.0, tokens_per_s=1400.0, stage="fixed",
+                          tflops_per_device=0.5, mfu=0.25, elapsed_s=3.0, eta_s=4.0)
         metrics.log_event(2, "cut", "stage 2, ranks fixed")
         metrics.log_ranks(2, {FC1: 6, FC2: 5})
 
@@ -77,10 +79,12 @@ def _synthetic_run(run_dir, *, inrank: bool, steps: int = 300, cut: int = 180) -
 def test_csv_exact_contents(tmp_path):
     _write_small_run(tmp_path, tensorboard=False)
     assert _read(tmp_path / "metrics.csv") == (
-        "step,split,loss,ppl,lr,grad_norm,tokens_per_s,stage,loss_scale\r\n"
-        "1,train,10.5,,0.0001,2.25,1234.5,growing,\r\n"
-        "2,train,9.75,,0.0002,,1300.0,growing,65536.0\r\n"
-        f"2,valid,9.5,{math.exp(9.5)!r},,,,,\r\n"
+        "step,split,loss,ppl,lr,grad_norm,tokens_per_s,stage,loss_scale,tflops_per_device,mfu,"
+        "elapsed_s,eta_s\r\n"
+        "1,train,10.5,,0.0001,2.25,1234.5,growing,,,,,\r\n"
+        "2,train,9.75,,0.0002,,1300.0,growing,65536.0,,,,\r\n"
+        f"2,valid,9.5,{math.exp(9.5)!r},,,,,,,,,\r\n"
+        "3,train,9.5,,0.0002,1.0,1400.0,fixed,,0.5,0.25,3.0,4.0\r\n"
     )
     assert _read(tmp_path / "ranks.csv") == (
         "step,layer,rank,explained_ratio\r\n"
@@ -92,7 +96,8 @@ def test_csv_exact_contents(tmp_path):
     data = read_metrics(tmp_path)
     assert data["metrics"][1] == {
         "step": 2, "split": "train", "loss": 9.75, "ppl": None, "lr": 2e-4, "grad_norm": None,
-        "tokens_per_s": 1300.0, "stage": "growing", "loss_scale": 65536.0}
+        "tokens_per_s": 1300.0, "stage": "growing", "loss_scale": 65536.0,
+        "tflops_per_device": None, "mfu": None, "elapsed_s": None, "eta_s": None}
     assert data["metrics"][2]["ppl"] == math.exp(9.5)
     assert data["ranks"][0] == {"step": 1, "layer": FC1, "rank": 4, "explained_ratio": 0.5}
     assert data["events"] == [{"step": 2, "kind": "cut", "detail": "stage 2, ranks fixed"}]
@@ -189,10 +194,13 @@ def test_tensorboard_scalars(tmp_path):
     _write_small_run(tmp_path)
     scalars = _tensorboard_scalars(tmp_path / "tb")
     f32 = pytest.approx  # event files store float32
-    assert scalars["train/loss"] == [(1, 10.5), (2, 9.75)]
-    assert scalars["train/lr"] == [(1, f32(1e-4)), (2, f32(2e-4))]
-    assert scalars["train/grad_norm"] == [(1, 2.25)]  # None is not logged
-    assert scalars["train/tokens_per_s"] == [(1, 1234.5), (2, 1300.0)]
+    assert scalars["train/loss"] == [(1, 10.5), (2, 9.75), (3, 9.5)]
+    assert scalars["train/lr"] == [(1, f32(1e-4)), (2, f32(2e-4)), (3, f32(2e-4))]
+    assert scalars["train/grad_norm"] == [(1, 2.25), (3, 1.0)]  # None is not logged
+    assert scalars["train/tokens_per_s"] == [(1, 1234.5), (2, 1300.0), (3, 1400.0)]
+    for tag, value in (("tflops_per_device", 0.5), ("mfu", 0.25), ("elapsed_s", 3.0),
+                       ("eta_s", 4.0)):
+        assert scalars[f"train/{tag}"] == [(3, value)]
     assert scalars["train/loss_scale"] == [(2, 65536.0)]
     assert scalars["valid/loss"] == [(2, 9.5)]
     assert scalars["valid/ppl"] == [(2, f32(math.exp(9.5), rel=1e-6))]
@@ -222,7 +230,7 @@ def test_bad_calls_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="not a file written by MetricsWriter"):
         MetricsWriter(foreign, tensorboard=False, resume_step=0)
     assert (foreign / "metrics.csv").read_text() == "step,value\n1,2\n"
-    assert len(METRICS_COLUMNS) == 9
+    assert len(METRICS_COLUMNS) == 13
 
 
 def test_short_layer_names():

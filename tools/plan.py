@@ -23,7 +23,9 @@ What it prints (inrank_megatron/planning/ has the formulas and their sources):
   - whether the run fits --gpu-memory-gib GPUs (model state + activations, stage 1 and after
     the cut) and, when it does not, which one change fits (SDPA, recompute, a smaller micro
     batch, 2x TP);
-  - training FLOPs per token of the matmuls (linears, attention, logits), dense and InRank.
+  - training FLOPs per token of the matmuls (linears, attention, logits), dense and InRank;
+  - the data, when its files exist: samples, tokens and epochs the run takes of each dataset of
+    data.prefix (each of a blend, by its weight) and data.valid_prefix, train and valid.
 
 Overrides are the training CLI's: section.key=value, read as YAML. Exit status: 0 if every
 layout check passes, 1 if one fails, 2 for a bad argument or configuration (a run that does
@@ -33,7 +35,9 @@ not fit the GPU memory is reported, not an error).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 from inrank_megatron.config import ConfigError, format_value, inrank_layer_shapes, load_config
 from inrank_megatron.planning.activations import ACTIVATION_VARIANTS
@@ -242,6 +246,27 @@ def format_plan(p: Plan) -> str:
     return "\n".join(out) + "\n"
 
 
+def _format_data(cfg, dp) -> list[str]:
+    """The samples and epochs the run takes of each dataset (the console's report at start), or
+    why they are not counted."""
+    from inrank_megatron.data.checks import datasets_of
+    from inrank_megatron.training.data import data_report
+
+    missing = [f"{key}={prefix!r}" for key, prefix, _ in datasets_of(cfg)
+               if not all(os.path.isfile(prefix + s) for s in (".bin", ".idx"))]
+    if cfg.data.prefix is None or missing or dp is None:
+        why = ("the layout does not fit" if dp is None and not missing
+               else f"no data: {', '.join(missing) or 'data.prefix=null'}")
+        return [f"Data: not counted ({why})"]
+    try:
+        with warnings.catch_warnings():  # megatron's import notices (no TE/apex): not the plan's
+            warnings.simplefilter("ignore")
+            return ["Data: what the run reads of each dataset (epochs past 1 repeat it)",
+                    *data_report(cfg, dp)]
+    except ValueError as error:
+        return [f"Data: not counted ({error})"]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -279,6 +304,7 @@ def main(argv=None) -> int:
         print(f"plan.py: {error}", file=sys.stderr)
         return 2
     sys.stdout.write(format_plan(result))
+    sys.stdout.write("\n".join(_format_data(cfg, result.dp)) + "\n")
     return 0 if result.ok else 1
 
 

@@ -449,30 +449,17 @@ def _median(values) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def _layer_slots(cfg: TrainConfig, slots: dict) -> list:
-    """Per transformer layer ``{kind: slots}`` from ``{layer name: slots}`` (planner's input)."""
-    import re
-
-    out = [dict() for _ in range(cfg.model.num_layers)]
-    kinds = {"linear_fc1": "fc1", "linear_fc2": "fc2", "linear_qkv": "qkv", "linear_proj": "proj"}
-    for name, k in slots.items():
-        m = re.search(r"layers\.(\d+)\..*?(linear_fc1|linear_fc2|linear_qkv|linear_proj)$", name)
-        if m is None:
-            raise ValueError(f"cannot place InRank layer {name!r} in the model")
-        out[int(m.group(1))][kinds[m.group(2)]] = int(k)
-    return out
-
-
 def analyse(cfg: TrainConfig, job: TrainConfig, raw: dict, opts: BenchOptions) -> dict:
     """Medians, tokens/s, speedups against the planner's FLOP-ideal, MFU, and the projection."""
     from inrank_megatron.planning.estimates import flops_per_token
+    from inrank_megatron.training.throughput import layer_slots
 
     tokens = job.train.micro_batch_size * job.model.seq_length  # per step, one replica
     arms = {}
     for arm, r in raw["arms"].items():
         step = [f + b + o for f, b, o in zip(r["forward_s"], r["backward_s"], r["optimizer_s"])]
-        flops = flops_per_token(job, inrank=arm != "dense", layer_slots=_layer_slots(
-            job, r["slots"]) if arm != "dense" else None).total
+        flops = flops_per_token(job, inrank=arm != "dense", layer_slots=layer_slots(
+            job.model.num_layers, r["slots"]) if arm != "dense" else None).total
         arms[arm] = {
             "forward_s": _median(r["forward_s"]), "backward_s": _median(r["backward_s"]),
             "optimizer_s": _median(r["optimizer_s"]), "step_s": _median(step),

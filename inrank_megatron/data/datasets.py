@@ -31,7 +31,8 @@ import hashlib
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy
 
@@ -45,8 +46,9 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 
 class GPTDatasets(NamedTuple):
-    """The three splits; a split is None when it has no documents and was asked for no samples,
-    or when `is_built_on_rank()` is False on this rank."""
+    """The three splits (a `BlendedDataset` of `GPTDataset`s for a blend); a split is None when it
+    has no documents and was asked for no samples, or when `is_built_on_rank()` is False on this
+    rank."""
 
     train: Optional[GPTDataset]
     valid: Optional[GPTDataset]
@@ -105,7 +107,7 @@ _INDEX_DTYPES = {1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32, 
                  6: numpy.float64, 7: numpy.float32, 8: numpy.uint16}
 
 
-def check_indexed_files(data_prefix: str) -> dict:
+def check_indexed_files(data_prefix: str, key: str = "data.prefix") -> dict:
     """Checks that `<data_prefix>.idx` is a Megatron index and `<data_prefix>.bin` holds exactly the
     tokens it describes, reading the index's header and its last entry only (what megatron's reader
     would fail on later with a raw numpy error, or not at all: a truncated `.bin` reads past its
@@ -115,14 +117,18 @@ def check_indexed_files(data_prefix: str) -> dict:
         {"sequences", "documents", "tokens", "dtype"}; "documents" counts documents (Megatron's
         document index holds one more entry, a leading 0).
 
+    Args:
+        data_prefix: The dataset prefix.
+        key: The configuration key that names it, for messages (`data.prefix[1]` in a blend).
+
     Raises:
-        ValueError: naming `data.prefix`, the file, and what is wrong (header, version, dtype
+        ValueError: naming `key`, the file, and what is wrong (header, version, dtype
             code, a truncated index, inconsistent offsets, a `.bin` of the wrong size).
     """
     import struct
 
     idx_path, bin_path = data_prefix + ".idx", data_prefix + ".bin"
-    where = f"data.prefix={data_prefix!r}: {idx_path}"
+    where = f"{key}={data_prefix!r}: {idx_path}"
     size = os.path.getsize(idx_path)
     with open(idx_path, "rb") as stream:
         head = stream.read(34)
@@ -154,7 +160,7 @@ def check_indexed_files(data_prefix: str) -> dict:
     bin_size = os.path.getsize(bin_path)
     if bin_size != tokens * dtype.itemsize:
         state = "truncated" if bin_size < tokens * dtype.itemsize else "longer than its index says"
-        raise ValueError(f"data.prefix={data_prefix!r}: {bin_path} is {state}: {bin_size} bytes, "
+        raise ValueError(f"{key}={data_prefix!r}: {bin_path} is {state}: {bin_size} bytes, "
                          f"its index describes {tokens} {dtype.name} tokens = "
                          f"{tokens * dtype.itemsize} bytes; rebuild it with "
                          "tools/preprocess_data.py")
@@ -162,7 +168,8 @@ def check_indexed_files(data_prefix: str) -> dict:
             "dtype": dtype.name}
 
 
-def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: bool = True) -> dict:
+def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: bool = True,
+               key: str = "data.prefix") -> dict:
     """Checks that `data_prefix` is a non-empty indexed dataset made with `tokenizer`.
 
     Args:
@@ -176,13 +183,13 @@ def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: boo
         Statistics: documents, tokens, max_token_id, dtype, description_path.
 
     Raises:
-        ValueError: Missing/empty data (names `data.prefix`), no or mismatching tokenizer
+        ValueError: Missing/empty data (names `key`), no or mismatching tokenizer
             description, or a token id >= `tokenizer.vocab_size`.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 
     if not data_prefix:
-        raise ValueError("data.prefix is not set")
+        raise ValueError(f"{key} is not set")
     bin_path, idx_path = get_bin_path(data_prefix), get_idx_path(data_prefix)
     missing = [path for path in (bin_path, idx_path) if not os.path.isfile(path)]
     if missing:
@@ -190,19 +197,19 @@ def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: boo
         if data_prefix.endswith((".bin", ".idx")):
             hint = " (give the prefix without .bin/.idx)"
         raise ValueError(
-            f"data.prefix={data_prefix!r}: no indexed dataset, missing {', '.join(missing)}{hint}; "
+            f"{key}={data_prefix!r}: no indexed dataset, missing {', '.join(missing)}{hint}; "
             "make one with tools/preprocess_data.py"
         )
     if os.path.getsize(bin_path) == 0:
-        raise ValueError(f"data.prefix={data_prefix!r}: {bin_path} is empty (no tokens)")
-    check_indexed_files(data_prefix)
+        raise ValueError(f"{key}={data_prefix!r}: {bin_path} is empty (no tokens)")
+    check_indexed_files(data_prefix, key)
     try:
         dataset = IndexedDataset(data_prefix, mmap=True)
     except (AssertionError, ValueError, OSError) as error:
-        raise ValueError(f"data.prefix={data_prefix!r}: not a readable indexed dataset ({error})")
+        raise ValueError(f"{key}={data_prefix!r}: not a readable indexed dataset ({error})")
     num_documents = len(dataset)
     if num_documents == 0:
-        raise ValueError(f"data.prefix={data_prefix!r}: the dataset is empty (0 documents)")
+        raise ValueError(f"{key}={data_prefix!r}: the dataset is empty (0 documents)")
     dtype = dataset.index.dtype
     num_tokens = int(dataset.sequence_lengths.sum(dtype=numpy.int64))
     del dataset
@@ -211,7 +218,7 @@ def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: boo
     if check_description:
         if found is None:
             raise ValueError(
-                f"data.prefix={data_prefix!r}: no tokenizer description (<output_prefix>"
+                f"{key}={data_prefix!r}: no tokenizer description (<output_prefix>"
                 f"{DESCRIPTION_SUFFIX} listing {os.path.basename(data_prefix)!r}); rebuild the "
                 "data with tools/preprocess_data.py, or pass check_description=False for data "
                 "made by another tool"
@@ -221,7 +228,7 @@ def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: boo
         differences = description_mismatch(stored, tokenizer.describe())
         if differences:
             raise ValueError(
-                f"data.prefix={data_prefix!r} was tokenized with {stored.get('name')!r} but the "
+                f"{key}={data_prefix!r} was tokenized with {stored.get('name')!r} but the "
                 f"configured tokenizer is {tokenizer.name!r} (tokenizer mismatch, stored != "
                 f"configured: {'; '.join(differences)}; description in {found})"
             )
@@ -229,7 +236,7 @@ def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: boo
     max_token_id = _max_token_id(bin_path, dtype)
     if max_token_id >= tokenizer.vocab_size:
         raise ValueError(
-            f"data.prefix={data_prefix!r} holds token id {max_token_id} >= vocab_size "
+            f"{key}={data_prefix!r} holds token id {max_token_id} >= vocab_size "
             f"{tokenizer.vocab_size} of tokenizer {tokenizer.name!r} (tokenizer mismatch)"
         )
     return {
@@ -262,36 +269,74 @@ def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int
 FEW_DOCUMENTS = 3
 
 
-def split_problems(split: str, documents: int) -> tuple[list[str], list[str]]:
+def split_problems(split: str, documents: int, dataset: str = "") -> tuple[list[str], list[str]]:
     """``(errors, warnings)`` of ``split`` over ``documents`` documents (Megatron splits by
-    document, in file order): the valid split empty is an error (every evaluation reads it), a
-    train or valid split under :data:`FEW_DOCUMENTS` documents a warning. Both name `data.split`
-    and give every split's count."""
+    document, in file order): the train or valid split empty is an error (every step reads train,
+    every evaluation valid), either under :data:`FEW_DOCUMENTS` documents a warning. Both name
+    `data.split`, the dataset (``dataset``, e.g. ``"data.prefix[1]='data/b_text_document'"``, for
+    a blend's datasets) and give every split's count."""
     counts = {name: (r[1] - r[0]) if r else None
               for name, r in zip(SPLIT_NAMES, split_document_ranges(split, documents))}
     shown = ", ".join(f"{name} {'-' if n is None else n}" for name, n in counts.items())
+    of = f" of {dataset}" if dataset else ""
     errors, warnings = [], []
-    if not counts["valid"]:
-        errors.append(f"data.split={split!r} leaves the valid split no documents ({documents} "
-                      f"documents: {shown}), and every evaluation reads it; expected a split that "
-                      "gives valid at least one document (raise its weight), or more documents")
-    for name in ("train", "valid"):
-        if counts[name] and counts[name] < FEW_DOCUMENTS:
-            warnings.append(f"data.split={split!r} gives the {name} split only {counts[name]} of "
-                            f"{documents} documents ({shown}); its samples repeat them (raise its "
-                            "weight; shuffle ordered documents with tools/preprocess_data.py "
+    for name, reader in (("train", "every step"), ("valid", "every evaluation")):
+        if not counts[name]:
+            errors.append(f"data.split={split!r} leaves the {name} split{of} no documents "
+                          f"({documents} documents: {shown}), and {reader} reads it; expected a "
+                          f"split that gives {name} at least one document (raise its weight), or "
+                          "more documents")
+        elif counts[name] < FEW_DOCUMENTS:
+            warnings.append(f"data.split={split!r} gives the {name} split{of} only {counts[name]} "
+                            f"of {documents} documents ({shown}); its samples repeat them (raise "
+                            "its weight; shuffle ordered documents with tools/preprocess_data.py "
                             "--shuffle-seed)")
     return errors, warnings
 
 
+# A dataset value of `build_gpt_datasets`: one prefix, or a blend [(prefix, weight), ...].
+Blend = Union[str, Sequence[tuple[str, float]]]
+
+
+def blend_entries(value: Blend, key: str) -> list[tuple[str, str, float]]:
+    """``[(key, prefix, weight), ...]`` of a dataset value: one prefix is ``[(key, prefix, 1.0)]``,
+    a blend's entries are keyed ``key[i]`` (``data.prefix[1]``), the key its messages name.
+
+    Raises:
+        ValueError: an empty blend, a weight that is not a finite number > 0, a repeated prefix.
+    """
+    if isinstance(value, str):
+        return [(key, value, 1.0)]
+    entries = [(f"{key}[{i}]", prefix, weight) for i, (prefix, weight) in enumerate(value)]
+    if not entries:
+        raise ValueError(f"{key}: an empty blend; expected at least one (prefix, weight)")
+    for where, prefix, weight in entries:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"{where}: weight {weight!r} of {prefix!r}; expected a finite "
+                             "number > 0")
+    prefixes = [prefix for _, prefix, _ in entries]
+    if len(set(prefixes)) < len(prefixes):
+        raise ValueError(f"{key}: a prefix appears twice in {prefixes}; expected each once")
+    return entries
+
+
+def _megatron_blend(entries: list) -> tuple[list[str], Optional[list[float]]]:
+    """megatron's ``(prefixes, weights)``; one dataset has no weights (megatron then builds its
+    GPTDataset alone, not a BlendedDataset of one)."""
+    prefixes = [prefix for _, prefix, _ in entries]
+    return prefixes, (None if len(entries) == 1 else [float(w) for *_, w in entries])
+
+
 def build_gpt_datasets(
-    data_prefix: str,
+    data_prefix: Blend,
     seq_length: int,
     *,
     tokenizer: Tokenizer,
     num_samples: Sequence[Optional[int]],
     seed: int = 1234,
     split: str = "969,30,1",
+    valid_prefix: Optional[Blend] = None,
     cache_dir: str | None = None,
     reset_position_ids: bool = False,
     reset_attention_mask: bool = False,
@@ -300,23 +345,34 @@ def build_gpt_datasets(
     is_built_on_rank: Callable[[], bool] | None = None,
     check_description: bool = True,
 ) -> GPTDatasets:
-    """Builds the train/valid/test `GPTDataset`s of one indexed dataset.
+    """Builds the train/valid/test datasets of one indexed dataset or of a weighted blend.
+
+    One dataset gives `GPTDataset`s. A blend gives megatron's `BlendedDataset`s: each dataset is
+    split by `split` on its own, asked for `ceil(weight * n)` samples of a split of `n` (plus
+    megatron's 0.5 % surplus), and the blend's sample `i` comes from the dataset whose share is
+    furthest behind its weight after `i` samples (`helpers.build_blending_indices`): the order
+    depends only on the weights and the sample counts, so a resumed run reads the same samples.
 
     Each sample is a dict of `tokens`, `labels` (int64), `loss_mask` (float32) and `position_ids`
     (int64), all of length `seq_length`, plus `attention_mask` (1 x seq x seq, True = masked) if
-    `create_attention_mask`.
+    `create_attention_mask` (and `dataset_id`, the blend entry, from a blend).
 
     Args:
-        data_prefix: The indexed dataset (`data.prefix`), e.g. `data/wiki_text_document`.
+        data_prefix: The indexed dataset (`data.prefix`), e.g. `data/wiki_text_document`, or a
+            blend `[(prefix, weight), ...]` (weights > 0, normalised by megatron).
         seq_length: Tokens per sample.
         tokenizer: The tokenizer training uses; must be the one the data was made with.
         num_samples: Samples to draw per split (train, valid, test); a split is repeated over
-            more epochs when it has fewer. None: exactly one epoch.
+            more epochs when it has fewer. None: exactly one epoch (one dataset only).
         seed: Seed of the document and sample shuffles.
         split: Relative weights of train, valid and test, by document ("969,30,1").
+        valid_prefix: Validation data of its own (`data.valid_prefix`), a prefix or a blend: then
+            train is every document of `data_prefix`, valid every document of this, there is
+            no test split and `split` is not read (megatron's `blend_per_split`, Megatron-LM's
+            `--train-data-path` / `--valid-data-path`).
         cache_dir: Where Megatron caches its index arrays; default `<data dir>/cache`. A
-            subdirectory per dataset, named after the `.idx` file's sha256, keeps a rebuilt
-            dataset from reusing indices of the old one.
+            subdirectory named after the `.idx` files' sha256 keeps a rebuilt dataset from
+            reusing indices of the old one. A blend outside a process group is not cached.
         reset_position_ids: Restart position ids after each eod (Megatron's flag).
         reset_attention_mask: Block attention across eod (needs create_attention_mask).
         eod_mask_loss: Give the eod tokens zero loss weight.
@@ -329,8 +385,8 @@ def build_gpt_datasets(
         The three datasets (see `GPTDatasets` for when one is None).
 
     Raises:
-        ValueError: Bad data (see `check_data`), a bad argument, or samples asked of a split that
-            has no documents.
+        ValueError: Bad data (see `check_data`, naming the dataset's key), a bad argument, or
+            samples asked of a split that has no documents.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -350,35 +406,63 @@ def build_gpt_datasets(
         )
     if reset_attention_mask and not create_attention_mask:
         raise ValueError("reset_attention_mask needs create_attention_mask=True")
-    _check_split(split)
-
-    stats = check_data(data_prefix, tokenizer, check_description=check_description)
+    train = blend_entries(data_prefix, "data.prefix")
+    valid = None if valid_prefix is None else blend_entries(valid_prefix, "data.valid_prefix")
+    if valid is None:
+        _check_split(split)
+    every = train + (valid or [])
+    stats = {key: check_data(prefix, tokenizer, check_description=check_description, key=key)
+             for key, prefix, _ in every}
     _ensure_megatron_helpers()
 
-    config = GPTDatasetConfig(
+    import torch.distributed
+
+    cache = _index_cache_dir([prefix for _, prefix, _ in every], cache_dir)
+    if max(len(train), len(valid or ())) > 1 and not torch.distributed.is_initialized():
+        # megatron's BlendedDataset asks torch.distributed for the rank that writes its cache
+        # (blended_dataset.py, `_build_indices`) and fails without a process group: in a single
+        # process without one the blend is built in memory.
+        cache = None
+    common = dict(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=([data_prefix], None),
-        split=split,
-        path_to_cache=_index_cache_dir(data_prefix, cache_dir),
+        path_to_cache=cache,
         tokenizer=MegatronTokenizerAdapter(tokenizer),
         reset_position_ids=reset_position_ids,
         reset_attention_mask=reset_attention_mask,
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=create_attention_mask,
     )
-    for index, document_range in enumerate(split_document_ranges(split, stats["documents"])):
-        if document_range is None or document_range[0] < document_range[1]:
-            continue
-        if num_samples[index]:
-            raise ValueError(
-                f"data.split={split!r} leaves the {SPLIT_NAMES[index]} split no documents "
-                f"({stats['documents']} documents in all) but {num_samples[index]} "
-                f"{SPLIT_NAMES[index]} samples were asked for; change the split or ask for 0"
-            )
-        # Megatron would try to build it and never stop; dropping it from the split matrix
-        # makes the builder return None for it.
-        config.split_matrix[index] = None
+    if valid is None:
+        config = GPTDatasetConfig(blend=_megatron_blend(train), split=split, **common)
+        for index, name in enumerate(SPLIT_NAMES):
+            empty = [("" if key == "data.prefix" else f" of {key}={prefix!r}")
+                     + f" no documents ({stats[key]['documents']} documents in all)"
+                     for key, prefix, _ in train
+                     if _empty(split_document_ranges(split, stats[key]["documents"])[index])]
+            if empty and num_samples[index]:
+                raise ValueError(
+                    f"data.split={split!r} leaves the {name} split{empty[0]} but "
+                    f"{num_samples[index]} {name} samples were asked for; change the split or "
+                    "ask for 0")
+            if empty or (len(train) > 1 and num_samples[index] == 0):
+                # Megatron would try to build an empty split and never stop (and a blend split
+                # of no samples is not worth its indices); dropping it from the split matrix makes
+                # the builder return None for it.
+                config.split_matrix[index] = None
+        sources = [train] * 3
+    else:
+        if num_samples[2]:
+            raise ValueError(f"num_samples asks for {num_samples[2]} test samples, but with "
+                             "data.valid_prefix there is no test data")
+        blends = [_megatron_blend(train), _megatron_blend(valid), None]
+        blends[1] = blends[1] if num_samples[1] != 0 else None
+        config = GPTDatasetConfig(blend_per_split=blends, **common)
+        sources = [train, valid, []]
+    for index, name in enumerate(SPLIT_NAMES):
+        if len(sources[index]) > 1 and num_samples[index] is None:
+            raise ValueError(f"num_samples[{index}] is None (one epoch) for the {name} split of a "
+                             "blend; a blend needs a sample count")
 
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset,
@@ -387,6 +471,98 @@ def build_gpt_datasets(
         config,
     )
     return GPTDatasets(*builder.build())
+
+
+def _empty(document_range) -> bool:
+    return document_range is not None and document_range[0] >= document_range[1]
+
+
+@dataclass(frozen=True)
+class DatasetUse:
+    """What a run reads of one dataset in one split (:func:`dataset_usage`).
+
+    Attributes:
+        split: ``train`` or ``valid``.
+        key: the configuration key naming the dataset (``data.prefix[1]``).
+        prefix: the dataset.
+        weight: its share of the split's samples (normalised; 1 alone).
+        documents: its documents in this split.
+        tokens: their tokens: one epoch.
+        samples: samples drawn from it: ``n`` alone, megatron's target ``ceil(weight * n)`` in a
+            blend (`_get_size_per_split_per_dataset`; the blend draws within a sample of it).
+        epochs: ``(samples * seq_length + 1) / tokens`` (a sample reads ``seq_length + 1``
+            tokens); past 1 megatron repeats the documents, shuffled anew each epoch.
+    """
+
+    split: str
+    key: str
+    prefix: str
+    weight: float
+    documents: int
+    tokens: int
+    samples: int
+    epochs: float
+
+
+def dataset_usage(data_prefix: Blend, seq_length: int, num_samples: Sequence[int], *,
+                  split: str = "969,30,1", valid_prefix: Optional[Blend] = None
+                  ) -> list[DatasetUse]:
+    """How many samples, and epochs, a run reads of each dataset, from the `.idx` files alone
+    (what :func:`build_gpt_datasets` builds, counted as megatron counts: tokens per epoch are the
+    split's sequence lengths, `GPTDataset._get_num_tokens_per_epoch`).
+
+    Args:
+        data_prefix, split, valid_prefix: as for :func:`build_gpt_datasets`.
+        seq_length: Tokens per sample.
+        num_samples: Samples of the train and valid splits.
+
+    Returns:
+        One :class:`DatasetUse` per dataset and split, train first.
+
+    Raises:
+        ValueError: a dataset's files are missing or broken (naming its key).
+    """
+    splits = [("train", blend_entries(data_prefix, "data.prefix"), 0)]
+    if valid_prefix is None:
+        splits.append(("valid", splits[0][1], 1))
+    else:
+        splits.append(("valid", blend_entries(valid_prefix, "data.valid_prefix"), None))
+    out = []
+    for (name, entries, index), n in zip(splits, num_samples):
+        total = sum(weight for *_, weight in entries)
+        for key, prefix, weight in entries:
+            lengths, documents = _sequence_lengths(prefix, key)
+            begin, end = 0, documents
+            if index is not None:
+                bookends = split_document_ranges(split, documents)[index]
+                begin, end = bookends if bookends is not None else (0, 0)
+            tokens = int(lengths[begin:end].sum(dtype=numpy.int64))
+            share = weight / total
+            samples = n if len(entries) == 1 else math.ceil(share * n)
+            out.append(DatasetUse(name, key, prefix, share, end - begin, tokens, samples,
+                                  (samples * seq_length + 1) / tokens if tokens else math.inf))
+    return out
+
+
+def _sequence_lengths(data_prefix: str, key: str) -> tuple[numpy.ndarray, int]:
+    """The `.idx` file's sequence lengths (int32, memory-mapped) and its document count, checked
+    first (:func:`check_indexed_files`). Megatron's GPTDataset splits the documents and reads the
+    length of sequence `i` as document `i`'s (one sequence per document, as `preprocess` writes)."""
+    info = check_indexed_files(data_prefix, key)
+    if not info["sequences"]:
+        return numpy.zeros(0, dtype=numpy.int32), info["documents"]
+    return numpy.memmap(data_prefix + ".idx", dtype=numpy.int32, mode="r", offset=34,
+                        shape=(info["sequences"],)), info["documents"]
+
+
+def usage_table(rows: Sequence[DatasetUse]) -> list[str]:
+    """:func:`dataset_usage` as aligned text lines (the console at start, `tools/plan.py`)."""
+    from inrank_megatron.text_table import aligned_table
+
+    return aligned_table(
+        ["split", "dataset", "weight", "documents", "tokens", "samples", "epochs"],
+        [[r.split, r.prefix, f"{r.weight:.3f}", f"{r.documents:,}", f"{r.tokens:,}",
+          f"{r.samples:,}", f"{r.epochs:.3g}"] for r in rows], left=2)
 
 
 def _check_split(split: str) -> None:
@@ -408,16 +584,22 @@ def _check_split(split: str) -> None:
         )
 
 
-def _index_cache_dir(data_prefix: str, cache_dir: str | None) -> str:
+def _index_cache_dir(prefixes: list[str], cache_dir: str | None) -> str:
+    """`<cache_dir>/<name>-<sha256 of the .idx files>`: one directory per dataset, or per blend
+    (named after its first dataset), that a rebuilt dataset never shares."""
     from megatron.core.datasets.indexed_dataset import get_idx_path
 
     if cache_dir is None:
-        cache_dir = os.path.join(os.path.dirname(os.path.abspath(data_prefix)), "cache")
+        cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "cache")
     digest = hashlib.sha256()
-    with open(get_idx_path(data_prefix), "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return os.path.join(cache_dir, f"{os.path.basename(data_prefix)}-{digest.hexdigest()[:16]}")
+    for prefix in prefixes:
+        if len(prefixes) > 1:
+            digest.update(os.path.abspath(prefix).encode() + b"\0")
+        with open(get_idx_path(prefix), "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    name = os.path.basename(prefixes[0]) + ("" if len(prefixes) == 1 else "-blend")
+    return os.path.join(cache_dir, f"{name}-{digest.hexdigest()[:16]}")
 
 
 def _max_token_id(bin_path: str, dtype) -> int:

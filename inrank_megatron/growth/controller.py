@@ -157,6 +157,12 @@ class GrowthController:
         """Collective: :meth:`ranks` of every pipeline stage's layers."""
         return {k: v for part in self.over_pipeline(self.ranks()) for k, v in part.items()}
 
+    def all_slots(self) -> dict:
+        """Collective: ``{layer name: slots its forward pass uses}`` (rank + buffer in stage 1,
+        the rank after the cut) of every pipeline stage's layers."""
+        mine = {name: layer.active_slots for name, layer in self.layers}
+        return {k: v for part in self.over_pipeline(mine) for k, v in part.items()}
+
     def full_state_dict(self) -> dict:
         """Collective: :meth:`state_dict` of every pipeline stage's layers."""
         return {k: v for part in self.over_pipeline(self.state_dict()) for k, v in part.items()}

@@ -2,9 +2,16 @@
 result, the stage cut, and where the run's files are at the end. Third-party warnings are shown
 once per run (rank 0), and the known noise of a CPU or TE/apex-less install is dropped.
 
-    step   10/200 | loss 8.1234 | lr 5.00e-04 | 2731 tokens/s | stage growing | ranks 8-12 (mean 9.8)
+    step   10/200 | loss 8.1234 | lr 5.00e-04 | 2731 tokens/s | 0.0123 TFLOP/s/device | MFU n/a |
+        stage growing | ranks 8-12 (mean 9.8) | grad norm 1.234 | elapsed 0:00:15 | ETA 0:04:45
     step   50/200 | valid loss 6.9123 | ppl 1004.12
     step   60/200 | cut to stage 2 (fixed): ranks 14-22 (mean 17.5) over 8 layers
+
+(a step line is one line). Tokens/s, TFLOP/s per device and MFU are over the last log interval's
+wall time, at the FLOPs per token of the ranks each step computed with
+(:mod:`inrank_megatron.training.throughput`); the ETA is the steps left at that interval's time per
+step. Before the first step: the data (samples and epochs of each dataset) and where the MFU's
+peak comes from; at the end: the rates of each stage (InRank's stage 1 and after the cut).
 
 The lines use values the loop has already gathered for ``metrics.csv`` (no extra device syncs).
 """
@@ -14,8 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 import warnings
+
+from inrank_megatron.training.throughput import format_duration
 
 # Warnings every run on this stack prints and that ask nothing of the user: megatron-core falling
 # back from Transformer Engine / apex (the documented CPU and apex-less path), its own
@@ -75,10 +83,8 @@ class Console:
     """The run's lines on rank 0; a tqdm bar only when stderr is a terminal (a log file gets the
     lines alone)."""
 
-    def __init__(self, last_step: int, start_step: int, tokens_per_step: int):
+    def __init__(self, last_step: int, start_step: int):
         self.last_step = last_step
-        self.tokens_per_step = tokens_per_step
-        self._mark = (start_step, time.perf_counter())
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -92,16 +98,36 @@ class Console:
         else:
             print(line, flush=True)
 
-    def step(self, step: int, *, loss: float, lr: float, stage: str, ranks: dict,
+    def _note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def start(self, data_lines: list, peak_tflops, source: str) -> None:
+        """Before the first step: the data report and the MFU's peak (``source``: where it comes
+        from, or why there is none)."""
+        for line in data_lines:
+            self._note(line)
+        self._note(f"MFU against a peak of {peak_tflops:g} TFLOP/s per device ({source})"
+                   if peak_tflops else
+                   f"MFU n/a ({source}; set train.peak_tflops to compare with a peak)")
+
+    def step(self, step: int, *, loss: float, lr: float, stage: str, ranks: dict, rates,
              grad_norm=None) -> None:
-        """The log-interval line; tokens/s over the steps since the previous one."""
-        first, since = self._mark
-        now = time.perf_counter()
-        rate = (step - first) * self.tokens_per_step / max(now - since, 1e-9)
-        self._mark = (step, now)
+        """The log-interval line; ``rates`` (a :class:`~inrank_megatron.training.throughput.
+        Interval`) over the steps since the previous one."""
         norm = "" if grad_norm is None else f" | grad norm {grad_norm:.3f}"
-        self._print(step, f"loss {loss:.4f} | lr {lr:.2e} | {rate:.0f} tokens/s | stage {stage}"
-                          f" | ranks {rank_summary(ranks)}{norm}")
+        speed = _rates(rates.tokens_per_s, rates.tflops_per_device, rates.mfu)
+        self._print(step, f"loss {loss:.4f} | lr {lr:.2e} | {speed} | stage {stage} | ranks "
+                          f"{rank_summary(ranks)}{norm} | elapsed "
+                          f"{format_duration(rates.elapsed_s)} | ETA {format_duration(rates.eta_s)}")
+
+    def throughput(self, summary: dict) -> None:
+        """At the end: each stage's rates over its steps (step time only)."""
+        for stage, r in summary.items():
+            self._note(f"throughput, stage {stage} ({r['steps']} steps): "
+                       f"{_rates(r['tokens_per_s'], r['tflops_per_device'], r['mfu'])}")
 
     def tick(self, loss: float, stage: str) -> None:
         """Every step: the bar, when there is one."""
@@ -121,6 +147,12 @@ class Console:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _rates(tokens_per_s: float, tflops_per_device: float, mfu) -> str:
+    """``"2731 tokens/s | 0.0123 TFLOP/s/device | MFU 41.2%"`` (MFU n/a without a peak)."""
+    shown = "n/a" if mfu is None else f"{mfu:.1%}"
+    return f"{tokens_per_s:.0f} tokens/s | {tflops_per_device:.3g} TFLOP/s/device | MFU {shown}"
 
 
 def where(summary: dict) -> list:

@@ -26,11 +26,12 @@ from inrank_megatron.training import finite
 from inrank_megatron.training.backends import build_backend
 from inrank_megatron.training.console import Console
 from inrank_megatron.training.data import (
-    build_datasets, eval_microbatches, prepare_data, step_microbatches,
+    build_datasets, data_report, eval_microbatches, prepare_data, step_microbatches,
 )
 from inrank_megatron.training.parallel import (
     ParallelGroups, init_parallel, rng_state, set_rng_state, set_seeds,
 )
+from inrank_megatron.training.throughput import Throughput, default_peak_tflops
 
 
 class _Averager:
@@ -138,8 +139,17 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
         return loss
 
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
-    console = Console(last_step, start_step, tokens_per_step) if groups.rank == 0 else None
+    console = meter = None
+    if groups.rank == 0:
+        console = Console(last_step, start_step)
+        peak, source = _peak_tflops(cfg)
+        meter = Throughput(cfg, vocab_size=tokenizer.vocab_size, world_size=groups.world_size,
+                           peak_tflops=peak, first_step=start_step, last_step=last_step,
+                           window=t.log_interval)
+        console.start(data_report(cfg, groups.dp_size), peak, source)
     ranks_now = dict(all_ranks)  # every layer's rank, as the checks and the cut report them
+    slots_now = controller.all_slots()  # what the forward computes with (collective)
+    stage = _stage(controller)
     history, val_loss = [], None
     latest = resume_path  # the checkpoint a non-finite fault leaves as the latest
     from inrank_megatron.planning.estimates import checkpoint_bytes
@@ -164,6 +174,10 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
                 from None
         if report.resizes:
             backend.resize(report.resizes, cfg.inrank.resize_policy)
+        seconds = time.time() - tic
+        if meter:  # at the slots and stage this step computed with, before its check or cut
+            flops = meter.flops_per_token(slots_now)
+            meter.step(step, stage, tokens_per_step, seconds, flops)
         # Every stage's checks (each holds its own layers): (layer, new rank, explained ratio).
         parts = controller.over_pipeline(
             ([(c.layer, c.new_rank, c.explained_ratio) for c in report.checks], report.cut))
@@ -172,17 +186,20 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
             all_ranks = controller.all_ranks()
             ranks_now = dict(all_ranks)
         ranks_now.update({layer: r for layer, r, _ in checks})
+        if checks or cut:
+            slots_now = controller.all_slots()
         history.append(loss)
-        stage = "fixed" if any(l.growth.stage == "fixed" for _, l in controller.layers) \
-            else ("growing" if controller.layers else "dense")
+        stage = _stage(controller)
         if writer:
             if step % t.log_interval == 0 or step == last_step or checks or cut:
+                tflops, mfu = meter.rates(tokens_per_step / seconds, flops)
                 writer.log_train(step, loss=loss, lr=info["lr"], grad_norm=info["grad_norm"],
-                                 tokens_per_s=tokens_per_step / (time.time() - tic), stage=stage,
-                                 loss_scale=info["loss_scale"])
+                                 tokens_per_s=tokens_per_step / seconds, stage=stage,
+                                 loss_scale=info["loss_scale"], tflops_per_device=tflops, mfu=mfu,
+                                 elapsed_s=meter.elapsed(), eta_s=meter.interval().eta_s)
             if step % t.log_interval == 0 or step == last_step:
                 console.step(step, loss=loss, lr=info["lr"], stage=stage, ranks=ranks_now,
-                             grad_norm=info["grad_norm"])
+                             grad_norm=info["grad_norm"], rates=meter.interval())
             if checks:
                 writer.log_ranks(step, {layer: r for layer, r, _ in checks},
                                  {layer: ratio for layer, _, ratio in checks})
@@ -204,6 +221,7 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
                           dp=groups.dp_size, backend=backend.name, config=to_dict(cfg)))
     if console:
         console.close()
+        console.throughput(meter.summary())
     if last_step == t.steps and (not t.eval_interval or t.steps % t.eval_interval):
         val_loss = evaluate(t.steps)
     summary = {
@@ -213,6 +231,7 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
         "ranks": controller.all_ranks(), "stage": (controller.layers[0][1].growth.stage
                                                if controller.layers else "dense"),
         "wall_s": time.time() - t0, "world_size": groups.world_size,
+        "throughput": meter.summary() if meter else None,
         "parameters": _parameter_counts(model, groups),
         "run_dir": out, "checkpoint": latest,
         "metrics_csv": os.path.join(out, "metrics.csv") if cfg.output.csv else None,
@@ -227,6 +246,26 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
+
+
+def _stage(controller: GrowthController) -> str:
+    """``fixed`` once cut (or fixed from the start), ``growing`` in stage 1, ``dense`` without
+    InRank layers."""
+    if any(l.growth.stage == "fixed" for _, l in controller.layers):
+        return "fixed"
+    return "growing" if controller.layers else "dense"
+
+
+def _peak_tflops(cfg: TrainConfig) -> tuple:
+    """``(peak TFLOP/s per device or None, where it comes from)``: ``train.peak_tflops``, else the
+    CUDA device's known peak at the training precision."""
+    if cfg.train.peak_tflops is not None:
+        return cfg.train.peak_tflops, "train.peak_tflops"
+    if not torch.cuda.is_available():
+        return None, "on CPU"
+    name = torch.cuda.get_device_name()
+    peak = default_peak_tflops(name, cfg.train.precision)
+    return peak, f"{name}, {cfg.train.precision}" if peak else f"no known peak for {name}"
 
 
 def _parameter_counts(model, groups: ParallelGroups) -> dict:

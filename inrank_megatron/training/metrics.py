@@ -2,7 +2,8 @@
 
 Files in ``run_dir``:
 
-    metrics.csv   step,split,loss,ppl,lr,grad_norm,tokens_per_s,stage,loss_scale
+    metrics.csv   step,split,loss,ppl,lr,grad_norm,tokens_per_s,stage,loss_scale,
+                  tflops_per_device,mfu,elapsed_s,eta_s
                   one row per log_train (split "train") or log_eval ("valid"/"test") call;
                   cells that do not apply to the row are empty
     ranks.csv     step,layer,rank,explained_ratio      one row per layer per log_ranks call
@@ -13,7 +14,8 @@ Files in ``run_dir``:
 training loop owns one writer, on global rank 0 only:
 
     metrics = MetricsWriter(run_dir, resume_step=loaded_step)   # None for a fresh run
-    metrics.log_train(step, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps, stage=stage)
+    metrics.log_train(step, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps, stage=stage,
+                      tflops_per_device=tflops, mfu=mfu, elapsed_s=elapsed, eta_s=eta)
     metrics.log_eval(step, split="valid", loss=valid_loss)
     metrics.log_ranks(step, controller.ranks(), ratios)
     metrics.log_event(step, "cut", "stage 2: ranks fixed")
@@ -21,7 +23,9 @@ training loop owns one writer, on global rank 0 only:
 
 Every row is flushed to the OS when written, so a crashed process loses nothing it logged. A run
 resumed from the checkpoint of step ``s`` drops the rows with step > s (the rerun writes them
-again) and TensorBoard hides its events past s (``SummaryWriter(purge_step=s + 1)``).
+again) and TensorBoard hides its events past s (``SummaryWriter(purge_step=s + 1)``). A file of an
+older version (``OLDER_COLUMNS``: fewer columns) is rewritten with today's header and
+its rows padded with empty cells.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ import os
 import tempfile
 
 METRICS_COLUMNS = ("step", "split", "loss", "ppl", "lr", "grad_norm", "tokens_per_s", "stage",
-                   "loss_scale")
+                   "loss_scale", "tflops_per_device", "mfu", "elapsed_s", "eta_s")
+# Headers of earlier versions, each a prefix of today's: their rows read with the new cells empty.
+OLDER_COLUMNS = {METRICS_COLUMNS: (METRICS_COLUMNS[:9],)}
 RANKS_COLUMNS = ("step", "layer", "rank", "explained_ratio")
 EVENTS_COLUMNS = ("step", "kind", "detail")
 FILES = {"metrics": ("metrics.csv", METRICS_COLUMNS), "ranks": ("ranks.csv", RANKS_COLUMNS),
@@ -47,7 +53,8 @@ TENSORBOARD_DIR = "tb"
 PPL_MAX_LOSS = 20.0
 
 _INT_FIELDS = ("step", "rank")
-_FLOAT_FIELDS = ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "loss_scale", "explained_ratio")
+_FLOAT_FIELDS = ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "loss_scale", "explained_ratio",
+                 "tflops_per_device", "mfu", "elapsed_s", "eta_s")
 
 
 def perplexity(loss: float) -> float:
@@ -83,17 +90,20 @@ def _float(value, name: str):
 
 
 def _read_rows(path: str, columns: tuple) -> list:
-    """The rows of one of our CSV files as lists of strings. A row of the wrong width (a write torn
-    by a crash) is skipped; a header other than ``columns`` is an error, never overwritten."""
+    """The rows of one of our CSV files as lists of strings, ``columns`` wide. A row of the wrong
+    width (a write torn by a crash) is skipped; an older version's header
+    (:data:`OLDER_COLUMNS`) has its rows padded with empty cells; any other header is an error,
+    never overwritten."""
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
             return []
-        if tuple(header) != columns:
+        if tuple(header) != columns and tuple(header) not in OLDER_COLUMNS.get(columns, ()):
             raise ValueError(f"{path}: header {','.join(header)!r} is not "
                              f"{','.join(columns)!r}; not a file written by MetricsWriter")
-        return [row for row in reader if len(row) == len(columns)]
+        pad = [""] * (len(columns) - len(header))
+        return [row + pad for row in reader if len(row) == len(header)]
 
 
 def _trim(path: str, columns: tuple, resume_step: int) -> None:
@@ -199,7 +209,9 @@ class MetricsWriter:
             raise RuntimeError(f"MetricsWriter for {self.run_dir} is closed")
 
     def log_train(self, step: int, *, loss: float, lr: float, grad_norm: float | None,
-                  tokens_per_s: float | None, stage, loss_scale: float | None = None) -> None:
+                  tokens_per_s: float | None, stage, loss_scale: float | None = None,
+                  tflops_per_device: float | None = None, mfu: float | None = None,
+                  elapsed_s: float | None = None, eta_s: float | None = None) -> None:
         """One training row (split ``train``); ppl is left empty, as in Megatron's training log.
 
         Args:
@@ -212,17 +224,27 @@ class MetricsWriter:
             stage: InRank stage of the step (e.g. ``"growing"``/``"fixed"``, ``1``/``2``, or
                 ``"dense"``); written as text.
             loss_scale: fp16 loss scale; None for bf16/fp32.
+            tflops_per_device: model TFLOP/s per device of this step: FLOPs per token at the
+                ranks the step computed with (before its own rank check or cut) x tokens_per_s /
+                devices (:mod:`inrank_megatron.training.throughput`).
+            mfu: ``tflops_per_device`` / the device's peak; None without a peak (CPU).
+            elapsed_s: seconds since this process started training.
+            eta_s: seconds to the last step at the last log interval's time per step.
         """
         self._check_open()
         step = _check_step(step)
         values = {"loss": _float(loss, "loss"), "lr": _float(lr, "lr"),
                   "grad_norm": _float(grad_norm, "grad_norm"),
                   "tokens_per_s": _float(tokens_per_s, "tokens_per_s"),
-                  "loss_scale": _float(loss_scale, "loss_scale")}
+                  "loss_scale": _float(loss_scale, "loss_scale"),
+                  "tflops_per_device": _float(tflops_per_device, "tflops_per_device"),
+                  "mfu": _float(mfu, "mfu"), "elapsed_s": _float(elapsed_s, "elapsed_s"),
+                  "eta_s": _float(eta_s, "eta_s")}
         if "metrics" in self._csv:
             self._csv["metrics"].write([
                 step, "train", values["loss"], None, values["lr"], values["grad_norm"],
-                values["tokens_per_s"], stage, values["loss_scale"]])
+                values["tokens_per_s"], stage, values["loss_scale"], values["tflops_per_device"],
+                values["mfu"], values["elapsed_s"], values["eta_s"]])
         self._scalars(step, {f"train/{k}": v for k, v in values.items()})
 
     def log_eval(self, step: int, *, split: str, loss: float) -> float:
@@ -245,7 +267,7 @@ class MetricsWriter:
             raise ValueError("loss must be a number, got None")
         ppl = perplexity(loss)
         if "metrics" in self._csv:
-            self._csv["metrics"].write([step, split, loss, ppl, None, None, None, None, None])
+            self._csv["metrics"].write([step, split, loss, ppl] + [None] * (len(METRICS_COLUMNS) - 4))
         self._scalars(step, {f"{split}/loss": loss, f"{split}/ppl": ppl})
         return ppl
 
