@@ -311,6 +311,11 @@ class TrainSection:
                                           "checkpoints.", ge=1)
     exit_after_step: Optional[int] = _field(
         None, "Stop after this step (two-run schedules, tests); null runs to train.steps.", ge=1)
+    exit_duration_mins: Optional[float] = _field(
+        None, "Wall-time budget of this job in minutes: stop, with a checkpoint, after the last "
+        "step that leaves room for one more step and a save (the slowest of each so far; before "
+        "the first save, 10% of the budget); exit status 75, output.resume=auto continues. Like "
+        "SIGTERM / SIGUSR1 (launch/README.md). null: no budget.", gt=0.0)
 
     def decay_steps(self) -> int:
         """The LR decay length, resolved."""

@@ -54,7 +54,10 @@ def one_line(error: BaseException) -> str:
 def main(argv=None) -> int:
     """Pre-flight, then train. Returns the exit status: 0 done, 2 a bad input found before any
     process group starts, 1 a failure after launch (one line on rank 0; ``INRANK_DEBUG=1`` raises
-    it with the full traceback on every rank)."""
+    it with the full traceback on every rank), 75 stopped early by SIGTERM, SIGUSR1 or
+    ``train.exit_duration_mins`` with a checkpoint of the last step (``output.resume=auto``
+    continues; training/stop.py)."""
+    started = time.monotonic()
     args = parse_args(argv)
     from inrank_megatron.launch_env import die_with_launcher, init_distributed_env
 
@@ -92,10 +95,13 @@ def main(argv=None) -> int:
     from inrank_megatron.training.finite import NonFiniteError
     from inrank_megatron.training.loop import train
     from inrank_megatron.training.parallel import shutdown
+    from inrank_megatron.training.stop import EXIT_STOPPED, StopRequest
 
+    stop = StopRequest.for_config(cfg, rank=env["rank"], start=started)
+    stop.install()  # from here a SIGTERM / SIGUSR1 ends the run with a checkpoint
     try:
         summary = train(cfg, resume_path=resume_path, fixed_ranks=fixed_ranks,
-                        dist_backend=env["backend"])
+                        dist_backend=env["backend"], stop=stop)
     except DiskSpaceError as e:  # stopped before or while saving: latest untouched
         if env["rank"] == 0:
             print(f"\nerror: {e}", file=sys.stderr)
@@ -120,7 +126,14 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
         return 1
     finally:
+        stop.uninstall()
         shutdown()
+    if summary["stopped"]:
+        if rank0:  # on a line of its own, after the progress bar's
+            print(f"\nstopped by {summary['stopped']} after step {summary['steps']}/"
+                  f"{cfg.train.steps}: checkpoint {summary['checkpoint']}; continue with "
+                  "output.resume=auto", flush=True)
+        return EXIT_STOPPED
     if rank0:
         from inrank_megatron.training.console import rank_summary, where
 

@@ -105,6 +105,17 @@ parse_single_node_args() {
   check_nproc "$NPROC" "$GPUS" "$CORES" "--nproc"
 }
 
+# torchrun's flags for a graceful stop: it forwards these signals to its ranks (SIGUSR1 is Slurm's
+# --signal), which finish their step, save a checkpoint and exit 75 (inrank_megatron/training/
+# stop.py); it waits STOP_TIMEOUT seconds for that before it kills them (torch's default, 30 s, is
+# short for a large checkpoint).
+torchrun_stop_args() {
+  local timeout=${STOP_TIMEOUT:-600}
+  is_count "$timeout" || die "STOP_TIMEOUT must be a positive integer (seconds), got '$timeout'"
+  TORCHRUN_STOP_ARGS=(--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+                      --shutdown-timeout="$timeout")
+}
+
 # Inside a Slurm job: NNODES and the first node's host name (the rendezvous host).
 slurm_first_host() {
   local hosts

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -31,6 +32,7 @@ from inrank_megatron.training.data import (
 from inrank_megatron.training.parallel import (
     ParallelGroups, init_parallel, rng_state, set_rng_state, set_seeds,
 )
+from inrank_megatron.training.stop import StopRequest, deferred, step_sync
 from inrank_megatron.training.throughput import Throughput, default_peak_tflops
 
 
@@ -48,8 +50,8 @@ class _Averager:
 
 
 def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
-          dist_backend: str = "gloo") -> dict:
-    """Run the configured job on this rank. Returns the summary (also written to summary.json).
+          dist_backend: str = "gloo", stop: Optional[StopRequest] = None) -> dict:
+    """Run the configured job on this rank.
 
     Args:
         cfg: the run's configuration, validated (:func:`inrank_megatron.rules.validate`).
@@ -58,6 +60,12 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
             (:func:`~inrank_megatron.training.fixed_ranks.resolve_fixed_ranks`); None: resolved
             here when needed.
         dist_backend: the torch.distributed backend (gloo or nccl).
+        stop: the signals this process recorded and its time budget (training/stop.py);
+            default: ``train.exit_duration_mins`` from now, no signal handlers.
+
+    Returns:
+        The summary (also written to summary.json); ``stopped`` names what ended the run early
+        (``"SIGTERM"``, ``"SIGUSR1"``, ``"time limit"``), None otherwise.
     """
     t0 = time.time()
     groups = init_parallel(cfg.parallel.tensor_model_parallel_size,
@@ -155,6 +163,8 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     from inrank_megatron.planning.estimates import checkpoint_bytes
 
     checkpoint_size = checkpoint_bytes(cfg)  # what the first save needs free (then: the last's)
+    stop = stop or StopRequest.for_config(cfg, rank=groups.rank)
+    stopped, done_step = None, start_step
     for step in range(start_step + 1, last_step + 1):
         tic = time.time()
         micro = step_microbatches(datasets.train, step - 1, cfg, groups.dp_size, groups.dp_rank)
@@ -164,7 +174,8 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
             # One host sync per step, after the last micro-batch (not one per micro-batch).
             losses = torch.stack([backend.forward_backward(b, len(micro), last=i == len(micro) - 1)
                                   for i, b in enumerate(micro)]).tolist()
-        loss = mean(losses)  # the step's one host sync; the same value on every rank
+        # The step's one host sync: the same loss and stop decision on every rank.
+        loss, stopped = step_sync(losses, stop, groups)
         finite.check_loss(loss, step, model, controller, groups, latest)  # before the update
         info = backend.step()
         try:
@@ -191,13 +202,13 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
         history.append(loss)
         stage = _stage(controller)
         if writer:
-            if step % t.log_interval == 0 or step == last_step or checks or cut:
+            if step % t.log_interval == 0 or step == last_step or stopped or checks or cut:
                 tflops, mfu = meter.rates(tokens_per_step / seconds, flops)
                 writer.log_train(step, loss=loss, lr=info["lr"], grad_norm=info["grad_norm"],
                                  tokens_per_s=tokens_per_step / seconds, stage=stage,
                                  loss_scale=info["loss_scale"], tflops_per_device=tflops, mfu=mfu,
                                  elapsed_s=meter.elapsed(), eta_s=meter.interval().eta_s)
-            if step % t.log_interval == 0 or step == last_step:
+            if step % t.log_interval == 0 or step == last_step or stopped:
                 console.step(step, loss=loss, lr=info["lr"], stage=stage, ranks=ranks_now,
                              grad_norm=info["grad_norm"], rates=meter.interval())
             if checks:
@@ -211,21 +222,30 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
             val_loss = evaluate(step)
         if console:
             console.tick(loss, stage)
-        if (t.save_interval and step % t.save_interval == 0) or step == last_step:
+        stop.timed_step(time.time() - tic)
+        done_step = step
+        if (t.save_interval and step % t.save_interval == 0) or step == last_step or stopped:
+            tic = time.time()
             finite.check_parameters(step, model, controller, groups, latest)
-            latest = ckpt.save_training_checkpoint(
-                ckpt_root, step, controller=controller, backend=backend,
-                groups=groups, rng=rng_state(), estimate=checkpoint_size,
-                meta=Meta(step=step, consumed_samples=step * t.global_batch_size,
-                          world_size=groups.world_size, tp=groups.tp_size, pp=groups.pp_size,
-                          dp=groups.dp_size, backend=backend.name, config=to_dict(cfg)))
+            with deferred():  # a signal now stops after the save, not inside it
+                latest = ckpt.save_training_checkpoint(
+                    ckpt_root, step, controller=controller, backend=backend,
+                    groups=groups, rng=rng_state(), estimate=checkpoint_size,
+                    meta=Meta(step=step, consumed_samples=step * t.global_batch_size,
+                              world_size=groups.world_size, tp=groups.tp_size, pp=groups.pp_size,
+                              dp=groups.dp_size, backend=backend.name, config=to_dict(cfg)))
+            stop.timed_save(time.time() - tic)
+        if stopped:
+            break
     if console:
         console.close()
         console.throughput(meter.summary())
-    if last_step == t.steps and (not t.eval_interval or t.steps % t.eval_interval):
+    if done_step == t.steps and (not t.eval_interval or t.steps % t.eval_interval):
         val_loss = evaluate(t.steps)
     summary = {
-        "steps": last_step, "finished": last_step == t.steps, "train_loss_last": history[-1]
+        "steps": done_step, "finished": done_step == t.steps,
+        "stopped": stopped if done_step < last_step else None,  # a stop at the end is the end
+        "train_loss_last": history[-1]
         if history else None, "train_losses": history, "valid_loss": val_loss,
         "valid_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
         "ranks": controller.all_ranks(), "stage": (controller.layers[0][1].growth.stage
