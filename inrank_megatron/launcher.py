@@ -37,6 +37,9 @@ TORCHRUN_LOGGERS = ("torch.distributed.elastic", "torch.distributed.run",
                     "torch.distributed.launcher")
 # Signals a batch system or a user sends to stop or warn a job: handed on to the launcher.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# The ranks' status after a signal or train.exit_duration_mins stopped them with a checkpoint
+# (inrank_megatron/training/stop.py): not a failure.
+EXIT_STOPPED = 75
 # Lines srun and slurmstepd write about tasks (not the ranks' own output).
 SLURM_PREFIXES = ("srun: ", "slurmstepd: ", "slurmstepd-")
 
@@ -89,6 +92,8 @@ def run_torchrun(name: str, args: Sequence[str]) -> int:
         with open(log, "a") as f:
             f.write(error.format_msg() + "\n")
         code = status(failure.exitcode)
+        if code == EXIT_STOPPED:  # stopped early with a checkpoint; rank 0 said so
+            return code
         failed(name, code, log, f" (rank {rank} first)")
         return code or 1
     except SignalException as error:  # torchrun was signalled; it stopped its ranks first

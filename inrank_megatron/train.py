@@ -102,6 +102,16 @@ def main(argv=None) -> int:
     try:
         summary = train(cfg, resume_path=resume_path, fixed_ranks=fixed_ranks,
                         dist_backend=env["backend"], stop=stop)
+        if summary["stopped"]:
+            if rank0:  # on a line of its own, after the progress bar's
+                print(f"\nstopped by {summary['stopped']} after step {summary['steps']}/"
+                      f"{cfg.train.steps}: checkpoint {summary['checkpoint']}; continue with "
+                      "output.resume=auto", flush=True)
+            # No rank exits (75) before rank 0 has said so: srun --kill-on-bad-exit ends the
+            # job step at the first non-zero exit.
+            import torch.distributed
+
+            torch.distributed.barrier()
     except DiskSpaceError as e:  # stopped before or while saving: latest untouched
         if env["rank"] == 0:
             print(f"\nerror: {e}", file=sys.stderr)
@@ -129,10 +139,6 @@ def main(argv=None) -> int:
         stop.uninstall()
         shutdown()
     if summary["stopped"]:
-        if rank0:  # on a line of its own, after the progress bar's
-            print(f"\nstopped by {summary['stopped']} after step {summary['steps']}/"
-                  f"{cfg.train.steps}: checkpoint {summary['checkpoint']}; continue with "
-                  "output.resume=auto", flush=True)
         return EXIT_STOPPED
     if rank0:
         from inrank_megatron.training.console import rank_summary, where

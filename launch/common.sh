@@ -116,6 +116,40 @@ torchrun_stop_args() {
                       --shutdown-timeout="$timeout")
 }
 
+# run_job_step CMD...: run CMD (the job's srun step) with the batch script passing SIGUSR1 and
+# SIGTERM on to it, so every rank finishes its step, saves a checkpoint and exits 75
+# (inrank_megatron/training/stop.py). Slurm sends the batch script SIGUSR1 ahead of the time limit
+# (#SBATCH --signal=B:USR1@SECONDS); after it the job requeues itself (scontrol requeue) and,
+# run again, continues from its checkpoint (see requeued_overrides). Returns CMD's status.
+run_job_step() {
+  local pid rc=0 got=
+  trap 'got=USR1; kill -s USR1 "$pid" 2>/dev/null || true' USR1
+  trap 'got=TERM; kill -s TERM "$pid" 2>/dev/null || true' TERM
+  "$@" &
+  pid=$!
+  # bash runs a trap only between commands: wait returns early for one, so wait again.
+  while :; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  trap - USR1 TERM
+  if [ "$got" = USR1 ]; then
+    info "SIGUSR1 (time limit ahead): requeueing job $SLURM_JOB_ID to continue from its checkpoint"
+    scontrol requeue "$SLURM_JOB_ID" || info "scontrol requeue $SLURM_JOB_ID failed; resubmit with output.resume=auto"
+  fi
+  return "$rc"
+}
+
+# requeued_overrides: a requeued run (SLURM_RESTART_COUNT > 0: the time-limit requeue above,
+# a node failure or a preemption with --requeue) continues from its newest checkpoint, whatever
+# output.resume the submission named: appends output.resume=auto to OVERRIDES.
+requeued_overrides() {
+  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    OVERRIDES+=(output.resume=auto)
+    info "restart $SLURM_RESTART_COUNT of job $SLURM_JOB_ID: output.resume=auto"
+  fi
+}
+
 # Inside a Slurm job: NNODES and the first node's host name (the rendezvous host).
 slurm_first_host() {
   local hosts

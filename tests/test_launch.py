@@ -34,6 +34,7 @@ from inrank_megatron import launch_env
 from inrank_megatron.launch_env import (
     LaunchEnvError, init_distributed_env, parse_nodelist, slurm_port,
 )
+from tests.distributed import read_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
@@ -418,7 +419,7 @@ def _job_info(job_id) -> dict:
     proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
                           text=True, timeout=30)
     if proc.returncode == 0:
-        return dict(re.findall(r"(JobState|ExitCode|NodeList)=(\S+)", proc.stdout))
+        return dict(re.findall(r"(JobState|ExitCode|NodeList|Restarts)=(\S+)", proc.stdout))
     proc = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o",
                            "State,ExitCode,NodeList"], capture_output=True, text=True, timeout=30)
     fields = proc.stdout.strip().split("|") if proc.returncode == 0 else []
@@ -427,8 +428,9 @@ def _job_info(job_id) -> dict:
     return {}
 
 
-def _sbatch_and_wait(script, args, tmp_path, env_extra=None, timeout=900):
-    """Submit ``sbatch -N2 launch/SCRIPT ARGS``; poll until it ends (scancel after ``timeout``).
+def _sbatch_and_wait(script, args, tmp_path, env_extra=None, timeout=900, on_poll=None):
+    """Submit ``sbatch -N2 launch/SCRIPT ARGS``; poll until it ends (scancel after ``timeout``),
+    calling ``on_poll(job_id)`` at every poll while it runs.
 
     Returns:
         (job info, the job's output text).
@@ -448,6 +450,8 @@ def _sbatch_and_wait(script, args, tmp_path, env_extra=None, timeout=900):
         info = _job_info(job_id)
         if info.get("JobState") in TERMINAL and not queued.replace("COMPLETING", ""):
             break
+        if on_poll is not None:
+            on_poll(job_id)
         time.sleep(2)
     else:
         subprocess.run(["scancel", job_id], timeout=30)
@@ -512,3 +516,41 @@ def test_slurm_job_failing_after_launch_ends_in_rank_0s_line(slurm, script, tmp_
                 or "ChildFailedError" in line], text
     with open(after[-1].split("(launcher report: ")[1].rstrip(")")) as f:
         assert "Exited with exit code 1" in f.read()
+
+
+@pytest.mark.slow
+def test_slurm_time_limit_signal_requeues_and_the_job_finishes(slurm, tp2_run, tmp_path):
+    """``--signal=B:USR1@300`` ahead of the time limit: the batch script passes SIGUSR1 to the
+    ranks (srun, torchrun), they save and stop, the job requeues itself and its second run
+    continues from the checkpoint (output.resume=auto) with the uninterrupted run's losses."""
+    from tests.distributed import SHORT as SHORT_16
+
+    out = tmp_path / "out"
+    metrics = out / "metrics.csv"
+    signalled = []
+
+    def signal_at_step_5(job_id):
+        if not signalled and metrics.exists() and \
+                len([r for r in metrics.read_text().splitlines() if ",train," in r]) >= 5:
+            # What Slurm does 300 s before the limit; a test cannot wait for a real limit
+            # (Slurm checks limits about once a minute).
+            subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+            signalled.append(job_id)
+
+    info, text = _sbatch_and_wait("slurm_torchrun.sbatch",
+                                  [CONFIG, *SHORT_16, f"output.dir={out}"], tmp_path,
+                                  on_poll=signal_at_step_5, timeout=1500)
+    assert signalled, "the job ended before step 5"
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", \
+        (info, text[-6000:])
+    assert info.get("Restarts") == "1", info
+    stops = re.findall(r"stopped by SIGUSR1 after step (\d+)/16: checkpoint (\S+);", text)
+    assert len(stops) == 1, text[-6000:]
+    stopped = int(stops[0][0])
+    assert stops[0][1] == f"{out}/checkpoints/step_{stopped:06d}"
+    assert "restart 1 of job" in text and "done: 16 steps" in text, text[-3000:]
+    ref = read_summary(tp2_run)["train_losses"]
+    assert read_summary(str(out))["train_losses"] == ref[stopped:]
+    with open(metrics) as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r["split"] == "train"]
+    assert steps == list(range(1, 17))  # no step lost, none repeated

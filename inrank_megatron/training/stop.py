@@ -24,7 +24,7 @@ import torch
 
 # sysexits.h EX_TEMPFAIL: "a temporary failure ... the user is invited to retry the operation
 # later": stopped early with a checkpoint; rerun with output.resume=auto to continue.
-EXIT_STOPPED = 75
+EXIT_STOPPED = 75  # inrank_megatron/launcher.py knows it too (it imports no training code)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Before this job has timed a save, the time budget reserves this share of itself for one.
 FIRST_SAVE_RESERVE = 0.1
