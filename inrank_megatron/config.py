@@ -316,6 +316,12 @@ class TrainSection:
         "step that leaves room for one more step and a save (the slowest of each so far; before "
         "the first save, 10% of the budget); exit status 75, output.resume=auto continues. Like "
         "SIGTERM / SIGUSR1 (launch/README.md). null: no budget.", gt=0.0)
+    async_save: bool = _field(
+        False, "Write checkpoints in the background (megatron dist_checkpointing's async save: "
+        "a snapshot, then a forked writer) while the steps go on; latest moves once every rank's "
+        "write is complete and verified, so a crash mid-write leaves the previous checkpoint as "
+        "latest. A save waits for the previous write; the last one is waited for. torch backend "
+        "only.")
 
     def decay_steps(self) -> int:
         """The LR decay length, resolved."""
@@ -332,6 +338,11 @@ class OutputSection:
     plot: bool = _field(True, "Write plots of the logged metrics (loss, ranks).")
     resume: str = _field("none", "none (start fresh), auto (the latest checkpoint in output.dir, "
                          "if any) or a checkpoint path.")
+    keep_last: Optional[int] = _field(
+        None, "Keep only the newest N checkpoints this run wrote (torchtitan's keep_latest_k): "
+        "older step directories are deleted once a newer one is complete and latest names it; "
+        "never the one latest names, nor a directory the run's saves did not write exactly "
+        "(checked against its meta.json). null: keep all.", ge=1)
 
 
 @dataclass

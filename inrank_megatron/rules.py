@@ -517,6 +517,17 @@ def _fixed_ranks(cfg, world_size):
         yield Failure(key, value, "a rank, a fraction or a run directory")
 
 
+@rule("async save", ("train.async_save", "parallel.backend"),
+      "`train.async_save` runs with `parallel.backend=torch` (megatron dist_checkpointing's async "
+      "save; DeepSpeed writes its own files, and the megatron backend's async path is untested).")
+def _async_save(cfg, world_size):
+    if cfg.train.async_save and cfg.parallel.backend != "torch":
+        yield Failure("train.async_save", True, "false with this backend",
+                      f"train.async_save=true needs parallel.backend=torch (this run: "
+                      f"parallel.backend={cfg.parallel.backend}); expected "
+                      "train.async_save=false")
+
+
 @rule("LR schedule", ("train.min_lr", "train.lr", "train.lr_warmup_steps", "train.lr_decay_steps"),
       "`train.min_lr <= train.lr`; the warm-up is shorter than the decay (unless constant).")
 def _schedule(cfg, world_size):

@@ -103,7 +103,8 @@ def _sync_body(rank, world_size, tp):
         groups = SimpleNamespace(world_size=world_size, tp_rank=rank % tp, pp_rank=0)
         replica = rank // tp
         # Replica r's two micro-batch losses; TP ranks of a replica hold the same values.
-        return step_sync([1.0 + replica, 2.0 + 3 * replica], stop, groups)
+        loss, votes = step_sync([1.0 + replica, 2.0 + 3 * replica], groups, stop.flags())
+        return loss, reason(votes)
     finally:
         stop.uninstall()
 

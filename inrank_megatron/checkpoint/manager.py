@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from typing import Optional
 
@@ -23,9 +24,9 @@ import numpy
 import torch
 
 from inrank_megatron.checkpoint import (
-    GROWTH_FILE, CheckpointError, DiskSpaceError, Meta, check_free_space, free_bytes, read_growth,
-    read_latest, record_files, safe_loading, safe_torch_load, saved_bytes, step_dir, write_growth,
-    write_latest, write_meta,
+    GROWTH_FILE, CheckpointError, DiskSpaceError, Meta, check_free_space, free_bytes,
+    is_complete, read_growth, read_latest, read_meta, record_files, safe_loading, safe_torch_load,
+    saved_bytes, step_dir, write_growth, write_latest, write_meta,
 )
 
 
@@ -96,12 +97,24 @@ def _first_failure(error: Optional[BaseException], groups) -> Optional[tuple]:
 
 
 def save_training_checkpoint(root: str, step: int, *, controller, backend, groups, rng: dict,
-                             meta: Meta, estimate: Optional[int] = None) -> str:
+                             meta: Meta, estimate: Optional[int] = None,
+                             writes: Optional["AsyncWrites"] = None,
+                             keep_last: Optional[int] = None) -> Optional[str]:
     """Collective. Writes step ``step`` under ``root`` (a run's ``checkpoints/``) and points
-    ``latest`` at it; ``meta.step`` is set to ``step``. Returns the checkpoint directory.
+    ``latest`` at it; ``meta.step`` is set to ``step``; with ``keep_last``, then deletes this
+    run's older checkpoints beyond the newest ``keep_last`` (:func:`prune_checkpoints`).
 
     First, rank 0 compares the free space of ``root`` with the previous save's size (``latest``),
     or ``estimate`` (the planner's) before the first one.
+
+    Args:
+        writes: ``train.async_save``: the model and optimizer state go to a background writer
+            (a snapshot taken now); the rest of the save (``meta.json``, the check of its files,
+            the rename, ``latest``, the pruning) runs when :meth:`AsyncWrites.finish` completes
+            it. A failure of the background write surfaces there.
+
+    Returns:
+        The checkpoint directory, or None while ``writes`` writes it.
 
     Raises:
         CheckpointError: the step directory exists already (another run's, or this directory was
@@ -132,9 +145,10 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
     if problem:
         kind, text = problem.split(":", 1)
         raise (DiskSpaceError if kind == "space" else CheckpointError)(text)
-    error = None
+    error, request = None, None
     try:
-        backend.save(tmp)
+        # The torch backend's save takes async_save (rules.py refuses it with the others).
+        request = backend.save(tmp, async_save=True) if writes is not None else backend.save(tmp)
         part = os.path.join(tmp, f"rng_{groups.rank:05d}.pt")
         torch.save(_portable_rng(rng), part + ".part")
         os.replace(part + ".part", part)
@@ -144,20 +158,75 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
         error = e
     _write_failed(_first_failure(error, groups), root, step, tmp, groups, need)
     growth = controller.full_state_dict()  # collective over pipeline stages
-    _barrier()
-    error = None
-    if groups.rank == 0:
-        try:
-            write_growth(tmp, growth)
-            write_meta(tmp, meta.replace(step=step, files=record_files(tmp)))
-        except OSError as e:
-            error = e
-    _write_failed(_first_failure(error, groups), root, step, tmp, groups, need)
-    if groups.rank == 0:
-        os.rename(tmp, final)
-        write_latest(root, final)
-    _barrier()
-    return final
+
+    def complete():
+        _barrier()  # every rank's files are written
+        error = None
+        if groups.rank == 0:
+            try:
+                write_growth(tmp, growth)
+                write_meta(tmp, meta.replace(step=step, files=record_files(tmp)))
+            except OSError as e:
+                error = e
+        _write_failed(_first_failure(error, groups), root, step, tmp, groups, need)
+        # Verified: every file meta.json records is on disk at its size.
+        reason = _broadcast_str(is_complete(tmp) or "" if groups.rank == 0 else "")
+        if reason:
+            raise CheckpointError(f"checkpoint of step {step} failed verification: {reason}; "
+                                  "latest is untouched")
+        if groups.rank == 0:
+            os.rename(tmp, final)
+            write_latest(root, final)
+            if keep_last:
+                prune_checkpoints(root, keep_last)
+        _barrier()
+
+    if writes is None:
+        complete()
+        return final
+    writes.start(request, complete, final)
+    return None
+
+
+class AsyncWrites:
+    """``train.async_save``: the checkpoint being written in the background, at most one.
+
+    The state is snapshotted when the save is called (megatron's async request forks a writer
+    process: copy-on-write memory on CPU, host copies of device tensors on GPU), so the steps
+    that follow cannot change what is written. The loop asks every step whether this rank's
+    writer still runs (:meth:`writing`, a vote on the step's one all-reduce) and completes the
+    write on all ranks together once none does (:meth:`finish`): megatron's finalisation (every
+    rank's write results gathered, its metadata), then ``meta.json``, the check of every file it
+    records, the rename and ``latest``. Until then ``latest`` names the previous checkpoint.
+    """
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue()
+        self.pending: Optional[str] = None  # the step directory it becomes
+
+    def start(self, request, complete, final: str) -> None:
+        """Collective: start ``request``'s writer; ``complete`` runs at :meth:`finish`."""
+        request.add_finalize_fn(complete)
+        self._queue.schedule_async_request(request)
+        self.pending = final
+
+    def writing(self) -> bool:
+        """Whether this rank's writer still runs (no collective)."""
+        if self.pending is None:
+            return False
+        caller = self._queue.async_calls[0].async_caller
+        return not caller.is_current_async_call_done(blocking=False, no_dist=True)
+
+    def finish(self) -> Optional[str]:
+        """Collective: wait for the write in flight (if any) and complete it. Returns its step
+        directory, now ``latest``, or None when nothing was in flight."""
+        if self.pending is None:
+            return None
+        self._queue.maybe_finalize_async_calls(blocking=True, no_dist=True)
+        final, self.pending = self.pending, None
+        return final
 
 
 def _stopped(root: str, step: int, error: BaseException) -> str:
@@ -241,3 +310,58 @@ def remove_partial_saves(root: str) -> None:
     for name in os.listdir(root):
         if name.startswith(".step_") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- output.keep_last
+_STEP = re.compile(r"step_(\d{6,})")
+
+
+def written_here(path: str, output_dir: str) -> bool:
+    """Whether step directory ``path`` is, untouched, what a training save into ``output_dir``
+    wrote: its ``meta.json`` names this ``output.dir`` in its config and no conversion, import or
+    weights-only copy, and the directory holds exactly the files the save recorded
+    (:attr:`Meta.files`: none added, none missing, none resized)."""
+    try:
+        meta = read_meta(path)
+    except CheckpointError:
+        return False
+    if meta.files is None or meta.weights_only or any(
+            (meta.resharded_from, meta.merged_from, meta.converted_from, meta.imported_from)):
+        return False
+    written_for = (meta.config.get("output") or {}).get("dir")
+    if not isinstance(written_for, str) or \
+            os.path.realpath(written_for) != os.path.realpath(output_dir):
+        return False
+    return record_files(path) == meta.files
+
+
+def prune_checkpoints(root: str, keep_last: int) -> list:
+    """``output.keep_last`` (torchtitan's ``keep_latest_k``): delete the step directories of
+    ``root`` (``<output.dir>/checkpoints``) that this run wrote (:func:`written_here`) but the
+    newest ``keep_last`` of them. Nothing is deleted unless ``latest`` names a complete
+    checkpoint, and only directories older than it; anything else (a checkpoint copied in, one a
+    user added a file to) is neither deleted nor counted. Each goes by a rename to the name of an
+    interrupted save first (``.step_NNNNNN.<pid>.tmp``, which :func:`remove_partial_saves`
+    clears), so a crash midway never leaves part of one under its step name.
+
+    Returns:
+        The deleted step directories, oldest first.
+    """
+    latest = read_latest(root)
+    if latest is None or is_complete(latest) is not None:
+        return []
+    output_dir = os.path.dirname(os.path.abspath(root))
+    ours = sorted((int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
+                  if (m := _STEP.fullmatch(name))
+                  and written_here(os.path.join(root, name), output_dir))
+    latest_step = int(_STEP.fullmatch(os.path.basename(latest)).group(1))
+    keep = {path for _, path in ours[-keep_last:]}
+    deleted = []
+    for step, path in ours:
+        if path in keep or step >= latest_step:
+            continue
+        trash = os.path.join(root, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        deleted.append(path)
+    return deleted

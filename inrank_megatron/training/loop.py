@@ -32,7 +32,7 @@ from inrank_megatron.training.data import (
 from inrank_megatron.training.parallel import (
     ParallelGroups, init_parallel, rng_state, set_rng_state, set_seeds,
 )
-from inrank_megatron.training.stop import StopRequest, deferred, step_sync
+from inrank_megatron.training.stop import StopRequest, deferred, reason, step_sync
 from inrank_megatron.training.throughput import Throughput, default_peak_tflops
 
 
@@ -165,6 +165,13 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     checkpoint_size = checkpoint_bytes(cfg)  # what the first save needs free (then: the last's)
     stop = stop or StopRequest.for_config(cfg, rank=groups.rank)
     stopped, done_step = None, start_step
+    writes = ckpt.AsyncWrites() if t.async_save else None  # train.async_save's write in flight
+    step_s, saves = [], []  # each step's wall time (saves included); each save's timing
+
+    def written(path, step):
+        """The write in flight completed at ``step``: ``latest`` names ``path`` now."""
+        saves[-1]["latest_at"] = step
+        return path
     for step in range(start_step + 1, last_step + 1):
         tic = time.time()
         micro = step_microbatches(datasets.train, step - 1, cfg, groups.dp_size, groups.dp_rank)
@@ -174,8 +181,13 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
             # One host sync per step, after the last micro-batch (not one per micro-batch).
             losses = torch.stack([backend.forward_backward(b, len(micro), last=i == len(micro) - 1)
                                   for i, b in enumerate(micro)]).tolist()
-        # The step's one host sync: the same loss and stop decision on every rank.
-        loss, stopped = step_sync(losses, stop, groups)
+        # The step's one host sync: the same loss, stop decision and state of an async save's
+        # writers on every rank.
+        loss, votes = step_sync(losses, groups, [*stop.flags(), writes is not None and
+                                                 writes.writing()])
+        stopped = reason(votes[:-1])
+        if writes is not None and writes.pending and not votes[-1]:  # every writer is done
+            latest = written(writes.finish(), step)
         finite.check_loss(loss, step, model, controller, groups, latest)  # before the update
         info = backend.step()
         try:
@@ -225,16 +237,26 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
         stop.timed_step(time.time() - tic)
         done_step = step
         if (t.save_interval and step % t.save_interval == 0) or step == last_step or stopped:
-            tic = time.time()
+            save_tic = time.time()
             finite.check_parameters(step, model, controller, groups, latest)
             with deferred():  # a signal now stops after the save, not inside it
-                latest = ckpt.save_training_checkpoint(
+                if writes is not None and writes.pending:  # one write in flight at a time
+                    latest = written(writes.finish(), step)
+                path = ckpt.save_training_checkpoint(
                     ckpt_root, step, controller=controller, backend=backend,
-                    groups=groups, rng=rng_state(), estimate=checkpoint_size,
+                    groups=groups, rng=rng_state(), estimate=checkpoint_size, writes=writes,
+                    keep_last=cfg.output.keep_last,
                     meta=Meta(step=step, consumed_samples=step * t.global_batch_size,
                               world_size=groups.world_size, tp=groups.tp_size, pp=groups.pp_size,
                               dp=groups.dp_size, backend=backend.name, config=to_dict(cfg)))
-            stop.timed_save(time.time() - tic)
+                saves.append({"step": step, "blocking_s": None, "latest_at": None})
+                if path is None and (step == last_step or stopped):  # the run ends here
+                    path = writes.finish()
+                if path is not None:
+                    latest = written(path, step)
+            saves[-1]["blocking_s"] = time.time() - save_tic
+            stop.timed_save(time.time() - save_tic)
+        step_s.append(time.time() - tic)
         if stopped:
             break
     if console:
@@ -245,6 +267,7 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     summary = {
         "steps": done_step, "finished": done_step == t.steps,
         "stopped": stopped if done_step < last_step else None,  # a stop at the end is the end
+        "step_s": step_s, "saves": saves,
         "train_loss_last": history[-1]
         if history else None, "train_losses": history, "valid_loss": val_loss,
         "valid_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,

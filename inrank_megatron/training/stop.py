@@ -8,7 +8,7 @@ are the model.
 
 The signal handler only records the signal: nothing stops inside a collective, a rank check, the
 cut or a save. Ranks agree through the step's one host sync (:func:`step_sync`): the flags ride on
-the all-reduce that averages the loss, so a signal that reached any rank stops every rank after
+the all-reduce that averages the loss (:func:`reason` reads them), so a signal that reached any rank stops every rank after
 the same step, at no extra collective (one small world all-reduce per step when there is no data
 parallelism, none on one process). The time budget is rank 0's clock alone, shared the same way.
 """
@@ -121,20 +121,21 @@ def reason(votes) -> Optional[str]:
     return "time limit" if votes[len(STOP_SIGNALS)] > 0 else None
 
 
-def step_sync(losses: list, stop: StopRequest, groups) -> tuple:
-    """The step's one host sync: the mean loss over data-parallel replicas, and the stop
-    decision, in one all-reduce over every rank.
+def step_sync(losses: list, groups, votes: list) -> tuple:
+    """The step's one host sync: the mean loss over data-parallel replicas and the sum of every
+    rank's ``votes`` (:meth:`StopRequest.flags`, and whatever else the loop asks all ranks), in
+    one all-reduce over every rank.
 
     Each replica's losses count once (from its first tensor- and pipeline-parallel rank; the
     others add zeros, which leaves the sum exact), so the mean equals the data-parallel average.
 
     Returns:
-        (mean loss, :func:`reason` or None), the same on every rank.
+        (mean loss, summed votes), the same on every rank.
     """
     counted = groups.tp_rank == 0 and getattr(groups, "pp_rank", 0) == 0
     t = torch.tensor([float(sum(losses)) if counted else 0.0,
-                      float(len(losses)) if counted else 0.0, *stop.flags()],
+                      float(len(losses)) if counted else 0.0, *map(float, votes)],
                      dtype=torch.float64)
     if groups.world_size > 1:
         torch.distributed.all_reduce(t)
-    return (t[0] / t[1]).item(), reason(t[2:].tolist())
+    return (t[0] / t[1]).item(), t[2:].tolist()

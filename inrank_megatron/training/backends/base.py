@@ -109,8 +109,16 @@ class Backend:
         new factors, with empty optimizer state for :meth:`import_state` to fill."""
         raise NotImplementedError
 
-    def save(self, path: str) -> None:
-        """Collective: write model and optimizer state under checkpoint directory ``path``."""
+    def save(self, path: str, *, async_save: bool = False):
+        """Collective: write model and optimizer state under checkpoint directory ``path``.
+
+        Args:
+            async_save: return megatron's ``AsyncRequest`` for the model and optimizer files
+                instead of writing them (``train.async_save``; only the torch backend takes it).
+
+        Returns:
+            None, or the request.
+        """
         raise NotImplementedError
 
     def load(self, path: str) -> None:

@@ -192,9 +192,10 @@ class TorchBackend(Backend):
         state["state"]["common_step"] = common_step
         return state
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, *, async_save: bool = False):
         """Model and AdamW state as one megatron dist checkpoint (``model/``), reshardable to any
-        TP/DP layout; scheduler and loss-scaler state (the same on every rank) in ``train.pt``."""
+        TP/DP layout, written now or (``async_save``) by the returned request; scheduler and
+        loss-scaler state (the same on every rank) in ``train.pt``."""
         from megatron.core import dist_checkpointing
 
         model_dir = os.path.join(path, "model")
@@ -205,8 +206,9 @@ class TorchBackend(Backend):
         steps = self._steps_by_name()
         common = self._common_step(steps)
         model_sd = self.model.sharded_state_dict()
-        dist_checkpointing.save({"model": model_sd,
-                                 "optimizer": self._sharded_state(model_sd, common)}, model_dir)
+        request = dist_checkpointing.save(
+            {"model": model_sd, "optimizer": self._sharded_state(model_sd, common)}, model_dir,
+            async_sharded_save=async_save)
         if self.groups.rank == 0:
             file = os.path.join(path, "train.pt")
             torch.save({"scheduler": self.scheduler.state_dict(),
@@ -214,6 +216,7 @@ class TorchBackend(Backend):
                         "adam_steps": {n: s for n, s in steps.items() if s != common}},
                        file + ".part")
             os.replace(file + ".part", file)
+        return request
 
     def load(self, path: str) -> None:
         from megatron.core import dist_checkpointing
