@@ -8,9 +8,10 @@ are the model.
 
 The signal handler only records the signal: nothing stops inside a collective, a rank check, the
 cut or a save. Ranks agree through the step's one host sync (:func:`step_sync`): the flags ride on
-the all-reduce that averages the loss (:func:`reason` reads them), so a signal that reached any rank stops every rank after
-the same step, at no extra collective (one small world all-reduce per step when there is no data
-parallelism, none on one process). The time budget is rank 0's clock alone, shared the same way.
+the all-reduce that averages the loss (:func:`reason` reads them), so a signal that reached any
+rank stops every rank after the same step, at no extra collective (one small world all-reduce per
+step when there is no data parallelism, none on one process). The time budget is rank 0's clock
+alone, shared the same way.
 """
 
 from __future__ import annotations
