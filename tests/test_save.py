@@ -88,6 +88,24 @@ def test_preflight_refuses_bad_save_settings(overrides, needle, monkeypatch, cap
     assert err.count("\n") == 1 and needle in err, err
 
 
+def test_bench_save_stall_is_the_window_over_the_median_step():
+    """tools/bench_save.py's arithmetic: the save's step and the steps until ``latest`` moved,
+    less as many median steps of the rest (not the first step, not another save's window, not
+    the last step)."""
+    from inrank_megatron.bench.save import analyse, project
+
+    step_s = [9.0, 1.0, 1.2, 0.8, 5.0, 2.0, 1.0, 1.1, 0.9, 7.0, 3.0, 4.0]
+    summary = {"step_s": step_s, "saves": [
+        {"step": 5, "blocking_s": 0.5, "latest_at": 6},
+        {"step": 10, "blocking_s": 0.6, "latest_at": 11},
+        {"step": 12, "blocking_s": 3.0, "latest_at": 12}]}
+    result = analyse(summary, 5, 1000)
+    # Quiet steps: 2, 3, 4, 7, 8, 9 -> median of 1.0, 1.2, 0.8, 1.0, 1.1, 0.9 = 1.0.
+    assert result == {"step_s": 1.0, "save_s": 0.5, "written_at": 6,
+                      "stall_s": pytest.approx(5.0 + 2.0 - 2 * 1.0), "bytes": 1000}
+    assert project(result, 100, 300) == pytest.approx(3 * 5.0)
+
+
 # ------------------------------------------------------------------------------ real jobs
 def _body(rank, world_size, out, overrides, crash_at_step):
     """Train SHORT here (rank ``rank`` of 2); with ``crash_at_step``, die like ``kill -9`` in that

@@ -27,8 +27,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="training YAML")
-    p.add_argument("--steps", type=int, default=10, help="steps per run (default 10)")
-    p.add_argument("--save-step", type=int, default=4, help="the measured save's step")
+    p.add_argument("--steps", type=int, default=12, help="steps per run (default 12)")
+    p.add_argument("--save-step", type=int, default=5,
+                   help="the measured save's step (also train.save_interval; default 5)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (default 1)")
     p.add_argument("--project-params", type=float, default=0.0,
                    help="also print the stall projected to this many parameters (355e6: "

@@ -6,7 +6,7 @@ Per arm, from the run's ``summary.json`` (``step_s``: each step's wall time incl
 work done in it; ``saves``: each save's step, the seconds the loop spent in it, and the step at
 which ``latest`` moved to it):
 
-- ``step``: the median wall time of the steps away from the save (not the first, not the save
+- ``step``: the median wall time of the steps away from any save (not the first, not a save
   and the steps until its write was complete, not the last, whose save is always waited for);
 - ``stall``: the time the save added to the run: the save step and every step until ``latest``
   moved, minus as many median steps. Synchronous, it is the write itself; asynchronous, the
@@ -48,8 +48,9 @@ def analyse(summary: dict, save_step: int, checkpoint_bytes: int) -> dict:
     save = next(s for s in summary["saves"] if s["step"] == save_step)
     written = save["latest_at"]
     window = range(save_step, written + 1)
+    busy = {i for s in summary["saves"] for i in range(s["step"], s["latest_at"] + 1)}
     last = len(step_s)
-    quiet = [step_s[i - 1] for i in range(2, last) if i not in window]
+    quiet = [step_s[i - 1] for i in range(2, last) if i not in busy]
     if not quiet:
         raise ValueError(f"no step away from the save at {save_step} (written at {written}) in "
                          f"{last} steps; run more steps")

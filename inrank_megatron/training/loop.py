@@ -167,11 +167,16 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     stopped, done_step = None, start_step
     writes = ckpt.AsyncWrites() if t.async_save else None  # train.async_save's write in flight
     step_s, saves = [], []  # each step's wall time (saves included); each save's timing
+    save_started = []
 
     def written(path, step):
-        """The write in flight completed at ``step``: ``latest`` names ``path`` now."""
+        """The last save's write completed at ``step``: ``latest`` names ``path`` now."""
         saves[-1]["latest_at"] = step
+        # From the save's start to its end (async: the steps in between included): what a stop,
+        # which waits for its save, keeps in hand (train.exit_duration_mins).
+        stop.timed_save(time.time() - save_started[-1])
         return path
+
     for step in range(start_step + 1, last_step + 1):
         tic = time.time()
         micro = step_microbatches(datasets.train, step - 1, cfg, groups.dp_size, groups.dp_rank)
@@ -242,6 +247,7 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
             with deferred():  # a signal now stops after the save, not inside it
                 if writes is not None and writes.pending:  # one write in flight at a time
                     latest = written(writes.finish(), step)
+                save_started.append(time.time())
                 path = ckpt.save_training_checkpoint(
                     ckpt_root, step, controller=controller, backend=backend,
                     groups=groups, rng=rng_state(), estimate=checkpoint_size, writes=writes,
@@ -255,7 +261,6 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
                 if path is not None:
                     latest = written(path, step)
             saves[-1]["blocking_s"] = time.time() - save_tic
-            stop.timed_save(time.time() - save_tic)
         step_s.append(time.time() - tic)
         if stopped:
             break
