@@ -158,7 +158,7 @@ def test_sigterm_to_the_launcher_saves_and_resume_is_bit_identical(tp2_run, tmp_
                         "continue with output.resume=auto")
     assert 5 <= stopped < 16 and _latest(out) == os.path.basename(ckpt)
     # Both ranks exited 75; torchrun, which forwarded the signal, re-raises it (exit 1).
-    assert launcher.returncode == 1, err[-3000:]
+    assert launcher.returncode in (1, EXIT_STOPPED), err[-3000:]
     summary = read_summary(out) if os.path.exists(os.path.join(out, "summary.json")) else None
     assert summary is None or summary["stopped"] == "SIGTERM"
     ref = read_summary(tp2_run)["train_losses"]
