@@ -225,11 +225,13 @@ def test_resize_carries_state_exactly_tp2_dp2_zero3(tmp_path):
 
 def _resize_against_torch(rank, world_size, tmpdir, stage):
     """Every policy, both backends on the same model and batches: train 2 steps, cut, resize,
-    train 2 more; return ``{policy: {backend: (Adam step by parameter, losses after the cut)}}``."""
+    train 2 more; return ``{policy: {backend: (Adam step by parameter, losses after the cut,
+    the resize's collectives on this rank)}}``."""
     from megatron.core import parallel_state
 
     from inrank_megatron.config import from_dict, to_dict
     from inrank_megatron.layers.base import named_inrank_layers
+    from inrank_megatron.tensor_parallel.comm_count import count_collectives
     from inrank_megatron.training.backends.deepspeed_backend import DeepSpeedBackend
     from inrank_megatron.training.backends.torch_ddp import TorchBackend
     from inrank_megatron.models.gpt import build_model
@@ -259,9 +261,11 @@ def _resize_against_torch(rank, world_size, tmpdir, stage):
                 return losses
 
             train(batches[:2])
-            backend.resize([layer.cut(2) for _, layer in named_inrank_layers(model)], policy)
+            with count_collectives() as records:
+                backend.resize([layer.cut(2) for _, layer in named_inrank_layers(model)], policy)
             steps = {name: step for name, _, _, step in backend.export_state()}
-            out[policy][cls.name] = (steps, train(batches[2:]))
+            out[policy][cls.name] = (steps, train(batches[2:]),
+                                     [(r.op, r.shape) for r in records])
             if cls is DeepSpeedBackend:
                 backend.engine.destroy()
     parallel_state.destroy_model_parallel()
@@ -274,10 +278,15 @@ def test_resize_policies_equal_torch_backend(tmp_path):
     torch and DeepSpeed backends keep the same step per parameter (``reset`` restarts the factors'
     at 0 in both) and train on to the same losses, with the factors' lr multiplier and Frobenius
     decay on (their own param group, rebuilt by the resize; the penalty through ZeRO's gradient
-    reduction)."""
-    result = run_distributed(_resize_against_torch, 2, str(tmp_path), 1, timeout=900)[0]
-    for policy, by_backend in result.items():
-        (torch_steps, torch_losses), (ds_steps, ds_losses) = by_backend["torch"], \
+    reduction). Both ranks make the same collectives in the same order in each resize (a rank
+    making fewer would leave the other waiting: a hang)."""
+    results = run_distributed(_resize_against_torch, 2, str(tmp_path), 1, timeout=900)
+    for policy, by_backend in results[0].items():
+        for name in ("torch", "deepspeed"):
+            collectives = [r[policy][name][2] for r in results]
+            assert collectives[0] == collectives[1], (policy, name, collectives)
+        assert by_backend["deepspeed"][2], "the DeepSpeed resize made no collective"
+        (torch_steps, torch_losses, _), (ds_steps, ds_losses, _) = by_backend["torch"], \
             by_backend["deepspeed"]
         assert torch_steps == ds_steps, policy
         factors = {n: s for n, s in ds_steps.items() if n.endswith((".A", ".B"))}

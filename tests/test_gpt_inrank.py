@@ -1,7 +1,8 @@
 """megatron.core's GPTModel built with the InRank spec, at TP = 1, 2, 4 (and TP=2 with sequence
-parallelism): losses and gathered gradients equal across TP sizes over several AdamW steps through
-rank growth and the stage cut; the distributed growth decisions equal the single-process core's on
-the gathered factors and are identical on all ranks; the controller fires only on due steps; a
+parallelism): losses and gathered gradients equal across TP sizes at every one of 7 AdamW steps,
+through rank growth and the stage cut; the distributed growth decisions equal the single-process
+core's on the gathered factors and are identical on all ranks, and ranks whose decisions differ are
+refused naming the layer and both decisions; the controller fires only on due steps; a
 megatron dist checkpoint saved at TP=2 loads at TP=1 and TP=4 with identical outputs and growth
 state (including after the cut, when the factors have been reallocated)."""
 
@@ -63,15 +64,14 @@ def _train_body(rank, world_size, sequence_parallel=False, mode="efficient"):
     controller = GrowthController(model, stage1_steps=icfg.stage1_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     tokens, labels, pos = _batch()
-    losses, grads, history, core_agrees = [], None, [], True
+    losses, grads, history, core_agrees = [], [], [], True
     for step in range(1, 8):
         opt.zero_grad()
         loss = model(tokens, pos, attention_mask=None, labels=labels).float().mean()
         loss.backward()
         allreduce_sequence_parallel_grads(model, group)
-        if step == 1:
-            grads = {n: _gather_param(_with_attrs(p.grad, p), group, world_size)
-                     for n, p in model.named_parameters()}
+        grads.append({n: _gather_param(_with_attrs(p.grad, p), group, world_size)
+                      for n, p in model.named_parameters()})
         opt.step()
         losses.append(loss.item())
         # The core's decision on the gathered active factors, before the controller acts.
@@ -110,9 +110,13 @@ def _compare(ref, per_rank, tol=1e-7):  # a few fp32 ops remain (softmax, CE)
         assert res["ranks"] == ref["ranks"]
         # Megatron computes the vocab-parallel cross entropy in fp32: losses agree to fp32 ulps.
         assert res["losses"] == pytest.approx(ref["losses"], rel=1e-6)
-        assert res["grads"].keys() == ref["grads"].keys()
-        for name, g in ref["grads"].items():
-            assert torch.allclose(res["grads"][name], g, atol=tol, rtol=1e-4), name
+        # Every step's gathered gradients: before the checks, through growth, after the cut.
+        assert len(res["grads"]) == len(ref["grads"]) == len(ref["losses"])
+        for step, (got, want) in enumerate(zip(res["grads"], ref["grads"]), start=1):
+            assert got.keys() == want.keys(), step
+            for name, g in want.items():
+                assert got[name].shape == g.shape, (step, name)
+                assert torch.allclose(got[name], g, atol=tol, rtol=1e-4), (step, name)
     assert all(r["losses"] == per_rank[0]["losses"] for r in per_rank)
 
 
@@ -184,3 +188,32 @@ def test_dist_checkpoint_saved_at_tp2_loads_at_tp1_and_tp4(tmp_path, cut):
             assert loss == pytest.approx(saved[0][0], abs=1e-6)
             assert {k: v["growth"] for k, v in state.items()} == \
                    {k: v["growth"] for k, v in saved[0][1].items()}
+
+
+def _diverged_body(rank, world_size):
+    """Two replicas of two InRank layers; rank 1 alone widens the second layer's rank (as if its
+    factors had drifted from rank 0's); the controller's step must refuse on every rank."""
+    from inrank_megatron import InRankConfig
+    from inrank_megatron.growth.controller import GrowthController
+    from inrank_megatron.layers.linear import InRankLinear
+
+    torch.manual_seed(0)
+    config = InRankConfig(rank=2, buffer=4, warmup=100, stage1_steps=None)
+    model = torch.nn.ModuleDict({"fc1": InRankLinear(32, 64, config),
+                                 "fc2": InRankLinear(64, 32, config)})
+    controller = GrowthController(model, agree_group=torch.distributed.group.WORLD)
+    controller.step(1)  # agreeing replicas pass
+    if rank == 1:
+        model["fc2"].set_rank(3)
+    try:
+        controller.step(2)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_diverged_growth_decisions_are_refused_naming_layer_and_both_decisions():
+    messages = run_distributed(_diverged_body, 2, timeout=120)
+    want = ("InRank growth decisions differ across ranks at step 2 for layer fc2: "
+            "rank 2 / 16 slots on process ranks [0]; rank 3 / 16 slots on process ranks [1]")
+    assert all(m is not None and m.startswith(want) for m in messages), messages

@@ -439,6 +439,74 @@ def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(tmp_path, capsy
                 assert torch.isfinite(t).all(), (name, key)
 
 
+# Each guard on its own fault, injected right after the optimizer update of step 3 (the step's loss
+# was computed before it, so the loss check cannot be what stops the run).
+FAULT_RUN = ("train.steps=4", "train.lr_warmup_steps=1", "train.save_interval=2",
+             "train.eval_interval=100", "output.plot=false", "model.num_layers=1",
+             "model.seq_length=32", "inrank.stage1_steps=null")
+
+
+def _inject_after_update(monkeypatch, at_step: int, name: str):
+    """The torch backend's step sets one element of parameter ``name`` to inf after update
+    ``at_step``."""
+    from inrank_megatron.training.backends.torch_ddp import TorchBackend
+
+    original, calls = TorchBackend.step, []
+
+    def step(self):
+        info = original(self)
+        calls.append(None)
+        if len(calls) == at_step:
+            with torch.no_grad():
+                dict(self.model.named_parameters())[name].view(-1)[0] = float("inf")
+        return info
+
+    monkeypatch.setattr(TorchBackend, "step", step)
+
+
+def _fault_line(capsys):
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+           if line.startswith("error")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_nonfinite_factor_at_a_rank_check_stops_that_step_naming_the_layer(
+        tmp_path, capsys, clean_env, monkeypatch):
+    """A rank check (every step from step 1) meets an inf in fc1's factor A at step 3: the run
+    stops in step 3 naming the layer and factor; no checkpoint of it."""
+    from inrank_megatron.checkpoint_format import read_latest
+
+    layer = "decoder.layers.0.mlp.linear_fc1"
+    _inject_after_update(monkeypatch, 3, f"{layer}.A")
+    rc = _train(tmp_path, *FAULT_RUN, "inrank.warmup=1", "inrank.gap=1")
+    line = _fault_line(capsys)
+    root = tmp_path / "run" / "checkpoints"
+    assert rc == 1 and line.startswith(
+        f"error: step 3: non-finite InRank factors in InRank layer {layer} (factor A); the run "
+        f"stops without saving it (latest checkpoint: {root / 'step_000002'})"), line
+    assert read_latest(str(root)) == str(root / "step_000002")
+    assert sorted(n for n in os.listdir(root) if n.startswith("step_")) == ["step_000002"]
+
+
+def test_nonfinite_parameter_before_a_save_writes_no_checkpoint(tmp_path, capsys, clean_env,
+                                                                 monkeypatch):
+    """An inf in the final norm after update 4 (a save step; no rank check reads that
+    parameter): the save is refused naming the parameter, ``latest`` stays at step 2."""
+    from inrank_megatron.checkpoint_format import read_latest
+
+    name = "decoder.final_layernorm.weight"
+    _inject_after_update(monkeypatch, 4, name)
+    rc = _train(tmp_path, *FAULT_RUN, "inrank.warmup=1", "inrank.gap=1")
+    line = _fault_line(capsys)
+    root = tmp_path / "run" / "checkpoints"
+    assert rc == 1 and line.startswith(
+        f"error: step 4: non-finite parameters in parameter {name}; the run stops without "
+        f"saving it (latest checkpoint: {root / 'step_000002'})"), line
+    assert read_latest(str(root)) == str(root / "step_000002")
+    assert sorted(n for n in os.listdir(root) if n.startswith("step_")) == ["step_000002"]
+
+
 # ------------------------------------------------------------------------------- precision
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_megatron_linear_backward_under_cpu_autocast(dtype):

@@ -119,22 +119,30 @@ class GrowthController:
         return report
 
     def _verify(self, report: GrowthReport) -> None:
-        """All ranks of the agree group must hold the same rank and allocation for every layer."""
+        """All ranks of the agree group must hold the same rank and allocation for every layer;
+        a mismatch raises on every rank, naming the first such layer and each decision with the
+        ranks that made it."""
         group = self._group()
         if group is None or torch.distributed.get_world_size(group) == 1 or not self.layers:
             return
         mine = torch.tensor([[l.growth.rank, l.allocated_slots] for _, l in self.layers],
-                            dtype=torch.int64)
-        lo, hi = mine.clone(), mine.clone()
-        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=group)
-        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=group)
-        bad = (lo != hi).any(dim=1).nonzero().flatten().tolist()
+                            dtype=torch.int64)  # (layers, 2)
+        gathered = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(gathered, mine, group=group)
+        every = torch.stack(gathered)  # (group ranks, layers, 2)
+        bad = (every != every[:1]).any(dim=2).any(dim=0).nonzero().flatten().tolist()
         if bad:
-            name = self.layers[bad[0]][0]
+            layer = bad[0]
+            by_decision = {}
+            for member, decision in zip(torch.distributed.get_process_group_ranks(group),
+                                        every[:, layer].tolist()):
+                by_decision.setdefault(tuple(decision), []).append(member)
+            decisions = "; ".join(f"rank {r} / {slots} slots on process ranks {members}"
+                                  for (r, slots), members in by_decision.items())
             raise RuntimeError(
                 f"InRank growth decisions differ across ranks at step {report.step} for layer "
-                f"{name}: rank/slots range {lo[bad[0]].tolist()}..{hi[bad[0]].tolist()} "
-                f"(this rank: {mine[bad[0]].tolist()}); the factors have diverged between replicas")
+                f"{self.layers[layer][0]}: {decisions}; the factors have diverged between "
+                f"replicas")
 
     def ranks(self) -> dict:
         """``{layer name: current rank}`` of this rank's layers."""

@@ -1,7 +1,9 @@
-"""Count the bytes that torch.distributed collectives move, by wrapping them (tests and
+"""Count the collectives a rank makes and the bytes they move, by wrapping them (tests and
 ``tools/bench_tp_comm.py``). Megatron calls ``torch.distributed.all_reduce`` and the
 module-level ``dist_all_gather_func`` / ``dist_reduce_scatter_func`` of its ``mappings`` and ``layers``;
-all are wrapped."""
+DeepSpeed's ``deepspeed.comm`` calls ``torch.distributed``'s functions by attribute. All are wrapped,
+and so are ``broadcast``, ``all_gather`` and ``barrier`` (whose counts tests compare across ranks:
+ranks making different numbers of collectives hang)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 class CollectiveRecord:
     op: str
     shape: tuple
-    nbytes: int  # bytes of the full (post-gather / pre-scatter) tensor on this rank
+    nbytes: int  # bytes of the full (post-gather / pre-scatter) tensor on this rank; 0: barrier
 
 
 @contextlib.contextmanager
@@ -29,6 +31,9 @@ def count_collectives():
         (dist, "all_reduce"): dist.all_reduce,
         (dist, "all_gather_into_tensor"): dist.all_gather_into_tensor,
         (dist, "reduce_scatter_tensor"): dist.reduce_scatter_tensor,
+        (dist, "broadcast"): dist.broadcast,
+        (dist, "all_gather"): dist.all_gather,
+        (dist, "barrier"): dist.barrier,
         (mappings, "dist_all_gather_func"): mappings.dist_all_gather_func,
         (mappings, "dist_reduce_scatter_func"): mappings.dist_reduce_scatter_func,
         (layers, "dist_all_gather_func"): layers.dist_all_gather_func,
@@ -36,16 +41,28 @@ def count_collectives():
     }
 
     def wrap(name, fn, big_arg):
+        position, keyword = big_arg
+
         def counted(*args, **kwargs):
-            t = args[big_arg]
-            records.append(CollectiveRecord(name, tuple(t.shape), t.numel() * t.element_size()))
+            t = None if position is None else \
+                args[position] if len(args) > position else kwargs[keyword]
+            if t is None:  # barrier
+                shape, nbytes = (), 0
+            elif isinstance(t, (list, tuple)):  # all_gather's output list
+                shape = (len(t), *t[0].shape) if t else (0,)
+                nbytes = sum(x.numel() * x.element_size() for x in t)
+            else:
+                shape, nbytes = tuple(t.shape), t.numel() * t.element_size()
+            records.append(CollectiveRecord(name, shape, nbytes))
             return fn(*args, **kwargs)
         return counted
 
-    # all_reduce(tensor), all_gather(output, input), reduce_scatter(output, input): the full tensor
-    # is argument 0, 0 and 1 respectively.
-    big = {"all_reduce": 0, "all_gather_into_tensor": 0, "reduce_scatter_tensor": 1,
-           "dist_all_gather_func": 0, "dist_reduce_scatter_func": 1}
+    # The full (post-gather / pre-scatter) tensor's position and keyword in each signature
+    # (deepspeed.comm passes keywords); a barrier has none.
+    big = {"all_reduce": (0, "tensor"), "broadcast": (0, "tensor"),
+           "all_gather": (0, "tensor_list"), "barrier": (None, None),
+           "all_gather_into_tensor": (0, "output_tensor"), "reduce_scatter_tensor": (1, "input"),
+           "dist_all_gather_func": (0, "output_tensor"), "dist_reduce_scatter_func": (1, "input")}
     try:
         for (mod, name), fn in originals.items():
             setattr(mod, name, wrap(name.replace("dist_", "").replace("_func", ""), fn, big[name]))

@@ -167,29 +167,52 @@ class MegatronBackend(Backend):
 
     # ---- per-parameter Adam state, whatever the sharding --------------------------------------
 
+    def _local_shard(self, param):
+        """``(optimizer, range)`` of this DP rank's shard of ``param`` under the distributed
+        optimizer, or None when this rank holds none of it: megatron-core lists a parameter in
+        ``model_param_group_index_map`` only on the ranks whose slice of the grad buffer overlaps it
+        (``DistributedOptimizer._build_model_gbuf_param_range_map``), so at DP >= 2 most parameters
+        are known to one rank or two."""
+        for opt in self._optimizers():
+            if param in opt.model_param_group_index_map:
+                return opt, opt._get_model_param_range_map(param)["param"]
+        return None
+
     def _full_state(self, param) -> dict:
         """Full (DP-unsharded) ``exp_avg``/``exp_avg_sq`` of ``param`` and its Adam ``step``;
-        collective when the optimizer is distributed. Empty before the first step."""
+        empty when no rank holds Adam state for it yet (before its first step).
+
+        Collective with the distributed optimizer: every DP rank makes the same one
+        ``all_reduce`` for every parameter, whatever it holds (zeros where it holds nothing, no
+        state yet included), so the ranks never disagree on how many collectives a resize makes.
+        """
+        if not self.distributed:
+            return self._replicated_state(param)
+        n = param.numel()
+        # [exp_avg | exp_avg_sq | step | 1]: each element of a moment lives on exactly one rank, so
+        # the sum over DP assembles it; the last two sum the steps of the ranks holding state and
+        # count them. The step is a float32 here: exact up to 2**24 steps.
+        packed = torch.zeros(2 * n + 2, dtype=torch.float32, device=self.device)
+        shard = self._local_shard(param)
+        if shard is not None:
+            opt, prange = shard
+            local = opt._get_main_param_and_optimizer_states(param)
+            if "exp_avg" in local:
+                for i, key in enumerate(MOMENTS):
+                    packed[i * n + prange.start:i * n + prange.end] = \
+                        local[key].detach().float().view(-1)
+                packed[2 * n] = float(local.get("step", self._step))
+                packed[2 * n + 1] = 1.0
+        torch.distributed.all_reduce(packed, group=self.groups.dp_group)
+        holders = float(packed[2 * n + 1])
+        if not holders:
+            return {}
+        return {"exp_avg": packed[:n].view(param.shape), "exp_avg_sq": packed[n:2 * n].view(
+            param.shape), "step": float(packed[2 * n]) / holders}
+
+    def _replicated_state(self, param) -> dict:
+        """:meth:`_full_state` without the distributed optimizer: every DP rank holds it all."""
         for opt in self._optimizers():
-            if self.distributed:
-                if param not in opt.model_param_group_index_map:
-                    continue
-                # This rank holds elements [start, end) of the flattened parameter; the others
-                # hold the rest (or none), so a sum over DP assembles the full tensor.
-                prange = opt._get_model_param_range_map(param)["param"]
-                start, end = prange.start, prange.end
-                local = opt._get_main_param_and_optimizer_states(param)
-                if "exp_avg" not in local:
-                    return {}
-                out = {}
-                for key in MOMENTS:
-                    full = torch.zeros(param.numel(), dtype=torch.float32, device=self.device)
-                    full[start:end] = local[key].detach().float().view(-1)
-                    torch.distributed.all_reduce(full, group=self.groups.dp_group)
-                    out[key] = full.view(param.shape)
-                if "step" in local:
-                    out["step"] = float(local["step"])
-                return out
             inner = opt.optimizer
             for group in inner.param_groups:
                 for main in group["params"]:
@@ -202,19 +225,21 @@ class MegatronBackend(Backend):
         return {}
 
     def _set_full_state(self, param, state: dict, step: float) -> None:
-        """Write full moments (and the step count) for ``param`` into the fresh optimizer."""
-        for opt in self._optimizers():
-            if self.distributed:
-                if param not in opt.model_param_group_index_map:
-                    continue
-                prange = opt._get_model_param_range_map(param)["param"]
-                gi, go = opt.model_param_group_index_map[param]
-                main = opt.optimizer.param_groups[gi]["params"][go]
-                opt.optimizer.state[main] = {
-                    "step": torch.tensor(float(step)),
-                    **{k: v.view(-1)[prange.start:prange.end].to(main.dtype).clone()
-                       for k, v in state.items()}}
+        """Write full moments (and the step count) for ``param`` into the fresh optimizer: this
+        rank's slice of them with the distributed optimizer (no collective)."""
+        if self.distributed:
+            shard = self._local_shard(param)
+            if shard is None:
                 return
+            opt, prange = shard
+            gi, go = opt.model_param_group_index_map[param]
+            main = opt.optimizer.param_groups[gi]["params"][go]
+            opt.optimizer.state[main] = {
+                "step": torch.tensor(float(step)),
+                **{k: v.reshape(-1)[prange.start:prange.end].to(main.dtype).clone()
+                   for k, v in state.items()}}
+            return
+        for opt in self._optimizers():
             for group in opt.optimizer.param_groups:
                 for main in group["params"]:
                     if main is param:
