@@ -5,7 +5,8 @@ lambda/2 ||B A||_F^2 with the factors' weight decay off), and the torch backend'
 across reallocations: for each resize policy
 the moments after the cut equal what the policy defines, exactly; capacity growth carries
 surviving moments exactly with new slots at zero; step counts continue (restart under ``reset``)
-and training goes on."""
+and training goes on. The bf16-against-fp32 check of tools/gpu_check.sh passes bf16 autocast on
+CPU and fails it broken on purpose (no autocast; the loss reduced in bf16)."""
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from inrank_megatron.config import load_config
 from inrank_megatron.training.backends.torch_ddp import TorchBackend
 from inrank_megatron.training.optim import param_groups
 from inrank_megatron.training.parallel import ParallelGroups
+from tests.distributed import run_distributed
 
 GROUPS = ParallelGroups(rank=0, world_size=1, tp_size=1, tp_rank=0, pp_size=1, dp_size=1,
                         dp_rank=0, tp_group=None, dp_group=None)
@@ -256,3 +258,70 @@ def test_torch_backend_uses_slot_adamw():
     backend = _backend(model)
     assert isinstance(backend.optimizer, SlotAdamW)
     assert backend.optimizer.slot_layers == [model.fc]
+
+
+# ----------------------------------------------------------------------------- bf16 vs fp32
+PRECISION_VOCAB = 512
+
+
+def _precision_losses(rank, world_size, steps):
+    """A 2-layer GPT trained ``steps`` steps from one seed on the same batches by the torch
+    backend: in fp32, in bf16 (autocast on CPU), in bf16 with autocast removed, and in bf16 with
+    the loss reduced in bf16 (a wrong cast). Returns ``{variant: per-step losses}``."""
+    import contextlib
+
+    from inrank_megatron.config import from_dict
+    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.training.parallel import init_parallel, set_seeds
+
+    def loss_in_bf16(module, batch):  # Backend.loss without its .float()
+        losses = module(batch["tokens"], batch["position_ids"], attention_mask=None,
+                        labels=batch["labels"]).to(torch.bfloat16)
+        return losses.mean()
+
+    groups = init_parallel(1, 1, backend="gloo")
+    out = {}
+    for variant in ("fp32", "bf16", "bf16 without autocast", "bf16 with the loss in bf16"):
+        cfg = from_dict({
+            "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                      "ffn_hidden_size": 256, "seq_length": 32},
+            "inrank": {"rank": 2, "buffer": 8, "warmup": 1, "gap": 1, "stage1_steps": None},
+            "parallel": {"tensor_model_parallel_size": 1},
+            "train": {"micro_batch_size": 2, "global_batch_size": 2, "lr": 1e-3,
+                      "lr_warmup_steps": 1, "steps": steps,
+                      "precision": "fp32" if variant == "fp32" else "bf16"},
+            "data": {"tokenizer_model": "unused"}})
+        set_seeds(1234)
+        backend = TorchBackend(cfg, build_model(cfg, PRECISION_VOCAB, 1), groups)
+        if variant == "bf16 without autocast":
+            backend._autocast = contextlib.nullcontext
+        elif variant == "bf16 with the loss in bf16":
+            backend.loss = loss_in_bf16
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(steps):
+            tokens = torch.randint(0, PRECISION_VOCAB, (2, 33), generator=gen)
+            batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                     "loss_mask": torch.ones(2, 32), "position_ids": torch.arange(32).expand(2, 32)}
+            losses.append(backend.forward_backward(batch, 1, last=True).float().item())
+            backend.step()
+        out[variant] = losses
+    return out
+
+
+def test_bf16_tolerance_catches_a_missing_autocast_and_a_wrong_cast():
+    """tools/gpu_check.sh's bf16-against-fp32 check (``bf16_loss_problems``) passes bf16 autocast
+    on CPU and fails it broken on purpose: without autocast (the losses equal fp32's) and with the
+    loss reduced in bf16 (within 5 % of fp32's, the old tolerance, yet off at step 1 by bf16's
+    rounding)."""
+    from inrank_megatron.training.compare import bf16_loss_problems
+
+    got = run_distributed(_precision_losses, 1, 4)[0]
+    fp32 = got["fp32"]
+    assert bf16_loss_problems(fp32, got["bf16"]) == []
+    assert bf16_loss_problems(fp32, got["bf16 without autocast"]) == [
+        "bf16: step 1's loss equals fp32's bit for bit: no bf16 autocast ran"]
+    wrong = got["bf16 with the loss in bf16"]
+    assert all(abs(a - b) < 0.05 * b for a, b in zip(wrong, fp32))
+    problems = bf16_loss_problems(fp32, wrong)
+    assert len(problems) == 1 and problems[0].startswith("bf16: step 1's loss is "), problems

@@ -8,11 +8,16 @@
 # Steps (each under its own time limit; a failing step does not stop the others):
 #   1. tests/test_megatron_backend.py: parallel.backend=megatron with and without its distributed
 #      optimizer, losses equal to the torch backend through growth and the cut, resume across the
-#      cut (world size 1 on one GPU; on CPU the GPU tests skip and the refusal test runs)
+#      cut (world size 1 on one GPU; on CPU the GPU tests skip and the refusal test runs); the
+#      distributed optimizer's state export/import at DP=2 runs on CPU through a double of its
+#      sharding (two NCCL processes cannot share one GPU)
 #   2. a TP=1 GPT through the real entry point (launch/torchrun.sh --nproc 1), torch backend, fp32
 #   3. the same in bf16 (autocast over fp32 master weights)
 #   4. DeepSpeed ZeRO-2 and ZeRO-3 on the GPU, same run
-#   5. the losses of 2-4 compared: ZeRO-2/3 equal to the torch backend (rel 1e-4), bf16 within 5%
+#   5. the losses of 2-4 compared: ZeRO-2/3 equal to the torch backend (rel 1e-4); bf16 as
+#      inrank_megatron.training.compare.bf16_loss_problems says: step 1 (same weights and batch)
+#      different from fp32 (autocast ran) by at most 2**-12, every step within 2**-8 (a missing
+#      autocast or a loss reduced in bf16 fails it: tests/test_training_unit.py)
 #   6. tools/bench_step.py at gpt2-medium, seq 1024, bf16: dense vs InRank tokens/s and MFU (H200
 #      bf16 dense peak 989 TFLOP/s), after the cut at 0.33 x d and in stage 1 at the spec's buffer,
 #      peak memory of each (--cpu-dry-run: gpt2-medium's config at 2 x 256, seq 64)
@@ -101,8 +106,9 @@ step "DeepSpeed ZeRO-2" 70 train zero2 parallel.backend=deepspeed \
   parallel.deepspeed_config=configs/deepspeed/zero2.json
 step "DeepSpeed ZeRO-3" 70 train zero3 parallel.backend=deepspeed \
   parallel.deepspeed_config=configs/deepspeed/zero3.json
-step "losses: ZeRO-2/3 = torch (rel 1e-4), bf16 ~ fp32 (5%)" 30 "$PYTHON" - "$WORK" <<'PY'
+step "losses: ZeRO-2/3 = torch (rel 1e-4), bf16 = fp32 under autocast" 30 "$PYTHON" - "$WORK" <<'PY'
 import json, math, os, sys
+from inrank_megatron.training.compare import bf16_loss_problems
 work = sys.argv[1]
 def losses(name):
     path = os.path.join(work, name, "summary.json")
@@ -118,16 +124,17 @@ runs = {n: losses(n) for n in ("bf16", "zero2", "zero3")}
 for i, r in enumerate(ref):
     print(f"{i + 1:4d} {r:9.5f} " + " ".join(f"{v[i]:9.5f}" if v else f"{'-':>9}" for v in runs.values()))
 bad = []
-for name, tol in (("zero2", 1e-4), ("zero3", 1e-4), ("bf16", 5e-2)):
+for name in ("zero2", "zero3", "bf16"):
     got = runs[name]
     if got is None or len(got) != len(ref):
         bad.append(f"{name}: no complete run")
         continue
-    worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
-    finite = all(math.isfinite(v) for v in got)
-    print(f"{name}: max relative difference to fp32 torch {worst:.2e} (limit {tol:g})")
-    if worst > tol or not finite:
-        bad.append(f"{name}: {worst:.2e} > {tol:g}" if finite else f"{name}: non-finite loss")
+    rel = [abs(a - b) / abs(b) for a, b in zip(got, ref)]
+    print(f"{name}: relative difference to fp32 torch at step 1 {rel[0]:.2e}, max {max(rel):.2e}")
+    if name == "bf16":
+        bad += bf16_loss_problems(ref, got)
+    elif max(rel) > 1e-4 or not all(math.isfinite(v) for v in got):
+        bad.append(f"{name}: {max(rel):.2e} > 1e-4 or non-finite")
 if bad:
     sys.exit("; ".join(bad))
 PY

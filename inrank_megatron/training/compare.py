@@ -11,12 +11,14 @@ ranks, wall time) and ``config.yaml`` (tokens per step, and what differs between
     print(format_table(table, markdown=True))
     plot_valid_loss(table, "compare.png")
 
-CLI: ``tools/compare_runs.py``.
+CLI: ``tools/compare_runs.py``. :func:`bf16_loss_problems` says whether a bf16 run's losses are those
+of its fp32 twin under autocast (``tools/gpu_check.sh``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -294,3 +296,46 @@ def plot_valid_loss(comparison: Comparison, out_png: str) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return out_png
+
+
+# ---- bf16 against fp32 (tools/gpu_check.sh) -------------------------------------------------------
+# bf16 keeps 8 significant bits: a value rounded to bf16 is off by up to 2**-9 of itself.
+# Step 1 trains the same weights on the same batch in both runs, so its losses differ only by the
+# forward's bf16 arithmetic, far below that: 5e-7 relative in gpu_check.sh's CPU dry run, 1e-5 on
+# random tokens (tests/test_training_unit.py); a loss reduced in bf16 (a missing ``.float()``) is
+# off by up to 2**-9 (9e-4 there). Not yet measured on a GPU.
+BF16_FIRST_STEP_RTOL = 2.0 ** -12
+# Every step: the runs drift apart through the updates; 2e-5 after 10 steps of the CPU dry run.
+BF16_RTOL = 2.0 ** -8
+
+
+def bf16_loss_problems(fp32: list, bf16: list) -> list:
+    """What contradicts ``bf16`` being the per-step losses of the ``fp32`` run's job under bf16
+    autocast over fp32 master weights (same seed, data and schedule); empty when nothing does.
+
+    Args:
+        fp32: per-step training losses of the fp32 run.
+        bf16: the same steps' losses of the bf16 run.
+
+    Returns:
+        One line per problem: a length mismatch, a non-finite loss, a first-step loss equal to
+        fp32's (autocast did not run: nothing computed in bf16) or further from it than
+        :data:`BF16_FIRST_STEP_RTOL` (something rounded the loss itself, or the weights, to
+        bf16), a step further than :data:`BF16_RTOL`.
+    """
+    if not fp32 or len(bf16) != len(fp32):
+        return [f"bf16: {len(bf16)} losses for fp32's {len(fp32)}"]
+    if not all(math.isfinite(v) for v in bf16):
+        return ["bf16: non-finite loss"]
+    rel = [abs(a - b) / abs(b) for a, b in zip(bf16, fp32)]
+    problems = []
+    if rel[0] == 0:
+        problems.append("bf16: step 1's loss equals fp32's bit for bit: no bf16 autocast ran")
+    elif rel[0] > BF16_FIRST_STEP_RTOL:
+        problems.append(f"bf16: step 1's loss is {rel[0]:.2e} from fp32's (same weights and "
+                        f"batch; limit {BF16_FIRST_STEP_RTOL:.2e}): a cast beyond autocast's")
+    worst = max(range(len(rel)), key=rel.__getitem__)
+    if rel[worst] > BF16_RTOL:
+        problems.append(f"bf16: step {worst + 1}'s loss is {rel[worst]:.2e} from fp32's "
+                        f"(limit {BF16_RTOL:.2e})")
+    return problems
