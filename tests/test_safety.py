@@ -475,7 +475,7 @@ def test_nonfinite_factor_at_a_rank_check_stops_that_step_naming_the_layer(
         tmp_path, capsys, clean_env, monkeypatch):
     """A rank check (every step from step 1) meets an inf in fc1's factor A at step 3: the run
     stops in step 3 naming the layer and factor; no checkpoint of it."""
-    from inrank_megatron.checkpoint_format import read_latest
+    from inrank_megatron.checkpoint import read_latest
 
     layer = "decoder.layers.0.mlp.linear_fc1"
     _inject_after_update(monkeypatch, 3, f"{layer}.A")
@@ -493,7 +493,7 @@ def test_nonfinite_parameter_before_a_save_writes_no_checkpoint(tmp_path, capsys
                                                                  monkeypatch):
     """An inf in the final norm after update 4 (a save step; no rank check reads that
     parameter): the save is refused naming the parameter, ``latest`` stays at step 2."""
-    from inrank_megatron.checkpoint_format import read_latest
+    from inrank_megatron.checkpoint import read_latest
 
     name = "decoder.final_layernorm.weight"
     _inject_after_update(monkeypatch, 4, name)

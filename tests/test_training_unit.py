@@ -271,7 +271,7 @@ def _precision_losses(rank, world_size, steps):
     import contextlib
 
     from inrank_megatron.config import from_dict
-    from inrank_megatron.training.loop import build_model
+    from inrank_megatron.models.gpt import build_model
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
     def loss_in_bf16(module, batch):  # Backend.loss without its .float()
