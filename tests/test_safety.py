@@ -439,11 +439,11 @@ def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(tmp_path, capsy
                 assert torch.isfinite(t).all(), (name, key)
 
 
-# Each guard on its own fault, injected right after the optimizer update of step 3 (the step's loss
-# was computed before it, so the loss check cannot be what stops the run).
+# Each guard on its own fault, injected right after an optimizer update (the step's loss was
+# computed before it, so the loss check cannot be what stops the run). Rank checks every step.
 FAULT_RUN = ("train.steps=4", "train.lr_warmup_steps=1", "train.save_interval=2",
              "train.eval_interval=100", "output.plot=false", "model.num_layers=1",
-             "model.seq_length=32", "inrank.stage1_steps=null")
+             "model.seq_length=32", "inrank.stage1_steps=null", "inrank.warmup=1", "inrank.gap=1")
 
 
 def _inject_after_update(monkeypatch, at_step: int, name: str):
@@ -464,45 +464,27 @@ def _inject_after_update(monkeypatch, at_step: int, name: str):
     monkeypatch.setattr(TorchBackend, "step", step)
 
 
-def _fault_line(capsys):
+@pytest.mark.parametrize("name,at_step,fault", [
+    ("decoder.layers.0.mlp.linear_fc1.A", 3,
+     "InRank factors in InRank layer decoder.layers.0.mlp.linear_fc1 (factor A)"),
+    ("decoder.final_layernorm.weight", 4, "parameters in parameter decoder.final_layernorm.weight"),
+], ids=["factor_at_a_rank_check", "parameter_before_a_save"])
+def test_nonfinite_guard_stops_its_step_without_a_checkpoint(tmp_path, capsys, clean_env,
+                                                             monkeypatch, name, at_step, fault):
+    """An inf in fc1's factor A after update 3 meets the rank check of step 3 (training/loop.py's
+    NonFiniteValueError guard); an inf in the final norm after update 4, a save step whose rank
+    check does not read it, meets the pre-save check (training/finite.py). Either way the run
+    stops in that step naming the layer or parameter, and ``latest`` stays at step 2."""
+    from inrank_megatron.checkpoint import read_latest
+
+    _inject_after_update(monkeypatch, at_step, name)
+    rc = _train(tmp_path, *FAULT_RUN)
     err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
            if line.startswith("error")]
-    assert len(err) == 1, err
-    return err[0]
-
-
-def test_nonfinite_factor_at_a_rank_check_stops_that_step_naming_the_layer(
-        tmp_path, capsys, clean_env, monkeypatch):
-    """A rank check (every step from step 1) meets an inf in fc1's factor A at step 3: the run
-    stops in step 3 naming the layer and factor; no checkpoint of it."""
-    from inrank_megatron.checkpoint import read_latest
-
-    layer = "decoder.layers.0.mlp.linear_fc1"
-    _inject_after_update(monkeypatch, 3, f"{layer}.A")
-    rc = _train(tmp_path, *FAULT_RUN, "inrank.warmup=1", "inrank.gap=1")
-    line = _fault_line(capsys)
     root = tmp_path / "run" / "checkpoints"
-    assert rc == 1 and line.startswith(
-        f"error: step 3: non-finite InRank factors in InRank layer {layer} (factor A); the run "
-        f"stops without saving it (latest checkpoint: {root / 'step_000002'})"), line
-    assert read_latest(str(root)) == str(root / "step_000002")
-    assert sorted(n for n in os.listdir(root) if n.startswith("step_")) == ["step_000002"]
-
-
-def test_nonfinite_parameter_before_a_save_writes_no_checkpoint(tmp_path, capsys, clean_env,
-                                                                 monkeypatch):
-    """An inf in the final norm after update 4 (a save step; no rank check reads that
-    parameter): the save is refused naming the parameter, ``latest`` stays at step 2."""
-    from inrank_megatron.checkpoint import read_latest
-
-    name = "decoder.final_layernorm.weight"
-    _inject_after_update(monkeypatch, 4, name)
-    rc = _train(tmp_path, *FAULT_RUN, "inrank.warmup=1", "inrank.gap=1")
-    line = _fault_line(capsys)
-    root = tmp_path / "run" / "checkpoints"
-    assert rc == 1 and line.startswith(
-        f"error: step 4: non-finite parameters in parameter {name}; the run stops without "
-        f"saving it (latest checkpoint: {root / 'step_000002'})"), line
+    assert rc == 1 and len(err) == 1 and err[0].startswith(
+        f"error: step {at_step}: non-finite {fault}; the run stops without saving it (latest "
+        f"checkpoint: {root / 'step_000002'})"), err
     assert read_latest(str(root)) == str(root / "step_000002")
     assert sorted(n for n in os.listdir(root) if n.startswith("step_")) == ["step_000002"]
 
