@@ -145,9 +145,9 @@ def run_command(name: str, command: Sequence[str], slurm_filter: bool = False) -
                     sys.stderr.buffer.write(raw)
                     sys.stderr.buffer.flush()
     code = status(child.wait())
-    if log and code == 0:
+    if log and code in (0, EXIT_STOPPED):
         os.remove(log)
-    if code:
+    if code not in (0, EXIT_STOPPED):  # stopped early with a checkpoint: rank 0 said so
         failed(name, code, log)
     return code
 

@@ -491,17 +491,20 @@ def test_too_little_space_for_the_next_save_stops_with_latest_intact(small_disk,
     assert is_complete(str(root / "step_000002")) is None
 
 
+@pytest.mark.parametrize("async_save", ["false", "true"])
 def test_enospc_while_writing_is_named_and_the_partial_save_removed(small_disk, capsys,
-                                                                   clean_env, monkeypatch):
+                                                                   clean_env, monkeypatch,
+                                                                   async_save):
     """The free-space check passes but the disk fills before the write (another writer): the
-    real ENOSPC of the tmpfs, inside torch DCP's write, is reported as such."""
+    real ENOSPC of the tmpfs, inside torch DCP's write (train.async_save: in megatron's
+    background writer, found when the write is completed), is reported as such."""
     from inrank_megatron.checkpoint import is_complete, read_latest
     from inrank_megatron.checkpoint import manager as checkpoint
 
     disk = small_disk(30)
     root = disk / "run" / "checkpoints"
     monkeypatch.setattr(checkpoint, "check_free_space", lambda *args: None)
-    assert _train(disk / "run", *SMALL) == 1
+    assert _train(disk / "run", *SMALL, f"train.async_save={async_save}") == 1
     lines = [_one_error_line(capsys.readouterr().err)]  # megatron's own log of it dropped
     assert lines[0].startswith(
         "error: stopped at step 3: [Errno 28] no space left on device writing "

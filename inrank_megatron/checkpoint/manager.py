@@ -184,7 +184,8 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
     if writes is None:
         complete()
         return final
-    writes.start(request, complete, final)
+    writes.start(request, complete, final, lambda error: _write_failed(
+        _first_failure(error, groups), root, step, tmp, groups, need))
     return None
 
 
@@ -205,12 +206,15 @@ class AsyncWrites:
 
         self._queue = AsyncCallsQueue()
         self.pending: Optional[str] = None  # the step directory it becomes
+        self._failed = None  # what a failed write does: see start
 
-    def start(self, request, complete, final: str) -> None:
-        """Collective: start ``request``'s writer; ``complete`` runs at :meth:`finish`."""
+    def start(self, request, complete, final: str, failed) -> None:
+        """Collective: start ``request``'s writer; ``complete`` runs at :meth:`finish`, and
+        ``failed(error)`` when the writer failed (it removes the partial save and raises the
+        one-line error: no space left on device, or what failed)."""
         request.add_finalize_fn(complete)
         self._queue.schedule_async_request(request)
-        self.pending = final
+        self.pending, self._failed = final, failed
 
     def writing(self) -> bool:
         """Whether this rank's writer still runs (no collective)."""
@@ -224,8 +228,15 @@ class AsyncWrites:
         directory, now ``latest``, or None when nothing was in flight."""
         if self.pending is None:
             return None
-        self._queue.maybe_finalize_async_calls(blocking=True, no_dist=True)
         final, self.pending = self.pending, None
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=True, no_dist=True)
+        except CheckpointError:  # complete() said what failed
+            raise
+        except BaseException as error:  # noqa: BLE001 - megatron's CheckpointException of a
+            if isinstance(error, KeyboardInterrupt):  # writer: on every rank, as one line
+                raise
+            self._failed(error)
         return final
 
 
