@@ -426,9 +426,10 @@ def _inrank_layers(cfg, world_size):
 
 @rule("InRank signal and start", ("inrank.signal", "inrank.start", "inrank.mode",
                                    "inrank.stage1_steps"),
-      "with `model.inrank=true`: `inrank.signal=update` and `inrank.start=dense` need efficient "
-      "mode (in cumulative mode `B A` is already the update, grown from zero); "
-      "`inrank.start=dense` needs `inrank.stage1_steps` (its cut is where the rank is chosen).",
+      "with `model.inrank=true`: `inrank.signal=update` and `inrank.start` other than low_rank "
+      "need efficient mode (in cumulative mode `B A` is already the update, grown from zero); "
+      "`inrank.start=full_rank|dense` needs `inrank.stage1_steps` (its cut is where the rank is "
+      "chosen).",
       summary=lambda cfg, w: (f"signal {cfg.inrank.signal}, start {cfg.inrank.start}"
                               if cfg.model.inrank else "dense (model.inrank=false): not checked"))
 def _inrank_signal_start(cfg, world_size):
@@ -442,9 +443,10 @@ def _inrank_signal_start(cfg, world_size):
                           f"{key}={value} with inrank.mode={ir.mode}: it is an efficient-mode "
                           f"setting (cumulative mode's B A is already the update, grown from "
                           f"zero); expected inrank.mode=efficient or {key}={spec}")
-    if ir.start == "dense" and ir.stage1_steps is None:
-        yield Failure("inrank.stage1_steps", ir.stage1_steps, "a step count with inrank.start=dense",
-                      "inrank.stage1_steps=null with inrank.start=dense: the dense start chooses "
+    if ir.start != "low_rank" and ir.stage1_steps is None:
+        yield Failure("inrank.stage1_steps", ir.stage1_steps,
+                      f"a step count with inrank.start={ir.start}",
+                      f"inrank.stage1_steps=null with inrank.start={ir.start}: this start chooses "
                       "each layer's rank at the cut, so it needs one; expected e.g. "
                       "inrank.stage1_steps=100")
 

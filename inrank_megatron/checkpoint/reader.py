@@ -27,6 +27,7 @@ from inrank_megatron.checkpoint import (
     read_meta, resolve_checkpoint, safe_torch_load,
 )
 from inrank_megatron.config import ConfigError, TrainConfig, from_dict
+from inrank_megatron.core.init import dense_start_role
 from inrank_megatron.checkpoint.layout import (
     expected_shapes, inrank_layer_names, layer_kind, linear_shape, unmap_dist_key,
 )
@@ -94,8 +95,18 @@ class LoadedCheckpoint:
 
     def active_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``A[:k]`` (``[k, in]``) and ``B[:, :k]`` (``[out, k]``) of InRank layer ``name``."""
-        k = self.layers[name].active_slots
-        return self.tensors[name + ".A"][:k], self.tensors[name + ".B"][:, :k]
+        layer = self.layers[name]
+        k = layer.active_slots
+        A, B = self.tensors[name + ".A"][:k], self.tensors[name + ".B"][:, :k]
+        if self.cfg.inrank.start == "dense" and layer.stage == "growing":
+            # Stage 1 of a dense start: the identity factor is the identity (stored, it has only
+            # felt weight decay), as the layer reads it.
+            eye = torch.eye(k, dtype=A.dtype)
+            if dense_start_role(layer.in_features, layer.out_features) == "B":
+                A = eye
+            else:
+                B = eye
+        return A, B
 
     def dense_weight(self, name: str) -> torch.Tensor:
         """The ``[out, in]`` weight InRank layer ``name`` applies: ``W0 + B[:, :k] A[:k]``

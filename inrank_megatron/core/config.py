@@ -42,10 +42,12 @@ class InRankConfig:
             ``"update"`` (efficient mode: the cumulative update ``B A - B0 A0`` over the active
             slots, ``B0, A0`` their initial values; a rank that comes from learning, not from
             the init's spectrum).
-        start: ``"low_rank"`` (the spec: stage 1 trains ``rank + buffer`` slots and grows) or
-            ``"dense"`` (efficient mode with a cut: stage 1 trains all ``min(in, out)`` slots, the
-            factorised dense weight; at the cut the rule picks each layer's rank once, from the
-            trained spectrum, at most ``max_rank``).
+        start: ``"low_rank"`` (the spec: stage 1 trains ``rank + buffer`` slots and grows),
+            ``"full_rank"`` (stage 1 trains all ``min(in, out)`` slots of the kaiming factors) or
+            ``"dense"`` (stage 1 trains the dense weight ``W``, initialised by the layer's
+            ``init_method`` as a dense layer is: one factor holds ``W``, the other is the
+            identity and does not train). Both need efficient mode and a cut, where the rule
+            picks each layer's rank once from the trained spectrum, at most ``max_rank``.
         init_scale: multiplier on each factor's init (and on W0's gain).
         init: ``"kaiming"`` (the reference: kaiming-uniform factors) or ``"spectral"`` (efficient
             mode: the balanced truncated SVD of the dense layer's standard init, Khodak et al.;
@@ -74,9 +76,11 @@ class InRankConfig:
         "(efficient mode: the cumulative update B A - B0 A0 of the active slots since init).",
         choices=SIGNALS)
     start: str = _setting(
-        "low_rank", "Stage 1: low_rank (the spec: rank + buffer slots, growing) or dense "
-        "(efficient mode, needs stage1_steps: all min(in, out) slots train, and the cut picks "
-        "each layer's rank once from the trained spectrum, at most max_rank).", choices=STARTS)
+        "low_rank", "Stage 1: low_rank (the spec: rank + buffer slots, growing), full_rank (all "
+        "min(in, out) slots of the factors train) or dense (the dense weight trains, initialised "
+        "as a dense layer's). full_rank and dense need efficient mode and stage1_steps: the cut "
+        "picks each layer's rank once from the trained spectrum, at most max_rank.",
+        choices=STARTS)
     init_scale: float = _setting(1.0, "Multiplier on each factor's init (and on W0's gain in "
                                  "cumulative mode).", gt=0.0)
     init: str = _setting(
@@ -109,8 +113,8 @@ class InRankConfig:
             raise ValueError(f"signal={self.signal!r} / start={self.start!r} need efficient mode "
                              f"(in cumulative mode B A is already the update and grows from "
                              f"zero), got mode={self.mode!r}")
-        if self.start == "dense" and self.stage1_steps is None:
-            raise ValueError("start='dense' needs stage1_steps (the cut is where the rank is "
+        if self.start != "low_rank" and self.stage1_steps is None:
+            raise ValueError(f"start={self.start!r} needs stage1_steps (the cut is where the rank is "
                              "chosen), got None")
         check_int(self.warmup, "warmup", low=0)
         check_int(self.gap, "gap", low=1)

@@ -98,3 +98,24 @@ def init_factors(mode: str, in_features: int, out_features: int, slots: int, *,
     else:
         raise ValueError(f"mode must be 'efficient' or 'cumulative', got {mode!r}")
     return FactorInit(A.to(dtype), B.to(dtype), w0)
+
+
+def dense_start_factors(in_features: int, out_features: int, *,
+                        dense_init: Optional[Callable] = None,
+                        generator: Optional[torch.Generator] = None) -> FactorInit:
+    """``inrank.start=dense``'s stage-1 factors: a dense layer's initial weight ``W``
+    (:func:`dense_init_weight`) in the factor :func:`dense_start_role` names, the
+    ``min(in, out)`` identity in the other, so that ``B A = W`` exactly."""
+    W = dense_init_weight(in_features, out_features, dense_init=dense_init, generator=generator)
+    eye = torch.eye(min(in_features, out_features))
+    if dense_start_role(in_features, out_features) == "B":
+        return FactorInit(eye, W, None)
+    return FactorInit(W, eye, None)
+
+
+def dense_start_role(in_features: int, out_features: int) -> str:
+    """With ``inrank.start=dense``, the factor that holds the dense weight in stage 1: ``"B"``
+    (``[out, in]``, with ``A`` the ``in x in`` identity) when ``out >= in``, else ``"A"`` (``B`` the
+    ``out x out`` identity). The identity factor does not train; until the cut, readers of the
+    factors (the layer, checkpoint exports) take it as the exact identity, whatever is stored."""
+    return "B" if out_features >= in_features else "A"

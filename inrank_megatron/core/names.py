@@ -6,4 +6,6 @@ RATIO_RULES = ("variance", "energy")  # explained-ratio rules, spec section 3 (e
 STAGES = ("growing", "fixed")  # spec section 4
 POLICIES = ("slice", "reset", "project")  # optimizer state across a reallocation
 SIGNALS = ("product", "update")  # what spectrum the rank rule reads (product: the spec)
-STARTS = ("low_rank", "dense")  # what stage 1 trains (low_rank: the spec's r0 + b slots)
+# What stage 1 trains: the spec's r0 + b growing slots, all min(in, out) slots of the factors, or
+# the dense weight (one factor holds W, the other is the identity).
+STARTS = ("low_rank", "full_rank", "dense")

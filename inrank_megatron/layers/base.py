@@ -18,7 +18,9 @@ import torch
 from inrank_megatron.core.config import InRankConfig
 from inrank_megatron.core.frobenius import FrobeniusPenalty, gram_dtype
 from inrank_megatron.core.growth import GrowthState
-from inrank_megatron.core.init import init_factors
+from inrank_megatron.core.init import (
+    FactorInit, dense_start_factors, dense_start_role, init_factors,
+)
 from inrank_megatron.core.resize import FactorResize
 from inrank_megatron.core.rank_rule import select_cut_rank
 from inrank_megatron.core.spectrum import r_factor, spectrum_from_r
@@ -54,7 +56,8 @@ class InRankFactorsMixin:
             layer: name for error messages (set from :func:`named_inrank_layers` by the
                 growth controller).
             dense_init: the dense layer's init method, which ``inrank.init=spectral`` factorises
-                (megatron's ``init_method``; None: ``torch.nn.Linear``'s).
+                and ``inrank.start=dense`` starts from (megatron's ``init_method``; None:
+                ``torch.nn.Linear``'s).
         """
         max_rank = config.check_layer(in_features, out_features, layer=layer)
         self.inrank_config = config
@@ -63,8 +66,9 @@ class InRankFactorsMixin:
         self._inrank_in_slice = in_slice
         self._inrank_out_slice = out_slice
         self._dense_init = dense_init
-        if config.start == "dense":
-            # Stage 1 trains every slot (the factorised dense weight); the cut picks the rank.
+        if config.start != "low_rank":
+            # Stage 1 trains every slot (full_rank) or the dense weight (dense); the cut picks the
+            # rank.
             n = min(in_features, out_features)
             self.growth = GrowthState(rank=n, buffer=0, max_rank=n, threshold=config.threshold,
                                       warmup=config.warmup, gap=config.gap, rule=config.rule,
@@ -93,14 +97,25 @@ class InRankFactorsMixin:
         # every TP rank (same CPU RNG stream) draws the same full rows.
         self._extend_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
 
-    def _draw_init(self, slots: int):
-        """The full initial factors of ``slots`` slots (:func:`init_factors`), from the recorded
-        seed when there is one (the same numbers every time), else from the global CPU RNG."""
+    def _draw_init(self, slots: int) -> FactorInit:
+        """The full initial factors of ``slots`` slots (:func:`init_factors`, or
+        :func:`dense_start_factors`), from the recorded seed when there is one (the same numbers
+        every time), else from the global CPU RNG."""
         config = self.inrank_config
         gen = None if self._init_seed is None else torch.Generator().manual_seed(self._init_seed)
+        if config.start == "dense":
+            return dense_start_factors(self.full_in_features, self.full_out_features,
+                                       dense_init=self._dense_init, generator=gen)
         return init_factors(config.mode, self.full_in_features, self.full_out_features, slots,
                             init_scale=config.init_scale, generator=gen, init=config.init,
                             dense_init=self._dense_init)
+
+    @property
+    def _dense_role(self) -> str:
+        return dense_start_role(self.full_in_features, self.full_out_features)
+
+    def _dense_stage(self) -> bool:
+        return self.inrank_config.start == "dense" and self.growth.stage == "growing"
 
     def initial_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A0[:k]`` and ``B0[:, :k]``: this shard of the active slots' initial values, drawn again
@@ -112,7 +127,7 @@ class InRankFactorsMixin:
         # The draw at init had the slots of stage 1's allocation (B's fan-in, and where A's
         # numbers end and B's begin in the stream): draw those again, keep the active ones.
         n = min(self.full_in_features, self.full_out_features)
-        full = self._draw_init(n if self.inrank_config.start == "dense" else
+        full = self._draw_init(n if self.inrank_config.start != "low_rank" else
                                self.inrank_config.layer_max_rank(self.full_in_features,
                                                                  self.full_out_features))
         A0 = full.A[:k, self._inrank_in_slice].to(self.A.dtype).to(self.A.device)
@@ -128,7 +143,18 @@ class InRankFactorsMixin:
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A[:k]`` (``[k, in_shard]``) and ``B[:, :k]`` (``[out_shard, k]``), ``k = rank + buffer``."""
         k = self.active_slots
-        return self.A[:k], self.B[:, :k]
+        A, B = self.A[:k], self.B[:, :k]
+        if self._dense_stage():
+            # Stage 1 of a dense start trains the dense weight alone: the identity factor is read
+            # as the constant identity, and `0 * factor` gives it a zero gradient (so every
+            # backend sees every parameter used, and AdamW moves it by weight decay only, which
+            # the constant ignores). The n x n identity product costs what a dense layer does
+            # times (1 + n / max(in, out)).
+            if self._dense_role == "B":
+                A = torch.eye(k, dtype=A.dtype, device=A.device)[:, self._inrank_in_slice] + 0 * A
+            else:
+                B = torch.eye(k, dtype=B.dtype, device=B.device)[self._inrank_out_slice] + 0 * B
+        return A, B
 
     # ---- spectrum ----------------------------------------------------------------------------
 
@@ -263,7 +289,7 @@ class InRankFactorsMixin:
         if self.growth.stage != "growing":
             raise ValueError(f"layer {self.growth.layer}: already cut (stage {self.growth.stage})")
         config = self.inrank_config
-        if config.start == "dense":
+        if config.start != "low_rank":
             cap = config.layer_max_rank(self.full_in_features, self.full_out_features)
             rank = select_cut_rank(self.spectrum(), cap, config.threshold, rule=config.rule,
                                    layer=self.growth.layer or None)

@@ -176,7 +176,8 @@ class InRankColumnParallelLinear(_InRankParallelLinear):
         input_size, output_size: full layer shape.
         config: megatron ``ModelParallelConfig`` / ``TransformerConfig``.
         init_method: the dense layer's init; ``inrank.init=spectral`` factorises a full weight
-            drawn with it (the kaiming init ignores it, as the reference).
+            drawn with it, ``inrank.start=dense`` starts from it (the kaiming init ignores it,
+            as the reference).
         bias: learn a bias (sharded like the output; zero-initialised).
         gather_output: all-gather the output over TP.
         skip_bias_add: return the bias instead of adding it.
@@ -254,7 +255,8 @@ class InRankRowParallelLinear(_InRankParallelLinear):
         input_size, output_size: full layer shape.
         config: megatron ``ModelParallelConfig`` / ``TransformerConfig``.
         init_method: the dense layer's init; ``inrank.init=spectral`` factorises a full weight
-            drawn with it (the kaiming init ignores it, as the reference).
+            drawn with it, ``inrank.start=dense`` starts from it (the kaiming init ignores it,
+            as the reference).
         bias: learn a bias (zero-initialised).
         input_is_parallel: the input is already split along its last dim (required under SP).
         skip_bias_add: return the bias instead of adding it.
