@@ -273,3 +273,47 @@ def test_dense_start_resumes_at_another_layout(tmp_path):
     s = read_summary(out)
     assert s["ranks"] == ref["ranks"]
     assert s["train_losses"] == pytest.approx(ref["train_losses"][4:], rel=1e-4)
+
+
+def test_init_cut_rank_is_the_cut_rule_on_the_init():
+    from inrank_megatron.core.init import dense_start_factors
+    from inrank_megatron.core.init_ranks import init_cut_rank
+
+    kw = dict(max_rank=30, threshold=0.95, rule="variance", seed=3)
+    assert init_cut_rank(40, 96, start="dense", signal="update", **kw) is None
+    W = dense_start_factors(40, 96, dense_init=torch.nn.init.normal_,
+                            generator=torch.Generator().manual_seed(3))
+    s = torch.linalg.svdvals((W.B @ W.A).double())
+    assert init_cut_rank(40, 96, start="dense", signal="product", **kw) == \
+        _brute_cut_rank(s, 30, 0.95, "variance")
+    with pytest.raises(ValueError, match="low_rank grows"):
+        init_cut_rank(40, 96, start="low_rank", signal="product", **kw)
+
+
+def test_planner_defaults_to_the_rank_the_rule_reaches():
+    """tools/plan.py and tools/bench_step.py count the cut at planning.expected_rank: the reference
+    rule's fixed point on the init for GPT-2 medium (287 / 286, not 0.33 x 1024 = 338); the cap
+    for the update signal, which the init does not decide; every slot in a dense stage 1."""
+    from inrank_megatron.config import load_config
+    from inrank_megatron.planning.estimates import count_parameters, rank_checks
+
+    cfg = load_config("configs/gpt2-medium.yaml")
+    assert count_parameters(cfg, stage="fraction").slots == {"fc1": 287, "fc2": 286}
+    assert count_parameters(cfg, stage="fraction", rank_fraction=0.33).slots["fc1"] == 338
+    learned = load_config("configs/gpt2-medium.yaml", ["inrank.start=dense", "inrank.signal=update"])
+    assert count_parameters(learned, stage="fraction").slots == {"fc1": 512, "fc2": 512}
+    assert count_parameters(learned, stage="active").slots == {"fc1": 1024, "fc2": 1024}
+    assert rank_checks(learned) == 0 and rank_checks(cfg) > 0
+
+
+def test_cut_at_an_imposed_rank():
+    """tools/bench_step.py cuts a dense start at a planned rank: the SVD truncation at it."""
+    torch.manual_seed(2)
+    cfg = InRankConfig(start="dense", buffer=0, max_rank=20, stage1_steps=10)
+    layer = InRankLinear(48, 80, cfg, dtype=torch.float64)
+    W = layer.dense_weight().detach()
+    with pytest.raises(ValueError, match=r"cut rank must be an integer in 1\.\.48"):
+        layer.cut(10, rank=49)
+    layer.cut(10, rank=5)
+    U, S, Vh = torch.linalg.svd(W)
+    assert layer.growth.rank == 5 and torch.allclose(layer.dense_weight(), U[:, :5] * S[:5] @ Vh[:5])

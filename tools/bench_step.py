@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ranks = p.add_mutually_exclusive_group()
     ranks.add_argument("--rank-fraction", type=float, default=None, metavar="F",
                        help="rank r of every InRank layer as a fraction of d_model, clipped to "
-                       "what the rank rule can reach (default 0.33, the paper's 'at most 33%%')")
+                       "what the rank rule can reach (default: the rank the config's rule "
+                       "will reach, planning.expected_rank)")
     ranks.add_argument("--ranks-from", default=None, metavar="RUN",
                        help="a run directory (or checkpoint) whose learned per-layer ranks to use "
                        "(summary.json, ranks.csv or the checkpoint's growth state)")

@@ -42,7 +42,7 @@ import warnings
 from inrank_megatron.config import ConfigError, format_value, inrank_layer_shapes, load_config
 from inrank_megatron.planning.activations import ACTIVATION_VARIANTS
 from inrank_megatron.planning.estimates import (
-    DEFAULT_RANK_FRACTION, STRATEGIES, STRATEGY_NAMES, ParamCount, bytes_per_parameter, rank_checks,
+    STRATEGIES, STRATEGY_NAMES, ParamCount, bytes_per_parameter, rank_checks,
     reachable_rank,
 )
 from inrank_megatron.planning.plan import DEFAULT_GPU_MEMORY_GIB, Plan, plan
@@ -73,6 +73,12 @@ def _slots_text(pc: ParamCount) -> str:
     return "/".join(str(v) for v in values) if values else "-"
 
 
+def _cut_rank_text(p: Plan) -> str:
+    if p.rank_fraction is not None:
+        return f"rank {p.rank_fraction:g} x d"
+    return "rank the rule reaches"
+
+
 def _variant_name(attention: str, recompute: str) -> str:
     return attention if recompute == "none" else f"{attention}+{recompute}"
 
@@ -97,7 +103,7 @@ def _format_activations(p: Plan) -> list[str]:
            "fullest stage, + the largest backward buffer;",
            "  Korthikanti et al. 2022 adapted to this code: planning.activations.activation_memory)"]
     labels = {"dense": "dense", "active": "InRank stage 1 (rank + buffer)",
-              "fraction": f"InRank after cut (rank {p.rank_fraction:g} x d)"}
+              "fraction": f"InRank after cut ({_cut_rank_text(p)})"}
     mine = (m.attention, m.recompute)
     header = ["model"] + [_variant_name(a, r) + (" *" if (a, r) == mine else "")
                           for a, r in ACTIVATION_VARIANTS]
@@ -185,8 +191,8 @@ def format_plan(p: Plan) -> str:
         "dense": "dense",
         "storage": f"InRank allocated ({ir.mode} storage)",
         "active": "InRank stage 1 active (rank + buffer)",
-        "fraction": (f"InRank after cut (rank {p.rank_fraction:g} x d)" if ir.mode == "efficient"
-                     else f"InRank at rank {p.rank_fraction:g} x d + buffer"),
+        "fraction": (f"InRank after cut ({_cut_rank_text(p)})" if ir.mode == "efficient"
+                     else f"InRank at {_cut_rank_text(p)} + buffer"),
     }
     out.append(f"Parameters (per GPU = one TP shard of the fullest of {pp} pipeline stage(s))")
     rows = []
@@ -276,11 +282,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Nodes of the run (default: 1).")
     parser.add_argument("--gpus-per-node", type=int, default=8, metavar="G",
                         help="GPUs per node (default: 8). The world size is N x G.")
-    parser.add_argument("--rank-fraction", type=float, default=DEFAULT_RANK_FRACTION,
-                        metavar="F",
-                        help="InRank rank after the cut as a fraction of d_model, in (0, 1] "
-                        f"(default: {DEFAULT_RANK_FRACTION}, the paper's 'at most 33%% of the "
-                        "ranks'); clipped to what the rank rule can reach.")
+    parser.add_argument("--rank-fraction", type=float, default=None, metavar="F",
+                        help="InRank rank after the cut as a fraction of d_model, in (0, 1], "
+                        "clipped to what the rank rule can reach (default: the rank the config's "
+                        "rule will reach, planning.expected_rank: its fixed point on the initial "
+                        "factors, e.g. 287 for GPT-2 medium)")
     parser.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_MEMORY_GIB,
                         metavar="GIB",
                         help="Memory of one GPU for the fit check, GiB (default: "

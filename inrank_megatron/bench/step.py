@@ -270,7 +270,7 @@ def _arm_config(cfg: TrainConfig, arm: str) -> TrainConfig:
 
 def _target_ranks(cfg: TrainConfig, layers, spec: dict) -> dict:
     """``{layer name: r}``: the run's learned ranks, or the planner's rank at the fraction."""
-    from inrank_megatron.planning.estimates import DEFAULT_RANK_FRACTION, rank_after_cut
+    from inrank_megatron.planning.estimates import rank_after_cut
 
     given = spec.get("ranks")
     out = {}
@@ -279,7 +279,7 @@ def _target_ranks(cfg: TrainConfig, layers, spec: dict) -> dict:
             out[name] = int(given[name])
         else:
             out[name] = rank_after_cut(cfg, layer.full_in_features, layer.full_out_features,
-                                      spec.get("rank_fraction") or DEFAULT_RANK_FRACTION)
+                                       spec.get("rank_fraction"))
         g = layer.growth
         if not 0 <= out[name] <= g.max_rank - g.buffer:
             raise ConfigError(f"layer {name}: rank {out[name]} + buffer {g.buffer} does not fit "
@@ -305,9 +305,10 @@ def _build_arm(cfg: TrainConfig, arm: str, groups, vocab: int, spec: dict):
         if arm == "fixed":  # inrank.fixed_ranks: exactly r slots from the start
             layer.fix_rank(ranks[name])
             continue
-        layer.growth.rank = ranks[name]
+        if cfg.inrank.start == "low_rank":  # stage 1 at r + b; a full-rank or dense one at all
+            layer.growth.rank = ranks[name]
         if arm == "cut":
-            layer.cut(0)
+            layer.cut(0, rank=ranks[name])
     if arm == "cut":
         cut_s = _now() - t0
     slots = {name: layer.active_slots for name, layer in layers}
@@ -490,7 +491,8 @@ def analyse(cfg: TrainConfig, job: TrainConfig, raw: dict, opts: BenchOptions) -
            "precision": opts.precision, "steps": opts.steps, "repeats": opts.repeats,
            "device": raw["device"], "threads": raw["threads"],
            "ranks": f"learned ({opts.ranks_from})" if opts.ranks_from else
-           f"{opts.rank_fraction or 0.33:g} x d_model", "arms": arms}
+           (f"{opts.rank_fraction:g} x d_model" if opts.rank_fraction is not None
+            else "the rank the config's rule reaches"), "arms": arms}
     out["projection"] = project_run(cfg, job, arms)
     return out
 

@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from inrank_megatron.core.init import init_factors
-from inrank_megatron.core.rank_rule import select_rank
-from inrank_megatron.core.spectrum import factor_spectrum
+from inrank_megatron.core.init import dense_start_factors, init_factors
+from inrank_megatron.core.rank_rule import select_cut_rank, select_rank
+from inrank_megatron.core.spectrum import factor_spectrum, spectrum_from_r
 
 
 def init_rank_trajectory(in_features: int, out_features: int, *, rank: int, buffer: int,
@@ -29,8 +29,8 @@ def init_rank_trajectory(in_features: int, out_features: int, *, rank: int, buff
                          max_checks: Optional[int] = None, init: str = "kaiming") -> list[int]:
     """The ranks successive checks select on the untrained efficient-mode init of one layer.
 
-    Each check computes the spectrum of the active product ``B[:, :r+b] @ A[:r+b]`` (the QR route of
-    :func:`factor_spectrum`, as training does) and applies :func:`select_rank`; the factors never
+    Each check computes the spectrum of the active product ``B[:, :r+b] @ A[:r+b]`` (the core route
+    of :func:`factor_spectrum`, in float64) and applies :func:`select_rank`; the factors never
     change. The trajectory stops when a check keeps the rank (the fixed point) or after
     ``max_checks`` checks.
 
@@ -51,13 +51,56 @@ def init_rank_trajectory(in_features: int, out_features: int, *, rank: int, buff
     factors = init_factors("efficient", in_features, out_features, max_rank,
                            init_scale=init_scale, generator=generator, init=init,
                            dense_init=torch.nn.init.normal_ if init == "spectral" else None)
+    # The QR route of factor_spectrum with the R factors taken from the Cholesky factors of the
+    # Gram matrices, formed once in float64 for all slots: each check then costs O(k^3), not
+    # O((in + out) k^2), which keeps GPT-sized layers to seconds (tools/plan.py calls this).
+    gram_A = factors.A.double() @ factors.A.double().T  # (slots, slots)
+    gram_B = factors.B.double().T @ factors.B.double()
+    n = min(in_features, out_features)
     trajectory = [rank]
     while max_checks is None or len(trajectory) <= max_checks:
         k = min(rank + buffer, max_rank)
-        s = factor_spectrum(factors.A[:k], factors.B[:, :k])  # zero-padded to min(in, out)
+        R_A = torch.linalg.cholesky(gram_A[:k, :k]).T  # R of A[:k]^T, diagonal > 0
+        R_B = torch.linalg.cholesky(gram_B[:k, :k]).T
+        s = spectrum_from_r(R_A, R_B, n)  # zero-padded to min(in, out)
         new = select_rank(s, rank, buffer, max_rank, threshold, rule=rule)
         if new == rank:
             break
         rank = new
         trajectory.append(rank)
     return trajectory
+
+
+def init_cut_rank(in_features: int, out_features: int, *, start: str, signal: str, max_rank: int,
+                  threshold: float, rule: str = "variance", init_scale: float = 1.0,
+                  init: str = "kaiming", seed: int = 0) -> Optional[int]:
+    """The rank the cut of ``inrank.start=full_rank|dense`` would pick on the untrained layer, or
+    None when the init says nothing (``signal="update"``: the update is zero at init, so the rank
+    can only come from training).
+
+    Args:
+        in_features, out_features: the full layer shape.
+        start: ``"full_rank"`` (the factors' init over ``min(in, out)`` slots) or ``"dense"``
+            (a dense layer's normal init; the rule is scale-invariant, its std does not matter).
+        signal, max_rank, threshold, rule, init_scale, init: ``inrank.*``.
+        seed: seed of the draw.
+
+    Returns:
+        :func:`select_cut_rank` on the init's spectrum, or None.
+    """
+    if start not in ("full_rank", "dense"):
+        raise ValueError(f"start must be full_rank or dense (low_rank grows: "
+                         f"init_rank_trajectory), got {start!r}")
+    if signal == "update":
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    n = min(in_features, out_features)
+    if start == "dense":
+        factors = dense_start_factors(in_features, out_features, dense_init=torch.nn.init.normal_,
+                                      generator=generator)
+    else:
+        factors = init_factors("efficient", in_features, out_features, n, init_scale=init_scale,
+                               generator=generator, init=init,
+                               dense_init=torch.nn.init.normal_ if init == "spectral" else None)
+    s = factor_spectrum(factors.A, factors.B)
+    return select_cut_rank(s, max_rank, threshold, rule=rule)

@@ -280,20 +280,27 @@ class InRankFactorsMixin:
                                   warmup=g.warmup, gap=g.gap, stage="fixed", step=0, rule=g.rule,
                                   layer=name)
 
-    def cut(self, step: int) -> FactorResize:
+    def cut(self, step: int, rank: Optional[int] = None) -> FactorResize:
         """Stage 1 -> stage 2 (spec section 4): truncate the active product to the current rank,
         re-factorise balanced, drop the buffer, fix the rank. Reallocates ``A`` and ``B``.
 
-        A dense start (``inrank.start=dense``) first picks the rank: :func:`select_cut_rank` on
-        the spectrum the rule reads (``inrank.signal``), capped at ``max_rank``."""
+        A full-rank or dense start (``inrank.start``) first picks the rank:
+        :func:`select_cut_rank` on the spectrum the rule reads (``inrank.signal``), capped at
+        ``max_rank``. ``rank`` imposes one instead (within the active slots; tools/bench_step.py
+        cuts at a planned rank)."""
         if self.growth.stage != "growing":
             raise ValueError(f"layer {self.growth.layer}: already cut (stage {self.growth.stage})")
         config = self.inrank_config
-        if config.start != "low_rank":
+        if rank is None and config.start != "low_rank":
             cap = config.layer_max_rank(self.full_in_features, self.full_out_features)
             rank = select_cut_rank(self.spectrum(), cap, config.threshold, rule=config.rule,
                                    layer=self.growth.layer or None)
-            # The other trained slots are the buffer that the cut drops.
+        if rank is not None:
+            if isinstance(rank, bool) or not isinstance(rank, int) or \
+                    not 1 <= rank <= self.active_slots:
+                raise ValueError(f"layer {self.growth.layer}: cut rank must be an integer in "
+                                 f"1..{self.active_slots} (the active slots), got {rank!r}")
+            # The other active slots are the buffer that the cut drops.
             self.growth.rank, self.growth.buffer = rank, self.active_slots - rank
         # The SVD of the cut always runs in at least fp32 (spec section 5); fp64 here is cheap (k x k).
         R_A, R_B = self.factor_r(torch.float64)

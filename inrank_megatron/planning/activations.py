@@ -15,7 +15,7 @@ from typing import Optional
 
 from inrank_megatron.config import TrainConfig
 from inrank_megatron.planning.estimates import (
-    DEFAULT_RANK_FRACTION, ceil_div, check_inrank, layer_linears, padded_vocab, slot_rule,
+    ceil_div, check_inrank, layer_linears, padded_vocab, slot_rule,
 )
 
 ATTENTIONS = ("local", "sdpa")
@@ -151,7 +151,7 @@ def activation_memory(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage:
                       attention: Optional[str] = None, recompute: Optional[str] = None,
                       recompute_num_layers: Optional[int] = None, tp: Optional[int] = None,
                       micro_batch_size: Optional[int] = None,
-                      rank_fraction: float = DEFAULT_RANK_FRACTION,
+                      rank_fraction: Optional[float] = None,
                       vocab_size: Optional[int] = None,
                       num_microbatches: Optional[int] = None) -> ActivationEstimate:
     """Activation bytes on the fullest GPU of one training micro-batch step.

@@ -3,7 +3,7 @@ dense and InRank (torch-free).
 
     cfg = load_config("configs/gpt2-medium.yaml")
     count_parameters(cfg, inrank=False).total              # == sum(p.numel()) of the built GPT
-    count_parameters(cfg, stage="fraction").per_gpu        # after the cut at 33% of d_model
+    count_parameters(cfg, stage="fraction").per_gpu        # after the cut, at the rule's rank
 
 Parameter counts follow megatron.core's ``GPTModel`` as
 :func:`inrank_megatron.models.gpt.build_gpt` builds it (local layer spec), layer by layer;
@@ -13,9 +13,12 @@ Parameter counts follow megatron.core's ``GPTModel`` as
 - ``storage``: what the layer allocates: efficient mode pre-allocates ``max_rank`` slots,
   cumulative mode ``rank + buffer`` (plus a frozen ``w0`` buffer, counted apart as ``buffers``);
 - ``active``: the ``rank + buffer`` slots the forward pass uses in stage 1;
-- ``fraction``: after the cut (spec section 4), ``round(rank_fraction * d_model)`` slots (clipped
-  to what the rank rule can reach) and no buffer; cumulative mode never cuts and keeps its buffer.
-  The paper reports at most 33% of the ranks (``r / d_model``), hence the default 0.33.
+- ``fraction``: after the cut (spec section 4), by default the rank the config's rule will reach
+  (:func:`expected_rank`: the rule's fixed point on the initial factors, which is what the
+  reference rule learns, docs/results.md; 287 for GPT-2 medium), or ``round(rank_fraction *
+  d_model)`` slots when a fraction is given (clipped to what the rank rule can reach), and no
+  buffer; cumulative mode never cuts and keeps its buffer. A full-rank or dense start
+  (``inrank.start``) trains ``min(in, out)`` slots in stage 1.
 
 Model-state memory counts weights, gradients and optimizer state with the bytes per parameter
 of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp32 training keeps 4 + 4 bytes of
@@ -31,6 +34,7 @@ plan ``tools/plan.py`` prints, :mod:`inrank_megatron.planning.plan`.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Sequence
@@ -43,7 +47,6 @@ from inrank_megatron.models.shape import COLUMN_PARALLEL, linear_shapes
 
 # Which InRank slots a count uses (the `stage` argument; not the growth stages of core.STAGES).
 SLOT_COUNTS = ("storage", "active", "fraction")
-DEFAULT_RANK_FRACTION = 0.33
 STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "megatron")
 STRATEGY_NAMES = {"zero0": "ZeRO-0 (DDP)", "zero1": "ZeRO-1", "zero2": "ZeRO-2",
                   "zero3": "ZeRO-3", "megatron": "Megatron dist-opt"}
@@ -135,6 +138,8 @@ def rank_checks(cfg: TrainConfig) -> int:
     (``GrowthState.is_due``), up to the cut after ``stage1_steps`` (or ``train.steps`` without a
     cut)."""
     ir = cfg.inrank
+    if ir.start != "low_rank":  # a full-rank or dense stage 1 has no checks, one at the cut
+        return 0
     last = ir.stage1_steps if ir.stage1_steps is not None else cfg.train.steps
     first = max(ir.warmup, 1)
     first += (ir.warmup - first) % ir.gap
@@ -143,22 +148,64 @@ def rank_checks(cfg: TrainConfig) -> int:
 
 def reachable_rank(cfg: TrainConfig, in_features: int, out_features: int) -> int:
     """The largest rank the rule can give a layer: each check grows it by at most ``buffer - 1``
-    and it stays below ``max_rank - buffer`` (spec section 3)."""
+    and it stays below ``max_rank - buffer`` (spec section 3); a full-rank or dense start's cut
+    picks at most ``max_rank``."""
     ir = cfg.inrank
+    if ir.start != "low_rank":
+        return ir.layer_max_rank(in_features, out_features)
     cap = max(ir.rank, ir.layer_max_rank(in_features, out_features) - ir.buffer - 1)
     return min(ir.rank + rank_checks(cfg) * max(ir.buffer - 1, 0), cap)
 
 
+@functools.lru_cache(maxsize=64)
+def _init_rank(in_features: int, out_features: int, start: str, signal: str, rank: int,
+               buffer: int, max_rank: int, threshold: float, rule: str, init_scale: float,
+               init: str) -> Optional[int]:
+    # torch only here: the planner imports without it.
+    from inrank_megatron.core.init_ranks import init_cut_rank, init_rank_trajectory
+
+    if start != "low_rank":
+        return init_cut_rank(in_features, out_features, start=start, signal=signal,
+                             max_rank=max_rank, threshold=threshold, rule=rule,
+                             init_scale=init_scale, init=init)
+    if signal == "update":
+        return None
+    return init_rank_trajectory(in_features, out_features, rank=rank, buffer=buffer,
+                                max_rank=max_rank, threshold=threshold, rule=rule,
+                                init_scale=init_scale, init=init)[-1]
+
+
+def expected_rank(cfg: TrainConfig, in_features: int, out_features: int) -> int:
+    """The rank after the cut that the config's rule will reach, as far as it is known before
+    training (docs/results.md): with the spec's product signal, the rule's fixed point on the
+    initial factors (:func:`~inrank_megatron.core.init_ranks.init_rank_trajectory`; 287 for GPT-2
+    medium, the paper's rank), or what a full-rank / dense start's cut picks on the init; with the
+    update signal, which the init does not decide, the most the rule can reach. Never above
+    :func:`reachable_rank`."""
+    ir = cfg.inrank
+    rank = _init_rank(in_features, out_features, ir.start, ir.signal, ir.rank, ir.buffer,
+                      ir.layer_max_rank(in_features, out_features), ir.threshold, ir.rule,
+                      ir.init_scale, ir.init)
+    reachable = reachable_rank(cfg, in_features, out_features)
+    return reachable if rank is None else min(rank, reachable)
+
+
 def rank_after_cut(cfg: TrainConfig, in_features: int, out_features: int,
-                  rank_fraction: float = DEFAULT_RANK_FRACTION) -> int:
-    """The rank after the cut at ``rank_fraction`` of d_model, clipped to what the rank rule can
-    reach: never below ``inrank.rank``, never above :func:`reachable_rank`."""
+                   rank_fraction: Optional[float] = None) -> int:
+    """The rank after the cut: :func:`expected_rank` (``rank_fraction=None``), or
+    ``rank_fraction`` of d_model clipped to what the rank rule can reach: never below
+    ``inrank.rank``, never above :func:`reachable_rank`."""
+    if rank_fraction is None:
+        return expected_rank(cfg, in_features, out_features)
     want = round(rank_fraction * cfg.model.hidden_size)
     return max(cfg.inrank.rank, min(want, reachable_rank(cfg, in_features, out_features)))
 
 
-def slot_rule(cfg: TrainConfig, stage: str, rank_fraction: float) -> Callable[[int, int], int]:
+def slot_rule(cfg: TrainConfig, stage: str,
+              rank_fraction: Optional[float]) -> Callable[[int, int], int]:
     ir = cfg.inrank
+    if stage in ("storage", "active") and ir.start != "low_rank":
+        return lambda i, o: min(i, o)  # stage 1 trains every slot (or the dense weight)
     if stage == "storage":
         if ir.mode == "efficient":
             return ir.layer_max_rank
@@ -247,7 +294,7 @@ def _linear_params(lin: Linear, bias: bool, tp: int) -> tuple[int, int, int, int
 
 
 def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional[int] = None,
-                     stage: str = "storage", rank_fraction: float = DEFAULT_RANK_FRACTION,
+                     stage: str = "storage", rank_fraction: Optional[float] = None,
                      inrank: Optional[bool] = None,
                      vocab_size: Optional[int] = None) -> ParamCount:
     """Parameters of the config's GPT, total and per GPU.
@@ -256,7 +303,8 @@ def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional
         cfg: the configuration.
         tp, pp: tensor / pipeline parallel sizes of the shards (default: the config's).
         stage: which InRank slots count: ``storage``, ``active`` or ``fraction`` (module docstring).
-        rank_fraction: rank after the cut as a fraction of d_model (stage ``fraction``).
+        rank_fraction: rank after the cut as a fraction of d_model (stage ``fraction``); None:
+            the rank the config's rule will reach (:func:`expected_rank`).
         inrank: count the InRank model (True) or its dense twin (False); default
             ``cfg.model.inrank``. The InRank settings are ``cfg.inrank`` either way.
         vocab_size: tokenizer ids before padding (default: :func:`tokenizer_vocab_size`).
@@ -395,7 +443,7 @@ def memory_for(params: ParamCount, precision: str, dp: int, strategy: str) -> Me
 
 
 def memory_per_gpu(cfg: TrainConfig, world_size: int, *, inrank: Optional[bool] = None,
-                   stage: str = "storage", rank_fraction: float = DEFAULT_RANK_FRACTION,
+                   stage: str = "storage", rank_fraction: Optional[float] = None,
                    vocab_size: Optional[int] = None) -> dict[str, MemoryEstimate]:
     """Bytes per GPU of weights, gradients and optimizer state under every strategy of
     :data:`STRATEGIES`, for the config's layout on ``world_size`` GPUs (activations apart).
@@ -463,7 +511,7 @@ class FlopCount:
 
 
 def flops_per_token(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage: str = "active",
-                    rank_fraction: float = DEFAULT_RANK_FRACTION,
+                    rank_fraction: Optional[float] = None,
                     vocab_size: Optional[int] = None,
                     layer_slots: Optional[Sequence[Mapping[str, int]]] = None) -> FlopCount:
     """Training FLOPs per token of the matmuls, counted exactly from the layer shapes.

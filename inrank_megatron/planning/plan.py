@@ -17,7 +17,7 @@ from inrank_megatron.config import (
 )
 from inrank_megatron.planning.activations import ACTIVATION_VARIANTS, activation_memory
 from inrank_megatron.planning.estimates import (
-    DEFAULT_RANK_FRACTION, SLOT_COUNTS, STRATEGIES, check_inrank,
+    SLOT_COUNTS, STRATEGIES, check_inrank,
     count_parameters, flops_per_token, memory_for, selected_strategy, tokenizer_vocab_size,
 )
 
@@ -65,7 +65,7 @@ class Fit:
         return self.total <= self.gpu_bytes
 
 
-def _phases(cfg: TrainConfig, world_size: int, rank_fraction: float,
+def _phases(cfg: TrainConfig, world_size: int, rank_fraction: Optional[float],
             vocab_size: Optional[int]) -> tuple:
     """The run's phases on the fullest GPU (see :class:`Fit`)."""
     dp = data_parallel_size(cfg, world_size)
@@ -127,7 +127,7 @@ def _candidates(cfg: TrainConfig, world_size: int, gpus_per_node: int) -> list[d
 
 def fit(cfg: TrainConfig, world_size: int, *, gpus_per_node: int,
         gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
-        rank_fraction: float = DEFAULT_RANK_FRACTION, vocab_size: Optional[int] = None,
+        rank_fraction: Optional[float] = None, vocab_size: Optional[int] = None,
         max_suggestions: int = 3) -> Fit:
     """Whether ``cfg`` fits GPUs of ``gpu_memory_gib`` on ``world_size`` GPUs and, if not, the
     first ``max_suggestions`` changes of :func:`_candidates` that make it fit (each alone, a
@@ -202,7 +202,7 @@ class Plan:
     nodes: int
     gpus_per_node: int
     world_size: int
-    rank_fraction: float
+    rank_fraction: Optional[float]
     vocab_size: int
     params: dict
     memory: dict
@@ -223,7 +223,7 @@ class Plan:
 
 
 def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
-         rank_fraction: float = DEFAULT_RANK_FRACTION, vocab_size: Optional[int] = None,
+         rank_fraction: Optional[float] = None, vocab_size: Optional[int] = None,
          config_path: Optional[str] = None,
          gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB) -> Plan:
     """Parameters, memory, FLOPs and layout checks of ``cfg`` on ``nodes x gpus_per_node`` GPUs,
@@ -244,7 +244,7 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
     for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not 0 < rank_fraction <= 1:
+    if rank_fraction is not None and not 0 < rank_fraction <= 1:
         raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction!r}")
     world = nodes * gpus_per_node
     vocab = vocab_size or tokenizer_vocab_size(cfg)
