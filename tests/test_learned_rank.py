@@ -128,7 +128,7 @@ def test_checkpoint_reader_takes_the_identity_factor_before_the_cut():
     """A stage-1 checkpoint of a dense start stores the identity factor as AdamW left it (weight
     decay only); exports read it as the identity, as the layer does."""
     from inrank_megatron.config import load_config
-    from inrank_megatron.export.checkpoint import InRankLayerState, LoadedCheckpoint
+    from inrank_megatron.checkpoint.reader import InRankLayerState, LoadedCheckpoint
 
     cfg = load_config("configs/study-cpu.yaml", ["inrank.start=dense"])
     W = torch.randn(1024, 256)
@@ -291,7 +291,7 @@ def test_init_cut_rank_is_the_cut_rule_on_the_init():
 
 
 def test_planner_defaults_to_the_rank_the_rule_reaches():
-    """tools/plan.py and tools/bench_step.py count the cut at planning.expected_rank: the reference
+    """tools/plan.py and tools/bench_step.py count the cut at planning.estimates.expected_rank: the reference
     rule's fixed point on the init for GPT-2 medium (287 / 286, not 0.33 x 1024 = 338); the cap
     for the update signal, which the init does not decide; every slot in a dense stage 1."""
     from inrank_megatron.config import load_config

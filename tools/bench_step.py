@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ranks.add_argument("--rank-fraction", type=float, default=None, metavar="F",
                        help="rank r of every InRank layer as a fraction of d_model, clipped to "
                        "what the rank rule can reach (default: the rank the config's rule "
-                       "will reach, planning.expected_rank)")
+                       "will reach, planning.estimates.expected_rank)")
     ranks.add_argument("--ranks-from", default=None, metavar="RUN",
                        help="a run directory (or checkpoint) whose learned per-layer ranks to use "
                        "(summary.json, ranks.csv or the checkpoint's growth state)")

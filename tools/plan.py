@@ -285,8 +285,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rank-fraction", type=float, default=None, metavar="F",
                         help="InRank rank after the cut as a fraction of d_model, in (0, 1], "
                         "clipped to what the rank rule can reach (default: the rank the config's "
-                        "rule will reach, planning.expected_rank: its fixed point on the initial "
-                        "factors, e.g. 287 for GPT-2 medium)")
+                        "rule will reach, planning.estimates.expected_rank: its fixed point on the "
+                        "initial factors, e.g. 287 for GPT-2 medium)")
     parser.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_MEMORY_GIB,
                         metavar="GIB",
                         help="Memory of one GPU for the fit check, GiB (default: "
