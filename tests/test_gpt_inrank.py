@@ -213,7 +213,7 @@ def _diverged_body(rank, world_size):
 
 
 def test_diverged_growth_decisions_are_refused_naming_layer_and_both_decisions():
-    messages = run_distributed(_diverged_body, 2, timeout=120)
+    messages = run_distributed(_diverged_body, 2)
     want = ("InRank growth decisions differ across ranks at step 2 for layer fc2: "
             "rank 2 / 16 slots on process ranks [0]; rank 3 / 16 slots on process ranks [1]")
     assert all(m is not None and m.startswith(want) for m in messages), messages
