@@ -11,7 +11,8 @@ Pins down:
   it (megatron's ``blend_per_split``);
 - ``dataset_usage`` counts tokens per epoch, and so epochs, as megatron's GPTDataset does;
 - the pre-flight (``launch_env check``) refuses a blend whose dataset is missing, truncated or left
-  without valid documents by ``data.split``, naming the entry's key and the file (exit 2, one line);
+  without valid documents by ``data.split``, naming the entry's key and the file (exit 2, one line),
+  and checks a blend without importing torch (the split ranges are megatron's, computed without it);
 - a blended run resumed from its step-4 checkpoint gives losses bit-identical to the uninterrupted
   one (through the cut), and its console reports each dataset's samples and epochs.
 
@@ -24,6 +25,8 @@ import copy
 import math
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy
@@ -190,6 +193,33 @@ def _blend(a, b, tmp_path):
 def test_preflight_passes_a_good_blend(tmp_path, capsys, two):
     status, out, err = _check(capsys, *_blend(*two, tmp_path), f"data.valid_prefix={two[1]}")
     assert status == 0 and out.startswith("world 2"), err
+
+
+def test_split_ranges_are_megatrons_without_importing_it():
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split,
+    )
+
+    from inrank_megatron.data.datasets import split_document_ranges
+
+    for split in ("969,30,1", "949,50,1", "8,2,0", "1", "99,1", "3,1,1", "0.7,0.2,0.1", "1,99,0",
+                  "33.3,33.3,33.4", "0,1,0", "98/1/1", "0.33,7,0.5", "5,0.33,969"):
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+        for documents in (0, 1, 3, 10, 24, 103, 456, 12345, 10**6 + 7):
+            assert split_document_ranges(split, documents) == [
+                None if b is None else (int(round(b[0] * documents)), int(round(b[1] * documents)))
+                for b in matrix], (split, documents)
+
+
+def test_preflight_of_a_blend_does_not_import_torch(tmp_path, two):
+    overrides = [*_blend(*two, tmp_path), "data.tokenizer=gpt2",
+                 "data.tokenizer_model=null"]
+    code = ("import sys\nfrom inrank_megatron import launch_env\n"
+            f"status = launch_env.main(['check', {CONFIG!r}, '--world-size', '2', *{overrides!r}])\n"
+            "print(status, [m for m in ('torch', 'megatron') if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "0 []", proc.stdout + proc.stderr
 
 
 def test_preflight_refuses_a_bad_blend_naming_the_key_and_file(tmp_path, capsys, two):

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -249,19 +250,26 @@ def check_data(data_prefix: str, tokenizer: Tokenizer, *, check_description: boo
 
 
 def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int] | None]:
-    """The `[begin, end)` document range of each split, computed as Megatron computes it
-    (`BlendedMegatronDatasetBuilder._build_megatron_dataset_splits`); None for a zero weight."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
+    """The `[begin, end)` document range of each split, computed as Megatron computes it, in the
+    same float arithmetic (`parse_and_normalize_split`, `convert_split_vector_to_split_matrix`,
+    then `BlendedMegatronDatasetBuilder._build_megatron_dataset_splits` rounds the bookends times
+    the documents); None for a zero weight. Without megatron, which imports torch: the launch
+    pre-flight runs this for every dataset.
 
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    return [
-        None if bookends is None
-        else (int(round(bookends[0] * num_documents)), int(round(bookends[1] * num_documents)))
-        for bookends in matrix
-    ]
+    Raises:
+        ValueError: more than three weights (megatron asserts three at most).
+    """
+    weights = [float(w) for w in re.findall(r"[.0-9]+", split)]
+    if len(weights) > len(SPLIT_NAMES):
+        raise ValueError(f"data.split={split!r}: more than {len(SPLIT_NAMES)} weights")
+    vector = numpy.array(weights + [0.0] * (len(SPLIT_NAMES) - len(weights)), dtype=numpy.float64)
+    shares = (vector / numpy.sum(vector)).tolist()  # megatron.core.datasets.utils.normalize
+    ends = [0]
+    for share in shares:
+        ends.append(ends[-1] + share)
+    return [None if end <= begin
+            else (int(round(begin * num_documents)), int(round(end * num_documents)))
+            for begin, end in zip(ends[:-1], ends[1:])]
 
 
 # A split the training loop reads (train every step, valid at each evaluation) with fewer documents
