@@ -1,4 +1,6 @@
-"""The training checkpoint format, owned in one place (no torch needed to import it).
+"""Checkpoints, owned in one place: the format, its safe loading, resume, save and load, tensor
+names, reading and writing outside training, DeepSpeed consolidation (torchtitan's
+``CheckpointManager`` is the model). Importing this package needs no torch.
 
 A run's ``output.dir`` holds::
 
@@ -16,6 +18,15 @@ A run's ``output.dir`` holds::
   the growth file, ``latest``, locating a checkpoint and finding the newest complete one.
 - :mod:`.safe_load` (imports torch when called): every pickled file the project or its
   dependencies read for it goes through a loader that refuses code (:func:`safe_loading`).
+- :mod:`.resume`: which checkpoint ``output.resume`` names, checked before anything loads.
+- :mod:`.manager`: the training loop's save (atomic, ``latest`` moved last) and resume loads.
+- :mod:`.layout`: the model's tensor names and shapes for a configuration.
+- :mod:`.reader`: a checkpoint's tensors, growth state and config at TP = 1 (exports, tools).
+- :mod:`.writer`: a training checkpoint written from tensors (import, layout conversion).
+- :mod:`.deepspeed`: DeepSpeed checkpoints' checks and their consolidation to one state dict.
+
+The names of :mod:`.meta` and :mod:`.safe_load` are importable from this package; the other
+modules are imported by name (they import torch, megatron or the config).
 
 Other modules never open ``meta.json``, ``inrank_growth.json`` or ``latest`` themselves.
 """
