@@ -9,8 +9,10 @@ Every in-process distributed test goes through `run_distributed`:
     def test_something():
         losses = run_distributed(_body, 2, 64)    # [rank 0's return, rank 1's return]
 
-Each call starts `world_size` fresh processes (multiprocessing "spawn"), so process groups,
-Megatron's parallel_state and monkeypatches never leak between tests or into the pytest process.
+Each call starts `world_size` fresh processes, forked from a forkserver that imported torch and
+megatron.core once per session (a spawned rank spent about 5 CPU seconds importing them), so
+process groups, Megatron's parallel_state and monkeypatches never leak between tests or into the
+pytest process.
 A rank that raises fails the test with that rank's traceback; the other ranks are killed rather
 than left waiting in a collective, and a run over `timeout` seconds is killed as a whole.
 
@@ -25,6 +27,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import resource
 import socket
 import subprocess
 import sys
@@ -58,6 +61,22 @@ def _cleanup() -> None:
         torch.distributed.destroy_process_group()
 
 
+# CPU seconds the ranks of every run_distributed call so far used (forked from the forkserver,
+# they are not this process's children: tests/slow_check.py adds this to its CPU count).
+_RANK_CPU_S = [0.0]
+
+
+def rank_cpu_s() -> float:
+    """CPU seconds used by every rank :func:`run_distributed` has started in this process."""
+    return _RANK_CPU_S[0]
+
+
+def _own_cpu_s() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _child(conn, fn, rank, world_size, port, timeout, args, kwargs) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -86,15 +105,30 @@ def _child(conn, fn, rank, world_size, port, timeout, args, kwargs) -> None:
         message = ("ok", pickle.dumps(result))
     except BaseException:
         message = ("error", traceback.format_exc())
-    conn.send(message)
+    conn.send((*message, _own_cpu_s()))
     conn.close()
+
+
+# What every rank imports: preloaded once per session by the forkserver (below), so that a rank does
+# not import them again (about 5 CPU seconds per process: megatron.core pulls in most of torch).
+PRELOAD = ["torch", "torch.distributed", "megatron.core"]
+
+
+def _context():
+    """``forkserver`` with :data:`PRELOAD` imported in the server: each rank is forked from it, a
+    fresh process with the imports done (no state of a previous test: the server never runs a test
+    body). The server starts on first use with this process's environment (``OMP_NUM_THREADS=1``
+    set by :func:`run_distributed`) and ``sys.path``."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300, **kwargs) -> list:
     """Runs ``fn(rank, world_size, *args, **kwargs)`` on `world_size` gloo processes.
 
     Args:
-        fn: A module-level function (spawn pickles it by its qualified name).
+        fn: A module-level function (pickled by its qualified name).
         world_size: Number of processes; ranks 0..world_size-1, all on 127.0.0.1.
         *args: Passed to `fn` after `rank, world_size`; must be picklable.
         timeout: Seconds for the whole run (process start and imports included) before every
@@ -108,11 +142,11 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300, **kwargs) 
         AssertionError: A rank raised (the message holds its traceback), died without reporting,
             or the run timed out.
     """
-    context = multiprocessing.get_context("spawn")
+    context = _context()
     port = _free_port()
     processes, connections = [], []
-    # The environment is read when a spawned child starts; OMP_NUM_THREADS has to be there before
-    # the child imports torch (unpickling `fn` does), so set it around start() only.
+    # The forkserver (started by the first start() of the session) imports torch: OMP_NUM_THREADS
+    # has to be in the environment it inherits, so set it around start() only.
     saved_omp = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -157,7 +191,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300, **kwargs) 
                 # A child that exited after sending leaves its message readable in the pipe.
                 if ready is connection or connection.poll():
                     try:
-                        status, payload = connection.recv()
+                        status, payload, cpu = connection.recv()
+                        _RANK_CPU_S[0] += cpu
                     except EOFError:
                         status, payload = "died", None
                 else:
