@@ -311,7 +311,7 @@ def test_an_exception_inside_a_rule_is_that_rules_failure(tp2_run, tmp_path, cap
 
     from inrank_megatron.data import datasets
 
-    def broken(prefix):
+    def broken(*args, **kwargs):
         raise struct.error("unpack requires a buffer of 8 bytes")
 
     monkeypatch.setattr(datasets, "check_indexed_files", broken)
