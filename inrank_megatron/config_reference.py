@@ -78,21 +78,29 @@ def render_reference() -> str:
     """``configs/README.md``: the CLI, overrides, checks, then a table per section."""
     parts = [_README_HEADER.replace("{rules}\n", render_rules())]
     for section, cls in SECTIONS.items():
-        parts.append(f"\n## `{section}`\n\n{(cls.__doc__ or '').strip()}\n\n"
-                     "| key | type | default | meaning |\n|---|---|---|---|\n")
+        parts.append(
+            f"\n## `{section}`\n\n{(cls.__doc__ or '').strip()}\n\n"
+            "| key | type | default | meaning |\n|---|---|---|---|\n"
+        )
         types = field_types(section)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             meaning = f.metadata["help"]
             if "choices" in f.metadata:
-                meaning += " One of: " + ", ".join(f"`{format_value(c)}`"
-                                                   for c in f.metadata["choices"]) + "."
-            bounds = [f"{op} {f.metadata[b]}" for b, (op, _) in BOUNDS.items()
-                      if b in f.metadata]
+                meaning += (
+                    " One of: "
+                    + ", ".join(f"`{format_value(c)}`" for c in f.metadata["choices"])
+                    + "."
+                )
+            bounds = [f"{op} {f.metadata[b]}" for b, (op, _) in BOUNDS.items() if b in f.metadata]
             if bounds:
                 meaning += f" Range: {', '.join(bounds)}."
-            row = [f"`{f.name}`", f"`{type_name(types[f.name])}`", f"`{format_value(default)}`",
-                   meaning]
+            row = [
+                f"`{f.name}`",
+                f"`{type_name(types[f.name])}`",
+                f"`{format_value(default)}`",
+                meaning,
+            ]
             # GitHub tables split cells at every unescaped "|", code spans included.
             parts.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |\n")
     return "".join(parts)

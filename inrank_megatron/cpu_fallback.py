@@ -161,8 +161,9 @@ def enable_cpu_fallback() -> bool:
 
 def _remember_cpu_autocast(forward):
     def wrapped(ctx, *args, **kwargs):
-        ctx.cpu_autocast = (torch.get_autocast_dtype("cpu")
-                            if torch.is_autocast_enabled("cpu") else None)
+        ctx.cpu_autocast = (
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        )
         return forward(ctx, *args, **kwargs)
 
     return wrapped

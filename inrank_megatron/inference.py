@@ -53,16 +53,25 @@ class GPTConfig:
     inrank: dict = field(default_factory=dict)
 
     @classmethod
-    def from_model_section(cls, m, vocab_size: int, inrank: Optional[dict] = None,
-                           **changes) -> "GPTConfig":
+    def from_model_section(
+        cls, m, vocab_size: int, inrank: Optional[dict] = None, **changes
+    ) -> "GPTConfig":
         """From a training config's ``model`` section (:class:`inrank_megatron.config.ModelSection`)."""
-        return cls(num_layers=m.num_layers, hidden_size=m.hidden_size,
-                   num_attention_heads=m.num_attention_heads, ffn_hidden_size=m.ffn(),
-                   vocab_size=vocab_size, max_position_embeddings=m.max_positions(),
-                   normalization=m.normalization, activation=m.activation,
-                   position_embedding_type=m.position_embedding_type,
-                   untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
-                   add_bias_linear=m.add_bias_linear, inrank=dict(inrank or {}), **changes)
+        return cls(
+            num_layers=m.num_layers,
+            hidden_size=m.hidden_size,
+            num_attention_heads=m.num_attention_heads,
+            ffn_hidden_size=m.ffn(),
+            vocab_size=vocab_size,
+            max_position_embeddings=m.max_positions(),
+            normalization=m.normalization,
+            activation=m.activation,
+            position_embedding_type=m.position_embedding_type,
+            untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+            add_bias_linear=m.add_bias_linear,
+            inrank=dict(inrank or {}),
+            **changes,
+        )
 
 
 class FactoredLinear(nn.Module):
@@ -84,16 +93,19 @@ class FactoredLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.A.shape[1]}, out_features={self.B.shape[0]}, "
-                f"slots={self.A.shape[0]}, w0={self.w0 is not None}")
+        return (
+            f"in_features={self.A.shape[1]}, out_features={self.B.shape[0]}, "
+            f"slots={self.A.shape[0]}, w0={self.w0 is not None}"
+        )
 
 
 def _linear(config: GPTConfig, name: str, n_in: int, n_out: int) -> nn.Module:
     spec = config.inrank.get(name)
     if spec is None:
         return nn.Linear(n_in, n_out, bias=config.add_bias_linear)
-    return FactoredLinear(n_in, n_out, int(spec["slots"]), w0=bool(spec.get("w0")),
-                        bias=config.add_bias_linear)
+    return FactoredLinear(
+        n_in, n_out, int(spec["slots"]), w0=bool(spec.get("w0")), bias=config.add_bias_linear
+    )
 
 
 def _shapes(config: GPTConfig) -> dict:
@@ -178,8 +190,9 @@ class Embedding(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.position_embedding_type == "learned_absolute":
-            self.position_embeddings = nn.Embedding(config.max_position_embeddings,
-                                                    config.hidden_size)
+            self.position_embeddings = nn.Embedding(
+                config.max_position_embeddings, config.hidden_size
+            )
         else:
             self.position_embeddings = None
 
@@ -209,8 +222,11 @@ class GPT(nn.Module):
         self.config = config
         self.embedding = Embedding(config)
         self.decoder = Decoder(config)
-        self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False) \
-            if config.untie_embeddings_and_output_weights else None
+        self.output_layer = (
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            if config.untie_embeddings_and_output_weights
+            else None
+        )
         self.tokenizer_info: dict = {}  # how to build the tokenizer (set by load())
 
     @classmethod
@@ -221,39 +237,59 @@ class GPT(nn.Module):
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         wrong = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
         if missing or unexpected or wrong:
-            raise ValueError(f"tensors do not fit the model: missing {missing[:4]}, unexpected "
-                             f"{unexpected[:4]}, wrong shape {wrong[:4]}")
+            raise ValueError(
+                f"tensors do not fit the model: missing {missing[:4]}, unexpected "
+                f"{unexpected[:4]}, wrong shape {wrong[:4]}"
+            )
         model.load_state_dict({k: tensors[k].float() for k in own}, strict=True)
         return model.eval()
 
     def _rope(self, T: int, device):
         hd = self.config.hidden_size // self.config.num_attention_heads
-        inv_freq = 1.0 / (self.config.rotary_base
-                          ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+        inv_freq = 1.0 / (
+            self.config.rotary_base
+            ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+        )
         freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd), megatron RotaryEmbedding.get_emb
         return emb.cos(), emb.sin()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Args: tokens ``(B, T)`` int64. Returns: logits ``(B, T, vocab_size)``."""
-        if self.embedding.position_embeddings is not None and \
-                tokens.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"{tokens.shape[1]} tokens exceed the "
-                             f"{self.config.max_position_embeddings} learned positions")
-        rope = self._rope(tokens.shape[1], tokens.device) \
-            if self.config.position_embedding_type == "rope" else None
+        if (
+            self.embedding.position_embeddings is not None
+            and tokens.shape[1] > self.config.max_position_embeddings
+        ):
+            raise ValueError(
+                f"{tokens.shape[1]} tokens exceed the "
+                f"{self.config.max_position_embeddings} learned positions"
+            )
+        rope = (
+            self._rope(tokens.shape[1], tokens.device)
+            if self.config.position_embedding_type == "rope"
+            else None
+        )
         x = self.embedding(tokens)
         for block in self.decoder.layers:
             x = block(x, rope)
         x = self.decoder.final_layernorm(x)
-        head = self.output_layer.weight if self.output_layer is not None \
+        head = (
+            self.output_layer.weight
+            if self.output_layer is not None
             else self.embedding.word_embeddings.weight
+        )
         return x @ head.T  # (B, T, V)
 
     @torch.no_grad()
-    def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 seed: Optional[int] = None) -> torch.Tensor:
+    def generate(
+        self,
+        tokens: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+    ) -> torch.Tensor:
         """Sample ``max_new_tokens`` continuations (nanoGPT's loop: the whole context each step).
 
         Args:
@@ -271,8 +307,9 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        generator = torch.Generator(device=tokens.device).manual_seed(seed) \
-            if seed is not None else None
+        generator = (
+            torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
+        )
         context = self.config.max_position_embeddings
         for _ in range(max_new_tokens):
             logits = self(tokens[:, -context:])[:, -1, :]  # (B, V)
@@ -315,7 +352,11 @@ def load(path: str, *, tokenizer_model: Optional[str] = None) -> GPT:
     from inrank_megatron.export.files import SENTENCEPIECE_FILE, SOURCE_FILE
     from inrank_megatron.data.tokenizers import GPT2_VOCAB_SIZE
     from inrank_megatron.export.hf_gpt2 import (
-        HF_CONFIG, from_hf_state_dict, hf_activation_is_exact, model_section_from_hf, read_hf_dir,
+        HF_CONFIG,
+        from_hf_state_dict,
+        hf_activation_is_exact,
+        model_section_from_hf,
+        read_hf_dir,
     )
     from inrank_megatron.export.native import is_inrank_export, read_inrank_export
 
@@ -323,9 +364,13 @@ def load(path: str, *, tokenizer_model: Optional[str] = None) -> GPT:
         meta, tensors = read_inrank_export(path)
         cfg = meta["_config"]
         config = GPTConfig.from_model_section(
-            cfg.model, meta["vocab_size"],
-            _inrank_specs({n: l["active_slots"] for n, l in meta["layers"].items()},
-                          meta.get("mode") == "cumulative"))
+            cfg.model,
+            meta["vocab_size"],
+            _inrank_specs(
+                {n: l["active_slots"] for n, l in meta["layers"].items()},
+                meta.get("mode") == "cumulative",
+            ),
+        )
         model = GPT.from_tensors(config, tensors)
         model.tokenizer_info = _relative_tokenizer(meta.get("tokenizer"), path)
     elif os.path.isdir(path) and os.path.isfile(os.path.join(path, HF_CONFIG)):
@@ -353,9 +398,12 @@ def load(path: str, *, tokenizer_model: Optional[str] = None) -> GPT:
         from inrank_megatron.export.native import native_tensors
 
         config = GPTConfig.from_model_section(
-            ckpt.cfg.model, ckpt.vocab_size,
-            _inrank_specs({n: l.active_slots for n, l in ckpt.layers.items()},
-                          ckpt.mode == "cumulative"))
+            ckpt.cfg.model,
+            ckpt.vocab_size,
+            _inrank_specs(
+                {n: l.active_slots for n, l in ckpt.layers.items()}, ckpt.mode == "cumulative"
+            ),
+        )
         model = GPT.from_tensors(config, native_tensors(ckpt))
         d = ckpt.cfg.data
         model.tokenizer_info = {"kind": d.tokenizer, "model": tokenizer_model or d.tokenizer_model}
@@ -405,14 +453,23 @@ def load_tokenizer(model: GPT, *, tokenizer_model: Optional[str] = None):
         return build_tokenizer("sentencepiece", info.get("model"))
     if kind == "hf":
         return _HFTokenizer(info["path"])
-    raise ValueError("no tokenizer is recorded for this model; pass a SentencePiece model "
-                     "(--tokenizer-model)")
+    raise ValueError(
+        "no tokenizer is recorded for this model; pass a SentencePiece model (--tokenizer-model)"
+    )
 
 
-def generate_text(checkpoint: str, prompt: str, *, max_new_tokens: int = 50,
-                  temperature: float = 0.8, top_k: Optional[int] = 40, top_p: Optional[float] = 0.95,
-                  seed: int = 0, num_samples: int = 1,
-                  tokenizer_model: Optional[str] = None) -> list:
+def generate_text(
+    checkpoint: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 50,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 40,
+    top_p: Optional[float] = 0.95,
+    seed: int = 0,
+    num_samples: int = 1,
+    tokenizer_model: Optional[str] = None,
+) -> list:
     """Samples from the model at ``checkpoint`` (anything :func:`load` reads), with its tokenizer.
 
     Args:
@@ -433,8 +490,13 @@ def generate_text(checkpoint: str, prompt: str, *, max_new_tokens: int = 50,
     tokens = torch.tensor([ids], dtype=torch.long)
     texts = []
     for i in range(num_samples):
-        out = model.generate(tokens, max_new_tokens, temperature=temperature,
-                             top_k=top_k or None, top_p=top_p if top_p and top_p < 1 else None,
-                             seed=seed + i)
+        out = model.generate(
+            tokens,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k or None,
+            top_p=top_p if top_p and top_p < 1 else None,
+            seed=seed + i,
+        )
         texts.append(tokenizer.decode(out[0].tolist()))  # whole, so pieces join as they should
     return texts

@@ -76,8 +76,13 @@ def expand_nodelist(nodelist: str) -> list[str]:
     Falls back to :func:`parse_nodelist` where ``scontrol`` is not installed.
     """
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         hosts = out.split()
         if hosts:
             return hosts
@@ -130,8 +135,9 @@ def _local_rank_arg(argv: Sequence[str]) -> Optional[int]:
     return None
 
 
-def _mpi_rendezvous(environ, world_size: int, local_size: Optional[int],
-                    mpi_comm) -> tuple[str, int]:
+def _mpi_rendezvous(
+    environ, world_size: int, local_size: Optional[int], mpi_comm
+) -> tuple[str, int]:
     """``MASTER_ADDR/PORT`` of an MPI job: from the environment, or chosen by rank 0 and
     broadcast (the variables must agree on every rank)."""
     addr, port = environ.get("MASTER_ADDR"), environ.get("MASTER_PORT")
@@ -146,22 +152,28 @@ def _mpi_rendezvous(environ, world_size: int, local_size: Optional[int],
             raise LaunchEnvError(
                 "started by mpirun on several processes, but MASTER_ADDR/MASTER_PORT are not set "
                 "and mpi4py is not installed to agree on them; install mpi4py or pass "
-                "mpirun -x MASTER_ADDR=<rank 0 host> -x MASTER_PORT=<port>") from None
+                "mpirun -x MASTER_ADDR=<rank 0 host> -x MASTER_PORT=<port>"
+            ) from None
         mpi_comm = MPI.COMM_WORLD
     chosen = None
     if mpi_comm.Get_rank() == 0:
         one_node = local_size == world_size
-        chosen = (addr or (LOCALHOST if one_node else socket.gethostname()),
-                  int(port) if port else free_port("" if not one_node else LOCALHOST))
+        chosen = (
+            addr or (LOCALHOST if one_node else socket.gethostname()),
+            int(port) if port else free_port("" if not one_node else LOCALHOST),
+        )
     addr, port = mpi_comm.bcast(chosen, root=0)
     return addr, int(port)
 
 
-def init_distributed_env(environ: Optional[MutableMapping[str, str]] = None,
-                         argv: Optional[Sequence[str]] = None, *,
-                         hostnames: Callable[[str], list[str]] = expand_nodelist,
-                         mpi_comm: Any = None,
-                         cuda_available: Optional[bool] = None) -> dict:
+def init_distributed_env(
+    environ: Optional[MutableMapping[str, str]] = None,
+    argv: Optional[Sequence[str]] = None,
+    *,
+    hostnames: Callable[[str], list[str]] = expand_nodelist,
+    mpi_comm: Any = None,
+    cuda_available: Optional[bool] = None,
+) -> dict:
     """Resolve rank, world size and rendezvous address from the launcher, and export them.
 
     Writes ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` into
@@ -193,16 +205,23 @@ def init_distributed_env(environ: Optional[MutableMapping[str, str]] = None,
 
     if environ.get("RANK") is not None and environ.get("WORLD_SIZE") is not None:
         # torchrun and the deepspeed launcher export everything themselves.
-        launcher = ("torchrun" if "TORCHELASTIC_RUN_ID" in environ
-                    else "deepspeed" if local_rank_arg is not None or "CROSS_RANK" in environ
-                    else "torchrun")
+        launcher = (
+            "torchrun"
+            if "TORCHELASTIC_RUN_ID" in environ
+            else "deepspeed"
+            if local_rank_arg is not None or "CROSS_RANK" in environ
+            else "torchrun"
+        )
         rank, world_size = _int(environ, "RANK"), _int(environ, "WORLD_SIZE")
-        local_rank = _int(environ, "LOCAL_RANK",
-                          local_rank_arg if local_rank_arg is not None else rank)
+        local_rank = _int(
+            environ, "LOCAL_RANK", local_rank_arg if local_rank_arg is not None else rank
+        )
         if world_size > 1 and not (environ.get("MASTER_ADDR") and environ.get("MASTER_PORT")):
-            raise LaunchEnvError(f"RANK={rank} and WORLD_SIZE={world_size} are set but "
-                                 "MASTER_ADDR/MASTER_PORT are not; expected all five (torchrun "
-                                 "and the deepspeed launcher set them)")
+            raise LaunchEnvError(
+                f"RANK={rank} and WORLD_SIZE={world_size} are set but "
+                "MASTER_ADDR/MASTER_PORT are not; expected all five (torchrun "
+                "and the deepspeed launcher set them)"
+            )
         addr = environ.get("MASTER_ADDR") or LOCALHOST
         port = _int(environ, "MASTER_PORT") if environ.get("MASTER_PORT") else free_port()
     elif "OMPI_COMM_WORLD_RANK" in environ or "PMI_RANK" in environ:
@@ -231,8 +250,10 @@ def init_distributed_env(environ: Optional[MutableMapping[str, str]] = None,
             elif world_size == 1:
                 addr = LOCALHOST
             else:
-                raise LaunchEnvError("srun step without SLURM_STEP_NODELIST/SLURM_JOB_NODELIST; "
-                                     "expected Slurm to set them, or MASTER_ADDR")
+                raise LaunchEnvError(
+                    "srun step without SLURM_STEP_NODELIST/SLURM_JOB_NODELIST; "
+                    "expected Slurm to set them, or MASTER_ADDR"
+                )
         if environ.get("MASTER_PORT"):
             port = _int(environ, "MASTER_PORT")
         elif environ.get("SLURM_JOB_ID"):
@@ -246,10 +267,17 @@ def init_distributed_env(environ: Optional[MutableMapping[str, str]] = None,
         port = _int(environ, "MASTER_PORT") if environ.get("MASTER_PORT") else free_port()
 
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise LaunchEnvError(f"{launcher}: rank {rank}, local rank {local_rank} and world size "
-                             f"{world_size} are inconsistent; expected 0 <= rank < world size")
-    resolved = {"rank": rank, "world_size": world_size, "local_rank": local_rank,
-                "master_addr": addr, "master_port": port}
+        raise LaunchEnvError(
+            f"{launcher}: rank {rank}, local rank {local_rank} and world size "
+            f"{world_size} are inconsistent; expected 0 <= rank < world size"
+        )
+    resolved = {
+        "rank": rank,
+        "world_size": world_size,
+        "local_rank": local_rank,
+        "master_addr": addr,
+        "master_port": port,
+    }
     for name, key in zip(DIST_VARS, resolved):
         environ[name] = str(resolved[key])
     if cuda_available is None:
@@ -280,8 +308,9 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
-def check(config: str, world_size: int, overrides: Sequence[str] = (),
-          train_module: Optional[str] = None) -> str:
+def check(
+    config: str, world_size: int, overrides: Sequence[str] = (), train_module: Optional[str] = None
+) -> str:
     """Load ``config`` with ``overrides`` and check it for ``world_size`` processes: every rule of
     the ``config`` and ``files`` scopes (:mod:`inrank_megatron.rules`), as the trainer's own
     pre-flight does; with ``train_module``, also that the module the launcher will run exists.
@@ -305,9 +334,11 @@ def check(config: str, world_size: int, overrides: Sequence[str] = (),
         except ImportError:  # a parent package is missing
             found = False
         if not found:
-            raise ConfigError(f"training module {train_module!r} not found (python "
-                              f"{sys.executable}); expected it importable, e.g. "
-                              "inrank_megatron.train with the package installed")
+            raise ConfigError(
+                f"training module {train_module!r} not found (python "
+                f"{sys.executable}); expected it importable, e.g. "
+                "inrank_megatron.train with the package installed"
+            )
 
     from inrank_megatron import rules
 
@@ -322,23 +353,29 @@ def check(config: str, world_size: int, overrides: Sequence[str] = (),
     for warning in found["split_warnings"]:
         print(f"warning: {warning}")
     p = cfg.parallel
-    return (f"world {world_size} = TP {p.tensor_model_parallel_size} x PP "
-            f"{p.pipeline_model_parallel_size} x DP {data_parallel_size(cfg, world_size)}, "
-            f"backend {p.backend}, output {cfg.output.dir}")
+    return (
+        f"world {world_size} = TP {p.tensor_model_parallel_size} x PP "
+        f"{p.pipeline_model_parallel_size} x DP {data_parallel_size(cfg, world_size)}, "
+        f"backend {p.backend}, output {cfg.output.dir}"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m inrank_megatron.launch_env",
         description="Launcher helpers. 'check' validates a config for a world size before any "
-                    "training process starts (exit 2 and one line on stderr when it does not "
-                    "fit); 'show' prints this process's resolved distributed env as JSON.")
+        "training process starts (exit 2 and one line on stderr when it does not "
+        "fit); 'show' prints this process's resolved distributed env as JSON.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser("check", help="validate CONFIG [overrides] for --world-size N")
     p_check.add_argument("config", help="YAML config, e.g. configs/tiny-cpu.yaml")
     p_check.add_argument("--world-size", type=int, required=True, help="processes in the job")
-    p_check.add_argument("--train-module", default=None,
-                         help="also check that this module exists (the one the launcher runs)")
+    p_check.add_argument(
+        "--train-module",
+        default=None,
+        help="also check that this module exists (the one the launcher runs)",
+    )
     p_check.add_argument("overrides", nargs="*", help="section.key=value overrides")
     sub.add_parser("show", help="print init_distributed_env() of this process as JSON")
     # Overrides may follow --world-size, which plain parse_args would reject.

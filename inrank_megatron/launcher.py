@@ -33,8 +33,11 @@ import traceback
 from typing import Optional, Sequence
 
 # The loggers torchrun's agent reports through (torch.distributed.elastic.* and run.py's own).
-TORCHRUN_LOGGERS = ("torch.distributed.elastic", "torch.distributed.run",
-                    "torch.distributed.launcher")
+TORCHRUN_LOGGERS = (
+    "torch.distributed.elastic",
+    "torch.distributed.run",
+    "torch.distributed.launcher",
+)
 # Signals a batch system or a user sends to stop or warn a job: handed on to the launcher.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # The ranks' status after a signal or train.exit_duration_mins stopped them with a checkpoint
@@ -62,8 +65,9 @@ def status(exitcode: int) -> int:
 def failed(name: str, code: int, log: Optional[str], what: str = "") -> None:
     """The launch script's last line for a failed run."""
     where = f" (launcher report: {log})" if log and os.path.exists(log) else ""
-    print(f"{name}: training failed{what} with exit status {code}{where}", file=sys.stderr,
-          flush=True)
+    print(
+        f"{name}: training failed{what} with exit status {code}{where}", file=sys.stderr, flush=True
+    )
 
 
 def run_torchrun(name: str, args: Sequence[str]) -> int:
@@ -97,15 +101,21 @@ def run_torchrun(name: str, args: Sequence[str]) -> int:
         failed(name, code, log, f" (rank {rank} first)")
         return code or 1
     except SignalException as error:  # torchrun was signalled; it stopped its ranks first
-        print(f"{name}: torchrun stopped by {signal.Signals(error.sigval).name} (exit status 1)",
-              file=sys.stderr, flush=True)
+        print(
+            f"{name}: torchrun stopped by {signal.Signals(error.sigval).name} (exit status 1)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     except Exception as error:  # noqa: BLE001 - rendezvous, bad flags: one line, the rest logged
         with open(log, "a") as f:
             traceback.print_exc(file=f)
         text = " ".join(str(error).split()) or type(error).__name__
-        print(f"{name}: error: torchrun: {type(error).__name__}: {text} (launcher report: "
-              f"{log})", file=sys.stderr, flush=True)
+        print(
+            f"{name}: error: torchrun: {type(error).__name__}: {text} (launcher report: {log})",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     finally:
         handler.close()
@@ -132,8 +142,9 @@ def run_command(name: str, command: Sequence[str], slurm_filter: bool = False) -
             log (the rest passes through unchanged).
     """
     log = log_path(name) if slurm_filter else None
-    child = subprocess.Popen(list(command), preexec_fn=_die_with_parent,
-                             stderr=subprocess.PIPE if slurm_filter else None)
+    child = subprocess.Popen(
+        list(command), preexec_fn=_die_with_parent, stderr=subprocess.PIPE if slurm_filter else None
+    )
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, lambda s, _frame: child.send_signal(s))
     if slurm_filter:
@@ -153,16 +164,18 @@ def run_command(name: str, command: Sequence[str], slurm_filter: bool = False) -
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inrank_megatron.launcher",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m inrank_megatron.launcher", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_torchrun = sub.add_parser("torchrun", help="torch.distributed.run in this process")
     p_run = sub.add_parser("run", help="a launcher command as a child")
     for p in (p_torchrun, p_run):
         p.add_argument("--name", required=True, help="the launch script, for its last line")
         p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the launcher's arguments")
-    p_run.add_argument("--filter", choices=("srun",), default=None,
-                       help="move srun's own lines to the log")
+    p_run.add_argument(
+        "--filter", choices=("srun",), default=None, help="move srun's own lines to the log"
+    )
     args = parser.parse_args(argv)
     rest = args.args[1:] if args.args[:1] == ["--"] else args.args
     if args.command == "torchrun":

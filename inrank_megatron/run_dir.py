@@ -43,10 +43,12 @@ def _holder(fd: int) -> dict:
 
 
 def _busy(output_dir: str, holder: dict) -> ConfigError:
-    return ConfigError(f"output.dir={output_dir!r} is in use by another run (host "
-                       f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, holding "
-                       f"{os.path.join(output_dir, LOCK_FILE)}); wait for it to end or choose "
-                       "another output.dir")
+    return ConfigError(
+        f"output.dir={output_dir!r} is in use by another run (host "
+        f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, holding "
+        f"{os.path.join(output_dir, LOCK_FILE)}); wait for it to end or choose "
+        "another output.dir"
+    )
 
 
 def check_not_locked(output_dir: str) -> None:
@@ -87,8 +89,9 @@ def lock_output_dir(output_dir: str) -> None:
         os.close(fd)
         raise _busy(output_dir, holder) from None
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                             "job": _job()}).encode())
+    os.write(
+        fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job": _job()}).encode()
+    )
     _held = fd
 
 

@@ -9,8 +9,10 @@ def aligned_table(header: list, rows: list, left: int = 1, indent: str = "  ") -
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
 
     def line(r):
-        cells = [str(c).ljust(widths[i]) if i < left else str(c).rjust(widths[i])
-                 for i, c in enumerate(r)]
+        cells = [
+            str(c).ljust(widths[i]) if i < left else str(c).rjust(widths[i])
+            for i, c in enumerate(r)
+        ]
         return (indent + "  ".join(cells)).rstrip()
 
     return [line(header), indent + "  ".join("-" * w for w in widths)] + [line(r) for r in rows]

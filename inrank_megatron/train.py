@@ -28,11 +28,15 @@ from inrank_megatron.run_dir import lock_output_dir
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m inrank_megatron.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m inrank_megatron.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", default=None, help="YAML config (default: all defaults)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help="set by the deepspeed launcher")
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
+    )
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     return p.parse_args(argv)
 
@@ -100,13 +104,21 @@ def main(argv=None) -> int:
     stop = StopRequest.for_config(cfg, rank=env["rank"], start=started)
     stop.install()  # from here a SIGTERM / SIGUSR1 ends the run with a checkpoint
     try:
-        summary = train(cfg, resume_path=resume_path, fixed_ranks=fixed_ranks,
-                        dist_backend=env["backend"], stop=stop)
+        summary = train(
+            cfg,
+            resume_path=resume_path,
+            fixed_ranks=fixed_ranks,
+            dist_backend=env["backend"],
+            stop=stop,
+        )
         if summary["stopped"]:
             if rank0:  # on a line of its own, after the progress bar's
-                print(f"\nstopped by {summary['stopped']} after step {summary['steps']}/"
-                      f"{cfg.train.steps}: checkpoint {summary['checkpoint']}; continue with "
-                      "output.resume=auto", flush=True)
+                print(
+                    f"\nstopped by {summary['stopped']} after step {summary['steps']}/"
+                    f"{cfg.train.steps}: checkpoint {summary['checkpoint']}; continue with "
+                    "output.resume=auto",
+                    flush=True,
+                )
             # No rank exits (75) before rank 0 has said so: srun --kill-on-bad-exit ends the
             # job step at the first non-zero exit.
             import torch.distributed
@@ -132,8 +144,11 @@ def main(argv=None) -> int:
             # stops this process first; only a failure of this rank alone gets here to print.
             time.sleep(FAILURE_REPORT_DELAY_S)
         who = "" if rank0 else f" (rank {env['rank']})"
-        print(f"error{who}: {one_line(error)} (INRANK_DEBUG=1 shows the traceback)",
-              file=sys.stderr, flush=True)
+        print(
+            f"error{who}: {one_line(error)} (INRANK_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     finally:
         stop.uninstall()
@@ -144,9 +159,11 @@ def main(argv=None) -> int:
         from inrank_megatron.training.console import rank_summary, where
 
         loss, ppl = summary["valid_loss"], summary["valid_ppl"]
-        print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f} s, valid loss "
-              f"{'-' if loss is None else f'{loss:.4f}'}, ppl {'-' if ppl is None else f'{ppl:.2f}'}"
-              f", stage {summary['stage']}, ranks {rank_summary(summary['ranks'])}")
+        print(
+            f"done: {summary['steps']} steps in {summary['wall_s']:.0f} s, valid loss "
+            f"{'-' if loss is None else f'{loss:.4f}'}, ppl {'-' if ppl is None else f'{ppl:.2f}'}"
+            f", stage {summary['stage']}, ranks {rank_summary(summary['ranks'])}"
+        )
         for line in where(summary):
             print(line)
     return 0

@@ -55,8 +55,16 @@ def cumulative_run(tmp_path_factory):
     """``SHORT`` in cumulative mode at TP=2 (no cut: capacity grows), 8 steps, one checkpoint at
     step 8. Read-only."""
     out = str(tmp_path_factory.mktemp("cumulative_run"))
-    run_train([*SHORT, f"output.dir={out}", "inrank.mode=cumulative", "inrank.stage1_steps=null",
-               "train.steps=8", "train.save_interval=8"])
+    run_train(
+        [
+            *SHORT,
+            f"output.dir={out}",
+            "inrank.mode=cumulative",
+            "inrank.stage1_steps=null",
+            "train.steps=8",
+            "train.save_interval=8",
+        ]
+    )
     return out
 
 
@@ -89,9 +97,10 @@ def books_data(tmp_path_factory):
         os.chdir(cwd)
     root = tmp_path_factory.mktemp("books")
     lines = root / "books.jsonl"
-    lines.write_text("".join(json.dumps({"text": d}) + "\n"
-                             for d in itertools.islice(book_documents(300), 100)),
-                     encoding="utf-8")
+    lines.write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in itertools.islice(book_documents(300), 100)),
+        encoding="utf-8",
+    )
     return preprocess(str(root / "books"), tokenizer=tokenizer, inputs=[str(lines)]).data_prefix
 
 
@@ -99,8 +108,12 @@ def blend_overrides(books: str) -> list:
     """``SHORT`` over 12 steps on the blend ``[1, wiki, 3, books]`` (``BLEND_WEIGHTS``), measured
     against a 0.5 TFLOP/s peak: checkpoints at steps 4, 8 and 12, the cut after step 8."""
     w_wiki, w_books = BLEND_WEIGHTS
-    return [*SHORT, "train.steps=12", "train.peak_tflops=0.5",
-            f"data.prefix=[{w_wiki}, data/wiki_sp8k_text_document, {w_books}, {books}]"]
+    return [
+        *SHORT,
+        "train.steps=12",
+        "train.peak_tflops=0.5",
+        f"data.prefix=[{w_wiki}, data/wiki_sp8k_text_document, {w_books}, {books}]",
+    ]
 
 
 @pytest.fixture(scope="session")

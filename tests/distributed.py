@@ -38,10 +38,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite's small GPT (configs/tiny-cpu.yaml's spec-like InRank settings, pinned for the tests).
 TINY_CONFIG = "tests/tiny.yaml"
 # A run short enough for 2 cores: growth every 2 steps from step 2, cut after step 8.
-SHORT = ["train.steps=16", "train.lr_warmup_steps=2", "train.log_interval=1",
-         "train.eval_interval=8", "train.eval_iters=1", "train.save_interval=4",
-         "inrank.warmup=2", "inrank.gap=2", "inrank.stage1_steps=8", "output.plot=false",
-         "model.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4"]
+SHORT = [
+    "train.steps=16",
+    "train.lr_warmup_steps=2",
+    "train.log_interval=1",
+    "train.eval_interval=8",
+    "train.eval_iters=1",
+    "train.save_interval=4",
+    "inrank.warmup=2",
+    "inrank.gap=2",
+    "inrank.stage1_steps=8",
+    "output.plot=false",
+    "model.seq_length=64",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+]
 
 
 def _free_port() -> int:
@@ -231,9 +242,18 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300, **kwargs) 
 def train_command(overrides, nproc: int = 2, config: str = TINY_CONFIG) -> list:
     """``torchrun --nproc_per_node N -m inrank_megatron.train --config CONFIG`` (a path relative
     to the repository) followed by ``overrides``."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={_free_port()}", "-m", "inrank_megatron.train",
-            "--config", os.path.join(REPO, config), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={_free_port()}",
+        "-m",
+        "inrank_megatron.train",
+        "--config",
+        os.path.join(REPO, config),
+        *overrides,
+    ]
 
 
 def train_env() -> dict:
@@ -241,8 +261,9 @@ def train_env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def run_train(overrides, nproc: int = 2, timeout: float = 600, check: bool = True,
-              config: str = TINY_CONFIG):
+def run_train(
+    overrides, nproc: int = 2, timeout: float = 600, check: bool = True, config: str = TINY_CONFIG
+):
     """Train ``CONFIG`` (default the test suite's ``tests/tiny.yaml``) with ``overrides`` on
     ``nproc`` processes.
 
@@ -252,8 +273,14 @@ def run_train(overrides, nproc: int = 2, timeout: float = 600, check: bool = Tru
     Raises:
         AssertionError: with ``check``, a non-zero exit (the message ends with its stderr).
     """
-    proc = subprocess.run(train_command(overrides, nproc, config), cwd=REPO, env=train_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        train_command(overrides, nproc, config),
+        cwd=REPO,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc

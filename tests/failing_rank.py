@@ -8,8 +8,14 @@ import sys
 LINE = "error: rank 0 failed after launch (tests.failing_rank)"
 
 if __name__ == "__main__":
-    rank = next((int(os.environ[v]) for v in ("RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
-                 if v in os.environ), 0)
+    rank = next(
+        (
+            int(os.environ[v])
+            for v in ("RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+            if v in os.environ
+        ),
+        0,
+    )
     if rank == 0:
         print(LINE, file=sys.stderr, flush=True)
     sys.exit(1 if rank == 0 else 0)

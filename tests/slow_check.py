@@ -44,8 +44,7 @@ def pytest_runtest_protocol(item, nextitem):
 
 def unmarked_over(limit: float) -> list:
     """``[(cost_s, nodeid)]`` of the unmarked tests costing more than ``limit``, costliest first."""
-    return sorted(((cost, nodeid) for nodeid, cost in _COSTS.items() if cost > limit),
-                  reverse=True)
+    return sorted(((cost, nodeid) for nodeid, cost in _COSTS.items() if cost > limit), reverse=True)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -53,11 +52,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not slow:
         return
     terminalreporter.section("unmarked tests over the slow marker's budget")
-    terminalreporter.write_line(f"cost = min(wall, CPU time) > {SLOW_S:g} s: mark them "
-                                f"@pytest.mark.slow (over {FAIL_S:g} s fails the run)")
+    terminalreporter.write_line(
+        f"cost = min(wall, CPU time) > {SLOW_S:g} s: mark them "
+        f"@pytest.mark.slow (over {FAIL_S:g} s fails the run)"
+    )
     for cost, nodeid in slow:
-        terminalreporter.write_line(f"  {cost:6.1f} s  {nodeid}"
-                                    + ("  FAIL" if cost > FAIL_S else ""))
+        terminalreporter.write_line(
+            f"  {cost:6.1f} s  {nodeid}" + ("  FAIL" if cost > FAIL_S else "")
+        )
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -19,8 +19,16 @@ from tests.distributed import run_distributed
 SEQ, BATCH, VOCAB = 16, 2, 128
 
 
-def _build(world_size, sequence_parallel, *, attention="local", recompute="none",
-           recompute_num_layers=None, seed=1234, layers=("fc1", "fc2", "proj")):
+def _build(
+    world_size,
+    sequence_parallel,
+    *,
+    attention="local",
+    recompute="none",
+    recompute_num_layers=None,
+    seed=1234,
+    layers=("fc1", "fc2", "proj"),
+):
     from megatron.core import tensor_parallel
 
     from inrank_megatron import InRankConfig
@@ -28,13 +36,23 @@ def _build(world_size, sequence_parallel, *, attention="local", recompute="none"
 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
-    shape = GPTShape(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
-                     seq_length=SEQ, vocab_size=VOCAB)
-    config = transformer_config(shape, tp=world_size, sequence_parallel=sequence_parallel,
-                                recompute=recompute, recompute_num_layers=recompute_num_layers)
+    shape = GPTShape(
+        num_layers=3,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=256,
+        seq_length=SEQ,
+        vocab_size=VOCAB,
+    )
+    config = transformer_config(
+        shape,
+        tp=world_size,
+        sequence_parallel=sequence_parallel,
+        recompute=recompute,
+        recompute_num_layers=recompute_num_layers,
+    )
     icfg = InRankConfig(rank=2, buffer=6, warmup=2, gap=2, stage1_steps=5)
-    model = build_gpt(shape, config, inrank=icfg, inrank_layers=layers,
-                      attention=attention)
+    model = build_gpt(shape, config, inrank=icfg, inrank_layers=layers, attention=attention)
     return model, icfg
 
 
@@ -99,15 +117,19 @@ def _body(rank, world_size, sequence_parallel):
     ref = _train(world_size, sequence_parallel)
     out = {"checks": [h[0] for h in ref[2] if h[1]], "cut": [h[0] for h in ref[2] if h[2]]}
     # One forward/backward: over AdamW steps fp32 reorderings compound (Adam divides by |g|).
-    out["sdpa"] = _max_rel(_train(world_size, sequence_parallel, steps=1, attention="sdpa"),
-                           _train(world_size, sequence_parallel, steps=1))
+    out["sdpa"] = _max_rel(
+        _train(world_size, sequence_parallel, steps=1, attention="sdpa"),
+        _train(world_size, sequence_parallel, steps=1),
+    )
     out["selective"] = _max_rel(_train(world_size, sequence_parallel, recompute="selective"), ref)
     out["full"] = _max_rel(_train(world_size, sequence_parallel, recompute="full"), ref)
-    out["full_1_layer"] = _max_rel(_train(world_size, sequence_parallel, recompute="full",
-                                          recompute_num_layers=1), ref)
+    out["full_1_layer"] = _max_rel(
+        _train(world_size, sequence_parallel, recompute="full", recompute_num_layers=1), ref
+    )
     sdpa = _train(world_size, sequence_parallel, attention="sdpa")
-    out["full_sdpa"] = _max_rel(_train(world_size, sequence_parallel, attention="sdpa",
-                                       recompute="full"), sdpa)
+    out["full_sdpa"] = _max_rel(
+        _train(world_size, sequence_parallel, attention="sdpa", recompute="full"), sdpa
+    )
     return out
 
 
@@ -134,10 +156,14 @@ def _modules_body(rank, world_size):
     enable_cpu_fallback()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(1)  # local attention forks its stream
-    config = transformer_config(GPTShape(num_layers=1, hidden_size=64, num_attention_heads=4,
-                                         seq_length=SEQ, vocab_size=VOCAB))
-    kw = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal,
-              attention_type="self")
+    config = transformer_config(
+        GPTShape(
+            num_layers=1, hidden_size=64, num_attention_heads=4, seq_length=SEQ, vocab_size=VOCAB
+        )
+    )
+    kw = dict(
+        config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self"
+    )
     local, sdpa = DotProductAttention(**kw), SDPADotProductAttention(**kw)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(SEQ, BATCH, 4, 16, generator=gen) for _ in range(3))
@@ -190,11 +216,14 @@ def test_full_recompute_keeps_autocast():
     assert run_distributed(_autocast_body, 1, False)[0] > 1e-3
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.recompute=selective", "model.attention=sdpa"], "model.recompute=selective"),
-    (["model.recompute_num_layers=2"], "model.recompute_num_layers=2 is only read"),
-    (["model.recompute=full", "model.recompute_num_layers=5"], "exceeds the 4 transformer"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.recompute=selective", "model.attention=sdpa"], "model.recompute=selective"),
+        (["model.recompute_num_layers=2"], "model.recompute_num_layers=2 is only read"),
+        (["model.recompute=full", "model.recompute_num_layers=5"], "exceeds the 4 transformer"),
+    ],
+)
 def test_recompute_rules(overrides, message):
     from inrank_megatron.config import ConfigError, load_config
     from inrank_megatron import rules
@@ -202,6 +231,8 @@ def test_recompute_rules(overrides, message):
     cfg = load_config("tests/tiny.yaml", overrides)
     with pytest.raises(ConfigError, match=message):
         rules.validate(cfg, 2)
-    ok = load_config("tests/tiny.yaml", ["model.recompute=full", "model.attention=sdpa",
-                                               "model.recompute_num_layers=4"])
+    ok = load_config(
+        "tests/tiny.yaml",
+        ["model.recompute=full", "model.attention=sdpa", "model.recompute_num_layers=4"],
+    )
     rules.validate(ok, 2)

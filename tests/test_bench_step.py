@@ -37,8 +37,9 @@ def test_learned_ranks_read_like_fixed_ranks_and_checked(tmp_path):
 def test_layer_slots_place_layers_by_number():
     from inrank_megatron.training.throughput import layer_slots
 
-    slots = layer_slots(4, {"decoder.layers.3.mlp.linear_fc2": 9,
-                            "decoder.layers.0.mlp.linear_fc1": 5})
+    slots = layer_slots(
+        4, {"decoder.layers.3.mlp.linear_fc2": 9, "decoder.layers.0.mlp.linear_fc1": 5}
+    )
     assert slots == [{"fc1": 5}, {}, {}, {"fc2": 9}]
     with pytest.raises(ValueError, match="decoder.layers.4.mlp.linear_fc1"):
         layer_slots(4, {"decoder.layers.4.mlp.linear_fc1": 5})
@@ -47,16 +48,38 @@ def test_layer_slots_place_layers_by_number():
 def test_projection_arithmetic():
     """InRank = stage-1 steps at stage-1 speed + the rest at the cut's + every check + the cut; a
     step at the config's batch is (global / micro) micro-batches and one optimizer step."""
-    cfg = load_config(TINY, ["train.steps=100", "train.global_batch_size=8",
-                             "inrank.stage1_steps=30", "inrank.warmup=10", "inrank.gap=5"])
+    cfg = load_config(
+        TINY,
+        [
+            "train.steps=100",
+            "train.global_batch_size=8",
+            "inrank.stage1_steps=30",
+            "inrank.warmup=10",
+            "inrank.gap=5",
+        ],
+    )
     job = load_config(TINY, ["train.micro_batch_size=2", "train.global_batch_size=2"])
 
     def arm(f, b, o, **kw):
-        return dict(forward_s=f, backward_s=b, optimizer_s=o, step_s=f + b + o,
-                    rank_check_s=None, cut_s=None, **kw)
+        return dict(
+            forward_s=f,
+            backward_s=b,
+            optimizer_s=o,
+            step_s=f + b + o,
+            rank_check_s=None,
+            cut_s=None,
+            **kw,
+        )
 
-    arms = {"dense": arm(1.0, 2.0, 0.5), "stage1": arm(0.5, 1.0, 0.5, ),
-            "cut": arm(0.25, 0.5, 0.25)}
+    arms = {
+        "dense": arm(1.0, 2.0, 0.5),
+        "stage1": arm(
+            0.5,
+            1.0,
+            0.5,
+        ),
+        "cut": arm(0.25, 0.5, 0.25),
+    }
     arms["stage1"]["rank_check_s"] = 0.7
     arms["cut"]["cut_s"] = 3.0
     p = bench.project_run(cfg, job, arms)
@@ -71,13 +94,16 @@ def test_projection_arithmetic():
     assert bench.project_run(cfg, job, {"dense": arms["dense"]}) is None
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--rank-fraction", "1.5"], "--rank-fraction=1.5"),
-    (["--tp", "3"], "parallel.tensor_model_parallel_size=3"),
-    (["--steps", "0"], "--steps=0"),
-    (["--ranks-from", "/nonexistent/run"], "--ranks-from='/nonexistent/run': no such run"),
-    (["model.no_such_key=1"], "no_such_key"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rank-fraction", "1.5"], "--rank-fraction=1.5"),
+        (["--tp", "3"], "parallel.tensor_model_parallel_size=3"),
+        (["--steps", "0"], "--steps=0"),
+        (["--ranks-from", "/nonexistent/run"], "--ranks-from='/nonexistent/run': no such run"),
+        (["model.no_such_key=1"], "no_such_key"),
+    ],
+)
 def test_bad_input_exits_2_before_launching(capsys, argv, message):
     from tools.bench_step import main
 
@@ -96,18 +122,42 @@ def test_one_launch_reports_the_planners_bytes_and_slots(tmp_path, capsys):
     from tools.bench_step import main
 
     out = tmp_path / "bench.json"
-    overrides = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=2",
-                 "model.ffn_hidden_size=256"]
-    assert main(["--config", TINY, "--seq", "16", "--micro", "2", "--steps", "1", "--repeats",
-                 "1", "--json", str(out), *overrides]) == 0
+    overrides = [
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.num_attention_heads=2",
+        "model.ffn_hidden_size=256",
+    ]
+    assert (
+        main(
+            [
+                "--config",
+                TINY,
+                "--seq",
+                "16",
+                "--micro",
+                "2",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+                *overrides,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "InRank after cut" in printed and "whole run projected" in printed
     res = json.loads(out.read_text())
     job = load_config(TINY, [*overrides, "model.seq_length=16"])
-    counts = {"dense": count_parameters(job, inrank=False),
-              "stage1": count_parameters(job, inrank=True, stage="storage"),
-              "fixed": count_parameters(job, inrank=True, stage="storage"),
-              "cut": count_parameters(job, inrank=True, stage="fraction")}
+    counts = {
+        "dense": count_parameters(job, inrank=False),
+        "stage1": count_parameters(job, inrank=True, stage="storage"),
+        "fixed": count_parameters(job, inrank=True, stage="storage"),
+        "cut": count_parameters(job, inrank=True, stage="fraction"),
+    }
     r = counts["cut"].slots["fc1"]  # round(0.33 * 64) = 21 (max_rank 32, buffer 16: clipped to 15)
     assert r == 15
     want_slots = {"dense": [], "stage1": [r + 16], "cut": [r], "fixed": [r]}
@@ -132,10 +182,35 @@ def test_attentions_compared_in_one_launch(tmp_path, capsys):
     from tools.bench_step import main
 
     out = tmp_path / "bench.json"
-    assert main(["--config", TINY, "--seq", "16", "--micro", "2", "--steps", "1", "--repeats",
-                 "1", "--arms", "dense", "cut", "--attention", "local", "sdpa", "--json",
-                 str(out), "model.num_layers=2", "model.hidden_size=64",
-                 "model.num_attention_heads=2", "model.ffn_hidden_size=256"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                TINY,
+                "--seq",
+                "16",
+                "--micro",
+                "2",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+                "--arms",
+                "dense",
+                "cut",
+                "--attention",
+                "local",
+                "sdpa",
+                "--json",
+                str(out),
+                "model.num_layers=2",
+                "model.hidden_size=64",
+                "model.num_attention_heads=2",
+                "model.ffn_hidden_size=256",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "attention local" in printed and "attention sdpa" in printed
     assert "model.attention compared" in printed and "sdpa vs local" in printed
@@ -143,8 +218,10 @@ def test_attentions_compared_in_one_launch(tmp_path, capsys):
     assert res["attention"] == "local" and list(res["by_attention"]) == ["local", "sdpa"]
     local, sdpa = (res["by_attention"][a]["arms"] for a in ("local", "sdpa"))
     for arm in ("dense", "cut"):
-        assert local[arm]["memory"] == sdpa[arm]["memory"] and local[arm]["slots"] == \
-            sdpa[arm]["slots"]
+        assert (
+            local[arm]["memory"] == sdpa[arm]["memory"]
+            and local[arm]["slots"] == sdpa[arm]["slots"]
+        )
         # Same weights and batch: the first step's loss agrees to fp32 reorderings.
         assert sdpa[arm]["loss"] == pytest.approx(local[arm]["loss"], rel=1e-4)
 

@@ -35,8 +35,9 @@ def _run(path, overrides, *, valid, throughput, ranks=None, summary=None):
         if ranks:
             writer.log_ranks(0, dict.fromkeys(ranks, 2))
         for step, tps in throughput.items():
-            writer.log_train(step, loss=9.0, lr=1e-3, grad_norm=1.0, tokens_per_s=tps,
-                             stage="growing")
+            writer.log_train(
+                step, loss=9.0, lr=1e-3, grad_norm=1.0, tokens_per_s=tps, stage="growing"
+            )
             if step in valid:
                 writer.log_eval(step, split="valid", loss=valid[step])
         if ranks:
@@ -49,19 +50,35 @@ def _run(path, overrides, *, valid, throughput, ranks=None, summary=None):
 
 @pytest.fixture
 def runs(tmp_path):
-    inrank = _run(tmp_path / "inrank", ["train.steps=30"],
-                  valid={10: 7.5, 20: 6.25, 30: 5.875},
-                  throughput={10: 1000.0, 20: 3000.0, 30: 2000.0},
-                  ranks={LAYERS[0]: 30, LAYERS[1]: 41},
-                  summary={"steps": 30, "valid_loss": 5.875, "wall_s": 123.5,
-                           "ranks": {LAYERS[0]: 30, LAYERS[1]: 41},
-                           "parameters": {"total": 1_234_567}})
+    inrank = _run(
+        tmp_path / "inrank",
+        ["train.steps=30"],
+        valid={10: 7.5, 20: 6.25, 30: 5.875},
+        throughput={10: 1000.0, 20: 3000.0, 30: 2000.0},
+        ranks={LAYERS[0]: 30, LAYERS[1]: 41},
+        summary={
+            "steps": 30,
+            "valid_loss": 5.875,
+            "wall_s": 123.5,
+            "ranks": {LAYERS[0]: 30, LAYERS[1]: 41},
+            "parameters": {"total": 1_234_567},
+        },
+    )
     # Dense, another learning rate, evaluated at 10 and 20 only, still running: no summary.
-    dense = _run(tmp_path / "dense", ["model.inrank=false", "train.lr=3e-4"],
-                 valid={10: 7.0, 20: 6.0}, throughput={10: 500.0, 20: 700.0})
+    dense = _run(
+        tmp_path / "dense",
+        ["model.inrank=false", "train.lr=3e-4"],
+        valid={10: 7.0, 20: 6.0},
+        throughput={10: 500.0, 20: 700.0},
+    )
     # A run without summary.json: its ranks are the last rows of ranks.csv.
-    fixed = _run(tmp_path / "fixed", ["inrank.fixed_ranks=0.25"], valid={20: 6.5, 25: 6.4},
-                 throughput={20: 900.0, 25: 900.0}, ranks={LAYERS[0]: 32, LAYERS[1]: 32})
+    fixed = _run(
+        tmp_path / "fixed",
+        ["inrank.fixed_ranks=0.25"],
+        valid={20: 6.5, 25: 6.4},
+        throughput={20: 900.0, 25: 900.0},
+        ranks={LAYERS[0]: 32, LAYERS[1]: 32},
+    )
     return inrank, dense, fixed
 
 
@@ -70,24 +87,78 @@ def test_numbers_are_the_files_values(runs):
     table = compare_runs([inrank, dense, fixed])
     assert table.matched_steps == [20]
     header, rows = table.rows()
-    assert header == ["run", "end step", "valid loss", "valid ppl", "loss @20", "ppl @20",
-                      "parameters", "rank mean", "rank min", "rank max", "tokens", "wall s",
-                      "tokens/s"]
+    assert header == [
+        "run",
+        "end step",
+        "valid loss",
+        "valid ppl",
+        "loss @20",
+        "ppl @20",
+        "parameters",
+        "rank mean",
+        "rank min",
+        "rank max",
+        "tokens",
+        "wall s",
+        "tokens/s",
+    ]
     # tiny-cpu: 8 sequences of 128 tokens per step.
-    assert rows[0] == [inrank, 30, 5.875, math.exp(5.875), 6.25, math.exp(6.25), 1_234_567,
-                       35.5, 30, 41, 30 * 8 * 128, 123.5, 2000.0]
-    assert rows[1] == [dense, 20, 6.0, math.exp(6.0), 6.0, math.exp(6.0), None, None, None,
-                       None, 20 * 8 * 128, None, 600.0]
-    assert rows[2] == [fixed, 25, 6.4, math.exp(6.4), 6.5, math.exp(6.5), None, 32.0, 32, 32,
-                       25 * 8 * 128, None, 900.0]
+    assert rows[0] == [
+        inrank,
+        30,
+        5.875,
+        math.exp(5.875),
+        6.25,
+        math.exp(6.25),
+        1_234_567,
+        35.5,
+        30,
+        41,
+        30 * 8 * 128,
+        123.5,
+        2000.0,
+    ]
+    assert rows[1] == [
+        dense,
+        20,
+        6.0,
+        math.exp(6.0),
+        6.0,
+        math.exp(6.0),
+        None,
+        None,
+        None,
+        None,
+        20 * 8 * 128,
+        None,
+        600.0,
+    ]
+    assert rows[2] == [
+        fixed,
+        25,
+        6.4,
+        math.exp(6.4),
+        6.5,
+        math.exp(6.5),
+        None,
+        32.0,
+        32,
+        32,
+        25 * 8 * 128,
+        None,
+        900.0,
+    ]
 
 
 def test_differing_config_keys_are_listed(runs):
     inrank, dense, fixed = runs
     table = compare_runs([inrank, dense, fixed])
     assert table.differences == {
-        "inrank.fixed_ranks": [None, None, 0.25], "model.inrank": [True, False, True],
-        "train.lr": [1e-3, 3e-4, 1e-3], "train.steps": [30, 200, 200]}
+        "inrank.fixed_ranks": [None, None, 0.25],
+        "model.inrank": [True, False, True],
+        "train.lr": [1e-3, 3e-4, 1e-3],
+        "train.steps": [30, 200, 200],
+    }
     assert compare_runs([inrank, inrank]).differences == {}
 
 
@@ -95,32 +166,82 @@ def test_text_and_markdown(runs):
     inrank, dense, _ = runs
     text = format_table(compare_runs([inrank, dense]))
     lines = text.splitlines()
-    assert lines[0].split() == ["run", "end", "step", "valid", "loss", "valid", "ppl", "loss",
-                                "@20", "ppl", "@20", "parameters", "rank", "mean", "rank", "min",
-                                "rank", "max", "tokens", "wall", "s", "tokens/s"]
-    assert lines[2].split() == [inrank, "30", "5.8750", f"{math.exp(5.875):,.2f}", "6.2500",
-                                f"{math.exp(6.25):,.2f}", "1,234,567", "35.5", "30", "41",
-                                "30,720", "123.5", "2,000"]
-    assert lines[3].split() == [dense, "20", "6.0000", f"{math.exp(6.0):,.2f}", "6.0000",
-                                f"{math.exp(6.0):,.2f}", "—", "—", "—", "—", "20,480", "—",
-                                "600"]
+    assert lines[0].split() == [
+        "run",
+        "end",
+        "step",
+        "valid",
+        "loss",
+        "valid",
+        "ppl",
+        "loss",
+        "@20",
+        "ppl",
+        "@20",
+        "parameters",
+        "rank",
+        "mean",
+        "rank",
+        "min",
+        "rank",
+        "max",
+        "tokens",
+        "wall",
+        "s",
+        "tokens/s",
+    ]
+    assert lines[2].split() == [
+        inrank,
+        "30",
+        "5.8750",
+        f"{math.exp(5.875):,.2f}",
+        "6.2500",
+        f"{math.exp(6.25):,.2f}",
+        "1,234,567",
+        "35.5",
+        "30",
+        "41",
+        "30,720",
+        "123.5",
+        "2,000",
+    ]
+    assert lines[3].split() == [
+        dense,
+        "20",
+        "6.0000",
+        f"{math.exp(6.0):,.2f}",
+        "6.0000",
+        f"{math.exp(6.0):,.2f}",
+        "—",
+        "—",
+        "—",
+        "—",
+        "20,480",
+        "—",
+        "600",
+    ]
     assert "Config keys that differ:" in text
-    diff = text[text.index("Config keys that differ:"):].splitlines()
+    diff = text[text.index("Config keys that differ:") :].splitlines()
     assert [line.split() for line in diff[4:]] == [
-        ["model.inrank", "true", "false"], ["train.lr", "0.001", "0.0003"],
-        ["train.steps", "30", "200"]]
+        ["model.inrank", "true", "false"],
+        ["train.lr", "0.001", "0.0003"],
+        ["train.steps", "30", "200"],
+    ]
     markdown = format_table(compare_runs([inrank, dense]), markdown=True).splitlines()
     assert markdown[0].startswith("| run | end step | valid loss |")
     assert markdown[1] == "|" + "|".join(["---"] * 13) + "|"
-    assert markdown[2] == (f"| {inrank} | 30 | 5.8750 | {math.exp(5.875):,.2f} | 6.2500 | "
-                           f"{math.exp(6.25):,.2f} | 1,234,567 | 35.5 | 30 | 41 | 30,720 | "
-                           "123.5 | 2,000 |")
+    assert markdown[2] == (
+        f"| {inrank} | 30 | 5.8750 | {math.exp(5.875):,.2f} | 6.2500 | "
+        f"{math.exp(6.25):,.2f} | 1,234,567 | 35.5 | 30 | 41 | 30,720 | "
+        "123.5 | 2,000 |"
+    )
     assert "| model.inrank | true | false |" in markdown
 
 
 def _tool():
     spec = importlib.util.spec_from_file_location(
-        "compare_runs", os.path.join(REPO, "tools", "compare_runs.py"))
+        "compare_runs", os.path.join(REPO, "tools", "compare_runs.py")
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool
@@ -138,12 +259,15 @@ def test_cli_plot(runs, tmp_path, capsys):
     assert [p for p in os.listdir(tmp_path) if p.startswith(".compare.")] == []
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "{path}: no such run directory"),
-    ("empty", "{path}: not a run directory (config.yaml missing)"),
-    ("no_metrics", "{path}: not a run directory (metrics.csv missing)"),
-    ("bad_metrics", "{path}: {path}/metrics.csv: header 'a,b' is not"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "{path}: no such run directory"),
+        ("empty", "{path}: not a run directory (config.yaml missing)"),
+        ("no_metrics", "{path}: not a run directory (metrics.csv missing)"),
+        ("bad_metrics", "{path}: {path}/metrics.csv: header 'a,b' is not"),
+    ],
+)
 def test_bad_run_directories_are_one_line_exit_2(runs, tmp_path, capsys, case, message):
     path = str(tmp_path / case)
     if case != "missing":

@@ -77,8 +77,15 @@ def test_reshard_tp2_to_tp1_to_tp4(tp2_run, tmp_path, capsys, monkeypatch):
     # Training continues from the resharded checkpoint (TP=1 x DP=2 on 2 processes).
     with open(os.path.join(os.path.dirname(tp1), "latest"), "w") as f:
         f.write("step_000012\n")
-    run_train([*SHORT, f"output.dir={tmp_path / 'tp1'}", "output.resume=auto",
-               "parallel.tensor_model_parallel_size=1", "train.steps=14"])
+    run_train(
+        [
+            *SHORT,
+            f"output.dir={tmp_path / 'tp1'}",
+            "output.resume=auto",
+            "parallel.tensor_model_parallel_size=1",
+            "train.steps=14",
+        ]
+    )
     s = read_summary(str(tmp_path / "tp1"))
     assert s["steps"] == 14 and len(s["train_losses"]) == 2
 

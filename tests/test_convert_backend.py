@@ -27,8 +27,14 @@ TOOL = os.path.join(REPO, "tools", "convert_checkpoint.py")
 
 
 def _convert(*args, check=True):
-    proc = subprocess.run([sys.executable, TOOL, *args], cwd=REPO, env=train_env(), text=True,
-                          capture_output=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, TOOL, *args],
+        cwd=REPO,
+        env=train_env(),
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"convert_checkpoint.py {args} failed:\n{proc.stderr[-3000:]}")
     return proc
@@ -52,14 +58,18 @@ def test_zero2_to_torch_resume_continues_the_deepspeed_run(tmp_path):
 
     with open(os.path.join(dst, "meta.json")) as f:
         meta = json.load(f)
-    assert meta["backend"] == "torch" and meta["step"] == 12 and meta["config"]["parallel"][
-        "backend"] == "torch"
+    assert (
+        meta["backend"] == "torch"
+        and meta["step"] == 12
+        and meta["config"]["parallel"]["backend"] == "torch"
+    )
     steps = torch.load(os.path.join(dst, "train.pt"), weights_only=True)["adam_steps"]
     assert steps and set(steps.values()) == {4.0}  # the factors restarted at the cut (step 8)
     masters = consolidate_checkpoint(src)["state_dict"]
     converted = {}
-    for key, t in read_dist_tensors(os.path.join(dst, "model"),
-                                    skip_prefixes=("optimizer.",)).items():
+    for key, t in read_dist_tensors(
+        os.path.join(dst, "model"), skip_prefixes=("optimizer.",)
+    ).items():
         converted.update(unmap_dist_key(key, t))
     for name, value in masters.items():
         assert torch.equal(converted[name], value), name
@@ -93,8 +103,17 @@ def test_round_trip_through_zero3_at_tp2_is_bit_identical(dp2_run, tmp_path):
     src = os.path.join(dp2_run, "checkpoints", "step_000012")
     mid = str(tmp_path / "ds3" / "step_000012")
     back = str(tmp_path / "back" / "step_000012")
-    _convert("to-deepspeed", src, mid, "--deepspeed-config", "configs/deepspeed/zero3.json",
-             "--tp", "2", "--world-size", "2")
+    _convert(
+        "to-deepspeed",
+        src,
+        mid,
+        "--deepspeed-config",
+        "configs/deepspeed/zero3.json",
+        "--tp",
+        "2",
+        "--world-size",
+        "2",
+    )
     with open(os.path.join(mid, "meta.json")) as f:
         meta = json.load(f)
     assert (meta["tp"], meta["dp"], meta["backend"]) == (2, 1, "deepspeed")
@@ -111,14 +130,15 @@ def test_round_trip_through_zero3_at_tp2_is_bit_identical(dp2_run, tmp_path):
     ta = torch.load(os.path.join(src, "train.pt"), weights_only=True)
     tb = torch.load(os.path.join(back, "train.pt"), weights_only=True)
     assert ta["scheduler"] == tb["scheduler"] and tb["adam_steps"] == {}
-    with open(os.path.join(src, "inrank_growth.json")) as f, \
-            open(os.path.join(back, "inrank_growth.json")) as g:
+    with (
+        open(os.path.join(src, "inrank_growth.json")) as f,
+        open(os.path.join(back, "inrank_growth.json")) as g,
+    ):
         assert json.load(f) == json.load(g)
 
 
 @pytest.mark.slow  # dp2_run trains
-def test_bad_input_is_refused_before_any_process_starts(dp2_run, tmp_path, capsys,
-                                                        monkeypatch):
+def test_bad_input_is_refused_before_any_process_starts(dp2_run, tmp_path, capsys, monkeypatch):
     import tools.convert_checkpoint as cli
 
     src = os.path.join(dp2_run, "checkpoints", "step_000012")
@@ -127,14 +147,44 @@ def test_bad_input_is_refused_before_any_process_starts(dp2_run, tmp_path, capsy
         (("from-deepspeed", src, dst), "expects a 'deepspeed' checkpoint"),
         (("to-deepspeed", src, dst), "needs --deepspeed-config"),
         (("to-deepspeed", src, dst, "--deepspeed-config", "no/such.json"), "no/such.json"),
-        (("to-deepspeed", src, dst, "--deepspeed-config", "configs/deepspeed/zero2.json",
-          "--tp", "3"), "parallel.tensor_model_parallel_size"),
-        (("to-deepspeed", src, dst, "--deepspeed-config", "configs/deepspeed/zero2.json",
-          "--zero-stage", "5"), "--zero-stage 5"),
-        (("to-deepspeed", str(tmp_path), dst, "--deepspeed-config",
-          "configs/deepspeed/zero2.json"), "not a training checkpoint"),
-        (("to-deepspeed", src, src, "--deepspeed-config", "configs/deepspeed/zero2.json"),
-         "refusing to overwrite"),
+        (
+            (
+                "to-deepspeed",
+                src,
+                dst,
+                "--deepspeed-config",
+                "configs/deepspeed/zero2.json",
+                "--tp",
+                "3",
+            ),
+            "parallel.tensor_model_parallel_size",
+        ),
+        (
+            (
+                "to-deepspeed",
+                src,
+                dst,
+                "--deepspeed-config",
+                "configs/deepspeed/zero2.json",
+                "--zero-stage",
+                "5",
+            ),
+            "--zero-stage 5",
+        ),
+        (
+            (
+                "to-deepspeed",
+                str(tmp_path),
+                dst,
+                "--deepspeed-config",
+                "configs/deepspeed/zero2.json",
+            ),
+            "not a training checkpoint",
+        ),
+        (
+            ("to-deepspeed", src, src, "--deepspeed-config", "configs/deepspeed/zero2.json"),
+            "refusing to overwrite",
+        ),
     ]
     before = sorted(os.listdir(src))
     monkeypatch.chdir(REPO)  # the JSON paths are relative to the repository, as in a shell
@@ -157,7 +207,15 @@ def test_weights_only_checkpoint_starts_a_deepspeed_run(dp2_run, tmp_path):
     dense = str(tmp_path / "dense" / "step_000012")
     assert cli.main(["to-dense", src, dense]) == 0
     out = str(tmp_path / "ds")
-    run_train([*DP2, *ZERO2, "model.inrank=false", f"output.dir={out}",
-               f"output.resume={dense}", "train.steps=13"])
+    run_train(
+        [
+            *DP2,
+            *ZERO2,
+            "model.inrank=false",
+            f"output.dir={out}",
+            f"output.resume={dense}",
+            "train.steps=13",
+        ]
+    )
     first = read_summary(out)["train_losses"]
     assert len(first) == 1 and abs(first[0] - read_summary(dp2_run)["train_losses"][12]) < 1e-5

@@ -11,12 +11,18 @@ import torch
 
 from inrank_megatron import InRankConfig, InRankLinear
 from inrank_megatron.core import (
-    FactorResize, GrowthState, explained_ratio, factor_spectrum, map_slot_state, select_rank,
+    FactorResize,
+    GrowthState,
+    explained_ratio,
+    factor_spectrum,
+    map_slot_state,
+    select_rank,
     truncate,
 )
 
 
 # ---- brute-force transcription of the spec's rule (section 3) -------------------------------
+
 
 def brute_ratio(s, k):
     s = [float(v) for v in s]
@@ -63,8 +69,12 @@ def spectra(seed=0):
             s = torch.ones(n, dtype=torch.float64)
         elif kind == 3:  # all-zero tail after a few values
             m = rng.randint(1, n)
-            s = torch.cat([torch.rand(m, generator=gen, dtype=torch.float64) + 1,
-                           torch.zeros(n - m, dtype=torch.float64)])
+            s = torch.cat(
+                [
+                    torch.rand(m, generator=gen, dtype=torch.float64) + 1,
+                    torch.zeros(n - m, dtype=torch.float64),
+                ]
+            )
         elif kind == 4:  # all zero
             s = torch.zeros(n, dtype=torch.float64)
         else:  # heavy ties
@@ -116,12 +126,13 @@ def test_select_rank_hand_made_cases():
 
 def test_energy_rule_is_opt_in():
     s = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1, 0.0, 0.0, 0.0])
-    sq = s ** 2
+    sq = s**2
     want = next(k for k in range(1, 4) if sq[:k].sum() / sq.sum() > 0.9)
     assert select_rank(s, 1, 3, 6, 0.9, rule="energy") == want
 
 
 # ---- spectrum ------------------------------------------------------------------------------
+
 
 def _factors(kind, k, n_in, n_out, gen):
     A = torch.randn(k, n_in, generator=gen, dtype=torch.float64)
@@ -130,14 +141,16 @@ def _factors(kind, k, n_in, n_out, gen):
         B = B * torch.logspace(0, -6, k, dtype=torch.float64)
     elif kind == "deficient":  # rank k // 3
         r = max(1, k // 3)
-        B = torch.randn(n_out, r, generator=gen, dtype=torch.float64) @ \
-            torch.randn(r, k, generator=gen, dtype=torch.float64)
+        B = torch.randn(n_out, r, generator=gen, dtype=torch.float64) @ torch.randn(
+            r, k, generator=gen, dtype=torch.float64
+        )
     return A.float(), B.float()
 
 
 @pytest.mark.parametrize("kind", ["random", "ill", "deficient"])
-@pytest.mark.parametrize("k,n_in,n_out", [(7, 48, 80), (20, 64, 64), (30, 96, 40), (70, 48, 80),
-                                          (64, 32, 64)])
+@pytest.mark.parametrize(
+    "k,n_in,n_out", [(7, 48, 80), (20, 64, 64), (30, 96, 40), (70, 48, 80), (64, 32, 64)]
+)
 def test_factor_spectrum_matches_svdvals(kind, k, n_in, n_out):
     gen = torch.Generator().manual_seed(k * 1000 + n_in)
     A, B = _factors(kind, k, n_in, n_out, gen)
@@ -157,6 +170,7 @@ def test_factor_spectrum_fp32_vs_fp32_svdvals():
 
 
 # ---- truncation ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["random", "ill", "deficient"])
 @pytest.mark.parametrize("k,n_in,n_out,r", [(12, 48, 80, 5), (30, 64, 64, 10), (16, 40, 96, 16)])
@@ -180,6 +194,7 @@ def test_truncate_is_eckart_young(kind, k, n_in, n_out, r):
 
 
 # ---- InRankLinear ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["efficient", "cumulative"])
 @pytest.mark.parametrize("bias", [True, False])
@@ -221,7 +236,9 @@ def test_inrank_linear_init_follows_reference():
     assert layer.A.shape == (32, 64) and layer.B.shape == (256, 32)  # max_rank = min // 2
     assert layer.A.abs().max() <= 1 / math.sqrt(64) and layer.B.abs().max() <= 1 / math.sqrt(32)
     assert torch.all(layer.bias == 0)
-    cum = InRankLinear(64, 256, InRankConfig(mode="cumulative", rank=2, buffer=4, stage1_steps=None))
+    cum = InRankLinear(
+        64, 256, InRankConfig(mode="cumulative", rank=2, buffer=4, stage1_steps=None)
+    )
     assert cum.A.shape == (6, 64) and torch.all(cum.B == 0)
     assert torch.allclose(cum.w0.T @ cum.w0, torch.eye(64), atol=1e-5)  # orthogonal columns
 
@@ -257,8 +274,9 @@ def test_spectral_init_is_the_truncated_svd_of_the_dense_init(shape):
     # layer's seeded generator; megatron's init_method (global RNG) drawn from that generator too.
     layer.fix_rank(7)
     W7 = dense_init_weight(n_in, n_out, generator=torch.Generator().manual_seed(layer._extend_seed))
-    torch.testing.assert_close((layer.B @ layer.A).double(), 0.25 * _svd_truncation(W7, 7)[0],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        (layer.B @ layer.A).double(), 0.25 * _svd_truncation(W7, 7)[0], rtol=0, atol=1e-6
+    )
     normal = partial(torch.nn.init.normal_, mean=0.0, std=0.02)
     state = torch.get_rng_state()
     gen = torch.Generator().manual_seed(5)
@@ -295,10 +313,13 @@ def test_frobenius_penalty_is_autograd_of_the_dense_product(mode):
     from inrank_megatron.layers.base import frobenius_penalty
 
     torch.manual_seed(0)
-    cfg = InRankConfig(mode=mode, rank=3, buffer=4, max_rank=20,
-                       stage1_steps=None if mode == "cumulative" else 130)
-    model = torch.nn.Sequential(InRankLinear(48, 80, cfg, dtype=torch.float64),
-                                InRankLinear(80, 48, cfg, dtype=torch.float64))
+    cfg = InRankConfig(
+        mode=mode, rank=3, buffer=4, max_rank=20, stage1_steps=None if mode == "cumulative" else 130
+    )
+    model = torch.nn.Sequential(
+        InRankLinear(48, 80, cfg, dtype=torch.float64),
+        InRankLinear(80, 48, cfg, dtype=torch.float64),
+    )
     with torch.no_grad():
         for layer in model:
             layer.B.normal_()  # cumulative mode starts at B = 0
@@ -371,6 +392,7 @@ def test_state_dict_round_trip_after_cut():
 
 # ---- growth state ---------------------------------------------------------------------------
 
+
 def test_growth_checks_only_on_due_optimizer_steps():
     g = GrowthState(rank=2, buffer=3, max_rank=20, threshold=0.9, warmup=5, gap=3)
     due = [t for t in range(30) if g.is_due(t)]
@@ -411,6 +433,7 @@ def test_forward_calls_do_not_advance_the_schedule():
 
 # ---- optimizer-state maps -------------------------------------------------------------------
 
+
 def test_resize_policies_map_state_exactly():
     torch.manual_seed(0)
     layer = InRankLinear(48, 80, InRankConfig(rank=3, buffer=5, max_rank=20), dtype=torch.float64)
@@ -421,10 +444,12 @@ def test_resize_policies_map_state_exactly():
     assert torch.equal(map_slot_state(mA, "A", event, policy="slice", kind="exp_avg"), mA[:3])
     assert torch.equal(map_slot_state(mB, "B", event, policy="slice", kind="exp_avg"), mB[:, :3])
     assert torch.all(map_slot_state(mA, "A", event, policy="reset", kind="exp_avg_sq") == 0)
-    assert torch.allclose(map_slot_state(mA, "A", event, policy="project", kind="exp_avg"),
-                          P_A @ mA[:8])
-    assert torch.allclose(map_slot_state(mB, "B", event, policy="project", kind="exp_avg_sq"),
-                          mB[:, :8] @ P_B ** 2)
+    assert torch.allclose(
+        map_slot_state(mA, "A", event, policy="project", kind="exp_avg"), P_A @ mA[:8]
+    )
+    assert torch.allclose(
+        map_slot_state(mB, "B", event, policy="project", kind="exp_avg_sq"), mB[:, :8] @ P_B**2
+    )
     ext = FactorResize("x", "extend", 4, 6, {}, {})
     got = map_slot_state(mB[:, :4], "B", ext, policy="project", kind="exp_avg")
     assert torch.equal(got[:, :4], mB[:, :4]) and torch.all(got[:, 4:] == 0)
@@ -432,13 +457,17 @@ def test_resize_policies_map_state_exactly():
 
 # ---- bad input ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(rank=-1), r"rank=-1 is out of range"),
-    (dict(rank=2.5), r"rank must be an integer"),
-    (dict(buffer=20), r"buffer=20 must be < max_rank=20"),
-    (dict(threshold=1.0), r"threshold must be a number in the open interval \(0, 1\)"),
-    (dict(threshold=0), r"threshold must be"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank=-1), r"rank=-1 is out of range"),
+        (dict(rank=2.5), r"rank must be an integer"),
+        (dict(buffer=20), r"buffer=20 must be < max_rank=20"),
+        (dict(threshold=1.0), r"threshold must be a number in the open interval \(0, 1\)"),
+        (dict(threshold=0), r"threshold must be"),
+    ],
+)
 def test_select_rank_rejects_bad_settings(kwargs, match):
     args = dict(rank=2, buffer=4, max_rank=20, threshold=0.9) | kwargs
     with pytest.raises(ValueError, match=match):
@@ -458,7 +487,9 @@ def test_bad_factors_and_layer_settings():
         truncate(torch.randn(3, 10), B, 2)
     with pytest.raises(ValueError, match=r"layer mlp.fc1: buffer=100 must be < max_rank=32"):
         InRankLinear(64, 256, InRankConfig(), name="mlp.fc1")
-    with pytest.raises(ValueError, match=r"layer mlp.fc2: rank \+ buffer = 25 \+ 10 exceeds max_rank=32"):
+    with pytest.raises(
+        ValueError, match=r"layer mlp.fc2: rank \+ buffer = 25 \+ 10 exceeds max_rank=32"
+    ):
         InRankLinear(256, 64, InRankConfig(rank=25, buffer=10), name="mlp.fc2")
     with pytest.raises(ValueError, match="inrank mode must be one of"):
         InRankConfig(mode="fast")

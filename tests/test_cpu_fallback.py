@@ -60,8 +60,11 @@ def _build_gpt(tensor_model_parallel_size, sequence_parallel=False):
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
     config = _gpt_config(tensor_model_parallel_size, sequence_parallel)
     # The local spec's WrappedTorchNorm refuses SP: the same dense layers with SP-capable norms.
-    spec = (get_gpt_block_inrank_spec(config, None, layers=()) if sequence_parallel
-            else get_gpt_layer_local_spec())
+    spec = (
+        get_gpt_block_inrank_spec(config, None, layers=())
+        if sequence_parallel
+        else get_gpt_layer_local_spec()
+    )
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,

@@ -87,7 +87,10 @@ def test_wiki_books_corpus():
     books = list(book_documents())
     text = "\n".join(books)
     assert "Gutenberg" not in text and "SMALL PRINT" not in text
-    for opening in ("To Sherlock Holmes she is always the woman", "Well, Prince, so Genoa and Lucca"):
+    for opening in (
+        "To Sherlock Holmes she is always the woman",
+        "Well, Prince, so Genoa and Lucca",
+    ):
         assert opening in text
     assert 1_000_000 < len(text.split()) < 1_100_000  # the four books, ~1.07M words
     assert all(500 <= len(d.split()) for d in books[:-1])
@@ -95,7 +98,7 @@ def test_wiki_books_corpus():
     assert sorted(mixed) == sorted([*wiki_articles(), *books])
     assert mixed == list(corpus_documents("wiki+books"))  # fixed seed
     # The split takes contiguous document ranges: its last 10% must not be one source.
-    tail = mixed[-len(mixed) // 10:]
+    tail = mixed[-len(mixed) // 10 :]
     assert 0 < sum(d in set(books) for d in tail) < len(tail)
     with pytest.raises(ValueError, match="unknown corpus"):
         next(corpus_documents("books"))
@@ -111,7 +114,10 @@ def test_text_and_jsonl_readers(tmp_path):
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_text('{"text": "one"}\n\n{"text": ""}\n{"body": "x", "text": "two"}\n')
     assert list(iter_documents([str(jsonl), str(text)])) == [
-        "one", "two", "first doc\nline two", "second doc"
+        "one",
+        "two",
+        "first doc\nline two",
+        "second doc",
     ]
     bad = tmp_path / "c.jsonl"
     bad.write_text('{"body": "x"}\n')
@@ -224,7 +230,9 @@ def test_preprocess_is_atomic_and_refuses_to_overwrite(tmp_path, gpt2):
     second = preprocess(prefix, tokenizer=gpt2, limit=3, overwrite=True)
     assert check_data(second.data_prefix, gpt2)["documents"] == 3
     assert sorted(os.listdir(tmp_path)) == [
-        "wiki.tokenizer.json", "wiki_text_document.bin", "wiki_text_document.idx"
+        "wiki.tokenizer.json",
+        "wiki_text_document.bin",
+        "wiki_text_document.idx",
     ]
 
 
@@ -282,8 +290,12 @@ def test_gpt_datasets_samples_deterministic_and_disjoint(tmp_path, gpt2, gpt2_da
 
     sample = train[0]
     assert set(sample) == {"tokens", "labels", "loss_mask", "position_ids"}
-    for key, dtype in [("tokens", torch.int64), ("labels", torch.int64),
-                       ("loss_mask", torch.float32), ("position_ids", torch.int64)]:
+    for key, dtype in [
+        ("tokens", torch.int64),
+        ("labels", torch.int64),
+        ("loss_mask", torch.float32),
+        ("position_ids", torch.int64),
+    ]:
         assert sample[key].shape == (64,) and sample[key].dtype == dtype
     assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])
     assert torch.equal(sample["position_ids"], torch.arange(64))
@@ -297,8 +309,10 @@ def test_gpt_datasets_samples_deterministic_and_disjoint(tmp_path, gpt2, gpt2_da
                 assert all(torch.equal(a[k], b[k]) for k in a)
     kwargs["seed"] = 6
     other_seed = build_gpt_datasets(prefix, 64, cache_dir=str(tmp_path / "a"), **kwargs)
-    assert any(not torch.equal(a["tokens"], b["tokens"])
-               for a, b in zip(_samples(train), _samples(other_seed.train)))
+    assert any(
+        not torch.equal(a["tokens"], b["tokens"])
+        for a, b in zip(_samples(train), _samples(other_seed.train))
+    )
 
     # Split by document: 5 documents at 3:1:1 -> {0, 1, 2}, {3}, {4}; every sample is cut from
     # documents of its own split only (megatron reports the documents a sample spans).
@@ -316,24 +330,39 @@ def test_rebuilt_data_gets_fresh_indices(tmp_path, gpt2):
     cache = str(tmp_path / "cache")
     for documents in (2, 3):
         result = preprocess(prefix, tokenizer=gpt2, limit=documents, overwrite=True)
-        train = build_gpt_datasets(result.data_prefix, 32, tokenizer=gpt2, num_samples=(4, 0, 0),
-                                   split="1", cache_dir=cache).train
+        train = build_gpt_datasets(
+            result.data_prefix,
+            32,
+            tokenizer=gpt2,
+            num_samples=(4, 0, 0),
+            split="1",
+            cache_dir=cache,
+        ).train
         assert _split_documents(train) == set(range(documents))
 
 
 def test_gpt_datasets_empty_split(tmp_path, gpt2, gpt2_data):
     # 5 documents at 969:30:1 leave valid and test without documents.
     train, valid, test = build_gpt_datasets(
-        gpt2_data.data_prefix, 32, tokenizer=gpt2, num_samples=(10, 0, None),
+        gpt2_data.data_prefix,
+        32,
+        tokenizer=gpt2,
+        num_samples=(10, 0, None),
         cache_dir=str(tmp_path),
     )
     assert len(train) >= 10 and valid is None and test is None
     with pytest.raises(ValueError, match="data.split.*valid split no documents"):
-        build_gpt_datasets(gpt2_data.data_prefix, 32, tokenizer=gpt2, num_samples=(10, 1, 0),
-                           cache_dir=str(tmp_path))
+        build_gpt_datasets(
+            gpt2_data.data_prefix,
+            32,
+            tokenizer=gpt2,
+            num_samples=(10, 1, 0),
+            cache_dir=str(tmp_path),
+        )
     with pytest.raises(ValueError, match="data.split"):
-        build_gpt_datasets(gpt2_data.data_prefix, 32, tokenizer=gpt2, num_samples=(1, 0, 0),
-                           split="0,0,0")
+        build_gpt_datasets(
+            gpt2_data.data_prefix, 32, tokenizer=gpt2, num_samples=(1, 0, 0), split="0,0,0"
+        )
 
 
 def test_gpt_datasets_bad_data(tmp_path, gpt2, gpt2_data, sp_model):
@@ -369,8 +398,13 @@ def _build_on_rank(rank, world_size, prefix, cache_dir):
     from inrank_megatron.data.tokenizers import build_tokenizer
 
     datasets = build_gpt_datasets(
-        prefix, 64, tokenizer=build_tokenizer("gpt2"), num_samples=(20, 4, 4), split="3,1,1",
-        seed=11, cache_dir=cache_dir,
+        prefix,
+        64,
+        tokenizer=build_tokenizer("gpt2"),
+        num_samples=(20, 4, 4),
+        split="3,1,1",
+        seed=11,
+        cache_dir=cache_dir,
     )
     return [[d[i]["tokens"].tolist() for i in range(len(d))] for d in datasets]
 
@@ -380,7 +414,12 @@ def test_gpt_datasets_two_ranks_match_one_process(tmp_path, gpt2, gpt2_data):
     ranks = run_distributed(_build_on_rank, 2, gpt2_data.data_prefix, str(tmp_path / "dist"))
     assert ranks[0] == ranks[1]
     single = build_gpt_datasets(
-        gpt2_data.data_prefix, 64, tokenizer=gpt2, num_samples=(20, 4, 4), split="3,1,1",
-        seed=11, cache_dir=str(tmp_path / "single"),
+        gpt2_data.data_prefix,
+        64,
+        tokenizer=gpt2,
+        num_samples=(20, 4, 4),
+        split="3,1,1",
+        seed=11,
+        cache_dir=str(tmp_path / "single"),
     )
     assert ranks[0] == [[d[i]["tokens"].tolist() for i in range(len(d))] for d in single]

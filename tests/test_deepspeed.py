@@ -46,20 +46,51 @@ def _config(tmpdir, stage, tp, mode, ffn, world_size, **inrank):
     with open(ds_json, "w") as f:
         # Threshold 0: ZeRO-3 partitions every parameter (the factors are kept full by the backend);
         # small sub-groups: several ZeRO-3 sub-groups per param group.
-        json.dump({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
-                                         "sub_group_size": 20000}}, f)
+        json.dump(
+            {
+                "zero_optimization": {
+                    "stage": stage,
+                    "stage3_param_persistence_threshold": 0,
+                    "sub_group_size": 20000,
+                }
+            },
+            f,
+        )
     dp = world_size // tp
-    return from_dict({
-        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                  "ffn_hidden_size": ffn, "seq_length": 16},
-        "inrank": {"mode": mode, "rank": 2, "buffer": 6, "warmup": 1, "gap": 1,
-                   "stage1_steps": None, **inrank},
-        "parallel": {"tensor_model_parallel_size": tp, "backend": "deepspeed",
-                     "deepspeed_config": ds_json},
-        "train": {"micro_batch_size": 2, "global_batch_size": 4 * dp, "lr": 1e-2, "clip_grad": 0.5,
-                  "lr_warmup_steps": 1, "steps": 10},
-        "data": {"tokenizer_model": "unused"},
-    })
+    return from_dict(
+        {
+            "model": {
+                "num_layers": 2,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "ffn_hidden_size": ffn,
+                "seq_length": 16,
+            },
+            "inrank": {
+                "mode": mode,
+                "rank": 2,
+                "buffer": 6,
+                "warmup": 1,
+                "gap": 1,
+                "stage1_steps": None,
+                **inrank,
+            },
+            "parallel": {
+                "tensor_model_parallel_size": tp,
+                "backend": "deepspeed",
+                "deepspeed_config": ds_json,
+            },
+            "train": {
+                "micro_batch_size": 2,
+                "global_batch_size": 4 * dp,
+                "lr": 1e-2,
+                "clip_grad": 0.5,
+                "lr_warmup_steps": 1,
+                "steps": 10,
+            },
+            "data": {"tokenizer_model": "unused"},
+        }
+    )
 
 
 def _batches(n, dp_rank, seed=0):
@@ -67,8 +98,14 @@ def _batches(n, dp_rank, seed=0):
     out = []
     for _ in range(n):
         tokens = torch.randint(0, VOCAB, (2, 2, 17), generator=gen)[dp_rank]  # per-DP-rank data
-        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                    "loss_mask": torch.ones(2, 16), "position_ids": torch.arange(16).expand(2, 16)})
+        out.append(
+            {
+                "tokens": tokens[:, :-1],
+                "labels": tokens[:, 1:],
+                "loss_mask": torch.ones(2, 16),
+                "position_ids": torch.arange(16).expand(2, 16),
+            }
+        )
     return out
 
 
@@ -113,8 +150,9 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
     # Efficient mode with the factors' own lr and Frobenius decay, cumulative mode without.
-    cfg = _config(tmpdir, stage, tp, mode, ffn, world_size,
-                  **(FACTOR_KEYS if mode == "efficient" else {}))
+    cfg = _config(
+        tmpdir, stage, tp, mode, ffn, world_size, **(FACTOR_KEYS if mode == "efficient" else {})
+    )
     groups = init_parallel(tp, 1, backend="gloo")
     set_seeds(1234)
     model = build_model(cfg, VOCAB, tp)
@@ -126,14 +164,18 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
     batches = _batches(3, parallel_state.get_data_parallel_rank())
     _train(backend, batches[:2])
     before = _snapshot(backend, stage)
-    groups_before = [sorted(n for n, p in model.named_parameters()
-                            if id(p) in {id(q) for q in g["params"]})
-                     for g in param_groups(model, cfg)]
+    groups_before = [
+        sorted(n for n, p in model.named_parameters() if id(p) in {id(q) for q in g["params"]})
+        for g in param_groups(model, cfg)
+    ]
     steps_before = backend.layout.group_steps()
     events, new_values = [], {}
     for name, layer in layers:
-        event = layer.cut(2) if mode == "efficient" else \
-            layer.extend_capacity(layer.allocated_slots + 3)
+        event = (
+            layer.cut(2)
+            if mode == "efficient"
+            else layer.extend_capacity(layer.allocated_slots + 3)
+        )
         events.append(event)
         for role, _, new in event.pairs():
             new_values[f"{name}.{role}"] = (role, event, new.detach().float().clone())
@@ -145,8 +187,9 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
             role, event, value = new_values[name]
             want = {None: value}
             if event.kind == "truncate":
-                mapped = map_slot_state(before[name][None], role, event, policy=policy,
-                                        kind="param")
+                mapped = map_slot_state(
+                    before[name][None], role, event, policy=policy, kind="param"
+                )
                 if not torch.equal(mapped, value):
                     problems.append(f"{name}: layer's new factor != map_slot_state(param)")
             for k in MOMENTS:
@@ -154,8 +197,10 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
                 if event.kind == "extend":
                     dim = 0 if role == "A" else 1
                     old = want[k].narrow(dim, 0, event.old_slots)
-                    if not (torch.equal(old, before[name][k]) and
-                            not want[k].narrow(dim, event.old_slots, 3).any()):
+                    if not (
+                        torch.equal(old, before[name][k])
+                        and not want[k].narrow(dim, event.old_slots, 3).any()
+                    ):
                         problems.append(f"{name}: extend does not carry {k} with zero new slots")
         else:
             want = before[name]
@@ -174,11 +219,16 @@ def _check_resize(rank, world_size, tmpdir, stage, tp, mode, policy, ffn):
         no_wd = group["name"] == "no_decay" or (factors and factor_keys)
         want_wd = cfg.train.weight_decay * (0.0 if no_wd else 1.0)
         want_max = cfg.train.lr * (cfg.inrank.lr_multiplier if factors else 1.0)
-        if group["lr"] != backend.scheduler.get_lr(group) or group["weight_decay"] != want_wd or \
-                group.get("max_lr", cfg.train.lr) != want_max:
+        if (
+            group["lr"] != backend.scheduler.get_lr(group)
+            or group["weight_decay"] != want_wd
+            or group.get("max_lr", cfg.train.lr) != want_max
+        ):
             problems.append(f"group {group['name']}: lr {group['lr']}, wd {group['weight_decay']}")
-    if [sorted(n for n, p in model.named_parameters() if id(p) in {id(q) for q in g["params"]})
-            for g in param_groups(model, cfg)] != groups_before:
+    if [
+        sorted(n for n, p in model.named_parameters() if id(p) in {id(q) for q in g["params"]})
+        for g in param_groups(model, cfg)
+    ] != groups_before:
         problems.append("parameters changed param group in the rebuild")
     for gi, (a, b) in enumerate(zip(steps_before, steps_after)):
         reset = policy == "reset" and mode == "efficient" and names_of_groups[gi] == FACTOR_GROUP
@@ -264,8 +314,7 @@ def _resize_against_torch(rank, world_size, tmpdir, stage):
             with count_collectives() as records:
                 backend.resize([layer.cut(2) for _, layer in named_inrank_layers(model)], policy)
             steps = {name: step for name, _, _, step in backend.export_state()}
-            out[policy][cls.name] = (steps, train(batches[2:]),
-                                     [(r.op, r.shape) for r in records])
+            out[policy][cls.name] = (steps, train(batches[2:]), [(r.op, r.shape) for r in records])
             if cls is DeepSpeedBackend:
                 backend.engine.destroy()
     parallel_state.destroy_model_parallel()
@@ -286,8 +335,10 @@ def test_resize_policies_equal_torch_backend(tmp_path):
             collectives = [r[policy][name][2] for r in results]
             assert collectives[0] == collectives[1], (policy, name, collectives)
         assert by_backend["deepspeed"][2], "the DeepSpeed resize made no collective"
-        (torch_steps, torch_losses, _), (ds_steps, ds_losses, _) = by_backend["torch"], \
-            by_backend["deepspeed"]
+        (torch_steps, torch_losses, _), (ds_steps, ds_losses, _) = (
+            by_backend["torch"],
+            by_backend["deepspeed"],
+        )
         assert torch_steps == ds_steps, policy
         factors = {n: s for n, s in ds_steps.items() if n.endswith((".A", ".B"))}
         assert set(factors.values()) == ({0.0} if policy == "reset" else {2.0}), policy
@@ -318,15 +369,29 @@ def _checkpoint_body(rank, world_size, tmpdir, stage, tp):
         report = controller.step(step)
         if report.resizes:
             backend.resize(report.resizes, "project")
-    path = ckpt.save_training_checkpoint(os.path.join(tmpdir, "ckpt"), 2, controller=controller,
-                                         backend=backend, groups=groups, rng=rng_state(),
-                                         meta=Meta(step=2, consumed_samples=8,
-                                                   world_size=world_size, tp=tp, pp=1,
-                                                   dp=world_size // tp, backend="deepspeed",
-                                                   config=to_dict(cfg)))
+    path = ckpt.save_training_checkpoint(
+        os.path.join(tmpdir, "ckpt"),
+        2,
+        controller=controller,
+        backend=backend,
+        groups=groups,
+        rng=rng_state(),
+        meta=Meta(
+            step=2,
+            consumed_samples=8,
+            world_size=world_size,
+            tp=tp,
+            pp=1,
+            dp=world_size // tp,
+            backend="deepspeed",
+            config=to_dict(cfg),
+        ),
+    )
     masters = {n: _full_state(backend.engine, p, stage)[None] for n, p in model.named_parameters()}
-    shard = {n: (bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", -1))
-             for n, p in model.named_parameters()}
+    shard = {
+        n: (bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", -1))
+        for n, p in model.named_parameters()
+    }
     backend.engine.destroy()
     return path, parallel_state.get_tensor_model_parallel_rank(), masters, shard
 
@@ -346,8 +411,11 @@ def test_zero_to_fp32_consolidates_masters(stage, tp, world, tmp_path):
 
     assert set(load_file(out)) == set(per_tp[0])
     for name, (sharded, dim) in shard.items():
-        want = torch.cat([per_tp[i][name] for i in range(tp)], dim=dim) if sharded and tp > 1 \
+        want = (
+            torch.cat([per_tp[i][name] for i in range(tp)], dim=dim)
+            if sharded and tp > 1
             else per_tp[0][name]
+        )
         assert torch.equal(got["state_dict"][name], want), name
     assert all(s["growth"]["stage"] == "fixed" for s in got["inrank_growth"].values())
     torch.save(got, tmp_path / "x.pt")
@@ -361,8 +429,15 @@ DP2 = [*SHORT, "parallel.tensor_model_parallel_size=1", "train.save_interval=16"
 @pytest.fixture(scope="module")
 def zero2_dp2(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("zero2_dp2"))
-    run_train([*DP2, *DS, "parallel.deepspeed_config=configs/deepspeed/zero2.json",
-               f"output.dir={out}", "train.save_interval=4"])
+    run_train(
+        [
+            *DP2,
+            *DS,
+            "parallel.deepspeed_config=configs/deepspeed/zero2.json",
+            f"output.dir={out}",
+            "train.save_interval=4",
+        ]
+    )
     return out
 
 
@@ -372,8 +447,10 @@ def _close(a, b, tol=None):
     if len(a) != len(b):
         return False
     if tol is None:
-        return all(abs(x - y) <= 2 * float(numpy.spacing(numpy.float32(max(abs(x), abs(y)))))
-                   for x, y in zip(a, b))
+        return all(
+            abs(x - y) <= 2 * float(numpy.spacing(numpy.float32(max(abs(x), abs(y)))))
+            for x, y in zip(a, b)
+        )
     return max(abs(x - y) for x, y in zip(a, b)) <= tol
 
 
@@ -384,8 +461,14 @@ def test_losses_equal_torch_backend(stage, dp2_run, zero2_dp2, tmp_path):
         s = read_summary(zero2_dp2)
     else:
         out = str(tmp_path / f"zero{stage}")
-        run_train([*DP2, *DS, f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json",
-                   f"output.dir={out}"])
+        run_train(
+            [
+                *DP2,
+                *DS,
+                f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json",
+                f"output.dir={out}",
+            ]
+        )
         s = read_summary(out)
     ref = read_summary(dp2_run)  # the torch backend (tests/conftest.py)
     assert s["stage"] == "fixed" and s["ranks"] == ref["ranks"]
@@ -395,17 +478,31 @@ def test_losses_equal_torch_backend(stage, dp2_run, zero2_dp2, tmp_path):
 
 @pytest.mark.slow
 def test_tp2_dp2_sequence_parallel_zero2_equals_torch(tmp_path):
-    common = [*SHORT, "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
-              "train.global_batch_size=8", "train.steps=10", "train.save_interval=10"]
+    common = [
+        *SHORT,
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.sequence_parallel=true",
+        "train.global_batch_size=8",
+        "train.steps=10",
+        "train.save_interval=10",
+    ]
     ref_out, ds_out = str(tmp_path / "torch"), str(tmp_path / "ds")
     run_train([*common, f"output.dir={ref_out}"], nproc=4, timeout=1200)
-    run_train([*common, "parallel.backend=deepspeed",
-               "parallel.deepspeed_config=configs/deepspeed/zero2.json", f"output.dir={ds_out}"],
-              nproc=4, timeout=1200)
+    run_train(
+        [
+            *common,
+            "parallel.backend=deepspeed",
+            "parallel.deepspeed_config=configs/deepspeed/zero2.json",
+            f"output.dir={ds_out}",
+        ],
+        nproc=4,
+        timeout=1200,
+    )
     ref, s = read_summary(ref_out), read_summary(ds_out)
     assert s["ranks"] == ref["ranks"]
-    assert _close(s["train_losses"], ref["train_losses"]), \
-        [abs(a - b) for a, b in zip(s["train_losses"], ref["train_losses"])]
+    assert _close(s["train_losses"], ref["train_losses"]), [
+        abs(a - b) for a, b in zip(s["train_losses"], ref["train_losses"])
+    ]
 
 
 @pytest.mark.slow
@@ -429,26 +526,40 @@ def _cfg(tmp_path, ds: dict, **train):
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
-    return from_dict({"parallel": {"backend": "deepspeed", "deepspeed_config": str(path)},
-                      "train": {"micro_batch_size": 2, "global_batch_size": 8, **train}})
+    return from_dict(
+        {
+            "parallel": {"backend": "deepspeed", "deepspeed_config": str(path)},
+            "train": {"micro_batch_size": 2, "global_batch_size": 8, **train},
+        }
+    )
 
 
-@pytest.mark.parametrize("ds,key", [
-    ({"train_micro_batch_size_per_gpu": 4}, "train.micro_batch_size"),
-    ({"train_batch_size": 16}, "train.global_batch_size"),
-    ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps"),
-    ({"gradient_clipping": 1.0}, "train.clip_grad"),
-    ({"bf16": {"enabled": True}}, "train.precision"),
-    ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
-    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage"),
-    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
-     "zero_optimization.reduce_bucket_size"),
-    ({"zero_optimization": {"stage": 2, "bogus": 1}}, "zero_optimization.bogus"),
-    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
-     "zero_optimization.offload_param"),
-    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "zero_hpz_partition_size"),
-    ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "ZeRO stage 0"),
-])
+@pytest.mark.parametrize(
+    "ds,key",
+    [
+        ({"train_micro_batch_size_per_gpu": 4}, "train.micro_batch_size"),
+        ({"train_batch_size": 16}, "train.global_batch_size"),
+        ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps"),
+        ({"gradient_clipping": 1.0}, "train.clip_grad"),
+        ({"bf16": {"enabled": True}}, "train.precision"),
+        ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
+        ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage"),
+        (
+            {"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
+            "zero_optimization.reduce_bucket_size",
+        ),
+        ({"zero_optimization": {"stage": 2, "bogus": 1}}, "zero_optimization.bogus"),
+        (
+            {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+            "zero_optimization.offload_param",
+        ),
+        (
+            {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}},
+            "zero_hpz_partition_size",
+        ),
+        ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "ZeRO stage 0"),
+    ],
+)
 def test_bad_deepspeed_json_is_refused_naming_the_key(ds, key, tmp_path):
     from inrank_megatron.config import ConfigError
     from inrank_megatron.deepspeed_json import check_deepspeed_config
@@ -461,16 +572,22 @@ def test_bad_deepspeed_json_is_refused_naming_the_key(ds, key, tmp_path):
 def test_matching_json_and_yaml_pass(tmp_path):
     from inrank_megatron.deepspeed_json import check_deepspeed_config, deepspeed_config
 
-    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-          "train_batch_size": 8, "gradient_clipping": 0.5, "bf16": {"enabled": False},
-          "zero_optimization": {"stage": 1}}
+    ds = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 8,
+        "gradient_clipping": 0.5,
+        "bf16": {"enabled": False},
+        "zero_optimization": {"stage": 1},
+    }
     cfg = _cfg(tmp_path, ds, clip_grad=0.5)
     check_deepspeed_config(cfg, world_size=2)
     merged = deepspeed_config(cfg, world_size=2)
     assert merged["gradient_clipping"] == 0.5 and merged["zero_allow_untested_optimizer"]
     for stage in range(4):  # the shipped JSONs leave the YAML's keys to the YAML
-        cfg.parallel.deepspeed_config = os.path.join(REPO, "configs", "deepspeed",
-                                                     f"zero{stage}.json")
+        cfg.parallel.deepspeed_config = os.path.join(
+            REPO, "configs", "deepspeed", f"zero{stage}.json"
+        )
         assert deepspeed_config(cfg, world_size=2)["zero_optimization"]["stage"] == stage
     cfg.parallel.zero_stage = 3  # parallel.zero_stage overrides the JSON's stage
     assert deepspeed_config(cfg, world_size=2)["zero_optimization"]["stage"] == 3
@@ -479,10 +596,19 @@ def test_matching_json_and_yaml_pass(tmp_path):
 def _fake_checkpoint(path, slots, shape_slots, rank, stage="fixed"):
     os.makedirs(path)
     layer = "decoder.layers.0.mlp.linear_fc1"
-    growth = {layer: {"growth": {"rank": rank, "buffer": 0 if stage == "fixed" else 6,
-                                 "stage": stage}, "allocated_slots": slots, "extend_seed": 1}}
-    meta = {"params": {f"{layer}.A": {"shape": [shape_slots, 64]},
-                       f"{layer}.B": {"shape": [256, shape_slots]}}}
+    growth = {
+        layer: {
+            "growth": {"rank": rank, "buffer": 0 if stage == "fixed" else 6, "stage": stage},
+            "allocated_slots": slots,
+            "extend_seed": 1,
+        }
+    }
+    meta = {
+        "params": {
+            f"{layer}.A": {"shape": [shape_slots, 64]},
+            f"{layer}.B": {"shape": [256, shape_slots]},
+        }
+    }
     (path / "inrank_growth.json").write_text(json.dumps(growth))
     (path / "inrank_deepspeed.json").write_text(json.dumps(meta))
 

@@ -43,9 +43,14 @@ TOKENS = torch.randint(0, 8000, (2, 64), generator=torch.Generator().manual_seed
 
 
 def _tool(name, *args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *map(str, args)],
-                          cwd=REPO, env=train_env(), capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", name), *map(str, args)],
+        cwd=REPO,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _snapshot(path):
@@ -96,8 +101,9 @@ def _megatron_logits(rank, world_size, paths, tokens, tokenizer_model):
         model = build_model(cfg, vocab, world_size)
         ckpt.load_growth_state(step_dir, GrowthController(model))
         with torch.no_grad():
-            state = dist_checkpointing.load(model.sharded_state_dict(),
-                                            os.path.join(step_dir, "model"))
+            state = dist_checkpointing.load(
+                model.sharded_state_dict(), os.path.join(step_dir, "model")
+            )
         state.pop("optimizer", None)  # the torch backend's AdamW state, when stored alongside
         model.load_state_dict(state, strict=True)
         model.eval()
@@ -108,8 +114,11 @@ def _megatron_logits(rank, world_size, paths, tokens, tokenizer_model):
             parts = [torch.empty_like(logits) for _ in range(world_size)]
             torch.distributed.all_gather(parts, logits.contiguous())
             logits = torch.cat(parts, dim=-1)
-        states = {k: v.clone() for k, v in model.state_dict().items()
-                  if isinstance(v, torch.Tensor)} if world_size == 1 else None
+        states = (
+            {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+            if world_size == 1
+            else None
+        )
         out.append((logits[..., :vocab].clone(), states))
     return out
 
@@ -159,8 +168,9 @@ def hf_model(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                        activation_function="gelu")
+    config = GPT2Config(
+        vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=4, activation_function="gelu"
+    )
     path = str(tmp_path_factory.mktemp("hf") / "gpt2-tiny")
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
@@ -219,8 +229,12 @@ def test_import_cumulative_round_trip(hf_model, tmp_path):
     for name, layer in ckpt.layers.items():  # starts exactly at the pretrained weights
         assert layer.stage == "growing" and layer.active_slots == 2 + 4
         assert not ckpt.tensors[name + ".B"].any()
-    torch.testing.assert_close(ckpt.tensors["decoder.layers.1.mlp.linear_fc1.w0"],
-                               original["transformer.h.1.mlp.c_fc.weight"].T, rtol=0, atol=0)
+    torch.testing.assert_close(
+        ckpt.tensors["decoder.layers.1.mlp.linear_fc1.w0"],
+        original["transformer.h.1.mlp.c_fc.weight"].T,
+        rtol=0,
+        atol=0,
+    )
 
     out = tmp_path / "hf"
     export_hf(ckpt, str(out))
@@ -238,21 +252,37 @@ def test_import_cumulative_round_trip(hf_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(inference.load(str(imported))(tokens), ref, rtol=0, atol=1e-5)
     # The training loop's model loads it at TP=2, as from any checkpoint.
-    (tp2_logits, _), = run_distributed(_megatron_logits, 2, [str(imported)], tokens, None)[0]
+    ((tp2_logits, _),) = run_distributed(_megatron_logits, 2, [str(imported)], tokens, None)[0]
     torch.testing.assert_close(tp2_logits, ref, rtol=0, atol=1e-5)
 
     # Continued training starts from it (weights only: fresh optimizer) at TP=2, with the
     # config.yaml import wrote (output.dir = the import, output.resume=auto).
     run = imported
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "inrank_megatron.train", "--config", str(imported / "config.yaml"),
-           "output.plot=false", "train.steps=2",
-           "train.lr_warmup_steps=1", "train.eval_interval=2", "train.eval_iters=1",
-           "train.micro_batch_size=2", "train.global_batch_size=4", "train.save_interval=null",
-           f"data.prefix={tmp_path}/wiki_gpt2_text_document", "data.corpus=wiki",
-           "parallel.tensor_model_parallel_size=2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True,
-                          timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "inrank_megatron.train",
+        "--config",
+        str(imported / "config.yaml"),
+        "output.plot=false",
+        "train.steps=2",
+        "train.lr_warmup_steps=1",
+        "train.eval_interval=2",
+        "train.eval_iters=1",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.save_interval=null",
+        f"data.prefix={tmp_path}/wiki_gpt2_text_document",
+        "data.corpus=wiki",
+        "parallel.tensor_model_parallel_size=2",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(run / "summary.json") as f:
         summary = json.load(f)
@@ -271,24 +301,49 @@ def test_import_efficient_truncated_svd(hf_model, tmp_path):
     tokens = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
     # Full rank (max_rank raised to min(in, out) = 64): the same function, up to the SVD's error.
     full = tmp_path / "full"
-    proc = _tool("import_hf.py", hf_model, full, "--mode", "efficient", "--rank", 64,
-                 "inrank.max_rank=64", "inrank.buffer=4")
+    proc = _tool(
+        "import_hf.py",
+        hf_model,
+        full,
+        "--mode",
+        "efficient",
+        "--rank",
+        64,
+        "inrank.max_rank=64",
+        "inrank.buffer=4",
+    )
     assert proc.returncode == 0, proc.stderr
     ckpt = load_checkpoint(str(full))
     for name, layer in ckpt.layers.items():
-        assert (layer.stage, layer.rank, layer.buffer, layer.allocated_slots) == ("fixed", 64, 0, 64)
+        assert (layer.stage, layer.rank, layer.buffer, layer.allocated_slots) == (
+            "fixed",
+            64,
+            0,
+            64,
+        )
         A, B = ckpt.active_factors(name)  # balanced: A A^T = B^T B = S
         torch.testing.assert_close(A @ A.T, B.T @ B, rtol=0, atol=1e-4)
     W = ckpt.dense_weight("decoder.layers.0.mlp.linear_fc2")
-    torch.testing.assert_close(W, original["transformer.h.0.mlp.c_proj.weight"].T, rtol=0,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        W, original["transformer.h.0.mlp.c_proj.weight"].T, rtol=0, atol=1e-5
+    )
     with torch.no_grad():
-        torch.testing.assert_close(inference.load(str(full))(tokens), _hf_logits(hf_model, tokens),
-                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            inference.load(str(full))(tokens), _hf_logits(hf_model, tokens), rtol=0, atol=1e-4
+        )
     # A threshold picks each layer's rank by the explained-ratio rule.
     thr = tmp_path / "threshold"
-    proc = _tool("import_hf.py", hf_model, thr, "--mode", "efficient", "--threshold", 0.5,
-                 "inrank.max_rank=64", "inrank.buffer=4")
+    proc = _tool(
+        "import_hf.py",
+        hf_model,
+        thr,
+        "--mode",
+        "efficient",
+        "--threshold",
+        0.5,
+        "inrank.max_rank=64",
+        "inrank.buffer=4",
+    )
     assert proc.returncode == 0, proc.stderr
     ckpt = load_checkpoint(str(thr))
     for i in range(2):
@@ -299,16 +354,25 @@ def test_import_efficient_truncated_svd(hf_model, tmp_path):
             assert ckpt.layers[f"decoder.layers.{i}.mlp.linear_{kind}"].rank == expected
     # Over max_rank (default min(in, out) // 2 = 32): refused, naming the layer; nothing written.
     over = tmp_path / "over"
-    proc = _tool("import_hf.py", hf_model, over, "--mode", "efficient", "--rank", 40,
-                 "inrank.buffer=4")
+    proc = _tool(
+        "import_hf.py", hf_model, over, "--mode", "efficient", "--rank", 40, "inrank.buffer=4"
+    )
     assert proc.returncode != 0 and "decoder.layers.0.mlp.linear_fc1" in proc.stderr
     assert "max_rank" in proc.stderr and not over.exists()
 
 
 # ------------------------------------- (b') the HF round trip a user takes: fast, in process
-TINY_RUN = ["model.num_layers=1", "model.hidden_size=16", "model.num_attention_heads=2",
-            "model.seq_length=8", "inrank.mode=cumulative", "inrank.stage1_steps=null",
-            "inrank.buffer=2", f"data.tokenizer_model={SP_MODEL}", "parallel.backend=torch"]
+TINY_RUN = [
+    "model.num_layers=1",
+    "model.hidden_size=16",
+    "model.num_attention_heads=2",
+    "model.seq_length=8",
+    "inrank.mode=cumulative",
+    "inrank.stage1_steps=null",
+    "inrank.buffer=2",
+    f"data.tokenizer_model={SP_MODEL}",
+    "parallel.backend=torch",
+]
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +383,8 @@ def source_run(tmp_path_factory):
     from inrank_megatron.checkpoint import Meta, write_latest
     from inrank_megatron.config import load_config
     from inrank_megatron.checkpoint.writer import (
-        single_process_megatron, write_training_checkpoint,
+        single_process_megatron,
+        write_training_checkpoint,
     )
     from inrank_megatron.convert.from_hf import inrank_state
     from inrank_megatron.models.gpt import build_model
@@ -328,8 +393,10 @@ def source_run(tmp_path_factory):
     dense_cfg = load_config(None, [*TINY_RUN, "model.inrank=false"])
     generator = torch.Generator().manual_seed(0)
     with single_process_megatron(0):
-        dense = {k: 0.5 * torch.randn(v.shape, generator=generator)
-                 for k, v in build_model(dense_cfg, 8000, 1).named_parameters()}
+        dense = {
+            k: 0.5 * torch.randn(v.shape, generator=generator)
+            for k, v in build_model(dense_cfg, 8000, 1).named_parameters()
+        }
     assert dense["embedding.word_embeddings.weight"].shape[0] == 8064  # 64 padding rows
     tensors, growth = inrank_state(cfg, dense, rank=None, threshold=None, seed=0)
     for key in tensors:
@@ -337,9 +404,23 @@ def source_run(tmp_path_factory):
             tensors[key] = 0.1 * torch.randn(tensors[key].shape, generator=generator)
     run = tmp_path_factory.mktemp("source")
     step = run / "checkpoints" / "step_000007"
-    write_training_checkpoint(str(step), cfg, 8000, tensors, growth, Meta(
-        step=7, consumed_samples=0, world_size=1, tp=1, pp=1, dp=1, backend="torch",
-        config=to_dict(cfg)))
+    write_training_checkpoint(
+        str(step),
+        cfg,
+        8000,
+        tensors,
+        growth,
+        Meta(
+            step=7,
+            consumed_samples=0,
+            world_size=1,
+            tp=1,
+            pp=1,
+            dp=1,
+            backend="torch",
+            config=to_dict(cfg),
+        ),
+    )
     write_latest(str(run / "checkpoints"), str(step))
     return str(run)
 
@@ -349,8 +430,10 @@ def _padded_loss(ckpt, tokens):
     megatron's vocab-parallel cross-entropy computes it."""
     from inrank_megatron.inference import GPT, GPTConfig
 
-    model = GPT.from_tensors(GPTConfig.from_model_section(ckpt.cfg.model, ckpt.padded_vocab_size),
-                             ckpt.dense_tensors(unpad_vocab=False))
+    model = GPT.from_tensors(
+        GPTConfig.from_model_section(ckpt.cfg.model, ckpt.padded_vocab_size),
+        ckpt.dense_tensors(unpad_vocab=False),
+    )
     with torch.no_grad():
         logits = model(tokens[:, :-1]).double()
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
@@ -369,7 +452,9 @@ def test_hf_round_trip_is_loss_exact(source_run, tmp_path):
     export_hf(source, str(out))
     modes = {name: os.stat(out / name).st_mode & 0o777 for name in os.listdir(out)}
     assert set(modes.values()) == {0o644}, modes
-    result = import_hf(str(out), str(tmp_path / "ft"), mode="cumulative", overrides=["inrank.buffer=2"])
+    result = import_hf(
+        str(out), str(tmp_path / "ft"), mode="cumulative", overrides=["inrank.buffer=2"]
+    )
     imported = load_checkpoint(result["path"])
     assert imported.cfg.data.tokenizer_model == str(tmp_path / "ft" / "sentencepiece.model")
     assert os.path.isfile(imported.cfg.data.tokenizer_model)  # the run keeps its own copy
@@ -405,8 +490,9 @@ def test_import_writes_a_run_that_resume_auto_continues(source_run, tmp_path):
     with pytest.raises(ConfigError, match="model.hidden_size"):  # the run is really found
         resolve_resume(wider, 1)
     with open(run / "checkpoints" / "step_000000" / "meta.json") as f:
-        changed = {c["key"]: (c["was"], c["value"]) for c in
-                   json.load(f)["imported_from"]["changed"]}
+        changed = {
+            c["key"]: (c["was"], c["value"]) for c in json.load(f)["imported_from"]["changed"]
+        }
     assert changed["inrank.stage1_steps"] == (130, None)
     assert changed["inrank.buffer"] == (100, 6)  # fc1 16 -> 64: max_rank 8 = rank 2 + 6
     assert "data.tokenizer" not in changed  # sentencepiece, as the default says
@@ -441,12 +527,20 @@ def hf_model_fast(tmp_path):
 
     path = str(tmp_path / "hf")
     os.makedirs(path)
-    config = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 16, "n_embd": 8,
-              "n_layer": 1, "n_head": 2, "activation_function": "gelu"}
+    config = {
+        "model_type": "gpt2",
+        "vocab_size": 50257,
+        "n_positions": 16,
+        "n_embd": 8,
+        "n_layer": 1,
+        "n_head": 2,
+        "activation_function": "gelu",
+    }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
-    save_file({"transformer.wte.weight": torch.zeros(4, 8)},
-              os.path.join(path, "model.safetensors"))
+    save_file(
+        {"transformer.wte.weight": torch.zeros(4, 8)}, os.path.join(path, "model.safetensors")
+    )
     return path, config
 
 
@@ -467,17 +561,19 @@ def test_native_export_is_smaller_by_the_parameter_ratio(runs, reference, tmp_pa
     h, f, L, V, P = m.hidden_size, m.ffn(), m.num_layers, ckpt.vocab_size, m.max_positions()
     per_layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
     dense_params = V * h + P * h + L * per_layer + 2 * h
-    native_params = dense_params + sum(l.rank * (l.in_features + l.out_features)
-                                       - l.in_features * l.out_features
-                                       for l in ckpt.layers.values())
+    native_params = dense_params + sum(
+        l.rank * (l.in_features + l.out_features) - l.in_features * l.out_features
+        for l in ckpt.layers.values()
+    )
     dense_bytes = _tensor_bytes(dense / "model.safetensors")
     native_bytes = _tensor_bytes(native / "model.safetensors")
     assert (dense_bytes, native_bytes) == (4 * dense_params, 4 * native_params)  # fp32
     assert native_bytes / dense_bytes == native_params / dense_params < 0.9
     with open(native / "inrank.json") as fh:
         meta = json.load(fh)
-    assert {n: l["rank"] for n, l in meta["layers"].items()} == \
-        {n: l.rank for n, l in ckpt.layers.items()}
+    assert {n: l["rank"] for n, l in meta["layers"].items()} == {
+        n: l.rank for n, l in ckpt.layers.items()
+    }
 
     logits = reference["efficient"][0]
     with torch.no_grad():
@@ -490,8 +586,9 @@ def test_native_export_is_smaller_by_the_parameter_ratio(runs, reference, tmp_pa
     proc = _tool("export_inrank.py", runs["cumulative"], cumulative)
     assert proc.returncode == 0, proc.stderr
     with torch.no_grad():
-        torch.testing.assert_close(inference.load(str(cumulative))(TOKENS),
-                                   reference["cumulative"][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            inference.load(str(cumulative))(TOKENS), reference["cumulative"][0], rtol=0, atol=1e-5
+        )
 
 
 @pytest.mark.slow
@@ -499,23 +596,33 @@ def test_inference_matches_megatron_on_other_architectures():
     from inrank_megatron import inference
 
     tokens = TOKENS[:, :32] % 1000
-    overrides = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-                 "model.seq_length=32", "model.position_embedding_type=rope",
-                 "model.activation=swiglu", "model.normalization=RMSNorm",
-                 "model.untie_embeddings_and_output_weights=true", "model.add_bias_linear=false",
-                 "inrank.layers=[fc2,qkv]", "inrank.buffer=4"]
-    cfg, logits, state, slots = run_distributed(_megatron_other_architecture, 1, overrides,
-                                                tokens)[0]
+    overrides = [
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.seq_length=32",
+        "model.position_embedding_type=rope",
+        "model.activation=swiglu",
+        "model.normalization=RMSNorm",
+        "model.untie_embeddings_and_output_weights=true",
+        "model.add_bias_linear=false",
+        "inrank.layers=[fc2,qkv]",
+        "inrank.buffer=4",
+    ]
+    cfg, logits, state, slots = run_distributed(_megatron_other_architecture, 1, overrides, tokens)[
+        0
+    ]
     tensors = {}
     for key, value in state.items():
         layer, _, role = key.rpartition(".")
         if role in ("A", "B") and layer in slots:
-            value = value[:slots[layer]] if role == "A" else value[:, :slots[layer]]
+            value = value[: slots[layer]] if role == "A" else value[:, : slots[layer]]
         if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
             value = value[:1000]
         tensors[key] = value
     config = inference.GPTConfig.from_model_section(
-        cfg.model, 1000, {name: {"slots": k, "w0": False} for name, k in slots.items()})
+        cfg.model, 1000, {name: {"slots": k, "w0": False} for name, k in slots.items()}
+    )
     model = inference.GPT.from_tensors(config, tensors)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), logits, rtol=0, atol=1e-5)
@@ -528,8 +635,16 @@ def test_generate_is_deterministic_for_a_seed(runs, tmp_path):
 
     native = tmp_path / "native"
     assert _tool("export_inrank.py", runs["efficient"], native).returncode == 0
-    args = ["--checkpoint", native, "--prompt", "The history of", "--max-new-tokens", 20,
-            "--seed", 3]
+    args = [
+        "--checkpoint",
+        native,
+        "--prompt",
+        "The history of",
+        "--max-new-tokens",
+        20,
+        "--seed",
+        3,
+    ]
     first, second = _tool("generate.py", *args), _tool("generate.py", *args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("The history of")
@@ -537,8 +652,9 @@ def test_generate_is_deterministic_for_a_seed(runs, tmp_path):
 
     model = inference.load(str(native))
     prompt = torch.tensor([[5, 17, 300]])
-    sample = [model.generate(prompt, 12, temperature=1.0, top_k=50, top_p=0.9, seed=s)
-              for s in (0, 0, 1)]
+    sample = [
+        model.generate(prompt, 12, temperature=1.0, top_k=50, top_p=0.9, seed=s) for s in (0, 0, 1)
+    ]
     assert torch.equal(sample[0], sample[1]) and not torch.equal(sample[0], sample[2])
     greedy, ids = model.generate(prompt, 5, temperature=0), prompt
     with torch.no_grad():
@@ -588,8 +704,11 @@ def test_factor_shapes_contradicting_the_ranks_are_refused(runs, tmp_path):
     with open(step / "inrank_growth.json", "w") as f:
         json.dump(growth, f)
     before = _snapshot(step)
-    with pytest.raises(CheckpointError, match=r"layer decoder\.layers\.1\.mlp\.linear_fc2: "
-                       r"factor shapes A \(\d+, 512\), B \(128, \d+\) contradict"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"layer decoder\.layers\.1\.mlp\.linear_fc2: "
+        r"factor shapes A \(\d+, 512\), B \(128, \d+\) contradict",
+    ):
         load_checkpoint(str(step), tokenizer_model=SP_MODEL)
     out = tmp_path / "out"
     proc = _tool("export_inrank.py", step, out)
@@ -598,10 +717,13 @@ def test_factor_shapes_contradicting_the_ranks_are_refused(runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change, feature", [
-    ({"position_embedding_type": "rope"}, "RoPE"),
-    ({"activation": "swiglu"}, "SwiGLU"),
-])
+@pytest.mark.parametrize(
+    "change, feature",
+    [
+        ({"position_embedding_type": "rope"}, "RoPE"),
+        ({"activation": "swiglu"}, "SwiGLU"),
+    ],
+)
 def test_gpt2_export_refuses_inexpressible_configs(runs, tmp_path, change, feature):
     step = tmp_path / "step"
     shutil.copytree(os.path.join(runs["efficient"], "checkpoints", "step_000016"), step)
@@ -623,10 +745,18 @@ def test_gpt2_incompatibilities_name_each_feature():
     from inrank_megatron.export.hf_gpt2 import gpt2_incompatibilities
 
     assert gpt2_incompatibilities(load_config(None)) == []
-    problems = gpt2_incompatibilities(load_config(None, [
-        "model.position_embedding_type=rope", "model.activation=swiglu",
-        "model.normalization=RMSNorm", "model.untie_embeddings_and_output_weights=true",
-        "model.add_bias_linear=false"]))
+    problems = gpt2_incompatibilities(
+        load_config(
+            None,
+            [
+                "model.position_embedding_type=rope",
+                "model.activation=swiglu",
+                "model.normalization=RMSNorm",
+                "model.untie_embeddings_and_output_weights=true",
+                "model.add_bias_linear=false",
+            ],
+        )
+    )
     text = " ".join(problems)
     assert len(problems) == 5
     for feature in ("RoPE", "SwiGLU", "RMSNorm", "untied output layer", "no biases"):
@@ -656,11 +786,15 @@ def test_qkv_layout_conversion():
 
     heads, hd, h = 4, 3, 12
     # megatron rows per head: [q_h, k_h, v_h]; label each row (part, head, dim).
-    rows = torch.tensor([[part, head, d] for head in range(heads) for part in range(3)
-                         for d in range(hd)], dtype=torch.float32)
+    rows = torch.tensor(
+        [[part, head, d] for head in range(heads) for part in range(3) for d in range(hd)],
+        dtype=torch.float32,
+    )
     hf = qkv_to_hf(rows, heads)
-    expected = torch.tensor([[part, head, d] for part in range(3) for head in range(heads)
-                             for d in range(hd)], dtype=torch.float32)
+    expected = torch.tensor(
+        [[part, head, d] for part in range(3) for head in range(heads) for d in range(hd)],
+        dtype=torch.float32,
+    )
     assert torch.equal(hf, expected)
     weight = torch.randn(3 * h, h)
     assert torch.equal(qkv_from_hf(qkv_to_hf(weight, heads), heads), weight)

@@ -43,8 +43,16 @@ def clean_env(monkeypatch):
 def _train(run, *overrides):
     from inrank_megatron import train
 
-    return train.main(["--config", os.path.join(REPO, "tests", "tiny.yaml"), *SHORT,
-                       f"output.dir={run}", "parallel.tensor_model_parallel_size=1", *overrides])
+    return train.main(
+        [
+            "--config",
+            os.path.join(REPO, "tests", "tiny.yaml"),
+            *SHORT,
+            f"output.dir={run}",
+            "parallel.tensor_model_parallel_size=1",
+            *overrides,
+        ]
+    )
 
 
 def _one_error_line(err: str) -> str:
@@ -58,8 +66,9 @@ def _hashes(root):
     for parent, _, names in os.walk(root):
         for name in names:
             with open(os.path.join(parent, name), "rb") as f:
-                out[os.path.relpath(os.path.join(parent, name), root)] = \
-                    hashlib.sha256(f.read()).hexdigest()
+                out[os.path.relpath(os.path.join(parent, name), root)] = hashlib.sha256(
+                    f.read()
+                ).hexdigest()
     return out
 
 
@@ -72,8 +81,9 @@ def _copy_run(tp2_run, tmp_path, steps=(4, 8)):
     root = tmp_path / "run" / "checkpoints"
     os.makedirs(root)
     for step in steps:
-        shutil.copytree(step_dir(os.path.join(tp2_run, "checkpoints"), step),
-                        step_dir(str(root), step))
+        shutil.copytree(
+            step_dir(os.path.join(tp2_run, "checkpoints"), step), step_dir(str(root), step)
+        )
     write_latest(str(root), step_dir(str(root), steps[-1]))
     return root / f"step_{steps[-1]:06d}"
 
@@ -87,15 +97,17 @@ def _byte_items(step):
 
     with open(step / "model" / ".metadata", "rb") as f:
         metadata = read_dcp_metadata(f, "metadata")
-    return [(step / "model" / info.relative_path, info.offset, info.length, index.fqn)
-            for index, info in metadata.storage_data.items()
-            if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata)]
+    return [
+        (step / "model" / info.relative_path, info.offset, info.length, index.fqn)
+        for index, info in metadata.storage_data.items()
+        if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata)
+    ]
 
 
 def _plant(file, offset, length, payload):
     data = bytearray(file.read_bytes())
     assert len(payload) == length
-    data[offset:offset + length] = payload
+    data[offset : offset + length] = payload
     file.write_bytes(bytes(data))
 
 
@@ -115,7 +127,8 @@ def _hostile_item(step, marker):
 
 
 def test_hostile_byte_item_inside_a_distcp_is_refused_naming_file_and_item(
-        tp2_run, tmp_path, capsys, clean_env):
+    tp2_run, tmp_path, capsys, clean_env
+):
     """The issue: ``TypeError: UnsafeCheckpointError.__init__() missing 1 required positional
     argument: 'refused'`` (DCP gathers the failure with pickle), exit 1."""
     step = _copy_run(tp2_run, tmp_path)
@@ -128,17 +141,19 @@ def test_hostile_byte_item_inside_a_distcp_is_refused_naming_file_and_item(
     assert not marker.exists() and _hashes(step.parent) == before
 
 
-def test_corrupt_byte_item_is_one_line_naming_file_and_item(tp2_run, tmp_path, capsys,
-                                                             clean_env):
+def test_corrupt_byte_item_is_one_line_naming_file_and_item(tp2_run, tmp_path, capsys, clean_env):
     """Before: torch's CheckpointException (a BaseException) escaped with a traceback per rank."""
     step = _copy_run(tp2_run, tmp_path)
     file, offset, length, item = _byte_items(step)[0]
-    original = file.read_bytes()[offset:offset + length]
+    original = file.read_bytes()[offset : offset + length]
     for corrupt, expected in (
-            (bytes(length), "not a readable torch.save file (Unsupported operand 0)"),  # zeroed
-            # the zip's middle zeroed: torch's zip reader fails inside DCP's read
-            (original[:100] + bytes(length - 200) + original[-100:],
-             "unreadable (RuntimeError: PytorchStreamReader failed")):
+        (bytes(length), "not a readable torch.save file (Unsupported operand 0)"),  # zeroed
+        # the zip's middle zeroed: torch's zip reader fails inside DCP's read
+        (
+            original[:100] + bytes(length - 200) + original[-100:],
+            "unreadable (RuntimeError: PytorchStreamReader failed",
+        ),
+    ):
         _plant(file, offset, length, corrupt)
         assert _train(tmp_path / "run", "output.resume=auto") == 2
         line = _one_error_line(capsys.readouterr().err)
@@ -146,8 +161,9 @@ def test_corrupt_byte_item_is_one_line_naming_file_and_item(tp2_run, tmp_path, c
 
 
 @pytest.mark.parametrize("fault", ["truncated", "missing"])
-def test_truncated_or_missing_shard_is_named_before_launch(tp2_run, tmp_path, capsys, clean_env,
-                                                           fault):
+def test_truncated_or_missing_shard_is_named_before_launch(
+    tp2_run, tmp_path, capsys, clean_env, fault
+):
     step = _copy_run(tp2_run, tmp_path)
     shard = sorted((step / "model").glob("*.distcp"))[0]
     size = shard.stat().st_size
@@ -199,8 +215,9 @@ def _truncated_tokenizer(tmp_path):
     bad = tmp_path / "sp.model"
     with open(os.path.join(REPO, "data", "wiki_sp8k.model"), "rb") as f:
         bad.write_bytes(f.read(500))
-    return [f"data.tokenizer_model={bad}"], f"data.tokenizer_model='{bad}': tokenizer model " \
-        f"'{bad}' is not a SentencePiece model"
+    return [
+        f"data.tokenizer_model={bad}"
+    ], f"data.tokenizer_model='{bad}': tokenizer model '{bad}' is not a SentencePiece model"
 
 
 def _corrupt_index(tmp_path):
@@ -216,8 +233,10 @@ def _corrupt_deepspeed_json(tmp_path):
     bad = tmp_path / "zero2.json"
     with open(os.path.join(REPO, "configs", "deepspeed", "zero2.json"), "rb") as f:
         bad.write_bytes(f.read()[:-7])
-    return (["parallel.backend=deepspeed", f"parallel.deepspeed_config={bad}"],
-            f"parallel.deepspeed_config='{bad}' is not readable JSON")
+    return (
+        ["parallel.backend=deepspeed", f"parallel.deepspeed_config={bad}"],
+        f"parallel.deepspeed_config='{bad}' is not readable JSON",
+    )
 
 
 def _corrupt_meta(tmp_path):
@@ -277,8 +296,9 @@ def test_every_file_reading_rule_has_a_corrupt_file_case():
 
 
 @pytest.mark.parametrize("rule_name", sorted(CORRUPT_FILE))
-def test_corrupt_file_is_its_rules_one_line_failure(tp2_run, tmp_path, capsys, clean_env,
-                                                    rule_name):
+def test_corrupt_file_is_its_rules_one_line_failure(
+    tp2_run, tmp_path, capsys, clean_env, rule_name
+):
     """tp2_run: the data and tokenizer exist. The tokenizer case is the issue's: before, an
     80-line traceback from the activation-memory rule and exit 1."""
     from inrank_megatron import rules
@@ -292,9 +312,15 @@ def test_corrupt_file_is_its_rules_one_line_failure(tp2_run, tmp_path, capsys, c
         assert expected in line, line
         assert not torch.distributed.is_initialized()
         # The rule that owns the file reports it (two rules reporting one fault: said once).
-        cfg = load_config(os.path.join(REPO, "tests", "tiny.yaml"),
-                          [*SHORT, f"output.dir={tmp_path / 'run'}",
-                           "parallel.tensor_model_parallel_size=1", *overrides])
+        cfg = load_config(
+            os.path.join(REPO, "tests", "tiny.yaml"),
+            [
+                *SHORT,
+                f"output.dir={tmp_path / 'run'}",
+                "parallel.tensor_model_parallel_size=1",
+                *overrides,
+            ],
+        )
         rule = next(r for r in rules.RULES if r.name == reporter)
         assert [f for f in rule.failures(cfg, 1) if expected in str(f)], reporter
     finally:
@@ -303,8 +329,9 @@ def test_corrupt_file_is_its_rules_one_line_failure(tp2_run, tmp_path, capsys, c
             _corrupt_lock.fd = None
 
 
-def test_an_exception_inside_a_rule_is_that_rules_failure(tp2_run, tmp_path, capsys, clean_env,
-                                                         monkeypatch):
+def test_an_exception_inside_a_rule_is_that_rules_failure(
+    tp2_run, tmp_path, capsys, clean_env, monkeypatch
+):
     """What no rule foresaw (here the index reader meeting a ``struct.error``) is one line naming
     the rule's key, its value and what the rule expects; exit 2 before any process group."""
     import struct
@@ -317,9 +344,11 @@ def test_an_exception_inside_a_rule_is_that_rules_failure(tp2_run, tmp_path, cap
     monkeypatch.setattr(datasets, "check_indexed_files", broken)
     assert _train(tmp_path / "run") == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert line.startswith("error: data.prefix='data/wiki_sp8k_text_document': the 'data files' "
-                           "check failed (error: unpack requires a buffer of 8 bytes); expected "
-                           "data.prefix is set"), line
+    assert line.startswith(
+        "error: data.prefix='data/wiki_sp8k_text_document': the 'data files' "
+        "check failed (error: unpack requires a buffer of 8 bytes); expected "
+        "data.prefix is set"
+    ), line
     assert not torch.distributed.is_initialized()
 
 
@@ -327,17 +356,16 @@ def test_an_exception_inside_a_rule_is_that_rules_failure(tp2_run, tmp_path, cap
 # class -> "test file::test" that raises it for real and checks the line it prints.
 TRIGGERED_BY = {
     "CheckpointError": "test_faults.py::test_corrupt_byte_item_is_one_line_naming_file_and_item",
-    "UnsafeCheckpointError":
-        "test_faults.py::test_hostile_byte_item_inside_a_distcp_is_refused_naming_file_and_item",
+    "UnsafeCheckpointError": (
+        "test_faults.py::test_hostile_byte_item_inside_a_distcp_is_refused_naming_file_and_item"
+    ),
     "ConfigError": "test_faults.py::test_corrupt_file_is_its_rules_one_line_failure",
-    "NonFiniteError":
-        "test_safety.py::test_nan_run_stops_with_latest_on_the_last_finite_checkpoint",
+    "NonFiniteError": "test_safety.py::test_nan_run_stops_with_latest_on_the_last_finite_checkpoint",
     "NonFiniteValueError": "test_faults.py::test_nonfinite_spectrum_names_the_layer",
     "RunDirError": "test_compare_runs.py::test_bad_run_directories_are_one_line_exit_2",
     "UnsupportedModelError": "test_export.py::test_import_refuses_what_it_cannot_express",
     "LaunchEnvError": "test_launch.py::test_bad_launcher_env_is_named",
-    "DiskSpaceError":
-        "test_faults.py::test_enospc_while_writing_is_named_and_the_partial_save_removed",
+    "DiskSpaceError": "test_faults.py::test_enospc_while_writing_is_named_and_the_partial_save_removed",
 }
 
 
@@ -354,8 +382,9 @@ def _exception_classes():
                     tree = ast.parse(f.read())
                 for node in ast.walk(tree):
                     if isinstance(node, ast.ClassDef) and any(
-                            ast.unparse(b).split(".")[-1].endswith(("Error", "Exception"))
-                            for b in node.bases):
+                        ast.unparse(b).split(".")[-1].endswith(("Error", "Exception"))
+                        for b in node.bases
+                    ):
                         found[node.name] = os.path.relpath(path, REPO)
     return found
 
@@ -364,7 +393,8 @@ def test_every_exception_class_is_triggered_by_a_test():
     found = _exception_classes()
     assert set(found) == set(TRIGGERED_BY), (
         f"exception classes without a test that raises them: {set(found) - set(TRIGGERED_BY)}; "
-        f"gone: {set(TRIGGERED_BY) - set(found)}")
+        f"gone: {set(TRIGGERED_BY) - set(found)}"
+    )
     for where in TRIGGERED_BY.values():
         file, test = where.split("::")
         with open(os.path.join(REPO, "tests", file)) as f:
@@ -388,8 +418,9 @@ def test_nonfinite_spectrum_names_the_layer():
     B[2, 1] = float("inf")
     with pytest.raises(NonFiniteValueError) as info:
         check_factors(A, B, layer="decoder.layers.1.mlp.linear_fc2")
-    assert str(info.value) == ("layer decoder.layers.1.mlp.linear_fc2: B contains inf; factors "
-                               "and spectra must be finite")
+    assert str(info.value) == (
+        "layer decoder.layers.1.mlp.linear_fc2: B contains inf; factors and spectra must be finite"
+    )
 
 
 # ------------------------------------------------------------------ one line after launch
@@ -402,11 +433,22 @@ def test_a_failure_after_launch_is_rank_0s_line_and_the_exit_status(tmp_path, sc
 
     from tests.failing_rank import LINE
 
-    env = dict(os.environ, PYTHON=sys.executable, INRANK_TRAIN_MODULE="tests.failing_rank",
-               OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        INRANK_TRAIN_MODULE="tests.failing_rank",
+        OMP_NUM_THREADS="1",
+        TMPDIR=str(tmp_path),
+    )
     env.pop("INRANK_DEBUG", None)
-    args = ["bash", os.path.join(REPO, "launch", script), "--nproc", "2",
-            os.path.join(REPO, "tests", "tiny.yaml"), f"output.dir={tmp_path / 'run'}"]
+    args = [
+        "bash",
+        os.path.join(REPO, "launch", script),
+        "--nproc",
+        "2",
+        os.path.join(REPO, "tests", "tiny.yaml"),
+        f"output.dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert proc.returncode == 1, (proc.returncode, lines)
@@ -418,8 +460,14 @@ def test_a_failure_after_launch_is_rank_0s_line_and_the_exit_status(tmp_path, sc
         with open(report) as f:
             assert "Root Cause (first observed failure)" in f.read()
         # INRANK_DEBUG=1: torchrun's own report on the console, as before.
-        proc = subprocess.run(args, cwd=REPO, env=dict(env, INRANK_DEBUG="1"),
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            args,
+            cwd=REPO,
+            env=dict(env, INRANK_DEBUG="1"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 1 and "ChildFailedError" in proc.stderr, proc.stderr
 
 
@@ -436,11 +484,15 @@ def small_disk(tmp_path):
     def mount(size_mib):
         where = tmp_path / f"disk{len(mounted)}"
         os.makedirs(where)
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs",
-                               str(where)], capture_output=True, text=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): the full-disk "
-                        "tests need root")
+            pytest.skip(
+                f"cannot mount a tmpfs here ({proc.stderr.strip()}): the full-disk tests need root"
+            )
         mounted.append(where)
         return where
 
@@ -450,10 +502,19 @@ def small_disk(tmp_path):
 
 
 # One InRank layer, short sequences: a checkpoint is 14.4 MB (tools/plan.py: 14.0 MB).
-SMALL = ["train.steps=4", "train.lr_warmup_steps=1", "train.save_interval=1",
-         "train.eval_interval=100", "train.eval_iters=1", "output.plot=false",
-         "output.tensorboard=false", "model.num_layers=1", "model.seq_length=32",
-         "train.micro_batch_size=2", "train.global_batch_size=2"]
+SMALL = [
+    "train.steps=4",
+    "train.lr_warmup_steps=1",
+    "train.save_interval=1",
+    "train.eval_interval=100",
+    "train.eval_iters=1",
+    "output.plot=false",
+    "output.tensorboard=false",
+    "model.num_layers=1",
+    "model.seq_length=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=2",
+]
 
 
 def test_too_little_space_is_refused_before_launch(small_disk, capsys, clean_env):
@@ -464,14 +525,15 @@ def test_too_little_space_is_refused_before_launch(small_disk, capsys, clean_env
     assert _train(disk / "run", *SMALL) == 2
     line = _one_error_line(capsys.readouterr().err)
     need = checkpoint_bytes(load_config(os.path.join(REPO, "tests", "tiny.yaml"), SMALL))
-    assert line == (f"error: output.dir='{disk / 'run'}': no room for a checkpoint in "
-                    f"{disk / 'run'}: it needs {need:,} bytes (tools/plan.py's estimate), "
-                    f"{10 * 2**20:,} are free there; free space or choose another output.dir")
+    assert line == (
+        f"error: output.dir='{disk / 'run'}': no room for a checkpoint in "
+        f"{disk / 'run'}: it needs {need:,} bytes (tools/plan.py's estimate), "
+        f"{10 * 2**20:,} are free there; free space or choose another output.dir"
+    )
     assert os.listdir(disk) == [] and not torch.distributed.is_initialized()
 
 
-def test_too_little_space_for_the_next_save_stops_with_latest_intact(small_disk, capsys,
-                                                                      clean_env):
+def test_too_little_space_for_the_next_save_stops_with_latest_intact(small_disk, capsys, clean_env):
     """30 MiB hold two checkpoints: the third save is not started, the run stops in one line
     (before: torch's 'unexpected pos' and 70 lines), and resume continues from the second."""
     from inrank_megatron.checkpoint import is_complete, read_latest, saved_bytes
@@ -483,18 +545,21 @@ def test_too_little_space_for_the_next_save_stops_with_latest_intact(small_disk,
     need = saved_bytes(str(root / "step_000002"))
     assert lines[0].startswith(
         f"error: stopped at step 3: no room for a checkpoint in {root}: it needs {need:,} bytes "
-        "(the size of step_000002), "), lines
-    assert lines[0].endswith(" are free there; latest is still step_000002 (free space, then "
-                             "continue with output.resume=auto)"), lines
+        "(the size of step_000002), "
+    ), lines
+    assert lines[0].endswith(
+        " are free there; latest is still step_000002 (free space, then "
+        "continue with output.resume=auto)"
+    ), lines
     assert read_latest(str(root)) == str(root / "step_000002")
     assert sorted(os.listdir(root)) == ["latest", "step_000001", "step_000002"]
     assert is_complete(str(root / "step_000002")) is None
 
 
 @pytest.mark.parametrize("async_save", ["false", "true"])
-def test_enospc_while_writing_is_named_and_the_partial_save_removed(small_disk, capsys,
-                                                                   clean_env, monkeypatch,
-                                                                   async_save):
+def test_enospc_while_writing_is_named_and_the_partial_save_removed(
+    small_disk, capsys, clean_env, monkeypatch, async_save
+):
     """The free-space check passes but the disk fills before the write (another writer): the
     real ENOSPC of the tmpfs, inside torch DCP's write (train.async_save: in megatron's
     background writer, found when the write is completed), is reported as such."""
@@ -508,9 +573,12 @@ def test_enospc_while_writing_is_named_and_the_partial_save_removed(small_disk, 
     lines = [_one_error_line(capsys.readouterr().err)]  # megatron's own log of it dropped
     assert lines[0].startswith(
         "error: stopped at step 3: [Errno 28] no space left on device writing "
-        f".step_000003.{os.getpid()}.tmp in {root} ("), lines
-    assert lines[0].endswith(" bytes free then; the partial save was removed); latest is still "
-                             "step_000002 (free space, then continue with output.resume=auto)")
+        f".step_000003.{os.getpid()}.tmp in {root} ("
+    ), lines
+    assert lines[0].endswith(
+        " bytes free then; the partial save was removed); latest is still "
+        "step_000002 (free space, then continue with output.resume=auto)"
+    )
     assert read_latest(str(root)) == str(root / "step_000002")
     assert sorted(os.listdir(root)) == ["latest", "step_000001", "step_000002"]
     assert is_complete(str(root / "step_000002")) is None

@@ -45,12 +45,30 @@ def _run_dir(path, ranks, overrides=(), *, checkpoint):
         step = os.path.join(path, "checkpoints", "step_000010")
         os.makedirs(step)
         write_latest(os.path.join(path, "checkpoints"), step)
-        write_meta(step, Meta(step=10, consumed_samples=80, world_size=2, tp=2, pp=1, dp=1,
-                              backend="torch", config=to_dict(cfg)))
-        write_growth(step, {n: {"growth": {"rank": r, "buffer": 0, "max_rank": 64,
-                                           "stage": "fixed"},
-                                "allocated_slots": r, "extend_seed": 1}
-                            for n, r in ranks.items()})
+        write_meta(
+            step,
+            Meta(
+                step=10,
+                consumed_samples=80,
+                world_size=2,
+                tp=2,
+                pp=1,
+                dp=1,
+                backend="torch",
+                config=to_dict(cfg),
+            ),
+        )
+        write_growth(
+            step,
+            {
+                n: {
+                    "growth": {"rank": r, "buffer": 0, "max_rank": 64, "stage": "fixed"},
+                    "allocated_slots": r,
+                    "extend_seed": 1,
+                }
+                for n, r in ranks.items()
+            },
+        )
     else:
         save_config(cfg, os.path.join(path, "config.yaml"))
         with open(os.path.join(path, "summary.json"), "w") as f:
@@ -76,16 +94,25 @@ def test_ranks_from_another_run(tmp_path, checkpoint):
     assert resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={run}")) == ranks
 
 
-@pytest.mark.parametrize("value, message", [
-    ("0", "inrank.fixed_ranks (override 'inrank.fixed_ranks=0'): expected a value > 0, got 0"),
-    ("-3", "expected a value > 0, got -3"),
-    ("-0.5", "expected a value > 0, got -0.5"),
-    ("129", "inrank.fixed_ranks=129 exceeds the full rank min(in, out)=128 of layer fc1"),
-    ("1.5", "inrank.fixed_ranks=1.5: a float is a fraction of each layer's full rank and must be "
-            "in (0, 1]"),
-    ("true", "inrank.fixed_ranks (override 'inrank.fixed_ranks=true'): expected int | float | "
-             "str | null, got true (bool)"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0", "inrank.fixed_ranks (override 'inrank.fixed_ranks=0'): expected a value > 0, got 0"),
+        ("-3", "expected a value > 0, got -3"),
+        ("-0.5", "expected a value > 0, got -0.5"),
+        ("129", "inrank.fixed_ranks=129 exceeds the full rank min(in, out)=128 of layer fc1"),
+        (
+            "1.5",
+            "inrank.fixed_ranks=1.5: a float is a fraction of each layer's full rank and must be "
+            "in (0, 1]",
+        ),
+        (
+            "true",
+            "inrank.fixed_ranks (override 'inrank.fixed_ranks=true'): expected int | float | "
+            "str | null, got true (bool)",
+        ),
+    ],
+)
 def test_bad_values_are_refused_naming_the_key(value, message):
     with pytest.raises(ConfigError) as error:
         _cfg(f"inrank.fixed_ranks={value}")
@@ -104,21 +131,32 @@ def test_bad_run_directories_are_refused_naming_the_layer(tmp_path):
     with pytest.raises(ConfigError, match=r"holds neither a checkpoint .* nor summary.json"):
         resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={tmp_path / 'empty'}"))
     # Another width: same names, other shapes.
-    wide = _run_dir(tmp_path / "wide", dict.fromkeys(NAMES, 8), ["model.hidden_size=64"],
-                    checkpoint=True)
-    with pytest.raises(ConfigError, match=r"layer decoder.layers.0.mlp.linear_fc1 is 64 -> 512 "
-                                          r"there, 128 -> 512 here"):
+    wide = _run_dir(
+        tmp_path / "wide", dict.fromkeys(NAMES, 8), ["model.hidden_size=64"], checkpoint=True
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"layer decoder.layers.0.mlp.linear_fc1 is 64 -> 512 "
+        r"there, 128 -> 512 here",
+    ):
         resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={wide}"))
     # Fewer layers: this model's layer 2 is not there.
-    short = _run_dir(tmp_path / "short", {n: 8 for n in NAMES[:4]}, ["model.num_layers=2"],
-                     checkpoint=False)
-    with pytest.raises(ConfigError, match=r"that run has no InRank layer "
-                                          r"decoder.layers.2.mlp.linear_fc1"):
+    short = _run_dir(
+        tmp_path / "short", {n: 8 for n in NAMES[:4]}, ["model.num_layers=2"], checkpoint=False
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"that run has no InRank layer "
+        r"decoder.layers.2.mlp.linear_fc1",
+    ):
         resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={short}"))
     # A dense run has no ranks to take.
     dense = _run_dir(tmp_path / "dense", {}, ["model.inrank=false"], checkpoint=False)
-    with pytest.raises(ConfigError, match=r"that run has no InRank layer "
-                                          r"decoder.layers.0.mlp.linear_fc1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"that run has no InRank layer "
+        r"decoder.layers.0.mlp.linear_fc1",
+    ):
         resolve_fixed_ranks(_cfg(f"inrank.fixed_ranks={dense}"))
 
 
@@ -126,8 +164,15 @@ def test_train_refuses_before_any_process_group(tmp_path, capsys):
     from inrank_megatron.train import main
 
     out = tmp_path / "out"
-    code = main(["--config", TINY, f"output.dir={out}", "parallel.tensor_model_parallel_size=1",
-                 f"inrank.fixed_ranks={tmp_path / 'missing'}"])
+    code = main(
+        [
+            "--config",
+            TINY,
+            f"output.dir={out}",
+            "parallel.tensor_model_parallel_size=1",
+            f"inrank.fixed_ranks={tmp_path / 'missing'}",
+        ]
+    )
     assert code == 2 and not out.exists()
     assert "error: inrank.fixed_ranks=" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
@@ -146,8 +191,14 @@ def test_fixed_layer_allocates_the_rank_drawn_as_efficient_mode():
     g = layer.growth
     assert (g.rank, g.buffer, g.stage, g.layer) == (6, 0, "fixed", "fc")
     assert layer.A.shape == (6, 48) and layer.B.shape == (80, 6) and layer.active_slots == 6
-    ref = init_factors("efficient", 48, 80, 6, init_scale=0.5,
-                       generator=torch.Generator().manual_seed(layer._extend_seed))
+    ref = init_factors(
+        "efficient",
+        48,
+        80,
+        6,
+        init_scale=0.5,
+        generator=torch.Generator().manual_seed(layer._extend_seed),
+    )
     assert torch.equal(layer.A, ref.A) and torch.equal(layer.B, ref.B)
     assert layer.B.abs().max() <= 0.5 / math.sqrt(6) + 1e-7  # kaiming bound, fan-in = 6 slots
     # The same parameters as an InRank layer of that shape cut at rank 6.
@@ -167,15 +218,19 @@ def _tp_body(rank, world_size):
 
     from inrank_megatron import InRankConfig, enable_cpu_fallback
     from inrank_megatron.tensor_parallel import (
-        InRankColumnParallelLinear, InRankRowParallelLinear,
+        InRankColumnParallelLinear,
+        InRankRowParallelLinear,
     )
 
     enable_cpu_fallback()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     group = parallel_state.get_tensor_model_parallel_group()
-    config = ModelParallelConfig(tensor_model_parallel_size=world_size,
-                                 use_cpu_initialization=True, params_dtype=torch.float32,
-                                 gradient_accumulation_fusion=False)
+    config = ModelParallelConfig(
+        tensor_model_parallel_size=world_size,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        gradient_accumulation_fusion=False,
+    )
 
     def gather(layer, dim):
         full = {}
@@ -190,19 +245,32 @@ def _tp_body(rank, world_size):
 
     out = {}
     for init in ("kaiming", "spectral"):
-        for cls, extra, dim in ((InRankColumnParallelLinear, {"gather_output": False}, ("B", 0)),
-                                (InRankRowParallelLinear, {"input_is_parallel": True}, ("A", 1))):
+        for cls, extra, dim in (
+            (InRankColumnParallelLinear, {"gather_output": False}, ("B", 0)),
+            (InRankRowParallelLinear, {"input_is_parallel": True}, ("A", 1)),
+        ):
             torch.manual_seed(1234)
             # spectral factorises the dense layer's init: megatron's init_method, as GPT passes it
-            layer = cls(48, 80, config=config, init_method=init_method_normal(0.02), bias=True,
-                        skip_bias_add=False, inrank_config=InRankConfig(rank=2, buffer=4,
-                                                                        init=init), **extra)
+            layer = cls(
+                48,
+                80,
+                config=config,
+                init_method=init_method_normal(0.02),
+                bias=True,
+                skip_bias_add=False,
+                inrank_config=InRankConfig(rank=2, buffer=4, init=init),
+                **extra,
+            )
             grown = gather(layer, dim)
             layer.fix_rank(5)
             sharded = getattr(layer, dim[0])
-            out[init, cls.__name__] = (grown, gather(layer, dim),
-                                       getattr(sharded, "tensor_model_parallel", False),
-                                       layer.growth.stage, layer.allocated_slots)
+            out[init, cls.__name__] = (
+                grown,
+                gather(layer, dim),
+                getattr(sharded, "tensor_model_parallel", False),
+                layer.growth.stage,
+                layer.allocated_slots,
+            )
     return out
 
 
@@ -217,16 +285,22 @@ def test_fixed_layers_are_the_same_full_layer_at_tp1_and_tp2():
             assert stage == "fixed" and slots == 5 and tp_attr
             assert grown["A"].shape == (24, 48) and grown["B"].shape == (80, 24)
             assert full["A"].shape == (5, 48) and full["B"].shape == (80, 5)
-            assert all(torch.equal(f[r], g[r]) for f, g in ((grown, ref[name][0]),
-                                                            (full, ref[name][1]))
-                       for r in ("A", "B"))
+            assert all(
+                torch.equal(f[r], g[r])
+                for f, g in ((grown, ref[name][0]), (full, ref[name][1]))
+                for r in ("A", "B")
+            )
     torch.manual_seed(1234)
     W = torch.nn.init.normal_(torch.empty(80, 48), mean=0.0, std=0.02).double()
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     for kind in ("InRankColumnParallelLinear", "InRankRowParallelLinear"):
         grown = ref["spectral", kind][0]
-        torch.testing.assert_close((grown["B"] @ grown["A"]).double(),
-                                   U[:, :24] @ torch.diag(S[:24]) @ Vh[:24], rtol=0, atol=1e-7)
+        torch.testing.assert_close(
+            (grown["B"] @ grown["A"]).double(),
+            U[:, :24] @ torch.diag(S[:24]) @ Vh[:24],
+            rtol=0,
+            atol=1e-7,
+        )
 
 
 # ------------------------------------------------------------------------ end to end, TP = 2
@@ -234,6 +308,8 @@ def test_fixed_layers_are_the_same_full_layer_at_tp1_and_tp2():
 # factors' own lr, Frobenius decay instead of weight decay on them. Resume, reshard and exports
 # below therefore hold with these keys too.
 FACTOR_KEYS = ["inrank.init=spectral", "inrank.lr_multiplier=2", "inrank.frobenius_decay=0.01"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tp2_run):
     """An InRank run grown and cut at step 8 of 16 (the session's ``tp2_run``), then a run fixed
@@ -244,8 +320,14 @@ def runs(tmp_path_factory, tp2_run):
     learned = tp2_run
     fixed, resumed = (str(root / n) for n in ("fixed", "resumed"))
     run_train([*quick, f"output.dir={fixed}", f"inrank.fixed_ranks={learned}"])
-    run_train([*quick, f"output.dir={resumed}", f"inrank.fixed_ranks={learned}",
-               f"output.resume={os.path.join(fixed, 'checkpoints', 'step_000008')}"])
+    run_train(
+        [
+            *quick,
+            f"output.dir={resumed}",
+            f"inrank.fixed_ranks={learned}",
+            f"output.resume={os.path.join(fixed, 'checkpoints', 'step_000008')}",
+        ]
+    )
     return {"learned": learned, "fixed": fixed, "resumed": resumed}
 
 
@@ -287,22 +369,30 @@ def test_exports_give_the_runs_validation_loss(runs, tmp_path):
 
     ckpt = load_checkpoint(runs["fixed"])
     learned = _read(runs["learned"], "summary.json")["ranks"]
-    assert {n: (l.stage, l.buffer, l.allocated_slots) for n, l in ckpt.layers.items()} == \
-        {n: ("fixed", 0, r) for n, r in learned.items()}
+    assert {n: (l.stage, l.buffer, l.allocated_slots) for n, l in ckpt.layers.items()} == {
+        n: ("fixed", 0, r) for n, r in learned.items()
+    }
     cfg = ckpt.cfg
-    batches = eval_microbatches(build_datasets(cfg, build_tokenizer(
-        cfg.data.tokenizer, cfg.data.tokenizer_model), 1).valid, cfg, 1, 0)
+    batches = eval_microbatches(
+        build_datasets(cfg, build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model), 1).valid,
+        cfg,
+        1,
+        0,
+    )
 
     def loss(logits, batch):
         per_token = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), batch["labels"], reduction="none")
+            logits.transpose(1, 2), batch["labels"], reduction="none"
+        )
         mask = batch["loss_mask"].float()
         return float((per_token * mask).sum() / mask.sum())
 
     # The checkpoint in plain torch, at the padded vocabulary training used: the run's loss.
     specs = inference._inrank_specs({n: l.active_slots for n, l in ckpt.layers.items()}, False)
-    padded = inference.GPT.from_tensors(inference.GPTConfig.from_model_section(
-        cfg.model, ckpt.padded_vocab_size, specs), ckpt.tensors)
+    padded = inference.GPT.from_tensors(
+        inference.GPTConfig.from_model_section(cfg.model, ckpt.padded_vocab_size, specs),
+        ckpt.tensors,
+    )
     with torch.no_grad():
         reference = [padded(b["tokens"]) for b in batches]
     valid = sum(loss(r, b) for r, b in zip(reference, batches)) / len(batches)
@@ -314,8 +404,9 @@ def test_exports_give_the_runs_validation_loss(runs, tmp_path):
         model = inference.load(str(tmp_path / path))
         with torch.no_grad():
             for r, b in zip(reference, batches):
-                torch.testing.assert_close(model(b["tokens"]), r[..., :ckpt.vocab_size],
-                                           rtol=0, atol=1e-5)
+                torch.testing.assert_close(
+                    model(b["tokens"]), r[..., : ckpt.vocab_size], rtol=0, atol=1e-5
+                )
 
 
 @pytest.mark.slow
@@ -328,9 +419,18 @@ def test_resharded_to_tp1_continues(runs, tmp_path):
     out = str(tmp_path / "tp1")
     step = os.path.join(out, "checkpoints", "step_000008")
     reshard(os.path.join(runs["fixed"], "checkpoints", "step_000008"), step, tp=1)
-    run_train([*SHORT, "output.tensorboard=false", "train.save_interval=8", f"output.dir={out}",
-               f"inrank.fixed_ranks={runs['learned']}", f"output.resume={step}",
-               "parallel.tensor_model_parallel_size=1", *FACTOR_KEYS])
+    run_train(
+        [
+            *SHORT,
+            "output.tensorboard=false",
+            "train.save_interval=8",
+            f"output.dir={out}",
+            f"inrank.fixed_ranks={runs['learned']}",
+            f"output.resume={step}",
+            "parallel.tensor_model_parallel_size=1",
+            *FACTOR_KEYS,
+        ]
+    )
     ref = _read(runs["fixed"], "summary.json")
     s = _read(out, "summary.json")
     assert s["ranks"] == ref["ranks"] and s["parameters"] == ref["parameters"]

@@ -26,13 +26,26 @@ def _setup(world_size, sequence_parallel=False, seed=1234, mode="efficient"):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
-    shape = GPTShape(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
-                     seq_length=SEQ, vocab_size=VOCAB)
+    shape = GPTShape(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=256,
+        seq_length=SEQ,
+        vocab_size=VOCAB,
+    )
     # float64 so that TP sizes agree tightly through the steps (fp32 reorderings compound).
-    config = transformer_config(shape, tp=world_size, sequence_parallel=sequence_parallel,
-                                params_dtype=torch.float64)
-    icfg = InRankConfig(mode=mode, rank=2, buffer=6, warmup=2, gap=2,
-                        stage1_steps=5 if mode == "efficient" else None)
+    config = transformer_config(
+        shape, tp=world_size, sequence_parallel=sequence_parallel, params_dtype=torch.float64
+    )
+    icfg = InRankConfig(
+        mode=mode,
+        rank=2,
+        buffer=6,
+        warmup=2,
+        gap=2,
+        stage1_steps=5 if mode == "efficient" else None,
+    )
     model = build_gpt(shape, config, inrank=icfg, inrank_layers=("fc1", "fc2", "proj"))
     return model, icfg
 
@@ -70,8 +83,12 @@ def _train_body(rank, world_size, sequence_parallel=False, mode="efficient"):
         loss = model(tokens, pos, attention_mask=None, labels=labels).float().mean()
         loss.backward()
         allreduce_sequence_parallel_grads(model, group)
-        grads.append({n: _gather_param(_with_attrs(p.grad, p), group, world_size)
-                      for n, p in model.named_parameters()})
+        grads.append(
+            {
+                n: _gather_param(_with_attrs(p.grad, p), group, world_size)
+                for n, p in model.named_parameters()
+            }
+        )
         opt.step()
         losses.append(loss.item())
         # The core's decision on the gathered active factors, before the controller acts.
@@ -82,18 +99,32 @@ def _train_body(rank, world_size, sequence_parallel=False, mode="efficient"):
                 A_full = _gather_param(_with_attrs(A, layer.A), group, world_size)
                 B_full = _gather_param(_with_attrs(B, layer.B), group, world_size)
                 g = layer.growth
-                expected[name] = select_rank(factor_spectrum(A_full, B_full), g.rank, g.buffer,
-                                             g.max_rank, g.threshold)
+                expected[name] = select_rank(
+                    factor_spectrum(A_full, B_full), g.rank, g.buffer, g.max_rank, g.threshold
+                )
         report = controller.step(step)
         for check in report.checks:
             core_agrees &= expected.get(check.layer) == check.new_rank
         core_agrees &= set(expected) == {c.layer for c in report.checks}
-        history.append((step, [(c.layer, c.old_rank, c.new_rank) for c in report.checks],
-                        report.cut, [(r.layer, r.kind, r.new_slots) for r in report.resizes]))
-        if report.resizes:  # the TP test resets state on reallocation; policies are tested elsewhere
+        history.append(
+            (
+                step,
+                [(c.layer, c.old_rank, c.new_rank) for c in report.checks],
+                report.cut,
+                [(r.layer, r.kind, r.new_slots) for r in report.resizes],
+            )
+        )
+        if (
+            report.resizes
+        ):  # the TP test resets state on reallocation; policies are tested elsewhere
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    return dict(losses=losses, grads=grads, history=history, core_agrees=core_agrees,
-                ranks=controller.ranks())
+    return dict(
+        losses=losses,
+        grads=grads,
+        history=history,
+        core_agrees=core_agrees,
+        ranks=controller.ranks(),
+    )
 
 
 def _with_attrs(t, like):
@@ -161,8 +192,9 @@ def _ckpt_body(rank, world_size, ckpt_dir, action, cut):
         if rank == 0:
             os.makedirs(os.path.join(ckpt_dir, "model"))
         torch.distributed.barrier()
-        dist_checkpointing.save({"model": model.sharded_state_dict()},
-                                os.path.join(ckpt_dir, "model"))
+        dist_checkpointing.save(
+            {"model": model.sharded_state_dict()}, os.path.join(ckpt_dir, "model")
+        )
         if rank == 0:
             write_growth(ckpt_dir, controller.state_dict())
         torch.distributed.barrier()
@@ -186,8 +218,9 @@ def test_dist_checkpoint_saved_at_tp2_loads_at_tp1_and_tp4(tmp_path, cut):
         loaded = run_distributed(_ckpt_body, tp, ckpt, "load", cut)
         for loss, state in loaded:
             assert loss == pytest.approx(saved[0][0], abs=1e-6)
-            assert {k: v["growth"] for k, v in state.items()} == \
-                   {k: v["growth"] for k, v in saved[0][1].items()}
+            assert {k: v["growth"] for k, v in state.items()} == {
+                k: v["growth"] for k, v in saved[0][1].items()
+            }
 
 
 def _diverged_body(rank, world_size):
@@ -199,8 +232,9 @@ def _diverged_body(rank, world_size):
 
     torch.manual_seed(0)
     config = InRankConfig(rank=2, buffer=4, warmup=100, stage1_steps=None)
-    model = torch.nn.ModuleDict({"fc1": InRankLinear(32, 64, config),
-                                 "fc2": InRankLinear(64, 32, config)})
+    model = torch.nn.ModuleDict(
+        {"fc1": InRankLinear(32, 64, config), "fc2": InRankLinear(64, 32, config)}
+    )
     controller = GrowthController(model, agree_group=torch.distributed.group.WORLD)
     controller.step(1)  # agreeing replicas pass
     if rank == 1:
@@ -214,6 +248,8 @@ def _diverged_body(rank, world_size):
 
 def test_diverged_growth_decisions_are_refused_naming_layer_and_both_decisions():
     messages = run_distributed(_diverged_body, 2)
-    want = ("InRank growth decisions differ across ranks at step 2 for layer fc2: "
-            "rank 2 / 16 slots on process ranks [0]; rank 3 / 16 slots on process ranks [1]")
+    want = (
+        "InRank growth decisions differ across ranks at step 2 for layer fc2: "
+        "rank 2 / 16 slots on process ranks [0]; rank 3 / 16 slots on process ranks [1]"
+    )
     assert all(m is not None and m.startswith(want) for m in messages), messages

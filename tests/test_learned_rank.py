@@ -37,8 +37,9 @@ def test_select_cut_rank_matches_transcription():
         rule = ("variance", "energy")[i % 2]
         decay = float(torch.rand(1, generator=gen)) * 2
         s = torch.exp(-decay * torch.arange(n, dtype=torch.float64)) * (i % 5 != 0)
-        assert select_cut_rank(s, max_rank, alpha, rule=rule) == \
-            _brute_cut_rank(s, max_rank, alpha, rule), (i, n, max_rank, alpha, rule)
+        assert select_cut_rank(s, max_rank, alpha, rule=rule) == _brute_cut_rank(
+            s, max_rank, alpha, rule
+        ), (i, n, max_rank, alpha, rule)
     with pytest.raises(ValueError, match="max_rank=9 must be <= len"):
         select_cut_rank(torch.ones(8), 9, 0.9)
 
@@ -68,8 +69,15 @@ def test_update_spectrum_is_the_update_since_init():
 def test_full_and_dense_starts_cut_at_the_rule_rank(start, signal, shape):
     n_in, n_out = shape
     torch.manual_seed(5)
-    cfg = InRankConfig(start=start, signal=signal, buffer=0, max_rank=20, threshold=0.9,
-                       stage1_steps=10, spectrum_dtype="float64")
+    cfg = InRankConfig(
+        start=start,
+        signal=signal,
+        buffer=0,
+        max_rank=20,
+        threshold=0.9,
+        stage1_steps=10,
+        spectrum_dtype="float64",
+    )
     layer = InRankLinear(n_in, n_out, cfg, dtype=torch.float64)
     assert layer.allocated_slots == 48 and layer.active_slots == 48
     assert not layer.growth.is_due(10)  # no checks in stage 1
@@ -77,9 +85,10 @@ def test_full_and_dense_starts_cut_at_the_rule_rank(start, signal, shape):
     if start == "dense":  # one factor is the dense weight (nn.Linear's init), the other I
         dense_role = "B" if n_out >= n_in else "A"
         assert torch.equal(getattr(layer, dense_role), W_init)
-        assert torch.equal(getattr(layer, "A" if dense_role == "B" else "B"),
-                           torch.eye(48, dtype=torch.float64))
-        bound = 1 / 48 ** 0.5 if n_in == 48 else 1 / 80 ** 0.5  # kaiming_uniform(a=sqrt(5))
+        assert torch.equal(
+            getattr(layer, "A" if dense_role == "B" else "B"), torch.eye(48, dtype=torch.float64)
+        )
+        bound = 1 / 48**0.5 if n_in == 48 else 1 / 80**0.5  # kaiming_uniform(a=sqrt(5))
         assert W_init.abs().max() <= bound and W_init.abs().max() > 0.9 * bound
     gen = torch.Generator().manual_seed(7)
     u = torch.randn(n_out, 3, generator=gen, dtype=torch.float64)
@@ -103,8 +112,14 @@ def test_dense_start_stage1_is_dense_adamw(shape):
     identity factor decays, unread), to rounding; the update signal is svdvals(W - W_init)."""
     n_in, n_out = shape
     torch.manual_seed(0)
-    cfg = InRankConfig(start="dense", signal="update", buffer=0, max_rank=20, stage1_steps=5,
-                       spectrum_dtype="float64")
+    cfg = InRankConfig(
+        start="dense",
+        signal="update",
+        buffer=0,
+        max_rank=20,
+        stage1_steps=5,
+        spectrum_dtype="float64",
+    )
     layer = InRankLinear(n_in, n_out, cfg, dtype=torch.float64)
     W_init = layer.dense_weight().detach().clone()
     dense = torch.nn.Linear(n_in, n_out, dtype=torch.float64)
@@ -120,8 +135,9 @@ def test_dense_start_stage1_is_dense_adamw(shape):
             opt.step()
     assert torch.allclose(layer.dense_weight(), dense.weight, atol=1e-14, rtol=0)
     assert (layer.dense_weight() - W_init).norm() > 0.1  # it trained
-    assert torch.allclose(layer.spectrum(), torch.linalg.svdvals(dense.weight - W_init).detach(),
-                          atol=1e-12, rtol=0)
+    assert torch.allclose(
+        layer.spectrum(), torch.linalg.svdvals(dense.weight - W_init).detach(), atol=1e-12, rtol=0
+    )
 
 
 def test_checkpoint_reader_takes_the_identity_factor_before_the_cut():
@@ -134,8 +150,16 @@ def test_checkpoint_reader_takes_the_identity_factor_before_the_cut():
     W = torch.randn(1024, 256)
     name = "decoder.layers.0.mlp.linear_fc1"
     state = InRankLayerState(name, "fc1", "efficient", 256, 0, 256, 256, "growing", 256, 1024)
-    ckpt = LoadedCheckpoint("x", 10, cfg, None, {name: state},
-                            {name + ".A": 0.99 * torch.eye(256), name + ".B": W}, 8000, 8064)
+    ckpt = LoadedCheckpoint(
+        "x",
+        10,
+        cfg,
+        None,
+        {name: state},
+        {name + ".A": 0.99 * torch.eye(256), name + ".B": W},
+        8000,
+        8064,
+    )
     assert torch.equal(ckpt.dense_weight(name), W)
     state.stage = "fixed"  # after the cut both factors are what they are
     assert torch.allclose(ckpt.dense_weight(name), 0.99 * W)
@@ -157,13 +181,16 @@ def test_seed_round_trips_and_is_required():
         InRankLinear(40, 64, cfg).load_state_dict(old)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(mode="cumulative", signal="update", stage1_steps=None), "need efficient mode"),
-    (dict(mode="cumulative", start="dense", stage1_steps=None), "need efficient mode"),
-    (dict(start="dense", stage1_steps=None), "needs stage1_steps"),
-    (dict(signal="gradient"), "signal must be one of"),
-    (dict(start="warm"), "start must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(mode="cumulative", signal="update", stage1_steps=None), "need efficient mode"),
+        (dict(mode="cumulative", start="dense", stage1_steps=None), "need efficient mode"),
+        (dict(start="dense", stage1_steps=None), "needs stage1_steps"),
+        (dict(signal="gradient"), "signal must be one of"),
+        (dict(start="warm"), "start must be one of"),
+    ],
+)
 def test_bad_core_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         InRankConfig(**kwargs)
@@ -173,8 +200,10 @@ def test_rules_refuse_bad_combinations_before_launch():
     from inrank_megatron.config import load_config
     from inrank_megatron.rules import check
 
-    cfg = load_config("configs/study-cpu.yaml", ["inrank.mode=cumulative", "inrank.stage1_steps=null",
-                                                 "inrank.signal=update"])
+    cfg = load_config(
+        "configs/study-cpu.yaml",
+        ["inrank.mode=cumulative", "inrank.stage1_steps=null", "inrank.signal=update"],
+    )
     keys = [f.key for f in check(cfg, 1)]
     assert "inrank.signal" in keys
     cfg = load_config("configs/study-cpu.yaml", ["inrank.start=dense", "inrank.stage1_steps=null"])
@@ -205,13 +234,24 @@ def _tp_body(rank, world_size):
         return torch.cat(parts, dim=dim)
 
     out = {}
-    config = ModelParallelConfig(tensor_model_parallel_size=world_size,
-                                 use_cpu_initialization=True, params_dtype=torch.float64,
-                                 gradient_accumulation_fusion=False)
+    config = ModelParallelConfig(
+        tensor_model_parallel_size=world_size,
+        use_cpu_initialization=True,
+        params_dtype=torch.float64,
+        gradient_accumulation_fusion=False,
+    )
     for kind, cls in (("column", InRankColumnParallelLinear), ("row", InRankRowParallelLinear)):
         for start in ("low_rank", "full_rank", "dense"):
-            icfg = InRankConfig(rank=3, buffer=4, max_rank=20, signal="update", start=start,
-                                stage1_steps=5, spectrum_dtype="float64", threshold=0.95)
+            icfg = InRankConfig(
+                rank=3,
+                buffer=4,
+                max_rank=20,
+                signal="update",
+                start=start,
+                stage1_steps=5,
+                spectrum_dtype="float64",
+                threshold=0.95,
+            )
             torch.manual_seed(1234)
             extra = {"gather_output": False} if kind == "column" else {"input_is_parallel": True}
             layer = cls(IN, OUT, config=config, init_method=None, inrank_config=icfg, **extra)
@@ -227,8 +267,12 @@ def _tp_body(rank, world_size):
                     p.add_(step.chunk(world_size, dim)[rank] if role == sharded else step)
             s = layer.spectrum()
             layer.cut(5)
-            full = {role: gather(getattr(layer, role), dim) if role == sharded
-                    else getattr(layer, role).detach().clone() for role in ("A", "B")}
+            full = {
+                role: gather(getattr(layer, role), dim)
+                if role == sharded
+                else getattr(layer, role).detach().clone()
+                for role in ("A", "B")
+            }
             out[(kind, start)] = dict(spectrum=s, rank=layer.growth.rank, **full)
     return out
 
@@ -281,11 +325,13 @@ def test_init_cut_rank_is_the_cut_rule_on_the_init():
 
     kw = dict(max_rank=30, threshold=0.95, rule="variance", seed=3)
     assert init_cut_rank(40, 96, start="dense", signal="update", **kw) is None
-    W = dense_start_factors(40, 96, dense_init=torch.nn.init.normal_,
-                            generator=torch.Generator().manual_seed(3))
+    W = dense_start_factors(
+        40, 96, dense_init=torch.nn.init.normal_, generator=torch.Generator().manual_seed(3)
+    )
     s = torch.linalg.svdvals((W.B @ W.A).double())
-    assert init_cut_rank(40, 96, start="dense", signal="product", **kw) == \
-        _brute_cut_rank(s, 30, 0.95, "variance")
+    assert init_cut_rank(40, 96, start="dense", signal="product", **kw) == _brute_cut_rank(
+        s, 30, 0.95, "variance"
+    )
     with pytest.raises(ValueError, match="low_rank grows"):
         init_cut_rank(40, 96, start="low_rank", signal="product", **kw)
 
@@ -300,7 +346,9 @@ def test_planner_defaults_to_the_rank_the_rule_reaches():
     cfg = load_config("configs/gpt2-medium.yaml")
     assert count_parameters(cfg, stage="fraction").slots == {"fc1": 287, "fc2": 286}
     assert count_parameters(cfg, stage="fraction", rank_fraction=0.33).slots["fc1"] == 338
-    learned = load_config("configs/gpt2-medium.yaml", ["inrank.start=dense", "inrank.signal=update"])
+    learned = load_config(
+        "configs/gpt2-medium.yaml", ["inrank.start=dense", "inrank.signal=update"]
+    )
     assert count_parameters(learned, stage="fraction").slots == {"fc1": 512, "fc2": 512}
     assert count_parameters(learned, stage="active").slots == {"fc1": 1024, "fc2": 1024}
     assert rank_checks(learned) == 0 and rank_checks(cfg) > 0
@@ -316,4 +364,6 @@ def test_cut_at_an_imposed_rank():
         layer.cut(10, rank=49)
     layer.cut(10, rank=5)
     U, S, Vh = torch.linalg.svd(W)
-    assert layer.growth.rank == 5 and torch.allclose(layer.dense_weight(), U[:, :5] * S[:5] @ Vh[:5])
+    assert layer.growth.rank == 5 and torch.allclose(
+        layer.dense_weight(), U[:, :5] * S[:5] @ Vh[:5]
+    )

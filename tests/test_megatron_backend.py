@@ -30,13 +30,18 @@ WORLD = min(GPUS, 2)  # the resume test's world size: 2 processes where 2 GPUs a
 # layout: (processes, the torch reference's layout overrides, the megatron run's extra overrides)
 # The factor-training keys (spectral init, the factors' lr multiplier, Frobenius decay).
 FACTOR_KEYS = ["inrank.init=spectral", "inrank.lr_multiplier=2", "inrank.frobenius_decay=0.01"]
-LAYOUTS = {"world1": (1, TP1, []), "world1_distributed_optimizer": (1, TP1, DIST_OPT),
-           "world1_factor_keys": (1, [*TP1, *FACTOR_KEYS], DIST_OPT),
-           "dp2": (2, TP1, []), "dp2_distributed_optimizer": (2, TP1, DIST_OPT),
-           "tp2": (2, TP2, [])}
+LAYOUTS = {
+    "world1": (1, TP1, []),
+    "world1_distributed_optimizer": (1, TP1, DIST_OPT),
+    "world1_factor_keys": (1, [*TP1, *FACTOR_KEYS], DIST_OPT),
+    "dp2": (2, TP1, []),
+    "dp2_distributed_optimizer": (2, TP1, DIST_OPT),
+    "tp2": (2, TP2, []),
+}
 
-needs_gpu = pytest.mark.skipif(GPUS < 1, reason="megatron backend runs on GPUs only "
-                               "(tools/gpu_check.sh)")
+needs_gpu = pytest.mark.skipif(
+    GPUS < 1, reason="megatron backend runs on GPUs only (tools/gpu_check.sh)"
+)
 
 
 def _losses(out_dir, overrides, nproc):
@@ -67,23 +72,37 @@ def _groups_body(rank, world_size):
     from inrank_megatron.training.backends.megatron_backend import config_overrides
     from inrank_megatron.training.optim import param_groups
 
-    model = torch.nn.Sequential(InRankLinear(48, 80, InRankConfig(rank=2, buffer=4)),
-                                torch.nn.LayerNorm(80), torch.nn.Linear(80, 80))
+    model = torch.nn.Sequential(
+        InRankLinear(48, 80, InRankConfig(rank=2, buffer=4)),
+        torch.nn.LayerNorm(80),
+        torch.nn.Linear(80, 80),
+    )
     out = {}
     for keys in ([], ["inrank.lr_multiplier=3", "inrank.frobenius_decay=0.1"]):
         cfg = load_config(None, keys)
-        config = OptimizerConfig(optimizer="adam", lr=cfg.train.lr, min_lr=cfg.train.min_lr,
-                                 weight_decay=cfg.train.weight_decay)
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.train.lr,
+            min_lr=cfg.train.min_lr,
+            weight_decay=cfg.train.weight_decay,
+        )
         names = {id(p): n for n, p in model.named_parameters()}
 
         def view(groups):
-            return sorted((sorted(names[id(p)] for p in g["params"]), g["wd_mult"],
-                           g.get("max_lr", cfg.train.lr), g.get("min_lr", cfg.train.min_lr))
-                          for g in groups)
+            return sorted(
+                (
+                    sorted(names[id(p)] for p in g["params"]),
+                    g["wd_mult"],
+                    g.get("max_lr", cfg.train.lr),
+                    g.get("min_lr", cfg.train.min_lr),
+                )
+                for g in groups
+            )
 
-        out[tuple(keys)] = (view(_get_param_groups([model], config,
-                                                   config_overrides(cfg, model, config))),
-                            view(param_groups(model, cfg)))
+        out[tuple(keys)] = (
+            view(_get_param_groups([model], config, config_overrides(cfg, model, config))),
+            view(param_groups(model, cfg)),
+        )
     return out
 
 
@@ -96,8 +115,11 @@ def test_megatron_param_groups_are_the_other_backends():
     for keys, (megatron, ours) in run_distributed(_groups_body, 1)[0].items():
         assert megatron == ours, keys
         factors = [g for g in ours if g[0] == ["0.A", "0.B"]]
-        assert factors == [(["0.A", "0.B"], 0.0, 3 * 6e-4, 3 * 6e-5)] if keys else \
-            [(["0.A", "0.B"], 1.0, 6e-4, 6e-5)], keys
+        assert (
+            factors == [(["0.A", "0.B"], 0.0, 3 * 6e-4, 3 * 6e-5)]
+            if keys
+            else [(["0.A", "0.B"], 1.0, 6e-4, 6e-5)]
+        ), keys
 
 
 @pytest.mark.slow
@@ -164,40 +186,55 @@ class _ShardedAdam:
         size = -(-offset // dp_size)  # the buffer is padded to a multiple of DP
         local = Range(dp_rank * size, (dp_rank + 1) * size)
         key = (torch.float32, torch.float32)
-        self.gbuf_ranges = [{key: [{"param_map": DistributedOptimizer.
-                                    _build_model_gbuf_param_range_map(index_map, local, 0)}]}]
+        self.gbuf_ranges = [
+            {
+                key: [
+                    {
+                        "param_map": DistributedOptimizer._build_model_gbuf_param_range_map(
+                            index_map, local, 0
+                        )
+                    }
+                ]
+            }
+        ]
         self.model_param_gbuf_map = DistributedOptimizer._build_model_param_gbuf_map(
-            self.gbuf_ranges)
-        self.model_param_group_index_map, group_ranges = \
-            DistributedOptimizer._build_optimizer_group_ranges([{"params": list(params)}],
-                                                               self.gbuf_ranges)
+            self.gbuf_ranges
+        )
+        self.model_param_group_index_map, group_ranges = (
+            DistributedOptimizer._build_optimizer_group_ranges(
+                [{"params": list(params)}], self.gbuf_ranges
+            )
+        )
         self.config = SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False)
         self.shards = {}
         for p in group_ranges[0]["params"]:
             r = self._get_model_param_range_map(p)["param"]
-            self.shards[p] = p.detach().view(-1)[r.start:r.end]
-        self.optimizer = torch.optim.Adam([{"params": list(self.shards.values())}], lr=0.1,
-                                          foreach=False)
+            self.shards[p] = p.detach().view(-1)[r.start : r.end]
+        self.optimizer = torch.optim.Adam(
+            [{"params": list(self.shards.values())}], lr=0.1, foreach=False
+        )
 
     def step(self, params, grads: dict) -> None:
         """One Adam step on this rank's shards of the full gradients ``grads`` (by parameter),
         then every parameter made whole again over DP (megatron's param all-gather)."""
         for p, shard in self.shards.items():
             r = self._get_model_param_range_map(p)["param"]
-            shard.grad = grads[p].view(-1)[r.start:r.end].clone() if p in grads else None
+            shard.grad = grads[p].view(-1)[r.start : r.end].clone() if p in grads else None
         self.optimizer.step()
         for p in params:
             whole = torch.zeros(p.numel())
             if p in self.shards:
                 r = self._get_model_param_range_map(p)["param"]
-                whole[r.start:r.end] = self.shards[p]
+                whole[r.start : r.end] = self.shards[p]
             torch.distributed.all_reduce(whole)
             p.data.copy_(whole.view(p.shape))
 
     def shard_states(self) -> dict:
         """``{parameter: this rank's Adam state of its shard}``, cloned."""
-        return {p: {k: v.clone() for k, v in self.optimizer.state.get(s, {}).items()}
-                for p, s in self.shards.items()}
+        return {
+            p: {k: v.clone() for k, v in self.optimizer.state.get(s, {}).items()}
+            for p, s in self.shards.items()
+        }
 
 
 def _megatron_backend(model, optimizer, step):
@@ -210,8 +247,12 @@ def _megatron_backend(model, optimizer, step):
 
     backend = MegatronBackend.__new__(MegatronBackend)
     Backend.__init__(backend, None, model, SimpleNamespace(dp_group=None))
-    backend.distributed, backend.device, backend.optimizer, backend._step = \
-        True, torch.device("cpu"), optimizer, step
+    backend.distributed, backend.device, backend.optimizer, backend._step = (
+        True,
+        torch.device("cpu"),
+        optimizer,
+        step,
+    )
     return backend
 
 
@@ -235,12 +276,13 @@ def _state_round_trip(rank, world_size):
             q.grad = grads.get(p)
         reference.step()
     problems = []
-    holds = {name: p in sharded.model_param_group_index_map
-             for name, p in model.named_parameters()}
+    holds = {name: p in sharded.model_param_group_index_map for name, p in model.named_parameters()}
     backend = _megatron_backend(model, sharded, 2)
     with count_collectives() as exported:
-        items = [(n, m.clone(), {k: v.clone() for k, v in mom.items()}, s)
-                 for n, m, mom, s in backend.export_state()]
+        items = [
+            (n, m.clone(), {k: v.clone() for k, v in mom.items()}, s)
+            for n, m, mom, s in backend.export_state()
+        ]
     for (name, master, moments, step), q in zip(items, reference_model):
         state = reference.state.get(q, {})
         for k in MOMENTS:
@@ -256,16 +298,21 @@ def _state_round_trip(rank, world_size):
         _megatron_backend(model, fresh, 2).import_state(iter(items))
     stateful = params[:-1]  # no_state exported zeros (checked through the second export)
     for p, state in fresh.shard_states().items():
-        if any(p is q for q in stateful) and (state.keys() != before[p].keys() or not all(
-                torch.equal(state[k], before[p][k]) for k in state)):
+        if any(p is q for q in stateful) and (
+            state.keys() != before[p].keys()
+            or not all(torch.equal(state[k], before[p][k]) for k in state)
+        ):
             problems.append(f"imported shard state of {tuple(p.shape)} != the exported one")
     with count_collectives() as again:
         second = list(_megatron_backend(model, fresh, 2).export_state())
     for (name, _, moments, step), (_, _, first, step1) in zip(second, items):
         if step != step1 or not all(torch.equal(moments[k], first[k]) for k in MOMENTS):
             problems.append(f"{name}: export after import != the first export")
-    return {"holds": holds, "problems": problems,
-            "collectives": [len(exported), len(imported), len(again)]}
+    return {
+        "holds": holds,
+        "problems": problems,
+        "collectives": [len(exported), len(imported), len(again)],
+    }
 
 
 def test_distributed_optimizer_state_round_trip_dp2():
@@ -277,7 +324,8 @@ def test_distributed_optimizer_state_round_trip_dp2():
     results = run_distributed(_state_round_trip, 2, timeout=300)
     assert [r["holds"] for r in results] == [
         {"rank0": True, "straddle": True, "rank1": False, "no_state": False},
-        {"rank0": False, "straddle": True, "rank1": True, "no_state": True}]
+        {"rank0": False, "straddle": True, "rank1": True, "no_state": True},
+    ]
     for r in results:
         assert r["problems"] == []
     counts = [r["collectives"] for r in results]

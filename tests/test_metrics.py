@@ -25,7 +25,11 @@ import time
 import pytest
 
 from inrank_megatron.training.metrics import (
-    METRICS_COLUMNS, PPL_MAX_LOSS, MetricsWriter, perplexity, read_metrics,
+    METRICS_COLUMNS,
+    PPL_MAX_LOSS,
+    MetricsWriter,
+    perplexity,
+    read_metrics,
 )
 from inrank_megatron.training.plot import plot_run, short_layer_name
 
@@ -42,14 +46,32 @@ def _read(path) -> str:
 def _write_small_run(run_dir, **kwargs) -> None:
     """Three train steps (the last with throughput), one eval, two rank checks around a cut."""
     with MetricsWriter(run_dir, **kwargs) as metrics:
-        metrics.log_train(1, loss=10.5, lr=1e-4, grad_norm=2.25, tokens_per_s=1234.5,
-                          stage="growing")
+        metrics.log_train(
+            1, loss=10.5, lr=1e-4, grad_norm=2.25, tokens_per_s=1234.5, stage="growing"
+        )
         metrics.log_ranks(1, {FC1: 4, FC2: 4}, {FC1: 0.5, FC2: 0.25})
-        metrics.log_train(2, loss=9.75, lr=2e-4, grad_norm=None, tokens_per_s=1300.0,
-                          stage="growing", loss_scale=65536.0)
+        metrics.log_train(
+            2,
+            loss=9.75,
+            lr=2e-4,
+            grad_norm=None,
+            tokens_per_s=1300.0,
+            stage="growing",
+            loss_scale=65536.0,
+        )
         metrics.log_eval(2, split="valid", loss=9.5)
-        metrics.log_train(3, loss=9.5, lr=2e-4, grad_norm=1.0, tokens_per_s=1400.0, stage="fixed",
-                          tflops_per_device=0.5, mfu=0.25, elapsed_s=3.0, eta_s=4.0)
+        metrics.log_train(
+            3,
+            loss=9.5,
+            lr=2e-4,
+            grad_norm=1.0,
+            tokens_per_s=1400.0,
+            stage="fixed",
+            tflops_per_device=0.5,
+            mfu=0.25,
+            elapsed_s=3.0,
+            eta_s=4.0,
+        )
         metrics.log_event(2, "cut", "stage 2, ranks fixed")
         metrics.log_ranks(2, {FC1: 6, FC2: 5})
 
@@ -61,16 +83,22 @@ def _synthetic_run(run_dir, *, inrank: bool, steps: int = 300, cut: int = 180) -
     with MetricsWriter(run_dir, tensorboard=False) as metrics:
         for step in range(1, steps + 1):
             loss = 3.2 + 7.6 * math.exp(-step / 45) + 0.08 * math.sin(step * 1.7)
-            metrics.log_train(step, loss=loss, lr=3e-4 * min(1.0, step / 30), grad_norm=1.0,
-                              tokens_per_s=5e4, stage="dense" if not inrank else
-                              ("growing" if step <= cut else "fixed"))
+            metrics.log_train(
+                step,
+                loss=loss,
+                lr=3e-4 * min(1.0, step / 30),
+                grad_norm=1.0,
+                tokens_per_s=5e4,
+                stage="dense" if not inrank else ("growing" if step <= cut else "fixed"),
+            )
             if step % 50 == 0:
                 metrics.log_eval(step, split="valid", loss=loss + 0.15)
             if inrank and step % 20 == 0 and step <= cut:
                 for j, layer in enumerate(layers):
                     ranks[layer] = min(64, ranks[layer] + (j + 1) * (2 if step < 100 else 1))
-                metrics.log_ranks(step, ranks, {layer: 0.9 + 0.001 * j
-                                                for j, layer in enumerate(layers)})
+                metrics.log_ranks(
+                    step, ranks, {layer: 0.9 + 0.001 * j for j, layer in enumerate(layers)}
+                )
             if inrank and step == cut:
                 metrics.log_event(step, "cut", "stage 2")
         metrics.log_eval(steps, split="test", loss=loss + 0.2)
@@ -95,9 +123,20 @@ def test_csv_exact_contents(tmp_path):
 
     data = read_metrics(tmp_path)
     assert data["metrics"][1] == {
-        "step": 2, "split": "train", "loss": 9.75, "ppl": None, "lr": 2e-4, "grad_norm": None,
-        "tokens_per_s": 1300.0, "stage": "growing", "loss_scale": 65536.0,
-        "tflops_per_device": None, "mfu": None, "elapsed_s": None, "eta_s": None}
+        "step": 2,
+        "split": "train",
+        "loss": 9.75,
+        "ppl": None,
+        "lr": 2e-4,
+        "grad_norm": None,
+        "tokens_per_s": 1300.0,
+        "stage": "growing",
+        "loss_scale": 65536.0,
+        "tflops_per_device": None,
+        "mfu": None,
+        "elapsed_s": None,
+        "eta_s": None,
+    }
     assert data["metrics"][2]["ppl"] == math.exp(9.5)
     assert data["ranks"][0] == {"step": 1, "layer": FC1, "rank": 4, "explained_ratio": 0.5}
     assert data["events"] == [{"step": 2, "kind": "cut", "detail": "stage 2, ranks fixed"}]
@@ -122,8 +161,14 @@ def test_ppl_capped_and_rows_flushed(tmp_path):
 
 def _log_steps(metrics, steps, offset=0.0):
     for step in steps:
-        metrics.log_train(step, loss=10.0 - step + offset, lr=1e-3, grad_norm=1.0,
-                          tokens_per_s=100.0, stage="growing")
+        metrics.log_train(
+            step,
+            loss=10.0 - step + offset,
+            lr=1e-3,
+            grad_norm=1.0,
+            tokens_per_s=100.0,
+            stage="growing",
+        )
         metrics.log_ranks(step, {FC1: step}, {FC1: 0.5})
         if step % 2 == 0:
             metrics.log_eval(step, split="valid", loss=10.0 - step + offset)
@@ -140,8 +185,10 @@ def test_resume_trims_and_appends(tmp_path):
     metrics = MetricsWriter(tmp_path, tensorboard=True)
     _log_steps(metrics, range(1, 9))
     metrics.close()
-    before = {name: _read(tmp_path / name).splitlines(keepends=True)
-              for name in ("metrics.csv", "ranks.csv", "events.csv")}
+    before = {
+        name: _read(tmp_path / name).splitlines(keepends=True)
+        for name in ("metrics.csv", "ranks.csv", "events.csv")
+    }
     with open(tmp_path / "metrics.csv", "a", newline="") as f:
         f.write("9,tra")  # a row torn by a crash
 
@@ -158,7 +205,11 @@ def test_resume_trims_and_appends(tmp_path):
     assert valid == [(2, 8.0), (4, 6.0), (6, 104.0)]
     assert [r["rank"] for r in data["ranks"]] == [1, 2, 3, 4, 5, 6, 7]
     assert [(e["step"], e["kind"]) for e in data["events"]][-4:] == [
-        (5, "check"), (5, "resume"), (6, "check"), (7, "check")]
+        (5, "check"),
+        (5, "resume"),
+        (6, "check"),
+        (7, "check"),
+    ]
     # Rows up to the resume step are kept byte for byte: header plus steps 1..5 (+2 valid rows).
     assert _read(tmp_path / "metrics.csv").startswith("".join(before["metrics.csv"][:8]))
     assert _read(tmp_path / "ranks.csv").startswith("".join(before["ranks.csv"][:6]))
@@ -186,8 +237,10 @@ def _tensorboard_scalars(tb_dir) -> dict:
 
     accumulator = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
-            for tag in accumulator.Tags()["scalars"]}
+    return {
+        tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
 
 
 def test_tensorboard_scalars(tmp_path):
@@ -198,8 +251,12 @@ def test_tensorboard_scalars(tmp_path):
     assert scalars["train/lr"] == [(1, f32(1e-4)), (2, f32(2e-4)), (3, f32(2e-4))]
     assert scalars["train/grad_norm"] == [(1, 2.25), (3, 1.0)]  # None is not logged
     assert scalars["train/tokens_per_s"] == [(1, 1234.5), (2, 1300.0), (3, 1400.0)]
-    for tag, value in (("tflops_per_device", 0.5), ("mfu", 0.25), ("elapsed_s", 3.0),
-                       ("eta_s", 4.0)):
+    for tag, value in (
+        ("tflops_per_device", 0.5),
+        ("mfu", 0.25),
+        ("elapsed_s", 3.0),
+        ("eta_s", 4.0),
+    ):
         assert scalars[f"train/{tag}"] == [(3, value)]
     assert scalars["train/loss_scale"] == [(2, 65536.0)]
     assert scalars["valid/loss"] == [(2, 9.5)]

@@ -24,8 +24,12 @@ from tests.distributed import SHORT, read_summary, run_train
 # With the factor-training keys: each stage's Frobenius decay enters its backward of the step's
 # last micro-batch, which must equal the non-pipelined backend's (the TP=2 resume below).
 FACTOR_KEYS = ["inrank.init=spectral", "inrank.lr_multiplier=2", "inrank.frobenius_decay=0.01"]
-PP2 = [*SHORT, "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
-       *FACTOR_KEYS]
+PP2 = [
+    *SHORT,
+    "parallel.tensor_model_parallel_size=1",
+    "parallel.pipeline_model_parallel_size=2",
+    *FACTOR_KEYS,
+]
 
 
 def _close(a, b, tol):
@@ -55,8 +59,9 @@ def test_pp2_run_resumed_at_tp2_continues_it(pp_run, tmp_path):
     run_train([*SHORT, f"output.dir={out}", f"output.resume={step4}", *FACTOR_KEYS])  # TP=2
     t = read_summary(out)
     assert t["ranks"] == s["ranks"] and t["parameters"] == s["parameters"]
-    assert _close(t["train_losses"], s["train_losses"][4:], 1e-6), \
-        [a - b for a, b in zip(t["train_losses"], s["train_losses"][4:])]
+    assert _close(t["train_losses"], s["train_losses"][4:], 1e-6), [
+        a - b for a, b in zip(t["train_losses"], s["train_losses"][4:])
+    ]
     assert abs(t["valid_loss"] - s["valid_loss"]) < 1e-6
 
 
@@ -71,18 +76,27 @@ def test_pp2_dp2_from_a_resharded_checkpoint_continues_the_pp2_run(pp_run, tmp_p
     run_train([*PP2, f"output.dir={out}", f"output.resume={dst}"], nproc=4, timeout=900)
     s, t = read_summary(pp_run), read_summary(out)
     assert t["ranks"] == s["ranks"] and t["parameters"] == s["parameters"]
-    assert _close(t["train_losses"], s["train_losses"][4:], 1e-5), \
-        [a - b for a, b in zip(t["train_losses"], s["train_losses"][4:])]
+    assert _close(t["train_losses"], s["train_losses"][4:], 1e-5), [
+        a - b for a, b in zip(t["train_losses"], s["train_losses"][4:])
+    ]
 
 
 def test_pipeline_refuses_what_it_cannot_run():
     from inrank_megatron import rules
     from inrank_megatron.config import ConfigError, from_dict
 
-    cfg = from_dict({"parallel": {"pipeline_model_parallel_size": 2},
-                     "train": {"precision": "fp16"}, "data": {"tokenizer_model": "unused"}})
-    with pytest.raises(ConfigError, match=r"pipeline_model_parallel_size=2 with "
-                                          r"train.precision='fp16'.*expected bf16 or fp32"):
+    cfg = from_dict(
+        {
+            "parallel": {"pipeline_model_parallel_size": 2},
+            "train": {"precision": "fp16"},
+            "data": {"tokenizer_model": "unused"},
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"pipeline_model_parallel_size=2 with "
+        r"train.precision='fp16'.*expected bf16 or fp32",
+    ):
         rules.validate(cfg, scopes=("config", "machine"))
 
 

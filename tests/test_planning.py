@@ -31,7 +31,11 @@ from inrank_megatron import rules
 from inrank_megatron.config import load_config
 from inrank_megatron.planning.activations import ACTIVATION_VARIANTS, activation_memory
 from inrank_megatron.planning.estimates import (
-    STRATEGIES, count_parameters, flops_per_token, memory_per_gpu, rank_checks,
+    STRATEGIES,
+    count_parameters,
+    flops_per_token,
+    memory_per_gpu,
+    rank_checks,
     tokenizer_vocab_size,
 )
 from inrank_megatron.planning.plan import fit, plan
@@ -39,13 +43,17 @@ from tests.distributed import run_distributed
 from tools.plan import format_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.relpath(p, REPO)
-                 for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+CONFIGS = sorted(
+    os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))
+)
 CPU_CONFIGS = ("configs/tiny-cpu.yaml", "configs/study-cpu.yaml")
 BIG = [c for c in CONFIGS if c not in CPU_CONFIGS]
 # The world size each config is written for (its first launch line); 2 x 8 is checked for all.
-NATURAL_WORLD = {"configs/tiny-cpu.yaml": 2, "configs/study-cpu.yaml": 1,
-                 "configs/gpt-13b.yaml": 16}
+NATURAL_WORLD = {
+    "configs/tiny-cpu.yaml": 2,
+    "configs/study-cpu.yaml": 1,
+    "configs/gpt-13b.yaml": 16,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +71,11 @@ def _load(path, *overrides):
 # (the totals); a small, a TP=2 and a PP=2 config at TP=2 and PP=2 (the per-GPU shards).
 SHARD_CONFIGS = ["configs/tiny-cpu.yaml", "configs/gpt2-large.yaml", "configs/gpt-13b.yaml"]
 # gpt-2.7b at PP=2 too: the largest config run by the DeepSpeed backend, built on the meta device.
-LAYOUTS = {"tp1": (1, 1, CONFIGS), "tp2": (2, 1, SHARD_CONFIGS),
-           "pp2": (1, 2, SHARD_CONFIGS + ["configs/gpt-2.7b.yaml"])}
+LAYOUTS = {
+    "tp1": (1, 1, CONFIGS),
+    "tp2": (2, 1, SHARD_CONFIGS),
+    "pp2": (1, 2, SHARD_CONFIGS + ["configs/gpt-2.7b.yaml"]),
+}
 
 
 def _cumulative(cfg):
@@ -76,8 +87,11 @@ def _cumulative(cfg):
 def _variants(path):
     """``{name: (config, inrank)}``: dense, InRank efficient, InRank cumulative."""
     cfg = _load(path)
-    return {f"{path}:dense": (cfg, False), f"{path}:efficient": (cfg, True),
-            f"{path}:cumulative": (_cumulative(cfg), True)}
+    return {
+        f"{path}:dense": (cfg, False),
+        f"{path}:efficient": (cfg, True),
+        f"{path}:cumulative": (_cumulative(cfg), True),
+    }
 
 
 def _cases():
@@ -88,10 +102,15 @@ def _cases():
         for path in paths:
             for name, (cfg, inrank) in _variants(path).items():
                 cfg = dataclasses.replace(
-                    cfg, model=dataclasses.replace(cfg.model, inrank=inrank),
-                    parallel=dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp,
-                                                 pipeline_model_parallel_size=pp,
-                                                 sequence_parallel=False))
+                    cfg,
+                    model=dataclasses.replace(cfg.model, inrank=inrank),
+                    parallel=dataclasses.replace(
+                        cfg.parallel,
+                        tensor_model_parallel_size=tp,
+                        pipeline_model_parallel_size=pp,
+                        sequence_parallel=False,
+                    ),
+                )
                 cases[layout][name] = (cfg, tokenizer_vocab_size(cfg))
     return cases
 
@@ -123,8 +142,9 @@ def _build_counts(rank, world_size, cases):
     out = {}
     try:
         for layout, (tp, pp, _) in LAYOUTS.items():
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                                     pipeline_model_parallel_size=pp)
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            )
             names = sorted(cases[layout])
             if tp * pp == 1:
                 names = names[rank::world_size]
@@ -138,7 +158,8 @@ def _build_counts(rank, world_size, cases):
                 out[layout][name] = (
                     sum(p.numel() for p in model.parameters()),
                     sum(b.numel() for n, b in buffers.items() if n.split(".")[-1] == "w0"),
-                    sum(b.numel() for b in buffers.values()))
+                    sum(b.numel() for b in buffers.values()),
+                )
                 del model
             parallel_state.destroy_model_parallel()
     finally:
@@ -187,7 +208,8 @@ def test_per_gpu_shards_equal_the_built_model_at_tp2_and_pp2(built):
                     stage = rank if pp > 1 else 0
                     assert pc.per_stage[stage] == params, (
                         f"{name} {layout} rank {rank}: planner {pc.per_stage[stage]:,} != "
-                        f"{params:,}")
+                        f"{params:,}"
+                    )
                     assert pc.buffers_per_stage[stage] == w0, f"{name} {layout} rank {rank}: w0"
     # The tied word embeddings: PP's last stage holds its own copy, so the stages sum to more.
     cfg = _load("configs/gpt-13b.yaml")
@@ -217,8 +239,14 @@ def test_rank_checks_follow_the_growth_state():
 
     for path in ("tests/tiny.yaml", "configs/gpt2-medium.yaml"):
         ir = _load(path).inrank
-        state = GrowthState(rank=ir.rank, buffer=ir.buffer, max_rank=10**6,
-                            threshold=ir.threshold, warmup=ir.warmup, gap=ir.gap)
+        state = GrowthState(
+            rank=ir.rank,
+            buffer=ir.buffer,
+            max_rank=10**6,
+            threshold=ir.threshold,
+            warmup=ir.warmup,
+            gap=ir.gap,
+        )
         due = sum(state.is_due(step) for step in range(1, ir.stage1_steps + 1))
         assert rank_checks(_load(path)) == due
     assert rank_checks(_load("configs/gpt2-medium.yaml")) == 36  # steps 25, 28, ..., 130
@@ -226,8 +254,10 @@ def test_rank_checks_follow_the_growth_state():
 
 def test_rank_fraction_is_clipped_to_what_the_rule_reaches():
     cfg = _load("tests/tiny.yaml")  # max_rank 64, buffer 16: the rule stops below 48
-    assert count_parameters(cfg, stage="fraction", rank_fraction=0.9).slots == {"fc1": 47,
-                                                                                "fc2": 47}
+    assert count_parameters(cfg, stage="fraction", rank_fraction=0.9).slots == {
+        "fc1": 47,
+        "fc2": 47,
+    }
     assert count_parameters(cfg, stage="fraction", rank_fraction=0.001).slots["fc1"] == 2
 
 
@@ -252,8 +282,9 @@ def test_flops_per_token_at_per_layer_slots():
     cfg = _load("configs/gpt2-medium.yaml")
     h, L = 1024, 24
     active = flops_per_token(cfg, inrank=True, stage="active")
-    assert flops_per_token(cfg, inrank=True, layer_slots=[{"fc1": 102, "fc2": 102}] * L) == \
-        dataclasses.replace(active, label="InRank at given slots")
+    assert flops_per_token(
+        cfg, inrank=True, layer_slots=[{"fc1": 102, "fc2": 102}] * L
+    ) == dataclasses.replace(active, label="InRank at given slots")
     mixed = [{"fc1": 102, "fc2": 102}] * (L - 1) + [{"fc1": 300, "fc2": 10}]
     got = flops_per_token(cfg, inrank=True, layer_slots=mixed)
     assert got.linear - active.linear == 6 * (300 - 102 + 10 - 102) * (h + 4 * h)
@@ -268,13 +299,19 @@ def test_memory_sharding():
     assert set(mem) == set(STRATEGIES)
     ceil8 = -(-n // 8)
     # ZeRO-0 is the torch backend: autocast over fp32 weights, no separate master copy.
-    assert (mem["zero0"].weights, mem["zero0"].gradients, mem["zero0"].optimizer) == \
-        (4 * n, 4 * n, 8 * n)
+    assert (mem["zero0"].weights, mem["zero0"].gradients, mem["zero0"].optimizer) == (
+        4 * n,
+        4 * n,
+        8 * n,
+    )
     assert (mem["zero1"].gradients, mem["zero1"].optimizer) == (2 * n, 12 * ceil8)
     assert (mem["zero2"].gradients, mem["zero2"].optimizer) == (2 * ceil8, 12 * ceil8)
     assert mem["zero3"].total == 16 * ceil8
-    assert (mem["megatron"].weights, mem["megatron"].gradients, mem["megatron"].optimizer) == \
-        (2 * n, 4 * n, 12 * ceil8)
+    assert (mem["megatron"].weights, mem["megatron"].gradients, mem["megatron"].optimizer) == (
+        2 * n,
+        4 * n,
+        12 * ceil8,
+    )
     fp32 = memory_per_gpu(_load("configs/gpt2-medium.yaml"), 8, inrank=False)["zero0"]
     m = count_parameters(_load("configs/gpt2-medium.yaml"), inrank=False).per_gpu
     assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4 * m, 4 * m, 8 * m)
@@ -295,12 +332,20 @@ def test_big_config_passes_every_planner_check_on_2x8(path):
     assert cfg.data.tokenizer == "gpt2" and cfg.model.seq_length == 1024
     assert (cfg.train.global_batch_size, cfg.train.clip_grad) == (512, 1.0)
     ir = cfg.inrank
-    assert (ir.rank, ir.buffer, ir.threshold, ir.warmup, ir.gap, ir.stage1_steps) == \
-        (2, 100, 0.9, 25, 3, 130)
+    assert (ir.rank, ir.buffer, ir.threshold, ir.warmup, ir.gap, ir.stage1_steps) == (
+        2,
+        100,
+        0.9,
+        25,
+        3,
+        130,
+    )
     p = plan(cfg, 2, 8, config_path=path)
     assert p.ok, [c for c in p.checks if not c.ok]
-    assert p.dp * cfg.parallel.tensor_model_parallel_size * \
-        cfg.parallel.pipeline_model_parallel_size == 16
+    assert (
+        p.dp * cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+        == 16
+    )
     text = format_plan(p)
     assert "FAIL" not in text and "Activations per GPU" in text
     assert p.fit.fits and "does NOT fit" not in text  # the shipped settings fit 80 GiB
@@ -342,8 +387,12 @@ def test_tp_not_dividing_heads_is_a_failing_check_naming_the_key():
     assert "FAIL" in format_plan(p)
     # Every rule shows, not only the first: TP 3 breaks hidden, heads and ffn at once.
     p = plan(_load("configs/gpt2-medium.yaml", "parallel.tensor_model_parallel_size=3"), 1, 6)
-    assert {c.name for c in p.checks if not c.ok} >= {"TP divides heads", "TP divides hidden",
-                                                      "TP divides ffn", "TP divides vocab padding"}
+    assert {c.name for c in p.checks if not c.ok} >= {
+        "TP divides heads",
+        "TP divides hidden",
+        "TP divides ffn",
+        "TP divides vocab padding",
+    }
 
 
 def test_cli_prints_the_plan_and_exits_1_on_a_failing_layout():
@@ -351,15 +400,28 @@ def test_cli_prints_the_plan_and_exits_1_on_a_failing_layout():
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert cli.main(["--config", "configs/gpt2-medium.yaml", "--nodes", "2",
-                         "--gpus-per-node", "8"]) == 0
+        assert (
+            cli.main(
+                ["--config", "configs/gpt2-medium.yaml", "--nodes", "2", "--gpus-per-node", "8"]
+            )
+            == 0
+        )
     text = stdout.getvalue()
-    for part in ("Layout checks (world_size = 16): all pass", "Parameters", "Memory per GPU",
-                 "ZeRO-3", "Megatron dist-opt", "Training FLOPs per token", "354.87M"):
+    for part in (
+        "Layout checks (world_size = 16): all pass",
+        "Parameters",
+        "Memory per GPU",
+        "ZeRO-3",
+        "Megatron dist-opt",
+        "Training FLOPs per token",
+        "354.87M",
+    ):
         assert part in text, part
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        assert cli.main(["--config", "configs/gpt-13b.yaml", "--nodes", "1",
-                         "--gpus-per-node", "6"]) == 1
+        assert (
+            cli.main(["--config", "configs/gpt-13b.yaml", "--nodes", "1", "--gpus-per-node", "6"])
+            == 1
+        )
     assert "FAIL" in out.getvalue()
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert cli.main(["--config", "configs/gpt2-small.yaml", "train.nope=1"]) == 2
@@ -372,17 +434,28 @@ def test_cli_prints_the_plan_and_exits_1_on_a_failing_layout():
 
 # ------------------------------------------------------------------------------------ activations
 # Small shapes on tiny-cpu: 2 layers x 128, 4 heads, seq 128, micro batch 2, a 512-id vocabulary.
-SMALL = ["model.num_layers=2", "model.hidden_size=128", "model.num_attention_heads=4",
-         "model.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=2",
-         "inrank.buffer=14"]
+SMALL = [
+    "model.num_layers=2",
+    "model.hidden_size=128",
+    "model.num_attention_heads=4",
+    "model.seq_length=128",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=2",
+    "inrank.buffer=14",
+]
 SMALL_VOCAB = 512
-BF16 = ["train.precision=bf16", "parallel.backend=deepspeed",
-        "parallel.deepspeed_config=configs/deepspeed/zero2.json"]
+BF16 = [
+    "train.precision=bf16",
+    "parallel.backend=deepspeed",
+    "parallel.deepspeed_config=configs/deepspeed/zero2.json",
+]
 
 
 def _small(tp, *overrides):
-    layout = [f"parallel.tensor_model_parallel_size={tp}",
-              f"parallel.sequence_parallel={'true' if tp > 1 else 'false'}"]
+    layout = [
+        f"parallel.tensor_model_parallel_size={tp}",
+        f"parallel.sequence_parallel={'true' if tp > 1 else 'false'}",
+    ]
     return _load("tests/tiny.yaml", *SMALL, *layout, *overrides)
 
 
@@ -412,8 +485,9 @@ def _measured_peaks(rank, world_size, cfgs, repeats=3):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         s, b = cfg.model.seq_length, cfg.train.micro_batch_size
-        tokens = torch.randint(0, SMALL_VOCAB, (b, s + 1),
-                               generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(
+            0, SMALL_VOCAB, (b, s + 1), generator=torch.Generator().manual_seed(0)
+        )
         pos = torch.arange(s).unsqueeze(0).expand(b, s)
 
         def step(model=model, tokens=tokens, pos=pos):
@@ -429,9 +503,11 @@ def _measured_peaks(rank, world_size, cfgs, repeats=3):
             parallel_state._set_global_memory_buffer()
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 step()
-            events = sorted((e.start_ns(), e.nbytes())
-                            for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]")
+            events = sorted(
+                (e.start_ns(), e.nbytes())
+                for e in prof.profiler.kineto_results.events()
+                if e.name() == "[memory]"
+            )
             live = peak = 0
             for _, nbytes in events:
                 live += nbytes
@@ -459,17 +535,29 @@ def test_activation_estimate_within_15_percent_of_measured_peak():
     for precision in ([], BF16):
         for inrank in ("false", "true"):
             for attention, recompute in ACTIVATION_VARIANTS:
-                cases.append([*precision, f"model.inrank={inrank}",
-                              f"model.attention={attention}", f"model.recompute={recompute}"])
+                cases.append(
+                    [
+                        *precision,
+                        f"model.inrank={inrank}",
+                        f"model.attention={attention}",
+                        f"model.recompute={recompute}",
+                    ]
+                )
     cases.append(["model.attention=sdpa", "model.recompute=full", "model.recompute_num_layers=1"])
     results = _estimates_vs_measured(1, cases)
     # TP 2 with sequence parallelism: the 1/tp and SP-shard terms, per rank.
-    results += _estimates_vs_measured(2, [["model.attention=local"], ["model.attention=sdpa"],
-                                          ["model.attention=sdpa", "model.recompute=full"]])
+    results += _estimates_vs_measured(
+        2,
+        [
+            ["model.attention=local"],
+            ["model.attention=sdpa"],
+            ["model.attention=sdpa", "model.recompute=full"],
+        ],
+    )
     bad = [r for r in results if not 0.85 <= r[3] <= 1.15]
     assert not bad, bad
     # Not a constant: recompute and SDPA change the measured peaks and the estimates alike.
-    by = {tuple(r[0]): r for r in results[:len(cases)]}
+    by = {tuple(r[0]): r for r in results[: len(cases)]}
     full = by[("model.inrank=false", "model.attention=sdpa", "model.recompute=full")]
     none = by[("model.inrank=false", "model.attention=local", "model.recompute=none")]
     assert full[2] < 0.6 * none[2] and full[1] < 0.6 * none[1]
@@ -480,9 +568,13 @@ def test_activation_formula_is_korthikanti_in_16_bit():
     # dropout, and sbh (34 / t + 5 a s / (h t)) with TP t and SP; this code adds the norms' fp32
     # mean and rstd (2 x 2 x 4 sb bytes) and local attention's [s, s] causal mask.
     for tp, sp in ((1, "false"), (4, "true")):
-        cfg = _load("configs/gpt-6.7b.yaml", "model.hidden_dropout=0.1",
-                    "model.attention_dropout=0.1", f"parallel.tensor_model_parallel_size={tp}",
-                    f"parallel.sequence_parallel={sp}")
+        cfg = _load(
+            "configs/gpt-6.7b.yaml",
+            "model.hidden_dropout=0.1",
+            "model.attention_dropout=0.1",
+            f"parallel.tensor_model_parallel_size={tp}",
+            f"parallel.sequence_parallel={sp}",
+        )
         s, b, h, a = 1024, 4, 4096, 32
         est = activation_memory(cfg, inrank=False, attention="local")
         korthikanti = s * b * h * (34 + 5 * a * s / h) / tp
@@ -497,8 +589,12 @@ def test_fit_suggests_changes_that_fit():
     path = "configs/gpt-13b.yaml"
     shipped = fit(_load(path), 8, gpus_per_node=8)
     assert shipped.fits and not shipped.suggestions
-    big = ["train.micro_batch_size=8", "model.seq_length=2048",
-           "model.max_position_embeddings=2048", "model.attention=local"]
+    big = [
+        "train.micro_batch_size=8",
+        "model.seq_length=2048",
+        "model.max_position_embeddings=2048",
+        "model.attention=local",
+    ]
     cfg = _load(path, *big)
     result = fit(cfg, 8, gpus_per_node=8)
     assert not result.fits and result.total > 80 * 2**30

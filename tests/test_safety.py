@@ -36,15 +36,21 @@ class _Exploit:
 def _config(tmp_path, **extra):
     from inrank_megatron.config import load_config, to_dict
 
-    overrides = [f"output.dir={tmp_path / 'run'}", "parallel.tensor_model_parallel_size=1",
-                 *[f"{k}={v}" for k, v in extra.items()]]
+    overrides = [
+        f"output.dir={tmp_path / 'run'}",
+        "parallel.tensor_model_parallel_size=1",
+        *[f"{k}={v}" for k, v in extra.items()],
+    ]
     return to_dict(load_config(os.path.join(REPO, "tests", "tiny.yaml"), overrides))
 
 
 def _checkpoint(tmp_path, backend="torch", **extra):
     """A run dir whose latest step directory has the files of ``backend`` (contents plain)."""
     from inrank_megatron.checkpoint import (
-        Meta, write_growth, write_latest, write_meta,
+        Meta,
+        write_growth,
+        write_latest,
+        write_meta,
     )
 
     root = tmp_path / "run" / "checkpoints"
@@ -56,9 +62,11 @@ def _checkpoint(tmp_path, backend="torch", **extra):
         torch.save({}, step / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
         with open(step / "inrank_deepspeed.json", "w") as f:
             f.write('{"zero_stage": 2, "tp": 1, "dp": 1, "precision": "fp32", "params": {}}')
-        extra = {"parallel.backend": "deepspeed",
-                 "parallel.deepspeed_config": os.path.join(REPO, "configs/deepspeed/zero2.json"),
-                 **extra}
+        extra = {
+            "parallel.backend": "deepspeed",
+            "parallel.deepspeed_config": os.path.join(REPO, "configs/deepspeed/zero2.json"),
+            **extra,
+        }
     else:
         os.makedirs(step / "model")
         with open(step / "model" / ".metadata", "wb") as f:
@@ -66,8 +74,19 @@ def _checkpoint(tmp_path, backend="torch", **extra):
         torch.save({"scheduler": {}}, step / "train.pt")
     torch.save({"torch": torch.zeros(2)}, step / "rng_00000.pt")
     write_growth(str(step), {})
-    write_meta(str(step), Meta(step=4, consumed_samples=32, world_size=1, tp=1, pp=1, dp=1,
-                               backend=backend, config=_config(tmp_path, **extra)))
+    write_meta(
+        str(step),
+        Meta(
+            step=4,
+            consumed_samples=32,
+            world_size=1,
+            tp=1,
+            pp=1,
+            dp=1,
+            backend=backend,
+            config=_config(tmp_path, **extra),
+        ),
+    )
     write_latest(str(root), str(step))
     return step
 
@@ -93,22 +112,32 @@ def clean_env(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("backend,rel,as_torch", [
-    ("torch", "model/.metadata", False), ("torch", "train.pt", True),
-    ("torch", "rng_00000.pt", True),
-    ("deepspeed", "deepspeed/mp_rank_00_model_states.pt", True),
-    ("deepspeed", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", True)])
+@pytest.mark.parametrize(
+    "backend,rel,as_torch",
+    [
+        ("torch", "model/.metadata", False),
+        ("torch", "train.pt", True),
+        ("torch", "rng_00000.pt", True),
+        ("deepspeed", "deepspeed/mp_rank_00_model_states.pt", True),
+        ("deepspeed", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", True),
+    ],
+)
 def test_resume_refuses_pickled_code(tmp_path, capsys, clean_env, backend, rel, as_torch):
     from inrank_megatron import train
 
     step = _checkpoint(tmp_path, backend)
     marker = tmp_path / "pwned"
     _poison(step / rel, marker, as_torch)
-    overrides = [f"output.dir={tmp_path / 'run'}", "output.resume=auto",
-                 "parallel.tensor_model_parallel_size=1"]
+    overrides = [
+        f"output.dir={tmp_path / 'run'}",
+        "output.resume=auto",
+        "parallel.tensor_model_parallel_size=1",
+    ]
     if backend == "deepspeed":
-        overrides += ["parallel.backend=deepspeed",
-                      f"parallel.deepspeed_config={REPO}/configs/deepspeed/zero2.json"]
+        overrides += [
+            "parallel.backend=deepspeed",
+            f"parallel.deepspeed_config={REPO}/configs/deepspeed/zero2.json",
+        ]
     rc = train.main(["--config", os.path.join(REPO, "tests", "tiny.yaml"), *overrides])
     assert rc == 2 and not marker.exists()
     _one_line_refusal(capsys.readouterr().err, step / rel)
@@ -124,16 +153,19 @@ def test_convert_refuses_pickled_dcp_metadata(tmp_path, capsys, command):
     marker = tmp_path / "pwned"
     _poison(step / "model" / ".metadata", marker, False)
     args = [command, str(step), str(tmp_path / "out" / "step_000004")]
-    args += {"reshard": ["--tp", "1"],
-             "to-deepspeed": ["--deepspeed-config", f"{REPO}/configs/deepspeed/zero2.json"]
-             }.get(command, [])
+    args += {
+        "reshard": ["--tp", "1"],
+        "to-deepspeed": ["--deepspeed-config", f"{REPO}/configs/deepspeed/zero2.json"],
+    }.get(command, [])
     assert convert_checkpoint.main(args) == 2 and not marker.exists()
     _one_line_refusal(capsys.readouterr().err, step / "model" / ".metadata")
     assert not (tmp_path / "out" / "step_000004").exists()
 
 
-@pytest.mark.parametrize("rel", ["deepspeed/mp_rank_00_model_states.pt",
-                                 "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+@pytest.mark.parametrize(
+    "rel",
+    ["deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+)
 def test_from_deepspeed_and_zero_to_fp32_refuse_pickled_code(tmp_path, capsys, rel):
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import convert_checkpoint
@@ -196,10 +228,17 @@ def test_dependencies_loaders_are_guarded(tmp_path):
 
 # ------------------------------------------------------------------------------ the format
 def test_format_module_imports_without_torch():
-    code = ("import sys, inrank_megatron.checkpoint as f; "
-            "assert 'torch' not in sys.modules, 'torch imported'; print(f.META_FILE)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=REPO))
+    code = (
+        "import sys, inrank_megatron.checkpoint as f; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(f.META_FILE)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert out.returncode == 0 and out.stdout.strip() == "meta.json", out.stderr
 
 
@@ -212,10 +251,12 @@ def test_meta_refuses_unknown_and_missing_keys(tmp_path):
     file = step / "meta.json"
     meta = json.loads(file.read_text())
     assert read_meta(str(step)).to_json() == meta
-    for change, expected in (({"stpe": 4}, r"unknown keys \['stpe'\]"),
-                             ({"step": None}, "step=None; expected int"),
-                             ({"backend": "jax"}, "backend='jax'"),
-                             ({"dp": 2}, "world_size=1")):
+    for change, expected in (
+        ({"stpe": 4}, r"unknown keys \['stpe'\]"),
+        ({"step": None}, "step=None; expected int"),
+        ({"backend": "jax"}, "backend='jax'"),
+        ({"dp": 2}, "world_size=1"),
+    ):
         bad = {k: v for k, v in {**meta, **change}.items() if v is not None or k != "step"}
         if change.get("step", 0) is None:
             bad["step"] = None
@@ -229,8 +270,9 @@ def test_meta_refuses_unknown_and_missing_keys(tmp_path):
         read_meta(str(step))
 
 
-@pytest.mark.parametrize("content", ["/etc", "../../elsewhere/checkpoints/step_000004",
-                                     "step_000004/../../x", "..", ""])
+@pytest.mark.parametrize(
+    "content", ["/etc", "../../elsewhere/checkpoints/step_000004", "step_000004/../../x", "..", ""]
+)
 def test_latest_names_only_its_own_step_directories(tmp_path, content):
     from inrank_megatron.checkpoint import CheckpointError, read_latest, resolve_checkpoint
 
@@ -244,19 +286,23 @@ def test_latest_names_only_its_own_step_directories(tmp_path, content):
         resolve_checkpoint(str(tmp_path / "run"))
 
 
-def test_resume_refuses_a_latest_that_points_elsewhere_and_a_finished_run(tmp_path, capsys,
-                                                                         clean_env):
+def test_resume_refuses_a_latest_that_points_elsewhere_and_a_finished_run(
+    tmp_path, capsys, clean_env
+):
     step = _checkpoint(tmp_path)
     before = _hashes(tmp_path / "run")
     # The issue: resuming a step-20 checkpoint with train.steps=10 rewrote summary.json.
     assert _train(tmp_path, "output.resume=auto", "train.steps=4") == 2
-    assert "is at step 4, train.steps=4: nothing left to train; expected train.steps > 4" in \
-        capsys.readouterr().err
+    assert (
+        "is at step 4, train.steps=4: nothing left to train; expected train.steps > 4"
+        in capsys.readouterr().err
+    )
     (step.parent / "latest").write_text(str(step) + "\n")  # an absolute path
     assert _train(tmp_path, "output.resume=auto") == 2
     assert "expected the name of a step directory" in capsys.readouterr().err
-    assert {k: v for k, v in _hashes(tmp_path / "run").items() if "latest" not in k} == \
-        {k: v for k, v in before.items() if "latest" not in k}
+    assert {k: v for k, v in _hashes(tmp_path / "run").items() if "latest" not in k} == {
+        k: v for k, v in before.items() if "latest" not in k
+    }
 
 
 # ------------------------------------------------------------- nothing the run did not write
@@ -275,9 +321,15 @@ def _hashes(root):
 def _train(tmp_path, *overrides):
     from inrank_megatron import train
 
-    return train.main(["--config", os.path.join(REPO, "tests", "tiny.yaml"),
-                       f"output.dir={tmp_path / 'run'}", "parallel.tensor_model_parallel_size=1",
-                       *overrides])
+    return train.main(
+        [
+            "--config",
+            os.path.join(REPO, "tests", "tiny.yaml"),
+            f"output.dir={tmp_path / 'run'}",
+            "parallel.tensor_model_parallel_size=1",
+            *overrides,
+        ]
+    )
 
 
 def test_fresh_run_into_a_non_empty_directory_is_refused(tmp_path, capsys, clean_env):
@@ -298,12 +350,16 @@ def test_fresh_run_into_a_non_empty_directory_is_refused(tmp_path, capsys, clean
     assert _hashes(run) == before
 
 
-def test_auto_resume_takes_the_newest_verified_checkpoint_or_refuses(tmp_path, capsys,
-                                                                     clean_env):
+def test_auto_resume_takes_the_newest_verified_checkpoint_or_refuses(tmp_path, capsys, clean_env):
     import shutil
 
     from inrank_megatron.checkpoint import (
-        CheckpointError, Meta, is_complete, read_meta, record_files, write_meta,
+        CheckpointError,
+        Meta,
+        is_complete,
+        read_meta,
+        record_files,
+        write_meta,
     )
     from inrank_megatron.checkpoint.resume import auto_resume_path
 
@@ -328,8 +384,9 @@ def test_auto_resume_takes_the_newest_verified_checkpoint_or_refuses(tmp_path, c
         auto_resume_path(str(root))
     assert _train(tmp_path, "output.resume=auto") == 2
     assert "refusing to start fresh over them" in capsys.readouterr().err
-    assert _hashes(tmp_path / "run") == {k: v for k, v in before.items()
-                                         if k != "checkpoints/step_000004/train.pt"}
+    assert _hashes(tmp_path / "run") == {
+        k: v for k, v in before.items() if k != "checkpoints/step_000004/train.pt"
+    }
     del Meta
 
 
@@ -342,16 +399,21 @@ time.sleep(120)
 """
 
 
-def test_second_run_into_a_locked_directory_is_refused_naming_the_holder(tmp_path, capsys,
-                                                                         clean_env):
+def test_second_run_into_a_locked_directory_is_refused_naming_the_holder(
+    tmp_path, capsys, clean_env
+):
     import signal
 
     from inrank_megatron.run_dir import lock_output_dir, unlock_output_dir
 
     step = _checkpoint(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path / "run")], cwd=REPO,
-                              env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path / "run")],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = _hashes(tmp_path / "run")
@@ -385,8 +447,12 @@ def test_tools_never_write_over_or_into_their_input(tmp_path, capsys):
         assert convert_checkpoint.main(["reshard", str(step), str(dst), "--tp", "1"]) == 2
         err = capsys.readouterr().err
         assert ("inside the source" in err) or ("exists; refusing to overwrite" in err), err
-    assert convert_checkpoint.main(["reshard", str(step), str(tmp_path / "out" / "step_000004"),
-                                    "--tp", "1"]) == 0
+    assert (
+        convert_checkpoint.main(
+            ["reshard", str(step), str(tmp_path / "out" / "step_000004"), "--tp", "1"]
+        )
+        == 0
+    )
     assert (user_tmp / "keep.txt").read_text() == "mine" and taken.read_text() == "mine too"
     after = {**_hashes(tmp_path / "run"), **_hashes(tmp_path / "out")}
     assert {k: v for k, v in after.items() if k in before} == before
@@ -406,8 +472,11 @@ def test_first_nonfinite_names_the_inrank_layer():
     from inrank_megatron.training.finite import first_nonfinite
 
     layer = "decoder.layers.1.mlp.linear_fc2"
-    params = [("embedding.word_embeddings.weight", torch.ones(4, 2)),
-              (f"{layer}.A", torch.ones(3, 2)), (f"{layer}.B", torch.ones(2, 3))]
+    params = [
+        ("embedding.word_embeddings.weight", torch.ones(4, 2)),
+        (f"{layer}.A", torch.ones(3, 2)),
+        (f"{layer}.B", torch.ones(2, 3)),
+    ]
     assert first_nonfinite(params, [layer]) is None
     params[2][1][0, 1] = float("nan")
     assert first_nonfinite(params, [layer]) == f"InRank layer {layer} (factor B)"
@@ -421,18 +490,33 @@ def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(tmp_path, capsy
     from inrank_megatron.checkpoint import read_latest
     from inrank_megatron.checkpoint.reader import read_dist_tensors
 
-    rc = _train(tmp_path, "train.lr=1e6", "train.steps=8", "train.lr_warmup_steps=1",
-                "train.save_interval=1", "train.eval_interval=100", "output.plot=false",
-                "model.num_layers=1", "model.seq_length=32", "inrank.warmup=1", "inrank.gap=1",
-                "inrank.stage1_steps=3")
-    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
-           if line.startswith("error:")]
+    rc = _train(
+        tmp_path,
+        "train.lr=1e6",
+        "train.steps=8",
+        "train.lr_warmup_steps=1",
+        "train.save_interval=1",
+        "train.eval_interval=100",
+        "output.plot=false",
+        "model.num_layers=1",
+        "model.seq_length=32",
+        "inrank.warmup=1",
+        "inrank.gap=1",
+        "inrank.stage1_steps=3",
+    )
+    err = [
+        line
+        for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+        if line.startswith("error:")
+    ]
     assert rc == 1 and len(err) == 1 and "non-finite" in err[0], err
     stopped = int(err[0].split("step ")[1].split(":")[0])
     root = tmp_path / "run" / "checkpoints"
     assert read_latest(str(root)) == str(root / f"step_{stopped - 1:06d}")
-    assert sorted(n for n in os.listdir(root) if n.startswith("step_"))[-1] == \
-        f"step_{stopped - 1:06d}"
+    assert (
+        sorted(n for n in os.listdir(root) if n.startswith("step_"))[-1]
+        == f"step_{stopped - 1:06d}"
+    )
     for name in os.listdir(root):
         if name.startswith("step_"):
             for key, t in read_dist_tensors(str(root / name / "model")).items():
@@ -441,9 +525,18 @@ def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(tmp_path, capsy
 
 # Each guard on its own fault, injected right after an optimizer update (the step's loss was
 # computed before it, so the loss check cannot be what stops the run). Rank checks every step.
-FAULT_RUN = ("train.steps=4", "train.lr_warmup_steps=1", "train.save_interval=2",
-             "train.eval_interval=100", "output.plot=false", "model.num_layers=1",
-             "model.seq_length=32", "inrank.stage1_steps=null", "inrank.warmup=1", "inrank.gap=1")
+FAULT_RUN = (
+    "train.steps=4",
+    "train.lr_warmup_steps=1",
+    "train.save_interval=2",
+    "train.eval_interval=100",
+    "output.plot=false",
+    "model.num_layers=1",
+    "model.seq_length=32",
+    "inrank.stage1_steps=null",
+    "inrank.warmup=1",
+    "inrank.gap=1",
+)
 
 
 def _inject_after_update(monkeypatch, at_step: int, name: str):
@@ -464,13 +557,25 @@ def _inject_after_update(monkeypatch, at_step: int, name: str):
     monkeypatch.setattr(TorchBackend, "step", step)
 
 
-@pytest.mark.parametrize("name,at_step,fault", [
-    ("decoder.layers.0.mlp.linear_fc1.A", 3,
-     "InRank factors in InRank layer decoder.layers.0.mlp.linear_fc1 (factor A)"),
-    ("decoder.final_layernorm.weight", 4, "parameters in parameter decoder.final_layernorm.weight"),
-], ids=["factor_at_a_rank_check", "parameter_before_a_save"])
-def test_nonfinite_guard_stops_its_step_without_a_checkpoint(tmp_path, capsys, clean_env,
-                                                             monkeypatch, name, at_step, fault):
+@pytest.mark.parametrize(
+    "name,at_step,fault",
+    [
+        (
+            "decoder.layers.0.mlp.linear_fc1.A",
+            3,
+            "InRank factors in InRank layer decoder.layers.0.mlp.linear_fc1 (factor A)",
+        ),
+        (
+            "decoder.final_layernorm.weight",
+            4,
+            "parameters in parameter decoder.final_layernorm.weight",
+        ),
+    ],
+    ids=["factor_at_a_rank_check", "parameter_before_a_save"],
+)
+def test_nonfinite_guard_stops_its_step_without_a_checkpoint(
+    tmp_path, capsys, clean_env, monkeypatch, name, at_step, fault
+):
     """An inf in fc1's factor A after update 3 meets the rank check of step 3 (training/loop.py's
     NonFiniteValueError guard); an inf in the final norm after update 4, a save step whose rank
     check does not read it, meets the pre-save check (training/finite.py). Either way the run
@@ -479,12 +584,20 @@ def test_nonfinite_guard_stops_its_step_without_a_checkpoint(tmp_path, capsys, c
 
     _inject_after_update(monkeypatch, at_step, name)
     rc = _train(tmp_path, *FAULT_RUN)
-    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
-           if line.startswith("error")]
+    err = [
+        line
+        for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+        if line.startswith("error")
+    ]
     root = tmp_path / "run" / "checkpoints"
-    assert rc == 1 and len(err) == 1 and err[0].startswith(
-        f"error: step {at_step}: non-finite {fault}; the run stops without saving it (latest "
-        f"checkpoint: {root / 'step_000002'})"), err
+    assert (
+        rc == 1
+        and len(err) == 1
+        and err[0].startswith(
+            f"error: step {at_step}: non-finite {fault}; the run stops without saving it (latest "
+            f"checkpoint: {root / 'step_000002'})"
+        )
+    ), err
     assert read_latest(str(root)) == str(root / "step_000002")
     assert sorted(n for n in os.listdir(root) if n.startswith("step_")) == ["step_000002"]
 
@@ -527,21 +640,35 @@ def test_kill_9_of_the_launcher_leaves_no_rank_alive(tmp_path):
 
     run = tmp_path / "run"
     launcher = subprocess.Popen(
-        ["bash", os.path.join(REPO, "launch", "torchrun.sh"), "--nproc", "2",
-         os.path.join(REPO, "tests", "tiny.yaml"), *SHORT, "train.steps=400",
-         "train.save_interval=null", f"output.dir={run}"],
+        [
+            "bash",
+            os.path.join(REPO, "launch", "torchrun.sh"),
+            "--nproc",
+            "2",
+            os.path.join(REPO, "tests", "tiny.yaml"),
+            *SHORT,
+            "train.steps=400",
+            "train.save_interval=null",
+            f"output.dir={run}",
+        ],
         # PYTHON: the launcher's interpreter is `python` on PATH, which under CI is not the venv's.
-        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable),
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ranks = []
     try:
         deadline = time.time() + 300
         while not (run / "metrics.csv").exists():  # both ranks are training
             assert launcher.poll() is None and time.time() < deadline, "the run did not start"
             time.sleep(0.5)
-        ranks = [p for p in _descendants(launcher.pid)
-                 if "inrank_megatron.train" in open(f"/proc/{p}/cmdline").read()]
+        ranks = [
+            p
+            for p in _descendants(launcher.pid)
+            if "inrank_megatron.train" in open(f"/proc/{p}/cmdline").read()
+        ]
         assert len(ranks) == 2
         os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's group; ranks have their own
         launcher.wait()
@@ -566,13 +693,16 @@ def test_kill_9_of_the_launcher_leaves_no_rank_alive(tmp_path):
 
 
 # ---------------------------------------------------------------------------- absurd values
-@pytest.mark.parametrize("overrides,expected", [
-    (["train.steps=100000000000000000000000"], "dataset index alone needs"),
-    (["model.seq_length=1000000"], "one micro-batch's activations need"),
-    (["train.lr=.inf"], "train.lr (override 'train.lr=.inf'): expected a finite number"),
-    (["inrank.init_scale=1e400"], "expected a finite number, got inf")])
-def test_absurd_values_are_refused_before_launch(tmp_path, capsys, clean_env, overrides,
-                                                  expected):
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["train.steps=100000000000000000000000"], "dataset index alone needs"),
+        (["model.seq_length=1000000"], "one micro-batch's activations need"),
+        (["train.lr=.inf"], "train.lr (override 'train.lr=.inf'): expected a finite number"),
+        (["inrank.init_scale=1e400"], "expected a finite number, got inf"),
+    ],
+)
+def test_absurd_values_are_refused_before_launch(tmp_path, capsys, clean_env, overrides, expected):
     assert _train(tmp_path, *overrides) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err

@@ -19,7 +19,12 @@ import os
 import pytest
 
 from inrank_megatron.checkpoint import (
-    Meta, read_latest, record_files, write_growth, write_latest, write_meta,
+    Meta,
+    read_latest,
+    record_files,
+    write_growth,
+    write_latest,
+    write_meta,
 )
 from inrank_megatron.checkpoint.manager import prune_checkpoints, written_here
 from tests.distributed import REPO, SHORT, TINY_CONFIG, read_summary, run_distributed
@@ -31,9 +36,21 @@ def _step(root, step, output_dir, **meta):
     os.makedirs(path / "model")
     (path / "model" / "shard.bin").write_bytes(os.urandom(64))
     write_growth(str(path), {})
-    write_meta(str(path), Meta(step=step, consumed_samples=4 * step, world_size=1, tp=1, pp=1,
-                               dp=1, backend="torch", config={"output": {"dir": output_dir}},
-                               files=record_files(str(path)), **meta))
+    write_meta(
+        str(path),
+        Meta(
+            step=step,
+            consumed_samples=4 * step,
+            world_size=1,
+            tp=1,
+            pp=1,
+            dp=1,
+            backend="torch",
+            config={"output": {"dir": output_dir}},
+            files=record_files(str(path)),
+            **meta,
+        ),
+    )
     return str(path)
 
 
@@ -45,18 +62,27 @@ def test_keep_last_deletes_only_its_own_older_checkpoints(tmp_path):
     out = tmp_path / "run"
     root = out / "checkpoints"
     ours = [_step(root, s, str(out)) for s in range(1, 7)]
-    foreign = _step(root, 7, str(tmp_path / "elsewhere"))          # copied in from another run
+    foreign = _step(root, 7, str(tmp_path / "elsewhere"))  # copied in from another run
     touched = _step(root, 8, str(out))
-    (root / "step_000008" / "notes.txt").write_text("mine")        # a user's file inside
+    (root / "step_000008" / "notes.txt").write_text("mine")  # a user's file inside
     converted = _step(root, 9, str(out), resharded_from="/x/step_000009")
     write_latest(str(root), ours[4])  # step 5: a save killed before latest moved left step 6
-    assert [written_here(p, str(out)) for p in (ours[0], foreign, touched, converted)] == \
-        [True, False, False, False]
+    assert [written_here(p, str(out)) for p in (ours[0], foreign, touched, converted)] == [
+        True,
+        False,
+        False,
+        False,
+    ]
     deleted = prune_checkpoints(str(root), keep_last=2)
     # Ours: 1..6; the newest two are 5 and 6, and only what is older than latest (5) goes.
     assert deleted == ours[:4]
-    assert _names(root) == ["step_000005", "step_000006", "step_000007", "step_000008",
-                            "step_000009"]
+    assert _names(root) == [
+        "step_000005",
+        "step_000006",
+        "step_000007",
+        "step_000008",
+        "step_000009",
+    ]
     assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
     assert read_latest(str(root)) == ours[4]
     # keep_last=1 never deletes latest's own directory, nor the newer step 6 of ours.
@@ -73,12 +99,20 @@ def test_keep_last_deletes_nothing_while_latest_is_incomplete(tmp_path):
     assert _names(root) == ["step_000001", "step_000002", "step_000003"]
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["train.async_save=true", "parallel.backend=deepspeed",
-      "parallel.deepspeed_config=configs/deepspeed/zero1.json"],
-     "train.async_save=true needs parallel.backend=torch"),
-    (["output.keep_last=0"], "output.keep_last"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (
+            [
+                "train.async_save=true",
+                "parallel.backend=deepspeed",
+                "parallel.deepspeed_config=configs/deepspeed/zero1.json",
+            ],
+            "train.async_save=true needs parallel.backend=torch",
+        ),
+        (["output.keep_last=0"], "output.keep_last"),
+    ],
+)
 def test_preflight_refuses_bad_save_settings(overrides, needle, monkeypatch, capsys):
     from inrank_megatron import launch_env
 
@@ -95,14 +129,23 @@ def test_bench_save_stall_is_the_window_over_the_median_step():
     from inrank_megatron.bench.save import analyse, project
 
     step_s = [9.0, 1.0, 1.2, 0.8, 5.0, 2.0, 1.0, 1.1, 0.9, 7.0, 3.0, 4.0]
-    summary = {"step_s": step_s, "saves": [
-        {"step": 5, "blocking_s": 0.5, "latest_at": 6},
-        {"step": 10, "blocking_s": 0.6, "latest_at": 11},
-        {"step": 12, "blocking_s": 3.0, "latest_at": 12}]}
+    summary = {
+        "step_s": step_s,
+        "saves": [
+            {"step": 5, "blocking_s": 0.5, "latest_at": 6},
+            {"step": 10, "blocking_s": 0.6, "latest_at": 11},
+            {"step": 12, "blocking_s": 3.0, "latest_at": 12},
+        ],
+    }
     result = analyse(summary, 5, 1000)
     # Quiet steps: 2, 3, 4, 7, 8, 9 -> median of 1.0, 1.2, 0.8, 1.0, 1.1, 0.9 = 1.0.
-    assert result == {"step_s": 1.0, "save_s": 0.5, "written_at": 6,
-                      "stall_s": pytest.approx(5.0 + 2.0 - 2 * 1.0), "bytes": 1000}
+    assert result == {
+        "step_s": 1.0,
+        "save_s": 0.5,
+        "written_at": 6,
+        "stall_s": pytest.approx(5.0 + 2.0 - 2 * 1.0),
+        "bytes": 1000,
+    }
     assert project(result, 100, 300) == pytest.approx(3 * 5.0)
 
 
@@ -128,8 +171,9 @@ def _body(rank, world_size, out, overrides, crash_at_step):
             return forward(self, *args, **kwargs)
 
         loop.GrowthController.step, TorchBackend.forward_backward = track, crash
-    rc = train.main(["--config", os.path.join(REPO, TINY_CONFIG), *SHORT, f"output.dir={out}",
-                     *overrides])
+    rc = train.main(
+        ["--config", os.path.join(REPO, TINY_CONFIG), *SHORT, f"output.dir={out}", *overrides]
+    )
     return rc, (read_summary(out) if rank == 0 else None)
 
 
@@ -138,8 +182,9 @@ def test_async_save_goes_on_training_and_writes_the_state_of_its_step(tp2_run, t
     from inrank_megatron.checkpoint.reader import read_dist_tensors
 
     out = str(tmp_path / "run")
-    results = run_distributed(_body, 2, out, ["train.async_save=true", "output.keep_last=2"],
-                              0, timeout=900)
+    results = run_distributed(
+        _body, 2, out, ["train.async_save=true", "output.keep_last=2"], 0, timeout=900
+    )
     assert [rc for rc, _ in results] == [0, 0]
     summary, ref = results[0][1], read_summary(tp2_run)
     assert summary["train_losses"] == ref["train_losses"]
@@ -161,8 +206,9 @@ def test_crash_during_an_async_save_leaves_the_previous_checkpoint_latest(tmp_pa
 
     out = str(tmp_path / "run")
     with pytest.raises(AssertionError, match="exited with code 9"):
-        run_distributed(_body, 2, out, ["train.async_save=true", "train.save_interval=2"], 5,
-                        timeout=900)
+        run_distributed(
+            _body, 2, out, ["train.async_save=true", "train.save_interval=2"], 5, timeout=900
+        )
     root = os.path.join(out, "checkpoints")
     # Step 4's write was in flight (it completes at a later step's sync at the earliest).
     assert read_latest(root) == os.path.join(root, "step_000002")

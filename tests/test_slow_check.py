@@ -42,12 +42,29 @@ TESTS = textwrap.dedent("""
 
 def _session(tmp_path, budget):
     (tmp_path / "test_cases.py").write_text(TESTS)
-    env = dict(os.environ, INRANK_SLOW_S=str(budget), PYTHONPATH=REPO,
-               PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    env = dict(
+        os.environ, INRANK_SLOW_S=str(budget), PYTHONPATH=REPO, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1"
+    )
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.slow_check",
-         "-o", "markers=slow", "test_cases.py"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "tests.slow_check",
+            "-o",
+            "markers=slow",
+            "test_cases.py",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_unmarked_slow_tests_are_listed_and_fail_the_run(tmp_path):

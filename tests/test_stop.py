@@ -26,10 +26,20 @@ import time
 import pytest
 
 from inrank_megatron.training.stop import (
-    EXIT_STOPPED, FIRST_SAVE_RESERVE, StopRequest, deferred, reason,
+    EXIT_STOPPED,
+    FIRST_SAVE_RESERVE,
+    StopRequest,
+    deferred,
+    reason,
 )
 from tests.distributed import (
-    REPO, SHORT, TINY_CONFIG, read_summary, run_distributed, run_train, train_env,
+    REPO,
+    SHORT,
+    TINY_CONFIG,
+    read_summary,
+    run_distributed,
+    run_train,
+    train_env,
 )
 
 
@@ -135,9 +145,13 @@ def test_sigterm_to_the_launcher_saves_and_resume_is_bit_identical(tp2_run, tmp_
     errlog = tmp_path / "stderr.txt"
     env = dict(train_env(), PYTHON=sys.executable)
     with open(log, "w") as stdout, open(errlog, "w") as stderr:
-        launcher = subprocess.Popen([os.path.join(REPO, "launch", "torchrun.sh"), TINY_CONFIG,
-                                     *SHORT, f"output.dir={out}"], cwd=REPO, env=env,
-                                    stdout=stdout, stderr=stderr)
+        launcher = subprocess.Popen(
+            [os.path.join(REPO, "launch", "torchrun.sh"), TINY_CONFIG, *SHORT, f"output.dir={out}"],
+            cwd=REPO,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+        )
         try:
             deadline = time.time() + 600
             while "step  5/16 | loss" not in log.read_text():
@@ -154,8 +168,10 @@ def test_sigterm_to_the_launcher_saves_and_resume_is_bit_identical(tp2_run, tmp_
     assert len(lines) == 1, (text[-2000:], err[-3000:])
     stopped = int(lines[0].split("after step ")[1].split("/")[0])
     ckpt = os.path.join(out, "checkpoints", f"step_{stopped:06d}")
-    assert lines[0] == (f"stopped by SIGTERM after step {stopped}/16: checkpoint {ckpt}; "
-                        "continue with output.resume=auto")
+    assert lines[0] == (
+        f"stopped by SIGTERM after step {stopped}/16: checkpoint {ckpt}; "
+        "continue with output.resume=auto"
+    )
     assert 5 <= stopped < 16 and _latest(out) == os.path.basename(ckpt)
     # Both ranks exited 75; torchrun, which forwarded the signal, re-raises it (exit 1).
     assert launcher.returncode in (1, EXIT_STOPPED), err[-3000:]
@@ -176,9 +192,11 @@ def _signalled_body(rank, world_size, out, where, at_step, extra):
     from inrank_megatron.training import loop
 
     seen = {"step": 0}
-    owner, name = {"save": (loop.ckpt, "save_training_checkpoint"),
-                   "check": (InRankFactorsMixin, "spectrum"),  # inside the check, before TSQR
-                   "cut": (InRankFactorsMixin, "cut")}.get(where, (None, None))
+    owner, name = {
+        "save": (loop.ckpt, "save_training_checkpoint"),
+        "check": (InRankFactorsMixin, "spectrum"),  # inside the check, before TSQR
+        "cut": (InRankFactorsMixin, "cut"),
+    }.get(where, (None, None))
     if owner is not None:
         original, original_step = getattr(owner, name), loop.GrowthController.step
 
@@ -195,8 +213,9 @@ def _signalled_body(rank, world_size, out, where, at_step, extra):
 
         loop.GrowthController.step = track
         setattr(owner, name, during)
-    rc = train.main(["--config", os.path.join(REPO, TINY_CONFIG), *SHORT, f"output.dir={out}",
-                     *extra])
+    rc = train.main(
+        ["--config", os.path.join(REPO, TINY_CONFIG), *SHORT, f"output.dir={out}", *extra]
+    )
     summary = os.path.join(out, "summary.json")
     return rc, (read_summary(out) if rank == 0 and os.path.exists(summary) else None)
 
@@ -213,7 +232,7 @@ def test_signal_on_one_rank_during_a_save_a_check_or_the_cut(tp2_run, tmp_path, 
     summary = results[0][1]
     ref = read_summary(tp2_run)["train_losses"]
     assert summary["stopped"] == "SIGUSR1" and summary["steps"] == at_step + 1
-    assert summary["train_losses"] == ref[:at_step + 1]
+    assert summary["train_losses"] == ref[: at_step + 1]
     ckpt = os.path.join(out, "checkpoints", f"step_{at_step + 1:06d}")
     assert summary["checkpoint"] == ckpt and is_complete(ckpt) is None
     assert _latest(out) == os.path.basename(ckpt)
@@ -221,14 +240,18 @@ def test_signal_on_one_rank_during_a_save_a_check_or_the_cut(tp2_run, tmp_path, 
         resume = [f"train.exit_after_step={at_step + 3}", "output.resume=auto"]
         results = run_distributed(_signalled_body, 2, out, "none", 0, resume, timeout=600)
         assert [rc for rc, _ in results] == [0, 0]
-        assert results[0][1]["train_losses"] == ref[at_step + 1:at_step + 3]
+        assert results[0][1]["train_losses"] == ref[at_step + 1 : at_step + 3]
 
 
 @pytest.mark.slow
 def test_time_budget_stops_with_a_checkpoint(tmp_path):
     out = str(tmp_path / "run")
-    budget = ["train.steps=400", "train.exit_duration_mins=0.3", "train.save_interval=null",
-              "train.eval_interval=1000"]
+    budget = [
+        "train.steps=400",
+        "train.exit_duration_mins=0.3",
+        "train.save_interval=null",
+        "train.eval_interval=1000",
+    ]
     results = run_distributed(_signalled_body, 2, out, "none", 0, budget, timeout=600)
     assert [rc for rc, _ in results] == [EXIT_STOPPED] * 2
     summary = results[0][1]

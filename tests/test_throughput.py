@@ -21,7 +21,10 @@ import os
 import pytest
 
 from inrank_megatron.training.throughput import (
-    Throughput, default_peak_tflops, eta_seconds, format_duration,
+    Throughput,
+    default_peak_tflops,
+    eta_seconds,
+    format_duration,
 )
 from tests.distributed import REPO, TINY_CONFIG, read_summary
 
@@ -56,8 +59,9 @@ def _meter(clock, **kw):
 def test_interval_rates_and_eta_arithmetic():
     clock = _Clock()
     _, meter = _meter(clock, peak_tflops=2.0, first_step=10, last_step=110, window=4)
-    for step, (seconds, flops) in enumerate([(1.0, 10**9), (3.0, 3 * 10**9), (2.0, 10**9),
-                                             (2.0, 10**9), (4.0, 2 * 10**9)], start=11):
+    for step, (seconds, flops) in enumerate(
+        [(1.0, 10**9), (3.0, 3 * 10**9), (2.0, 10**9), (2.0, 10**9), (4.0, 2 * 10**9)], start=11
+    ):
         clock.now += seconds
         meter.step(step, "growing" if step < 14 else "fixed", 1000, seconds, flops)
     r = meter.interval()  # the last 4 steps: 12..15 after the mark of step 11
@@ -80,8 +84,10 @@ def test_flops_per_token_at_slots_is_the_planners():
     cfg, meter = _meter(_Clock(), peak_tflops=None, first_step=0, last_step=10, window=1)
     slots = {f"decoder.layers.{i}.mlp.linear_fc{k}": 5 + i for i in range(4) for k in (1, 2)}
     per_layer = [{"fc1": 5 + i, "fc2": 5 + i} for i in range(4)]
-    assert meter.flops_per_token(slots) == flops_per_token(
-        cfg, inrank=True, vocab_size=50257, layer_slots=per_layer).total
+    assert (
+        meter.flops_per_token(slots)
+        == flops_per_token(cfg, inrank=True, vocab_size=50257, layer_slots=per_layer).total
+    )
     assert meter.flops_per_token({}) == flops_per_token(cfg, inrank=False, vocab_size=50257).total
     assert meter.rates(1000.0, 10**9) == (1e12 / 2 / 1e12, None)
 
@@ -98,32 +104,62 @@ def test_console_step_line(capsys):
     for step in range(1, 11):
         clock.now += 0.2
         meter.step(step, "growing", 4096, 0.2, 10**8)
-    out.step(10, loss=8.12345, lr=5e-4, stage="growing", ranks={"a": 8, "b": 12}, grad_norm=1.5,
-             rates=meter.interval())
-    out.throughput({"growing": {"steps": 10, "tokens_per_s": 20480.0,
-                                "tflops_per_device": 0.001024, "mfu": 0.25}})
+    out.step(
+        10,
+        loss=8.12345,
+        lr=5e-4,
+        stage="growing",
+        ranks={"a": 8, "b": 12},
+        grad_norm=1.5,
+        rates=meter.interval(),
+    )
+    out.throughput(
+        {
+            "growing": {
+                "steps": 10,
+                "tokens_per_s": 20480.0,
+                "tflops_per_device": 0.001024,
+                "mfu": 0.25,
+            }
+        }
+    )
     assert capsys.readouterr().out.splitlines() == [
-        "data: ...", "MFU n/a (on CPU; set train.peak_tflops to compare with a peak)",
+        "data: ...",
+        "MFU n/a (on CPU; set train.peak_tflops to compare with a peak)",
         "MFU against a peak of 989.4 TFLOP/s per device (NVIDIA H200, bf16)",
         "step  10/200 | loss 8.1235 | lr 5.00e-04 | 20480 tokens/s | 1.02 TFLOP/s/device | "
         "MFU n/a | stage growing | ranks 8-12 (mean 10.0) | grad norm 1.500 | elapsed 0:00:02 | "
         "ETA 0:00:38",
-        "throughput, stage growing (10 steps): 20480 tokens/s | 0.00102 TFLOP/s/device | "
-        "MFU 25.0%"]
+        "throughput, stage growing (10 steps): 20480 tokens/s | 0.00102 TFLOP/s/device | MFU 25.0%",
+    ]
 
 
 def test_resume_upgrades_an_older_metrics_csv(tmp_path):
     from inrank_megatron.training.metrics import METRICS_COLUMNS, MetricsWriter, read_metrics
 
     old = "step,split,loss,ppl,lr,grad_norm,tokens_per_s,stage,loss_scale\n"
-    (tmp_path / "metrics.csv").write_text(old + "1,train,9.5,,0.001,2.0,100.0,growing,\n"
-                                          "2,train,9.0,,0.001,2.0,100.0,growing,\n")
+    (tmp_path / "metrics.csv").write_text(
+        old + "1,train,9.5,,0.001,2.0,100.0,growing,\n2,train,9.0,,0.001,2.0,100.0,growing,\n"
+    )
     with MetricsWriter(str(tmp_path), tensorboard=False, resume_step=1) as writer:
-        writer.log_train(2, loss=8.0, lr=1e-3, grad_norm=1.0, tokens_per_s=200.0, stage="fixed",
-                         tflops_per_device=0.5, mfu=0.25, elapsed_s=3.0, eta_s=4.0)
+        writer.log_train(
+            2,
+            loss=8.0,
+            lr=1e-3,
+            grad_norm=1.0,
+            tokens_per_s=200.0,
+            stage="fixed",
+            tflops_per_device=0.5,
+            mfu=0.25,
+            elapsed_s=3.0,
+            eta_s=4.0,
+        )
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert lines == [",".join(METRICS_COLUMNS), "1,train,9.5,,0.001,2.0,100.0,growing,,,,,",
-                     "2,train,8.0,,0.001,1.0,200.0,fixed,,0.5,0.25,3.0,4.0"]
+    assert lines == [
+        ",".join(METRICS_COLUMNS),
+        "1,train,9.5,,0.001,2.0,100.0,growing,,,,,",
+        "2,train,8.0,,0.001,1.0,200.0,fixed,,0.5,0.25,3.0,4.0",
+    ]
     assert read_metrics(str(tmp_path))["metrics"][0]["mfu"] is None
 
 
@@ -170,5 +206,6 @@ def test_metrics_tflops_and_mfu_are_flops_at_the_logged_ranks(blend_run):
     after = flops_per_token(cfg, inrank=True, vocab_size=vocab, layer_slots=slots).total
     fixed = stages["fixed"]
     assert fixed["tflops_per_device"] == pytest.approx(
-        after * fixed["tokens_per_s"] / world / 1e12, rel=1e-12)
+        after * fixed["tokens_per_s"] / world / 1e12, rel=1e-12
+    )
     assert fixed["mfu"] == pytest.approx(fixed["tflops_per_device"] / peak, rel=1e-12)

@@ -18,8 +18,8 @@ IN, OUT, SEQ, BATCH = 48, 80, 8, 2
 
 def _cases():
     for kind, mode, bias, skip, sp in itertools.product(
-            ("column", "row"), ("efficient", "cumulative"), (True, False), (False, True),
-            (False, True)):
+        ("column", "row"), ("efficient", "cumulative"), (True, False), (False, True), (False, True)
+    ):
         if skip and not bias:
             continue
         yield kind, mode, bias, skip, sp
@@ -36,7 +36,9 @@ def _layer_body(rank, world_size):
     from inrank_megatron import InRankConfig, enable_cpu_fallback
     from inrank_megatron.core import factor_spectrum
     from inrank_megatron.tensor_parallel import (
-        InRankColumnParallelLinear, InRankRowParallelLinear, allreduce_sequence_parallel_grads,
+        InRankColumnParallelLinear,
+        InRankRowParallelLinear,
+        allreduce_sequence_parallel_grads,
     )
 
     enable_cpu_fallback()
@@ -56,16 +58,27 @@ def _layer_body(rank, world_size):
     results = {}
     for case in _cases():
         kind, mode, bias, skip, sp = case
-        config = ModelParallelConfig(tensor_model_parallel_size=world_size,
-                                     sequence_parallel=sp and world_size > 1,
-                                     use_cpu_initialization=True, params_dtype=torch.float64,
-                                     gradient_accumulation_fusion=False)
+        config = ModelParallelConfig(
+            tensor_model_parallel_size=world_size,
+            sequence_parallel=sp and world_size > 1,
+            use_cpu_initialization=True,
+            params_dtype=torch.float64,
+            gradient_accumulation_fusion=False,
+        )
         icfg = InRankConfig(mode=mode, rank=3, buffer=4, stage1_steps=None)  # k = 7
         torch.manual_seed(1234)
         cls = InRankColumnParallelLinear if kind == "column" else InRankRowParallelLinear
         extra = {"gather_output": False} if kind == "column" else {"input_is_parallel": True}
-        layer = cls(IN, OUT, config=config, init_method=None, bias=bias, skip_bias_add=skip,
-                    inrank_config=icfg, **extra)
+        layer = cls(
+            IN,
+            OUT,
+            config=config,
+            init_method=None,
+            bias=bias,
+            skip_bias_add=skip,
+            inrank_config=icfg,
+            **extra,
+        )
         # Full factors, then this rank's shard: values independent of the TP size.
         slots = layer.allocated_slots  # 24 (efficient: max_rank) or 7 (cumulative: active)
         B_full, A_full, b_full = _full((OUT, slots), 1), _full((slots, IN), 2), _full((OUT,), 3)
@@ -141,12 +154,23 @@ def _layer_body(rank, world_size):
         Ar, Br = A_full[:k].clone().requires_grad_(), B_full[:, :k].clone().requires_grad_()
         ref = 0.3 / 2 * (Br @ Ar).pow(2).sum()
         ref.backward()
-        frob_err = max((penalty - ref).abs().item(), (pA[:k] - Ar.grad).abs().max().item(),
-                       (pB[:, :k] - Br.grad).abs().max().item(),
-                       pA[k:].abs().sum().item() + pB[:, k:].abs().sum().item())  # inactive: 0
-        results[case] = dict(y=y_full, gA=gA, gB=gB, gx=gx, gb=gb, dense_err=dense_err,
-                             spec_err=(s - s_ref).abs().max().item(), spectrum=s,
-                             frob_err=frob_err / ref.item())
+        frob_err = max(
+            (penalty - ref).abs().item(),
+            (pA[:k] - Ar.grad).abs().max().item(),
+            (pB[:, :k] - Br.grad).abs().max().item(),
+            pA[k:].abs().sum().item() + pB[:, k:].abs().sum().item(),
+        )  # inactive: 0
+        results[case] = dict(
+            y=y_full,
+            gA=gA,
+            gB=gB,
+            gx=gx,
+            gb=gb,
+            dense_err=dense_err,
+            spec_err=(s - s_ref).abs().max().item(),
+            spectrum=s,
+            frob_err=frob_err / ref.item(),
+        )
     return results
 
 
@@ -183,21 +207,41 @@ def _comm_body(rank, world_size):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     out = {}
     for sp in (False, True):
-        config = ModelParallelConfig(tensor_model_parallel_size=world_size, sequence_parallel=sp,
-                                     use_cpu_initialization=True, params_dtype=torch.float32,
-                                     gradient_accumulation_fusion=False)
+        config = ModelParallelConfig(
+            tensor_model_parallel_size=world_size,
+            sequence_parallel=sp,
+            use_cpu_initialization=True,
+            params_dtype=torch.float32,
+            gradient_accumulation_fusion=False,
+        )
         icfg = InRankConfig(rank=3, buffer=4, stage1_steps=None)
         init = torch.nn.init.xavier_normal_
         layers = {
-            "inrank_column": InRankColumnParallelLinear(IN, OUT, config=config, init_method=init,
-                                                        bias=True, inrank_config=icfg),
-            "dense_column": ColumnParallelLinear(IN, OUT, config=config, init_method=init,
-                                                 bias=True),
-            "inrank_row": InRankRowParallelLinear(OUT, IN, config=config, init_method=init,
-                                                  bias=True, input_is_parallel=True,
-                                                  skip_bias_add=False, inrank_config=icfg),
-            "dense_row": RowParallelLinear(OUT, IN, config=config, init_method=init, bias=True,
-                                           input_is_parallel=True, skip_bias_add=False),
+            "inrank_column": InRankColumnParallelLinear(
+                IN, OUT, config=config, init_method=init, bias=True, inrank_config=icfg
+            ),
+            "dense_column": ColumnParallelLinear(
+                IN, OUT, config=config, init_method=init, bias=True
+            ),
+            "inrank_row": InRankRowParallelLinear(
+                OUT,
+                IN,
+                config=config,
+                init_method=init,
+                bias=True,
+                input_is_parallel=True,
+                skip_bias_add=False,
+                inrank_config=icfg,
+            ),
+            "dense_row": RowParallelLinear(
+                OUT,
+                IN,
+                config=config,
+                init_method=init,
+                bias=True,
+                input_is_parallel=True,
+                skip_bias_add=False,
+            ),
         }
         for name, layer in layers.items():
             # Under SP a column layer's input is sequence-sharded; a row layer's is hidden-sharded.
@@ -227,14 +271,19 @@ def test_efficient_layers_move_rank_sized_tensors():
     assert res[(False, "inrank_row")] == ([("all_reduce", (SEQ, BATCH, k))], [])
     assert res[(False, "dense_row")][0] == [("all_reduce", (SEQ, BATCH, IN))]
     # Sequence parallel: k-wide all-gather / reduce-scatter instead of full-width ones.
-    assert res[(True, "inrank_column")] == ([("all_gather", (SEQ, BATCH, k))],
-                                             [("reduce_scatter", (SEQ, BATCH, k))])
+    assert res[(True, "inrank_column")] == (
+        [("all_gather", (SEQ, BATCH, k))],
+        [("reduce_scatter", (SEQ, BATCH, k))],
+    )
     # (megatron's dense column re-gathers its input in backward for the weight gradient)
-    assert res[(True, "dense_column")] == ([("all_gather", (SEQ, BATCH, IN))],
-                                           [("all_gather", (SEQ, BATCH, IN)),
-                                            ("reduce_scatter", (SEQ, BATCH, IN))])
-    assert res[(True, "inrank_row")] == ([("reduce_scatter", (SEQ, BATCH, k))],
-                                          [("all_gather", (SEQ, BATCH, k))])
+    assert res[(True, "dense_column")] == (
+        [("all_gather", (SEQ, BATCH, IN))],
+        [("all_gather", (SEQ, BATCH, IN)), ("reduce_scatter", (SEQ, BATCH, IN))],
+    )
+    assert res[(True, "inrank_row")] == (
+        [("reduce_scatter", (SEQ, BATCH, k))],
+        [("all_gather", (SEQ, BATCH, k))],
+    )
     assert tokens * k < tokens * IN
     # Frobenius decay: one k x k all-reduce (the sharded factor's Gram matrix), never in x out.
     for sp in (False, True):
@@ -252,17 +301,27 @@ def _bad_body(rank, world_size):
     enable_cpu_fallback()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     msgs = []
-    cfg = ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True,
-                              gradient_accumulation_fusion=False)
-    sp = ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True,
-                             sequence_parallel=True, gradient_accumulation_fusion=False)
+    cfg = ModelParallelConfig(
+        tensor_model_parallel_size=2,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+    )
+    sp = ModelParallelConfig(
+        tensor_model_parallel_size=2,
+        use_cpu_initialization=True,
+        sequence_parallel=True,
+        gradient_accumulation_fusion=False,
+    )
     icfg = InRankConfig(rank=3, buffer=4, stage1_steps=None)
     attempts = [
         lambda: InRankColumnParallelLinear(48, 81, config=cfg, inrank_config=icfg),
         lambda: InRankRowParallelLinear(49, 80, config=cfg, inrank_config=icfg),
-        lambda: InRankRowParallelLinear(48, 80, config=sp, inrank_config=icfg,
-                                        input_is_parallel=False),
-        lambda: InRankColumnParallelLinear(48, 80, config=cfg, inrank_config=icfg.replace(buffer=30)),
+        lambda: InRankRowParallelLinear(
+            48, 80, config=sp, inrank_config=icfg, input_is_parallel=False
+        ),
+        lambda: InRankColumnParallelLinear(
+            48, 80, config=cfg, inrank_config=icfg.replace(buffer=30)
+        ),
         lambda: InRankColumnParallelLinear(48, 80, config=cfg, inrank_config=icfg, stride=2),
         lambda: InRankColumnParallelLinear(48, 80, config=cfg),
     ]

@@ -67,8 +67,13 @@ def test_tp2_run_grows_cuts_evaluates(tp2_run):
     assert s["valid_loss"] == pytest.approx(float(evals[-1]["loss"]))
     assert all(2 < r < 64 for r in s["ranks"].values())
     assert os.path.getsize(os.path.join(out, "ranks.png")) > 10_000
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == \
-        ["latest", "step_000004", "step_000008", "step_000012", "step_000016"]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [
+        "latest",
+        "step_000004",
+        "step_000008",
+        "step_000012",
+        "step_000016",
+    ]
 
 
 @pytest.mark.slow
@@ -97,9 +102,14 @@ def test_two_run_schedule_continues_bit_for_bit(tp2_run, tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_auto_is_bit_identical(tp2_run, tmp_path):
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(train_command([*SHORT, f"output.dir={out}"]), cwd=REPO,
-                            env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        train_command([*SHORT, f"output.dir={out}"]),
+        cwd=REPO,
+        env=train_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     latest = os.path.join(out, "checkpoints", "latest")
     deadline = time.time() + 600
     try:
@@ -119,8 +129,9 @@ def test_sigkill_then_resume_auto_is_bit_identical(tp2_run, tmp_path):
     run_train([*SHORT, f"output.dir={out}", "output.resume=auto"])
     ref = read_summary(tp2_run)["train_losses"]
     assert read_summary(out)["train_losses"] == ref[resumed_from:]
-    steps = [int(r["step"]) for r in _rows(os.path.join(out, "metrics.csv"))
-             if r["split"] == "train"]
+    steps = [
+        int(r["step"]) for r in _rows(os.path.join(out, "metrics.csv")) if r["split"] == "train"
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # the resume trimmed re-run rows
 
 
@@ -131,12 +142,15 @@ def test_resume_at_another_layout_continues(tp2_run, tmp_path):
     import shutil
 
     out = str(tmp_path / "relayout")
-    shutil.copytree(os.path.join(tp2_run, "checkpoints", "step_000012"),
-                    os.path.join(out, "checkpoints", "step_000012"))
+    shutil.copytree(
+        os.path.join(tp2_run, "checkpoints", "step_000012"),
+        os.path.join(out, "checkpoints", "step_000012"),
+    )
     with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
         f.write("step_000012\n")
-    run_train([*SHORT, f"output.dir={out}", "output.resume=auto",
-               "parallel.tensor_model_parallel_size=1"])
+    run_train(
+        [*SHORT, f"output.dir={out}", "output.resume=auto", "parallel.tensor_model_parallel_size=1"]
+    )
     ref = read_summary(tp2_run)["train_losses"][12:]
     assert read_summary(out)["train_losses"] == pytest.approx(ref, rel=1e-4)
 
@@ -150,8 +164,10 @@ def test_cumulative_mode_grows_capacity(cumulative_run):
 @pytest.mark.slow
 def test_bad_input_fails_before_any_process_group(tmp_path):
     out = str(tmp_path / "bad")
-    proc = run_train([f"output.dir={out}", "data.prefix=/nonexistent/x_text_document",
-                      "data.corpus=none"], check=False)
+    proc = run_train(
+        [f"output.dir={out}", "data.prefix=/nonexistent/x_text_document", "data.corpus=none"],
+        check=False,
+    )
     assert proc.returncode != 0
     assert "data.prefix='/nonexistent/x_text_document'" in proc.stderr
     assert not os.path.exists(out)
@@ -162,8 +178,9 @@ def test_bad_input_fails_before_any_process_group(tmp_path):
 @pytest.mark.slow
 def test_resume_with_incompatible_config_is_refused(tp2_run):
     before = sorted(os.listdir(os.path.join(tp2_run, "checkpoints")))
-    proc = run_train([*SHORT, f"output.dir={tp2_run}", "output.resume=auto",
-                      "model.hidden_size=64"], check=False)
+    proc = run_train(
+        [*SHORT, f"output.dir={tp2_run}", "output.resume=auto", "model.hidden_size=64"], check=False
+    )
     assert proc.returncode != 0 and "model.hidden_size" in proc.stderr
     assert sorted(os.listdir(os.path.join(tp2_run, "checkpoints"))) == before
 
@@ -175,14 +192,32 @@ def test_gpt2_medium_trains_at_tp2_through_the_cut(tmp_path):
     by the run itself: rank checks at steps 1 and 2, the cut after step 2, a stage-2 step.
     (About 2.7 min and 3.8 GB peak RSS per process on 2 loaded cores.)"""
     out = tmp_path / "run"
-    run_train(["parallel.tensor_model_parallel_size=2", "model.seq_length=128",
-               "train.micro_batch_size=1", "train.global_batch_size=1", "train.steps=3",
-               "inrank.warmup=1", "inrank.gap=1", "inrank.stage1_steps=2",
-               "train.lr_warmup_steps=1", "train.lr_decay_steps=3", "train.log_interval=1",
-               "train.eval_interval=3", "train.eval_iters=1", "train.save_interval=null",
-               "output.plot=false", "output.tensorboard=false", "output.resume=none",
-               f"data.prefix={tmp_path / 'data' / 'wiki_gpt2_text_document'}",
-               "data.corpus=wiki", f"output.dir={out}"], config="configs/gpt2-medium.yaml", timeout=1500)
+    run_train(
+        [
+            "parallel.tensor_model_parallel_size=2",
+            "model.seq_length=128",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=1",
+            "train.steps=3",
+            "inrank.warmup=1",
+            "inrank.gap=1",
+            "inrank.stage1_steps=2",
+            "train.lr_warmup_steps=1",
+            "train.lr_decay_steps=3",
+            "train.log_interval=1",
+            "train.eval_interval=3",
+            "train.eval_iters=1",
+            "train.save_interval=null",
+            "output.plot=false",
+            "output.tensorboard=false",
+            "output.resume=none",
+            f"data.prefix={tmp_path / 'data' / 'wiki_gpt2_text_document'}",
+            "data.corpus=wiki",
+            f"output.dir={out}",
+        ],
+        config="configs/gpt2-medium.yaml",
+        timeout=1500,
+    )
     s = read_summary(out)
     assert s["finished"] and s["steps"] == 3 and s["stage"] == "fixed" and s["world_size"] == 2
     # 24 layers x (fc1, fc2) InRank at GPT-2 medium's shapes, ln(50304) = 10.83 at the start.

@@ -18,15 +18,29 @@ from inrank_megatron.training.optim import param_groups
 from inrank_megatron.training.parallel import ParallelGroups
 from tests.distributed import run_distributed
 
-GROUPS = ParallelGroups(rank=0, world_size=1, tp_size=1, tp_rank=0, pp_size=1, dp_size=1,
-                        dp_rank=0, tp_group=None, dp_group=None)
+GROUPS = ParallelGroups(
+    rank=0,
+    world_size=1,
+    tp_size=1,
+    tp_rank=0,
+    pp_size=1,
+    dp_size=1,
+    dp_rank=0,
+    tp_group=None,
+    dp_group=None,
+)
 
 
 class Tiny(torch.nn.Module):
     def __init__(self, mode="efficient"):
         super().__init__()
-        cfg = InRankConfig(mode=mode, rank=3, buffer=5, max_rank=20,
-                           stage1_steps=None if mode == "cumulative" else 130)
+        cfg = InRankConfig(
+            mode=mode,
+            rank=3,
+            buffer=5,
+            max_rank=20,
+            stage1_steps=None if mode == "cumulative" else 130,
+        )
         self.fc = InRankLinear(48, 80, cfg, dtype=torch.float64)
         self.norm = torch.nn.LayerNorm(80, dtype=torch.float64)
 
@@ -42,8 +56,12 @@ def _train(model, backend, steps, seed=0):
         backend.step()
 
 
-CONSTANT_LR = ["train.lr=1e-2", "train.lr_warmup_steps=0", "train.clip_grad=0",
-               "train.lr_decay_style=constant"]
+CONSTANT_LR = [
+    "train.lr=1e-2",
+    "train.lr_warmup_steps=0",
+    "train.clip_grad=0",
+    "train.lr_decay_style=constant",
+]
 
 
 def _backend(model, *overrides):
@@ -65,12 +83,18 @@ def test_param_groups_follow_reference_with_factors_apart():
     model = WithDense()
     cfg = load_config(None, [])
     decay, no_decay, factors = param_groups(model, cfg)
-    assert [g["name"] for g in (decay, no_decay, factors)] == ["decay", "no_decay",
-                                                                 "inrank_factors"]
+    assert [g["name"] for g in (decay, no_decay, factors)] == [
+        "decay",
+        "no_decay",
+        "inrank_factors",
+    ]
     assert [id(p) for p in decay["params"]] == [id(model.dense.weight)]
     assert [id(p) for p in factors["params"]] == [id(model.fc.A), id(model.fc.B)]
-    assert {id(p) for p in no_decay["params"]} == {id(model.fc.bias), id(model.norm.weight),
-                                                   id(model.norm.bias)}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model.fc.bias),
+        id(model.norm.weight),
+        id(model.norm.bias),
+    }
     # The reference: factors decayed like every matrix, at the schedule's lr.
     assert decay["wd_mult"] == factors["wd_mult"] == 1.0 and no_decay["wd_mult"] == 0.0
     assert (factors["max_lr"], factors["min_lr"]) == (cfg.train.lr, cfg.train.min_lr)
@@ -104,13 +128,19 @@ def test_lr_multiplier_and_frobenius_decay_give_the_reference_update(mode):
     with torch.no_grad():
         model.fc.B.normal_()  # cumulative mode starts at B = 0, where the penalty is flat
     ref.load_state_dict(model.state_dict())
-    backend = _TinyLoss(load_config(None, [*CONSTANT_LR, f"inrank.frobenius_decay={lam}",
-                                           f"inrank.lr_multiplier={mult}"]), model, GROUPS)
+    backend = _TinyLoss(
+        load_config(
+            None, [*CONSTANT_LR, f"inrank.frobenius_decay={lam}", f"inrank.lr_multiplier={mult}"]
+        ),
+        model,
+        GROUPS,
+    )
     k = model.fc.active_slots
     factors = [ref.fc.A, ref.fc.B]
     others = [p for p in ref.parameters() if all(p is not q for q in factors)]  # all 1-D
-    opt = torch.optim.AdamW([{"params": factors, "lr": 1e-2 * mult},
-                             {"params": others, "lr": 1e-2}], weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [{"params": factors, "lr": 1e-2 * mult}, {"params": others, "lr": 1e-2}], weight_decay=0.0
+    )
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         micro = [{"x": torch.randn(8, 48, generator=gen, dtype=torch.float64)} for _ in range(2)]
@@ -132,8 +162,13 @@ def test_factor_lr_follows_the_schedule_times_the_multiplier():
     (megatron's scheduler, from the group's max_lr / min_lr), before and after a resize."""
     torch.manual_seed(0)
     model = WithDense()
-    backend = TorchBackend(load_config(None, ["train.lr_warmup_steps=3", "train.steps=10",
-                                              "inrank.lr_multiplier=0.5"]), model, GROUPS)
+    backend = TorchBackend(
+        load_config(
+            None, ["train.lr_warmup_steps=3", "train.steps=10", "inrank.lr_multiplier=0.5"]
+        ),
+        model,
+        GROUPS,
+    )
     gen = torch.Generator().manual_seed(1)
     for step in range(8):
         model(torch.randn(4, 48, generator=gen, dtype=torch.float64)).pow(2).mean().backward()
@@ -152,8 +187,10 @@ def test_cut_moves_adamw_state_by_policy(policy):
     backend = _backend(model)
     _train(model, backend, 3)
     layer = model.fc
-    before = {role: {k: v.clone() for k, v in backend.optimizer.state[p].items()}
-              for role, p in (("A", layer.A), ("B", layer.B))}
+    before = {
+        role: {k: v.clone() for k, v in backend.optimizer.state[p].items()}
+        for role, p in (("A", layer.A), ("B", layer.B))
+    }
     event = layer.cut(step=3)
     backend.resize([event], policy)
     P_A, P_B = event.maps.P_A, event.maps.P_B  # (3, 8), (8, 3)
@@ -169,7 +206,7 @@ def test_cut_moves_adamw_state_by_policy(policy):
             want_v = torch.zeros_like(p)
         else:  # first moment through the cut's maps, second through their squares
             want_m = P_A @ m[:k] if role == "A" else m[:, :k] @ P_B
-            want_v = (P_A ** 2) @ v[:k] if role == "A" else v[:, :k] @ (P_B ** 2)
+            want_v = (P_A**2) @ v[:k] if role == "A" else v[:, :k] @ (P_B**2)
         assert torch.equal(state["exp_avg"], want_m), role
         assert torch.equal(state["exp_avg_sq"], want_v), role
         # Adam's step: carried with mapped moments, restarted with reset ones (core.resize_state).
@@ -221,9 +258,14 @@ def test_slot_adamw_equals_adamw_bit_for_bit(monkeypatch, foreach, mode):
     plain = backends[0].optimizer = torch.optim.AdamW(param_groups(ref, cfg), **kw)
     slot = backends[1].optimizer = SlotAdamW(param_groups(new, cfg), slot_layers=[new.fc], **kw)
     seen, real_adam = {"plain": set(), "slot": set()}, adam_module.adam
-    monkeypatch.setattr(adam_module, "adam", lambda params, *a, **k: (
-        seen[current].update(tuple(p.shape) for p in params if p.dim() == 2),
-        real_adam(params, *a, **k))[1])
+    monkeypatch.setattr(
+        adam_module,
+        "adam",
+        lambda params, *a, **k: (
+            seen[current].update(tuple(p.shape) for p in params if p.dim() == 2),
+            real_adam(params, *a, **k),
+        )[1],
+    )
     gen = torch.Generator().manual_seed(1)
     for step in range(6):
         x = torch.randn(16, 48, generator=gen, dtype=torch.float64)
@@ -275,22 +317,36 @@ def _precision_losses(rank, world_size, steps):
     from inrank_megatron.training.parallel import init_parallel, set_seeds
 
     def loss_in_bf16(module, batch):  # Backend.loss without its .float()
-        losses = module(batch["tokens"], batch["position_ids"], attention_mask=None,
-                        labels=batch["labels"]).to(torch.bfloat16)
+        losses = module(
+            batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+        ).to(torch.bfloat16)
         return losses.mean()
 
     groups = init_parallel(1, 1, backend="gloo")
     out = {}
     for variant in ("fp32", "bf16", "bf16 without autocast", "bf16 with the loss in bf16"):
-        cfg = from_dict({
-            "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                      "ffn_hidden_size": 256, "seq_length": 32},
-            "inrank": {"rank": 2, "buffer": 8, "warmup": 1, "gap": 1, "stage1_steps": None},
-            "parallel": {"tensor_model_parallel_size": 1},
-            "train": {"micro_batch_size": 2, "global_batch_size": 2, "lr": 1e-3,
-                      "lr_warmup_steps": 1, "steps": steps,
-                      "precision": "fp32" if variant == "fp32" else "bf16"},
-            "data": {"tokenizer_model": "unused"}})
+        cfg = from_dict(
+            {
+                "model": {
+                    "num_layers": 2,
+                    "hidden_size": 64,
+                    "num_attention_heads": 4,
+                    "ffn_hidden_size": 256,
+                    "seq_length": 32,
+                },
+                "inrank": {"rank": 2, "buffer": 8, "warmup": 1, "gap": 1, "stage1_steps": None},
+                "parallel": {"tensor_model_parallel_size": 1},
+                "train": {
+                    "micro_batch_size": 2,
+                    "global_batch_size": 2,
+                    "lr": 1e-3,
+                    "lr_warmup_steps": 1,
+                    "steps": steps,
+                    "precision": "fp32" if variant == "fp32" else "bf16",
+                },
+                "data": {"tokenizer_model": "unused"},
+            }
+        )
         set_seeds(1234)
         backend = TorchBackend(cfg, build_model(cfg, PRECISION_VOCAB, 1), groups)
         if variant == "bf16 without autocast":
@@ -301,8 +357,12 @@ def _precision_losses(rank, world_size, steps):
         losses = []
         for _ in range(steps):
             tokens = torch.randint(0, PRECISION_VOCAB, (2, 33), generator=gen)
-            batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                     "loss_mask": torch.ones(2, 32), "position_ids": torch.arange(32).expand(2, 32)}
+            batch = {
+                "tokens": tokens[:, :-1],
+                "labels": tokens[:, 1:],
+                "loss_mask": torch.ones(2, 32),
+                "position_ids": torch.arange(32).expand(2, 32),
+            }
             losses.append(backend.forward_backward(batch, 1, last=True).float().item())
             backend.step()
         out[variant] = losses
@@ -320,7 +380,8 @@ def test_bf16_tolerance_catches_a_missing_autocast_and_a_wrong_cast():
     fp32 = got["fp32"]
     assert bf16_loss_problems(fp32, got["bf16"]) == []
     assert bf16_loss_problems(fp32, got["bf16 without autocast"]) == [
-        "bf16: step 1's loss equals fp32's bit for bit: no bf16 autocast ran"]
+        "bf16: step 1's loss equals fp32's bit for bit: no bf16 autocast ran"
+    ]
     wrong = got["bf16 with the loss in bf16"]
     assert all(abs(a - b) < 0.05 * b for a, b in zip(wrong, fp32))
     problems = bf16_loss_problems(fp32, wrong)

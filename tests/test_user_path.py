@@ -45,10 +45,13 @@ def dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("data")
     text = root / "corpus.txt"
-    text.write_text("\n\n".join(f"Document {i} says something about topic {i % 3}."
-                                for i in range(12)) + "\n", encoding="utf-8")
-    result = preprocess(str(root / "mine"), tokenizer=build_tokenizer("sentencepiece", SP_MODEL),
-                        inputs=[str(text)])
+    text.write_text(
+        "\n\n".join(f"Document {i} says something about topic {i % 3}." for i in range(12)) + "\n",
+        encoding="utf-8",
+    )
+    result = preprocess(
+        str(root / "mine"), tokenizer=build_tokenizer("sentencepiece", SP_MODEL), inputs=[str(text)]
+    )
     return result.data_prefix
 
 
@@ -57,8 +60,10 @@ def _copy(prefix, tmp_path):
     out = str(tmp_path / "mine_text_document")
     for suffix in (".bin", ".idx"):
         shutil.copyfile(prefix + suffix, out + suffix)
-    shutil.copyfile(prefix.removesuffix("_text_document") + ".tokenizer.json",
-                    str(tmp_path / "mine.tokenizer.json"))
+    shutil.copyfile(
+        prefix.removesuffix("_text_document") + ".tokenizer.json",
+        str(tmp_path / "mine.tokenizer.json"),
+    )
     return out
 
 
@@ -77,8 +82,12 @@ def _refused(capsys, needle, *overrides):
 
 
 def _data(prefix, tmp_path):
-    return [f"data.prefix={prefix}", "data.corpus=none", f"output.dir={tmp_path / 'run'}",
-            "data.split=6,4,2"]
+    return [
+        f"data.prefix={prefix}",
+        "data.corpus=none",
+        f"output.dir={tmp_path / 'run'}",
+        "data.split=6,4,2",
+    ]
 
 
 # ------------------------------------------------------------------------------- data files
@@ -92,8 +101,12 @@ def test_truncated_bin_is_refused_before_launch(dataset, tmp_path, capsys):
     size = os.path.getsize(prefix + ".bin")
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(size - 6)
-    _refused(capsys, f"{prefix}.bin is truncated: {size - 6} bytes, its index describes "
-             f"{size // 2} uint16 tokens = {size} bytes", *_data(prefix, tmp_path))
+    _refused(
+        capsys,
+        f"{prefix}.bin is truncated: {size - 6} bytes, its index describes "
+        f"{size // 2} uint16 tokens = {size} bytes",
+        *_data(prefix, tmp_path),
+    )
 
 
 def test_garbage_idx_is_refused_before_launch(dataset, tmp_path, capsys):
@@ -108,33 +121,48 @@ def test_garbage_idx_is_refused_before_launch(dataset, tmp_path, capsys):
 
 def test_split_without_valid_documents_is_refused_and_few_warn(dataset, tmp_path, capsys):
     # 12 documents at 969,30,1: valid gets round(0.999 * 12) - round(0.969 * 12) = 0.
-    _refused(capsys, "data.split='969,30,1' leaves the valid split no documents (12 documents: "
-             "train 12, valid 0, test 0)", *_data(dataset, tmp_path), "data.split=969,30,1")
+    _refused(
+        capsys,
+        "data.split='969,30,1' leaves the valid split no documents (12 documents: "
+        "train 12, valid 0, test 0)",
+        *_data(dataset, tmp_path),
+        "data.split=969,30,1",
+    )
     status, out, _ = _check(capsys, *_data(dataset, tmp_path), "data.split=10,1,1")
     assert status == 0
     assert out.splitlines()[0] == (
         "warning: data.split='10,1,1' gives the valid split only 1 of 12 documents (train 10, "
         "valid 1, test 1); its samples repeat them (raise its weight; shuffle ordered documents "
-        "with tools/preprocess_data.py --shuffle-seed)")
+        "with tools/preprocess_data.py --shuffle-seed)"
+    )
 
 
 # ------------------------------------------------------------------- tokenizer and output dir
 def test_missing_tokenizer_model_is_refused(dataset, tmp_path, capsys):
-    _refused(capsys, f"data.tokenizer_model='{tmp_path}/gone.model': no such file",
-             *_data(dataset, tmp_path), f"data.tokenizer_model={tmp_path}/gone.model")
+    _refused(
+        capsys,
+        f"data.tokenizer_model='{tmp_path}/gone.model': no such file",
+        *_data(dataset, tmp_path),
+        f"data.tokenizer_model={tmp_path}/gone.model",
+    )
 
 
 def test_gpt2_with_a_model_file_is_refused_naming_the_key(dataset, tmp_path, capsys):
-    _refused(capsys, "data.tokenizer_model='data/wiki_sp8k.model' is only read by "
-             "data.tokenizer=sentencepiece (tokenizer is gpt2); expected null",
-             *_data(dataset, tmp_path), "data.tokenizer=gpt2",
-             "data.tokenizer_model=data/wiki_sp8k.model")
+    _refused(
+        capsys,
+        "data.tokenizer_model='data/wiki_sp8k.model' is only read by "
+        "data.tokenizer=sentencepiece (tokenizer is gpt2); expected null",
+        *_data(dataset, tmp_path),
+        "data.tokenizer=gpt2",
+        "data.tokenizer_model=data/wiki_sp8k.model",
+    )
 
 
 def test_output_dir_that_is_a_file_is_refused(dataset, tmp_path, capsys):
     (tmp_path / "run").write_text("my notes\n")
-    _refused(capsys, f"output.dir='{tmp_path}/run': {tmp_path}/run is a file",
-             *_data(dataset, tmp_path))
+    _refused(
+        capsys, f"output.dir='{tmp_path}/run': {tmp_path}/run is a file", *_data(dataset, tmp_path)
+    )
     assert (tmp_path / "run").read_text() == "my notes\n"
 
 
@@ -142,7 +170,12 @@ def test_output_dir_that_is_a_file_is_refused(dataset, tmp_path, capsys):
 def _checkpoint(run, cfg, step=5, files=None):
     """A step directory as the training loop writes it, as far as pre-flight reads it."""
     from inrank_megatron.checkpoint import (
-        Meta, record_files, step_dir, write_growth, write_latest, write_meta,
+        Meta,
+        record_files,
+        step_dir,
+        write_growth,
+        write_latest,
+        write_meta,
     )
 
     path = step_dir(str(run / "checkpoints"), step)
@@ -151,8 +184,20 @@ def _checkpoint(run, cfg, step=5, files=None):
         with open(os.path.join(path, name), "wb") as f:
             f.write(b"\0" * size)
     write_growth(path, {})
-    write_meta(path, Meta(step=step, consumed_samples=0, world_size=2, tp=2, pp=1, dp=1,
-                          backend="torch", config=to_dict(cfg), files=record_files(path)))
+    write_meta(
+        path,
+        Meta(
+            step=step,
+            consumed_samples=0,
+            world_size=2,
+            tp=2,
+            pp=1,
+            dp=1,
+            backend="torch",
+            config=to_dict(cfg),
+            files=record_files(path),
+        ),
+    )
     write_latest(str(run / "checkpoints"), path)
     return path
 
@@ -161,22 +206,29 @@ def test_incompatible_resume_names_the_values_needed(dataset, tmp_path, capsys):
     overrides = _data(dataset, tmp_path)
     saved = load_config(CONFIG, [*overrides, "model.hidden_size=256", "inrank.buffer=8"])
     step_dir = _checkpoint(tmp_path / "run", saved)
-    _refused(capsys, f"checkpoint {step_dir} was trained with model.hidden_size=256 "
-             "inrank.buffer=8 (this run: model.hidden_size=128, inrank.buffer=16); resume with "
-             "those values", *overrides, "output.resume=auto")
+    _refused(
+        capsys,
+        f"checkpoint {step_dir} was trained with model.hidden_size=256 "
+        "inrank.buffer=8 (this run: model.hidden_size=128, inrank.buffer=16); resume with "
+        "those values",
+        *overrides,
+        "output.resume=auto",
+    )
 
 
 def test_truncated_distcp_is_named_before_launch(dataset, tmp_path, capsys):
     """The launch pre-flight runs the resume checks (checkpoint.meta.is_complete names it)."""
     overrides = _data(dataset, tmp_path)
-    step_dir = _checkpoint(tmp_path / "run", load_config(CONFIG, overrides),
-                           files={"model/__0_0.distcp": 4096})
+    step_dir = _checkpoint(
+        tmp_path / "run", load_config(CONFIG, overrides), files={"model/__0_0.distcp": 4096}
+    )
     overrides.append(f"output.resume={step_dir}")
     assert _check(capsys, *overrides)[0] == 0  # whole: fine
     with open(os.path.join(step_dir, "model", "__0_0.distcp"), "r+b") as f:
         f.truncate(100)
-    _refused(capsys, f"{step_dir}/model/__0_0.distcp has 100 bytes, the save wrote 4096",
-             *overrides)
+    _refused(
+        capsys, f"{step_dir}/model/__0_0.distcp has 100 bytes, the save wrote 4096", *overrides
+    )
 
 
 # ------------------------------------------------------------------------- after the launch
@@ -192,8 +244,7 @@ def test_failure_after_launch_is_one_line_on_rank_0(dataset, tmp_path, capsys, m
     monkeypatch.setattr(loop, "train", broken)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "INRANK_DEBUG", "INRANK_PREFLIGHT"):
         monkeypatch.delenv(key, raising=False)
-    argv = ["--config", CONFIG, *_data(dataset, tmp_path),
-            "parallel.tensor_model_parallel_size=1"]
+    argv = ["--config", CONFIG, *_data(dataset, tmp_path), "parallel.tensor_model_parallel_size=1"]
     assert train.main(argv) == 1
     err = capsys.readouterr().err
     assert err == "error: EOFError: Ran out of input (INRANK_DEBUG=1 shows the traceback)\n"
@@ -202,15 +253,18 @@ def test_failure_after_launch_is_one_line_on_rank_0(dataset, tmp_path, capsys, m
         train.main(argv)
 
 
-def test_pre_flight_error_in_the_trainer_is_one_line_exit_2(dataset, tmp_path, capsys,
-                                                            monkeypatch):
+def test_pre_flight_error_in_the_trainer_is_one_line_exit_2(dataset, tmp_path, capsys, monkeypatch):
     from inrank_megatron import train
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     (tmp_path / "run").write_text("")
-    assert train.main(["--config", CONFIG, *_data(dataset, tmp_path),
-                       "parallel.tensor_model_parallel_size=1"]) == 2
+    assert (
+        train.main(
+            ["--config", CONFIG, *_data(dataset, tmp_path), "parallel.tensor_model_parallel_size=1"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a file, not a directory" in err
 
@@ -224,8 +278,11 @@ def test_bom_is_stripped_and_shuffle_is_seeded(tmp_path):
     text, jsonl = tmp_path / "bom.txt", tmp_path / "bom.jsonl"
     text.write_bytes("\ufeffFirst document.\n\nSecond one.\n".encode("utf-8"))
     jsonl.write_bytes("\ufeff".encode("utf-8") + b'{"text": "A record."}\n')
-    assert list(iter_documents([str(text), str(jsonl)])) == \
-        ["First document.", "Second one.", "A record."]
+    assert list(iter_documents([str(text), str(jsonl)])) == [
+        "First document.",
+        "Second one.",
+        "A record.",
+    ]
 
     tokenizer = build_tokenizer("sentencepiece", SP_MODEL)
     corpus = tmp_path / "ordered.txt"
@@ -234,8 +291,9 @@ def test_bom_is_stripped_and_shuffle_is_seeded(tmp_path):
     def order(name, seed):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-        result = preprocess(str(tmp_path / name), tokenizer=tokenizer, inputs=[str(corpus)],
-                            shuffle_seed=seed)
+        result = preprocess(
+            str(tmp_path / name), tokenizer=tokenizer, inputs=[str(corpus)], shuffle_seed=seed
+        )
         data = IndexedDataset(result.data_prefix)
         return [tokenizer.decode(list(data[i][:-1])) for i in range(len(data))]
 
@@ -257,10 +315,20 @@ def test_console_lines(capsys):
     # the step line: tests/test_throughput.py::test_console_step_line
     assert capsys.readouterr().out.splitlines() == [
         "step  50/200 | valid loss 6.9000 | ppl 992.27",
-        "step  60/200 | cut to stage 2 (fixed): ranks 8-12 (mean 9.8) over 4 layers"]
-    assert console.where({"run_dir": "r", "checkpoint": "r/checkpoints/step_000200",
-                          "metrics_csv": "r/metrics.csv", "plot": None}) == [
-        "run directory: r", "last checkpoint: r/checkpoints/step_000200", "metrics: r/metrics.csv"]
+        "step  60/200 | cut to stage 2 (fixed): ranks 8-12 (mean 9.8) over 4 layers",
+    ]
+    assert console.where(
+        {
+            "run_dir": "r",
+            "checkpoint": "r/checkpoints/step_000200",
+            "metrics_csv": "r/metrics.csv",
+            "plot": None,
+        }
+    ) == [
+        "run directory: r",
+        "last checkpoint: r/checkpoints/step_000200",
+        "metrics: r/metrics.csv",
+    ]
 
 
 def test_third_party_warnings_once_and_known_noise_dropped(capsys):
@@ -305,11 +373,24 @@ def test_preprocess_reports_the_time_of_the_whole_tool(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("One document.\n\nAnother one.\n", encoding="utf-8")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"),
-                           "--input", str(text), "--output-prefix", str(tmp_path / "a"),
-                           "--tokenizer", "sentencepiece", "--tokenizer-model", SP_MODEL],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "preprocess_data.py"),
+            "--input",
+            str(text),
+            "--output-prefix",
+            str(tmp_path / "a"),
+            "--tokenizer",
+            "sentencepiece",
+            "--tokenizer-model",
+            SP_MODEL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     reported = float(re.search(r" in ([0-9.]+) s$", proc.stdout.strip()).group(1))

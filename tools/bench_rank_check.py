@@ -37,7 +37,7 @@ def bench(shapes, slots_list, repeats: int, buffer: int, threshold: float, seed:
     for d_in, d_out in shapes:
         for k in slots_list:
             # A decaying spectrum so the rule has something to find.
-            A = torch.randn(k, d_in, generator=gen) / d_in ** 0.5
+            A = torch.randn(k, d_in, generator=gen) / d_in**0.5
             B = torch.randn(d_out, k, generator=gen) * torch.logspace(0, -2, k)
             max_rank = min(d_in, d_out) // 2
             rank = max(0, k - buffer)
@@ -56,11 +56,22 @@ def bench(shapes, slots_list, repeats: int, buffer: int, threshold: float, seed:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=["768x3072", "1024x4096"],
-                   help="layer shapes IN x OUT (default: GPT-2 small and medium fc1)")
-    p.add_argument("--slots", nargs="+", type=int, default=[102, 200],
-                   help="active slots k = rank + buffer (default: 102 200)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["768x3072", "1024x4096"],
+        help="layer shapes IN x OUT (default: GPT-2 small and medium fc1)",
+    )
+    p.add_argument(
+        "--slots",
+        nargs="+",
+        type=int,
+        default=[102, 200],
+        help="active slots k = rank + buffer (default: 102 200)",
+    )
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per cell (median)")
     p.add_argument("--buffer", type=int, default=100, help="buffer b of the rule")
     p.add_argument("--threshold", type=float, default=0.9, help="alpha of the rule")
@@ -73,12 +84,18 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = bench(shapes, args.slots, args.repeats, args.buffer, args.threshold)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, fp32")
-    print(f"{'shape':>10} {'k':>5} {'QR route ms':>12} {'dense svdvals ms':>17} {'ratio':>7} "
-          f"{'rank QR':>8} {'rank dense':>10}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, fp32"
+    )
+    print(
+        f"{'shape':>10} {'k':>5} {'QR route ms':>12} {'dense svdvals ms':>17} {'ratio':>7} "
+        f"{'rank QR':>8} {'rank dense':>10}"
+    )
     for shape, k, t_qr, t_dense, ratio, r_qr, r_dense in rows:
-        print(f"{shape:>10} {k:>5} {t_qr * 1e3:>12.2f} {t_dense * 1e3:>17.1f} {ratio:>6.1f}x "
-              f"{r_qr:>8} {r_dense:>10}")
+        print(
+            f"{shape:>10} {k:>5} {t_qr * 1e3:>12.2f} {t_dense * 1e3:>17.1f} {ratio:>6.1f}x "
+            f"{r_qr:>8} {r_dense:>10}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 
+
 def _rss_mb(field: str = "VmRSS") -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -54,8 +55,13 @@ def _reset_peak_rss() -> bool:
 
 
 def _rank_body(rank: int, world_size: int, port: int, stage: int, args: dict, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
     try:
         queue.put((rank, _measure(stage, args)))
     except BaseException as error:  # noqa: BLE001 - report, the parent fails the run
@@ -83,15 +89,26 @@ def _measure(stage: int, args: dict) -> dict:
     with open(ds_json, "w") as f:
         json.dump({"zero_optimization": {"stage": stage}}, f)
     world = torch.distributed.get_world_size()
-    cfg = from_dict({
-        "model": {"num_layers": args["layers"], "hidden_size": args["hidden"],
-                  "num_attention_heads": args["hidden"] // 64, "seq_length": args["seq"]},
-        "inrank": {"rank": 2, "buffer": args["buffer"], "stage1_steps": None},
-        "parallel": {"backend": "deepspeed", "deepspeed_config": ds_json},
-        "train": {"micro_batch_size": 1, "global_batch_size": world, "lr": 1e-4,
-                  "lr_warmup_steps": 1, "steps": 100},
-        "data": {"tokenizer_model": "unused"},
-    })
+    cfg = from_dict(
+        {
+            "model": {
+                "num_layers": args["layers"],
+                "hidden_size": args["hidden"],
+                "num_attention_heads": args["hidden"] // 64,
+                "seq_length": args["seq"],
+            },
+            "inrank": {"rank": 2, "buffer": args["buffer"], "stage1_steps": None},
+            "parallel": {"backend": "deepspeed", "deepspeed_config": ds_json},
+            "train": {
+                "micro_batch_size": 1,
+                "global_batch_size": world,
+                "lr": 1e-4,
+                "lr_warmup_steps": 1,
+                "steps": 100,
+            },
+            "data": {"tokenizer_model": "unused"},
+        }
+    )
     groups = init_parallel(1, 1, backend="gloo")
     set_seeds(1234)
     model = build_model(cfg, args["vocab"], 1)
@@ -101,9 +118,12 @@ def _measure(stage: int, args: dict) -> dict:
     backend = DeepSpeedBackend(cfg, model, groups)
     gen = torch.Generator().manual_seed(parallel_state.get_data_parallel_rank())
     tokens = torch.randint(0, args["vocab"], (1, args["seq"] + 1), generator=gen)
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-             "loss_mask": torch.ones(1, args["seq"]),
-             "position_ids": torch.arange(args["seq"]).unsqueeze(0)}
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": torch.ones(1, args["seq"]),
+        "position_ids": torch.arange(args["seq"]).unsqueeze(0),
+    }
 
     def one_step():
         t0 = time.perf_counter()
@@ -136,9 +156,17 @@ def _measure(stage: int, args: dict) -> dict:
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
     params = sum(compat.full_numel(p) for p in model.parameters())
-    return {"stage": stage, "opt_mb": opt_bytes / 2**20, "step_s": step_s, "cut_s": cut_s,
-            "resize_s": resize_s, "extra_rss_mb": (peak - rss_before) if peak_ok else float("nan"),
-            "rss_mb": rss_before, "after_step_s": after_step_s, "params_after_cut": params}
+    return {
+        "stage": stage,
+        "opt_mb": opt_bytes / 2**20,
+        "step_s": step_s,
+        "cut_s": cut_s,
+        "resize_s": resize_s,
+        "extra_rss_mb": (peak - rss_before) if peak_ok else float("nan"),
+        "rss_mb": rss_before,
+        "after_step_s": after_step_s,
+        "params_after_cut": params,
+    }
 
 
 def _free_port() -> int:
@@ -153,8 +181,10 @@ def run_stage(stage: int, args: dict, world_size: int = 2, timeout: float = 3600
     queue = ctx.Queue()
     port = _free_port()
     os.environ.setdefault("OMP_NUM_THREADS", str(args["threads"]))
-    procs = [ctx.Process(target=_rank_body, args=(r, world_size, port, stage, args, queue))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_rank_body, args=(r, world_size, port, stage, args, queue))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results = {}
@@ -179,21 +209,32 @@ def bench(stages, args: dict) -> list:
 
 
 def format_table(rows) -> str:
-    head = (f"{'ZeRO':>4} {'opt MB':>8} {'step s':>7} {'cut s':>6} {'resize s':>8} "
-            f"{'resize/step':>11} {'+RSS MB':>8} {'+RSS/opt':>8}")
+    head = (
+        f"{'ZeRO':>4} {'opt MB':>8} {'step s':>7} {'cut s':>6} {'resize s':>8} "
+        f"{'resize/step':>11} {'+RSS MB':>8} {'+RSS/opt':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['stage']:>4} {r['opt_mb']:>8.0f} {r['step_s']:>7.2f} {r['cut_s']:>6.2f} "
-                     f"{r['resize_s']:>8.2f} {r['resize_s'] / r['step_s']:>11.2f} "
-                     f"{r['extra_rss_mb']:>8.0f} {r['extra_rss_mb'] / r['opt_mb']:>8.2f}")
+        lines.append(
+            f"{r['stage']:>4} {r['opt_mb']:>8.0f} {r['step_s']:>7.2f} {r['cut_s']:>6.2f} "
+            f"{r['resize_s']:>8.2f} {r['resize_s'] / r['step_s']:>11.2f} "
+            f"{r['extra_rss_mb']:>8.0f} {r['extra_rss_mb'] / r['opt_mb']:>8.2f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=(0, 1, 2, 3),
-                   help="ZeRO stages to measure (each in fresh processes)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--stages",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        choices=(0, 1, 2, 3),
+        help="ZeRO stages to measure (each in fresh processes)",
+    )
     p.add_argument("--hidden", type=int, default=1024, help="model width (heads = hidden / 64)")
     p.add_argument("--layers", type=int, default=6, help="transformer layers")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
@@ -204,13 +245,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--json", help="also write the rows to this JSON file")
     a = p.parse_args(argv)
-    args = {k: getattr(a, k) for k in ("hidden", "layers", "vocab", "seq", "buffer", "rank",
-                                       "steps", "threads")}
+    args = {
+        k: getattr(a, k)
+        for k in ("hidden", "layers", "vocab", "seq", "buffer", "rank", "steps", "threads")
+    }
     rows = bench(a.stages, args)
-    print(f"2 processes (DP=2), hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, "
-          f"seq {a.seq}, InRank fc1/fc2 cut to rank {a.rank} from {a.rank + a.buffer} active "
-          "slots; "
-          f"{rows[0]['params_after_cut'] / 1e6:.1f}M parameters after the cut")
+    print(
+        f"2 processes (DP=2), hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, "
+        f"seq {a.seq}, InRank fc1/fc2 cut to rank {a.rank} from {a.rank + a.buffer} active "
+        "slots; "
+        f"{rows[0]['params_after_cut'] / 1e6:.1f}M parameters after the cut"
+    )
     print(format_table(rows))
     if a.json:
         with open(a.json, "w") as f:

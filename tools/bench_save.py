@@ -24,25 +24,41 @@ from inrank_megatron.bench.save import format_results, run_bench
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="training YAML")
     p.add_argument("--steps", type=int, default=12, help="steps per run (default 12)")
-    p.add_argument("--save-step", type=int, default=5,
-                   help="the measured save's step (also train.save_interval; default 5)")
+    p.add_argument(
+        "--save-step",
+        type=int,
+        default=5,
+        help="the measured save's step (also train.save_interval; default 5)",
+    )
     p.add_argument("--nproc", type=int, default=1, help="processes per run (default 1)")
-    p.add_argument("--project-params", type=float, default=0.0,
-                   help="also print the stall projected to this many parameters (355e6: "
-                        "gpt2-medium)")
+    p.add_argument(
+        "--project-params",
+        type=float,
+        default=0.0,
+        help="also print the stall projected to this many parameters (355e6: gpt2-medium)",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
     if not 2 <= args.save_step < args.steps - 2:
-        print(f"error: --save-step={args.save_step} must leave steps before and after it: "
-              f"expected 2 <= --save-step < --steps - 2 = {args.steps - 2}", file=sys.stderr)
+        print(
+            f"error: --save-step={args.save_step} must leave steps before and after it: "
+            f"expected 2 <= --save-step < --steps - 2 = {args.steps - 2}",
+            file=sys.stderr,
+        )
         return 2
     try:
-        results = run_bench(args.config, args.overrides, steps=args.steps,
-                            save_step=args.save_step, nproc=args.nproc)
+        results = run_bench(
+            args.config,
+            args.overrides,
+            steps=args.steps,
+            save_step=args.save_step,
+            nproc=args.nproc,
+        )
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -30,8 +30,14 @@ def _worker(rank, world, port, args, queue):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     rows = []
     for k in args.slots:
-        got = mlp_comm_bytes(args.hidden, args.ffn, slots=k, tokens=args.tokens,
-                             sequence_parallel=args.sequence_parallel, seq_length=args.seq_length)
+        got = mlp_comm_bytes(
+            args.hidden,
+            args.ffn,
+            slots=k,
+            tokens=args.tokens,
+            sequence_parallel=args.sequence_parallel,
+            seq_length=args.seq_length,
+        )
         rows.append((k, got["inrank"], got["dense"]))
     if rank == 0:
         queue.put(rows)
@@ -40,12 +46,19 @@ def _worker(rank, world, port, args, queue):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--hidden", type=int, default=1024, help="d_model (default 1024, GPT-2 medium)")
     p.add_argument("--ffn", type=int, default=4096, help="MLP width (default 4096)")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (processes)")
-    p.add_argument("--slots", type=int, nargs="+", default=[102, 200],
-                   help="active slots k = rank + buffer (default 102 200)")
+    p.add_argument(
+        "--slots",
+        type=int,
+        nargs="+",
+        default=[102, 200],
+        help="active slots k = rank + buffer (default 102 200)",
+    )
     p.add_argument("--tokens", type=int, default=2048, help="tokens per micro-batch")
     p.add_argument("--seq-length", type=int, default=1024, help="sequence length")
     p.add_argument("--sequence-parallel", action="store_true", help="count with SP on")
@@ -57,16 +70,23 @@ def main(argv=None):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(args.tp, port, args, queue), nprocs=args.tp, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(args.tp, port, args, queue), nprocs=args.tp, join=True, start_method="spawn"
+    )
     rows = queue.get()
-    print(f"MLP {args.hidden} -> {args.ffn} -> {args.hidden}, TP={args.tp}, {args.tokens} tokens, "
-          f"SP={'on' if args.sequence_parallel else 'off'}; bytes per rank per forward+backward")
-    print(f"{'k':>5} {'InRank MB':>10} {'dense MB':>9} {'dense/InRank':>13} {'per token InRank':>17} "
-          f"{'per token dense':>16}")
+    print(
+        f"MLP {args.hidden} -> {args.ffn} -> {args.hidden}, TP={args.tp}, {args.tokens} tokens, "
+        f"SP={'on' if args.sequence_parallel else 'off'}; bytes per rank per forward+backward"
+    )
+    print(
+        f"{'k':>5} {'InRank MB':>10} {'dense MB':>9} {'dense/InRank':>13} {'per token InRank':>17} "
+        f"{'per token dense':>16}"
+    )
     for k, inrank, dense in rows:
-        print(f"{k:>5} {inrank / 2**20:>10.2f} {dense / 2**20:>9.2f} {dense / inrank:>12.1f}x "
-              f"{inrank / args.tokens:>17.0f} {dense / args.tokens:>16.0f}")
+        print(
+            f"{k:>5} {inrank / 2**20:>10.2f} {dense / 2**20:>9.2f} {dense / inrank:>12.1f}x "
+            f"{inrank / args.tokens:>17.0f} {dense / args.tokens:>16.0f}"
+        )
 
 
 if __name__ == "__main__":

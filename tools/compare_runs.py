@@ -20,19 +20,28 @@ import argparse
 import sys
 
 from inrank_megatron.training.compare import (
-    RunDirError, compare_runs, format_table, plot_valid_loss,
+    RunDirError,
+    compare_runs,
+    format_table,
+    plot_valid_loss,
 )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="compare_runs.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="compare_runs.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directory (output.dir)")
-    parser.add_argument("--markdown", action="store_true",
-                        help="Markdown tables instead of aligned plain text")
-    parser.add_argument("--plot", metavar="OUT.png",
-                        help="also write one PNG overlaying the runs' valid-loss curves")
+    parser.add_argument(
+        "--markdown", action="store_true", help="Markdown tables instead of aligned plain text"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="also write one PNG overlaying the runs' valid-loss curves",
+    )
     return parser.parse_args(argv)
 
 
@@ -48,8 +57,10 @@ def main(argv=None) -> int:
         try:
             print(f"\nplot: {plot_valid_loss(comparison, args.plot)}")
         except OSError as error:
-            print(f"compare_runs.py: error: --plot {args.plot}: {error.strerror or error}",
-                  file=sys.stderr)
+            print(
+                f"compare_runs.py: error: --plot {args.plot}: {error.strerror or error}",
+                file=sys.stderr,
+            )
             return 2
     return 0
 

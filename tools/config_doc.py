@@ -16,8 +16,9 @@ import sys
 
 from inrank_megatron.config_reference import render_reference
 
-DEFAULT_README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "README.md")
+DEFAULT_README = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "README.md"
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,7 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--check", nargs="?", const=DEFAULT_README, metavar="PATH",
+        "--check",
+        nargs="?",
+        const=DEFAULT_README,
+        metavar="PATH",
         help="Compare PATH (default: configs/README.md of this checkout) with the generated text "
         "instead of printing it; exit 1 with a diff on stderr if they differ.",
     )
@@ -45,11 +49,19 @@ def main(argv=None) -> int:
         current = ""
     if current == text:
         return 0
-    sys.stderr.writelines(difflib.unified_diff(
-        current.splitlines(keepends=True), text.splitlines(keepends=True),
-        fromfile=args.check, tofile="generated"))
-    print(f"config_doc.py: {args.check} is out of date; run "
-          "python tools/config_doc.py > configs/README.md", file=sys.stderr)
+    sys.stderr.writelines(
+        difflib.unified_diff(
+            current.splitlines(keepends=True),
+            text.splitlines(keepends=True),
+            fromfile=args.check,
+            tofile="generated",
+        )
+    )
+    print(
+        f"config_doc.py: {args.check} is out of date; run "
+        "python tools/config_doc.py > configs/README.md",
+        file=sys.stderr,
+    )
     return 1
 
 

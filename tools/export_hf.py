@@ -47,8 +47,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as error:  # CheckpointError, UnsupportedModelError, exists
         print(f"export_hf.py: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {result['path']}: {result['parameters']:,} parameters, "
-          f"{result['bytes']:,} bytes of weights (step {ckpt.step}, {ckpt.mode or 'dense'})")
+    print(
+        f"wrote {result['path']}: {result['parameters']:,} parameters, "
+        f"{result['bytes']:,} bytes of weights (step {ckpt.step}, {ckpt.mode or 'dense'})"
+    )
     return 0
 
 

@@ -37,10 +37,12 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as error:
         print(f"export_inrank.py: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {result['path']}: {result['parameters']:,} parameters "
-          f"({result['parameters'] / result['dense_parameters']:.3f} of the dense "
-          f"{result['dense_parameters']:,}), {result['bytes']:,} bytes of weights "
-          f"(step {ckpt.step}, {ckpt.mode or 'dense'})")
+    print(
+        f"wrote {result['path']}: {result['parameters']:,} parameters "
+        f"({result['parameters'] / result['dense_parameters']:.3f} of the dense "
+        f"{result['dense_parameters']:,}), {result['bytes']:,} bytes of weights "
+        f"(step {ckpt.step}, {ckpt.mode or 'dense'})"
+    )
     return 0
 
 

@@ -40,20 +40,35 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("hf_dir", metavar="HF_DIR", help="Local Hugging Face GPT-2 directory.")
-    parser.add_argument("out", metavar="RUN_DIR", help="Run directory to create (its "
-                        "checkpoints/step_000000, latest and config.yaml).")
-    parser.add_argument("--mode", required=True, choices=("cumulative", "efficient"),
-                        help="InRank parametrisation of the imported model.")
+    parser.add_argument(
+        "out",
+        metavar="RUN_DIR",
+        help="Run directory to create (its checkpoints/step_000000, latest and config.yaml).",
+    )
+    parser.add_argument(
+        "--mode",
+        required=True,
+        choices=("cumulative", "efficient"),
+        help="InRank parametrisation of the imported model.",
+    )
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--rank", type=int, help="Efficient mode: rank of every InRank layer.")
-    how.add_argument("--threshold", type=float, help="Efficient mode: per-layer rank from this "
-                     "explained-ratio threshold, in (0, 1).")
+    how.add_argument(
+        "--threshold",
+        type=float,
+        help="Efficient mode: per-layer rank from this explained-ratio threshold, in (0, 1).",
+    )
     parser.add_argument("--config", metavar="YAML", help="Training config to start from.")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="Config overrides, as for training.")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="Config overrides, as for training.",
+    )
     return parser.parse_intermixed_args(argv)
 
 
@@ -66,18 +81,28 @@ def main(argv=None) -> int:
     from inrank_megatron.convert import import_hf
 
     try:
-        result = import_hf(args.hf_dir, args.out, mode=args.mode, rank=args.rank,
-                           threshold=args.threshold, config_path=args.config,
-                           overrides=args.overrides)
+        result = import_hf(
+            args.hf_dir,
+            args.out,
+            mode=args.mode,
+            rank=args.rank,
+            threshold=args.threshold,
+            config_path=args.config,
+            overrides=args.overrides,
+        )
     except (ValueError, OSError) as error:  # ConfigError, CheckpointError, unsupported, exists
         print(f"import_hf.py: error: {error}", file=sys.stderr)
         return 2
     ranks = sorted(set(result["ranks"].values()))
-    print(f"wrote {result['path']}: {result['checkpoint']} ({args.mode}; InRank ranks {ranks}) "
-          f"and {result['config']}")
+    print(
+        f"wrote {result['path']}: {result['checkpoint']} ({args.mode}; InRank ranks {ranks}) "
+        f"and {result['config']}"
+    )
     for change in result["changes"]:
-        print(f"set {change['key']}={format_value(change['value'])} (was "
-              f"{format_value(change['was'])}): {change['why']}")
+        print(
+            f"set {change['key']}={format_value(change['value'])} (was "
+            f"{format_value(change['was'])}): {change['why']}"
+        )
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"continue it: launch/torchrun.sh {result['config']} [section.key=value ...]")

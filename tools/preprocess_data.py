@@ -44,29 +44,38 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--input", nargs="+", metavar="PATH",
+        "--input",
+        nargs="+",
+        metavar="PATH",
         help="Text or JSON Lines (.jsonl/.json) files. Default: the Wikipedia sample that ships "
         "with gensim (106 articles).",
     )
     parser.add_argument("--output-prefix", required=True, help="Output path prefix.")
     parser.add_argument(
-        "--tokenizer", required=True, metavar="{" + ",".join(TOKENIZER_KINDS) + "}",
+        "--tokenizer",
+        required=True,
+        metavar="{" + ",".join(TOKENIZER_KINDS) + "}",
         help="Tokenizer kind.",
     )
     parser.add_argument(
         "--tokenizer-model", metavar="PATH.model", help="SentencePiece model (sentencepiece only)."
     )
     parser.add_argument(
-        "--json-key", default="text",
+        "--json-key",
+        default="text",
         help="JSON Lines field holding the text; also names the output (default: text).",
     )
     parser.add_argument(
-        "--document-boundary", choices=DOCUMENT_BOUNDARIES, default="blank-line",
+        "--document-boundary",
+        choices=DOCUMENT_BOUNDARIES,
+        default="blank-line",
         help="Plain-text files: a document per blank-line-separated block, or per file.",
     )
     parser.add_argument("--limit", type=int, help="Tokenize at most this many documents.")
     parser.add_argument(
-        "--shuffle-seed", type=int, metavar="SEED",
+        "--shuffle-seed",
+        type=int,
+        metavar="SEED",
         help="Write the documents in a random order from this seed (default: input order). "
         "data.split takes train/valid/test from consecutive documents: shuffle a corpus that "
         "is ordered (by topic, by source) so that each split gets a mix.",

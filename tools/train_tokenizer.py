@@ -31,23 +31,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--input", nargs="+", metavar="PATH",
+        "--input",
+        nargs="+",
+        metavar="PATH",
         help="Text or JSON Lines (.jsonl/.json) files. Default: the Wikipedia sample that ships "
         "with gensim.",
     )
     parser.add_argument("--output-prefix", required=True, help="Writes PREFIX.model, PREFIX.vocab.")
     parser.add_argument(
-        "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
         help="Pieces, including <unk> <s> </s> and 256 byte pieces "
         f"(default {DEFAULT_VOCAB_SIZE}).",
     )
     parser.add_argument("--json-key", default="text", help="JSON Lines field holding the text.")
     parser.add_argument(
-        "--document-boundary", choices=DOCUMENT_BOUNDARIES, default="blank-line",
+        "--document-boundary",
+        choices=DOCUMENT_BOUNDARIES,
+        default="blank-line",
         help="Plain-text files: a document per blank-line-separated block, or per file.",
     )
     parser.add_argument(
-        "--character-coverage", type=float, default=0.9995,
+        "--character-coverage",
+        type=float,
+        default=0.9995,
         help="Fraction of characters given their own piece; the rest fall back to bytes.",
     )
     parser.add_argument("--seed", type=int, default=0, help="SentencePiece random seed.")

@@ -21,10 +21,14 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a training checkpoint directory (.../checkpoints/step_N) "
-                   "written with parallel.backend=deepspeed")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a training checkpoint directory (.../checkpoints/step_N) "
+        "written with parallel.backend=deepspeed",
+    )
     p.add_argument("output", help="OUT.pt or OUT.safetensors")
     args = p.parse_args(argv)
     from inrank_megatron.checkpoint.deepspeed import save_consolidated
@@ -35,9 +39,11 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in result["state_dict"].values())
-    print(f"wrote {args.output}: {len(result['state_dict'])} tensors, {n / 1e6:.2f}M parameters, "
-          f"ZeRO stage {result['meta']['zero_stage']}, TP {result['meta']['tp']}, "
-          f"{len(result['inrank_growth'])} InRank layers")
+    print(
+        f"wrote {args.output}: {len(result['state_dict'])} tensors, {n / 1e6:.2f}M parameters, "
+        f"ZeRO stage {result['meta']['zero_stage']}, TP {result['meta']['tp']}, "
+        f"{len(result['inrank_growth'])} InRank layers"
+    )
     return 0
 
 

@@ -32,8 +32,7 @@ ARMS = ("sync", "async")
 
 
 def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(p, n)) for p, _, names in os.walk(path)
-               for n in names)
+    return sum(os.path.getsize(os.path.join(p, n)) for p, _, names in os.walk(path) for n in names)
 
 
 def analyse(summary: dict, save_step: int, checkpoint_bytes: int) -> dict:
@@ -52,12 +51,18 @@ def analyse(summary: dict, save_step: int, checkpoint_bytes: int) -> dict:
     last = len(step_s)
     quiet = [step_s[i - 1] for i in range(2, last) if i not in busy]
     if not quiet:
-        raise ValueError(f"no step away from the save at {save_step} (written at {written}) in "
-                         f"{last} steps; run more steps")
+        raise ValueError(
+            f"no step away from the save at {save_step} (written at {written}) in "
+            f"{last} steps; run more steps"
+        )
     median = statistics.median(quiet)
-    return {"step_s": median, "save_s": save["blocking_s"], "written_at": written,
-            "stall_s": sum(step_s[i - 1] for i in window) - len(window) * median,
-            "bytes": checkpoint_bytes}
+    return {
+        "step_s": median,
+        "save_s": save["blocking_s"],
+        "written_at": written,
+        "stall_s": sum(step_s[i - 1] for i in window) - len(window) * median,
+        "bytes": checkpoint_bytes,
+    }
 
 
 def project(result: dict, params_from: int, params_to: int) -> float:
@@ -66,20 +71,43 @@ def project(result: dict, params_from: int, params_to: int) -> float:
     return result["stall_s"] * params_to / params_from
 
 
-def run_arm(config: str, overrides: list, arm: str, out: str, *, steps: int, save_step: int,
-            nproc: int, stream=None) -> dict:
+def run_arm(
+    config: str,
+    overrides: list,
+    arm: str,
+    out: str,
+    *,
+    steps: int,
+    save_step: int,
+    nproc: int,
+    stream=None,
+) -> dict:
     """Train ``config`` for ``steps`` steps into ``out`` with a save at ``save_step`` and the
     last step, ``train.async_save`` per ``arm``; returns :func:`analyse` of it."""
-    cmd = ["bash", os.path.join(REPO, "launch", "torchrun.sh"), "--nproc", str(nproc), config,
-           *overrides, f"train.steps={steps}", f"train.save_interval={save_step}",
-           f"train.exit_after_step={steps}", "train.log_interval=1",
-           f"train.eval_interval={10 * steps}", "output.plot=false", "output.tensorboard=false",
-           "output.resume=none", "output.keep_last=null",
-           f"train.async_save={'true' if arm == 'async' else 'false'}", f"output.dir={out}"]
+    cmd = [
+        "bash",
+        os.path.join(REPO, "launch", "torchrun.sh"),
+        "--nproc",
+        str(nproc),
+        config,
+        *overrides,
+        f"train.steps={steps}",
+        f"train.save_interval={save_step}",
+        f"train.exit_after_step={steps}",
+        "train.log_interval=1",
+        f"train.eval_interval={10 * steps}",
+        "output.plot=false",
+        "output.tensorboard=false",
+        "output.resume=none",
+        "output.keep_last=null",
+        f"train.async_save={'true' if arm == 'async' else 'false'}",
+        f"output.dir={out}",
+    ]
     stream = stream or sys.stderr
     env = dict(os.environ, PYTHON=sys.executable)
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
         for line in proc.stdout:
             stream.write(line)
         if proc.wait() != 0:
@@ -92,29 +120,57 @@ def run_arm(config: str, overrides: list, arm: str, out: str, *, steps: int, sav
     return result
 
 
-def run_bench(config: str, overrides: list, *, steps: int, save_step: int, nproc: int,
-              stream=None) -> dict:
+def run_bench(
+    config: str, overrides: list, *, steps: int, save_step: int, nproc: int, stream=None
+) -> dict:
     """Both arms, one after the other, into temporary run directories."""
     with tempfile.TemporaryDirectory(prefix="bench_save.") as tmp:
-        return {arm: run_arm(config, overrides, arm, os.path.join(tmp, arm), steps=steps,
-                             save_step=save_step, nproc=nproc, stream=stream) for arm in ARMS}
+        return {
+            arm: run_arm(
+                config,
+                overrides,
+                arm,
+                os.path.join(tmp, arm),
+                steps=steps,
+                save_step=save_step,
+                nproc=nproc,
+                stream=stream,
+            )
+            for arm in ARMS
+        }
 
 
 def format_results(results: dict, *, project_to: int = 0) -> str:
     """The arms side by side, and the stall projected to ``project_to`` parameters."""
     from inrank_megatron.text_table import aligned_table
 
-    rows = [[arm, f"{r['step_s']:.2f}", f"{r['save_s']:.2f}", str(r["written_at"]),
-             f"{r['stall_s']:.2f}", f"{r['bytes'] / 2**30:.2f}"]
-            for arm, r in results.items()]
-    head = ["arm", "median step s", "in save call s", "latest moved at step", "stall s",
-            "checkpoint GiB"]
+    rows = [
+        [
+            arm,
+            f"{r['step_s']:.2f}",
+            f"{r['save_s']:.2f}",
+            str(r["written_at"]),
+            f"{r['stall_s']:.2f}",
+            f"{r['bytes'] / 2**30:.2f}",
+        ]
+        for arm, r in results.items()
+    ]
+    head = [
+        "arm",
+        "median step s",
+        "in save call s",
+        "latest moved at step",
+        "stall s",
+        "checkpoint GiB",
+    ]
     out = "\n".join(aligned_table(head, rows))
     sync, asyn = results["sync"]["stall_s"], results["async"]["stall_s"]
     out += f"\nstall async / sync: {asyn / sync:.2f}" if sync > 0 else ""
     if project_to:
         p = results["sync"]["parameters"]
-        out += (f"\nprojected to {project_to / 1e6:.0f}M parameters (x{project_to / p:.2f} "
-                f"bytes): sync stall {project(results['sync'], p, project_to):.1f} s, async "
-                f"{project(results['async'], p, project_to):.1f} s")
+        out += (
+            f"\nprojected to {project_to / 1e6:.0f}M parameters (x{project_to / p:.2f} "
+            f"bytes): sync stall {project(results['sync'], p, project_to):.1f} s, async "
+            f"{project(results['async'], p, project_to):.1f} s"
+        )
     return out + "\n"

@@ -51,13 +51,20 @@ from typing import Optional
 import torch
 
 from inrank_megatron.config import (
-    ATTENTIONS, ConfigError, TrainConfig, load_config,
+    ATTENTIONS,
+    ConfigError,
+    TrainConfig,
+    load_config,
 )
 from inrank_megatron import rules
 
 ARMS = ("dense", "stage1", "cut", "fixed")
-ARM_LABELS = {"dense": "dense", "stage1": "InRank stage 1", "cut": "InRank after cut",
-              "fixed": "fixed-rank"}
+ARM_LABELS = {
+    "dense": "dense",
+    "stage1": "InRank stage 1",
+    "cut": "InRank after cut",
+    "fixed": "fixed-rank",
+}
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "deepspeed")
 DEFAULT_DEEPSPEED_CONFIG = "configs/deepspeed/zero2.json"
@@ -97,8 +104,11 @@ def learned_ranks(cfg: TrainConfig, run: str) -> dict:
     """
     from inrank_megatron.training.fixed_ranks import KEY, resolve_fixed_ranks
 
-    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, inrank=True),
-                                inrank=dataclasses.replace(cfg.inrank, fixed_ranks=run))
+    probe = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, inrank=True),
+        inrank=dataclasses.replace(cfg.inrank, fixed_ranks=run),
+    )
     try:
         return resolve_fixed_ranks(probe)
     except ConfigError as error:
@@ -113,11 +123,16 @@ def bench_overrides(opts: BenchOptions, cfg: TrainConfig, workdir: Optional[str]
     launcher's pre-flight of the run's files passes without the config's dataset."""
     seq = opts.seq or cfg.model.seq_length
     micro = opts.micro or cfg.train.micro_batch_size
-    out = [f"model.seq_length={seq}", f"train.micro_batch_size={micro}",
-           f"train.global_batch_size={micro}",
-           f"parallel.tensor_model_parallel_size={opts.tp}",
-           "parallel.pipeline_model_parallel_size=1", "parallel.sequence_parallel=false",
-           f"parallel.backend={opts.backend}", f"train.precision={opts.precision}"]
+    out = [
+        f"model.seq_length={seq}",
+        f"train.micro_batch_size={micro}",
+        f"train.global_batch_size={micro}",
+        f"parallel.tensor_model_parallel_size={opts.tp}",
+        "parallel.pipeline_model_parallel_size=1",
+        "parallel.sequence_parallel=false",
+        f"parallel.backend={opts.backend}",
+        f"train.precision={opts.precision}",
+    ]
     if seq > cfg.model.max_positions():
         out.append(f"model.max_position_embeddings={seq}")
     if opts.backend == "deepspeed" and cfg.parallel.deepspeed_config is None:
@@ -125,8 +140,12 @@ def bench_overrides(opts: BenchOptions, cfg: TrainConfig, workdir: Optional[str]
     elif opts.backend != "deepspeed":
         out += ["parallel.deepspeed_config=null", "parallel.zero_stage=null"]
     if workdir is not None:
-        out += [f"output.dir={os.path.join(workdir, 'output')}", "output.resume=none",
-                f"data.prefix={os.path.join(workdir, 'unused_text_document')}", "data.corpus=wiki"]
+        out += [
+            f"output.dir={os.path.join(workdir, 'output')}",
+            "output.resume=none",
+            f"data.prefix={os.path.join(workdir, 'unused_text_document')}",
+            "data.corpus=wiki",
+        ]
     return out
 
 
@@ -154,8 +173,9 @@ def check_options(opts: BenchOptions) -> tuple[TrainConfig, TrainConfig, Optiona
         raise ConfigError(f"--precision={opts.precision!r}: expected one of {PRECISIONS}")
     bad = [a for a in opts.attentions if a not in ATTENTIONS]
     if bad or len(set(opts.attentions)) != len(opts.attentions):
-        raise ConfigError(f"--attention {list(opts.attentions)}: expected distinct values of "
-                          f"{list(ATTENTIONS)}")
+        raise ConfigError(
+            f"--attention {list(opts.attentions)}: expected distinct values of {list(ATTENTIONS)}"
+        )
     unknown = [a for a in opts.arms if a not in ARMS]
     if unknown or not opts.arms:
         raise ConfigError(f"--arms {list(opts.arms)}: expected some of {list(ARMS)}")
@@ -164,8 +184,10 @@ def check_options(opts: BenchOptions) -> tuple[TrainConfig, TrainConfig, Optiona
     cfg = load_config(opts.config, list(opts.overrides))
     inrank_arms = [a for a in opts.arms if a != "dense"]
     if inrank_arms and cfg.inrank.mode != "efficient":
-        raise ConfigError(f"inrank.mode={cfg.inrank.mode!r}: the bench's stage-1 / cut / fixed arms "
-                          "are efficient mode's; expected inrank.mode=efficient")
+        raise ConfigError(
+            f"inrank.mode={cfg.inrank.mode!r}: the bench's stage-1 / cut / fixed arms "
+            "are efficient mode's; expected inrank.mode=efficient"
+        )
     ranks = learned_ranks(cfg, opts.ranks_from) if opts.ranks_from is not None else None
     job = load_config(opts.config, [*opts.overrides, *bench_overrides(opts, cfg)])
     rules.validate(job, opts.tp)
@@ -175,8 +197,11 @@ def check_options(opts: BenchOptions) -> tuple[TrainConfig, TrainConfig, Optiona
         from inrank_megatron.deepspeed_json import check_deepspeed_config
 
         check_deepspeed_config(job, opts.tp)
-    if job.parallel.backend != "torch" and job.train.precision == "bf16" and \
-            not torch.cuda.is_available():
+    if (
+        job.parallel.backend != "torch"
+        and job.train.precision == "bf16"
+        and not torch.cuda.is_available()
+    ):
         raise ConfigError("--precision bf16 with --backend deepspeed needs a GPU; expected fp32")
     return cfg, job, ranks
 
@@ -225,8 +250,9 @@ def _tensor_bytes(tensors) -> int:
 
 def _state_tensors(state) -> list:
     """Optimizer state tensors (moments; the 0-d step counters left out)."""
-    return [v for s in state.values() for v in s.values()
-            if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return [
+        v for s in state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0
+    ]
 
 
 def _memory(backend, model) -> dict:
@@ -236,8 +262,11 @@ def _memory(backend, model) -> dict:
     grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
     if backend.name == "deepspeed":
         zero = backend.engine.optimizer
-        tensors = _state_tensors(getattr(zero, "optimizer", zero).state) \
-            if hasattr(getattr(zero, "optimizer", zero), "state") else []
+        tensors = (
+            _state_tensors(getattr(zero, "optimizer", zero).state)
+            if hasattr(getattr(zero, "optimizer", zero), "state")
+            else []
+        )
         for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
             tensors += list(getattr(zero, attr, []) or [])
         optim = _tensor_bytes(tensors)
@@ -251,12 +280,20 @@ def synthetic_batch(cfg: TrainConfig, vocab_size: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     b, s = cfg.train.micro_batch_size, cfg.model.seq_length
     tokens = torch.randint(0, vocab_size, (b, s + 1), generator=gen)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
         else torch.device("cpu")
-    return {k: v.to(device) for k, v in {
-        "tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-        "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s).contiguous(),
-    }.items()}
+    )
+    return {
+        k: v.to(device)
+        for k, v in {
+            "tokens": tokens[:, :-1].contiguous(),
+            "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": torch.ones(b, s),
+            "position_ids": torch.arange(s).expand(b, s).contiguous(),
+        }.items()
+    }
 
 
 def _with_attention(cfg: TrainConfig, attention: str) -> TrainConfig:
@@ -278,12 +315,15 @@ def _target_ranks(cfg: TrainConfig, layers, spec: dict) -> dict:
         if given is not None:  # checked against this model's layers by learned_ranks
             out[name] = int(given[name])
         else:
-            out[name] = rank_after_cut(cfg, layer.full_in_features, layer.full_out_features,
-                                       spec.get("rank_fraction"))
+            out[name] = rank_after_cut(
+                cfg, layer.full_in_features, layer.full_out_features, spec.get("rank_fraction")
+            )
         g = layer.growth
         if not 0 <= out[name] <= g.max_rank - g.buffer:
-            raise ConfigError(f"layer {name}: rank {out[name]} + buffer {g.buffer} does not fit "
-                              f"max_rank {g.max_rank}")
+            raise ConfigError(
+                f"layer {name}: rank {out[name]} + buffer {g.buffer} does not fit "
+                f"max_rank {g.max_rank}"
+            )
     return out
 
 
@@ -360,11 +400,24 @@ def measure(cfg: TrainConfig, groups, spec: dict, log=None) -> dict:
     vocab = tokenizer_vocab_size(cfg)
     batch = synthetic_batch(cfg, vocab, spec["seed"])
     attentions = spec.get("attentions") or [cfg.model.attention]
-    by_attention = {att: {a: {"forward_s": [], "backward_s": [], "optimizer_s": [],
-                              "cpu_s": [], "peak_bytes": [], "rank_check_s": [], "cut_s": []}
-                          for a in spec["arms"]} for att in attentions}
-    for repeat, attention, arm in itertools.product(range(spec["repeats"]), attentions,
-                                                    spec["arms"]):
+    by_attention = {
+        att: {
+            a: {
+                "forward_s": [],
+                "backward_s": [],
+                "optimizer_s": [],
+                "cpu_s": [],
+                "peak_bytes": [],
+                "rank_check_s": [],
+                "cut_s": [],
+            }
+            for a in spec["arms"]
+        }
+        for att in attentions
+    }
+    for repeat, attention, arm in itertools.product(
+        range(spec["repeats"]), attentions, spec["arms"]
+    ):
         acfg = _arm_config(_with_attention(cfg, attention), arm)
         _reset_peak_memory()
         model, backend, slots, cut_s = _build_arm(acfg, arm, groups, vocab, spec)
@@ -395,11 +448,18 @@ def measure(cfg: TrainConfig, groups, spec: dict, log=None) -> dict:
             out["rank_check_s"].append(seconds)
             out["rank_check_layers"] = n
         if log:
-            total = [sum(t) for t in zip(out["forward_s"][-spec["steps"]:],
-                                         out["backward_s"][-spec["steps"]:],
-                                         out["optimizer_s"][-spec["steps"]:])]
-            log(f"bench: repeat {repeat + 1}/{spec['repeats']} {arm:<6} {attention:<5} "
-                f"{statistics.median(total):.3f} s/step")
+            total = [
+                sum(t)
+                for t in zip(
+                    out["forward_s"][-spec["steps"] :],
+                    out["backward_s"][-spec["steps"] :],
+                    out["optimizer_s"][-spec["steps"] :],
+                )
+            ]
+            log(
+                f"bench: repeat {repeat + 1}/{spec['repeats']} {arm:<6} {attention:<5} "
+                f"{statistics.median(total):.3f} s/step"
+            )
         _free(backend, model)
         del model, backend
     return by_attention
@@ -421,16 +481,24 @@ def worker_main(argv=None) -> int:
     groups = init_parallel(cfg.parallel.tensor_model_parallel_size, 1, backend=env["backend"])
     rank0 = groups.rank == 0
     try:
-        by_attention = measure(cfg, groups, spec,
-                       log=(lambda m: print(m, file=sys.stderr, flush=True)) if rank0 else None)
+        by_attention = measure(
+            cfg,
+            groups,
+            spec,
+            log=(lambda m: print(m, file=sys.stderr, flush=True)) if rank0 else None,
+        )
     except ConfigError as error:
         if rank0:
             print(f"error: {error}", file=sys.stderr)
         shutdown()
         return 2
     if rank0:
-        result = {"by_attention": by_attention, "device": _device_name(),
-                  "threads": torch.get_num_threads(), "world_size": groups.world_size}
+        result = {
+            "by_attention": by_attention,
+            "device": _device_name(),
+            "threads": torch.get_num_threads(),
+            "world_size": groups.world_size,
+        }
         tmp = spec["result"] + ".part"
         with open(tmp, "w") as f:
             json.dump(result, f)
@@ -459,17 +527,29 @@ def analyse(cfg: TrainConfig, job: TrainConfig, raw: dict, opts: BenchOptions) -
     arms = {}
     for arm, r in raw["arms"].items():
         step = [f + b + o for f, b, o in zip(r["forward_s"], r["backward_s"], r["optimizer_s"])]
-        flops = flops_per_token(job, inrank=arm != "dense", layer_slots=layer_slots(
-            job.model.num_layers, r["slots"]) if arm != "dense" else None).total
+        flops = flops_per_token(
+            job,
+            inrank=arm != "dense",
+            layer_slots=layer_slots(job.model.num_layers, r["slots"]) if arm != "dense" else None,
+        ).total
         arms[arm] = {
-            "forward_s": _median(r["forward_s"]), "backward_s": _median(r["backward_s"]),
-            "optimizer_s": _median(r["optimizer_s"]), "step_s": _median(step),
-            "steps_timed": len(step), "tokens_per_s": tokens / _median(step),
-            "flops_per_token": flops, "memory": r["memory"], "peak_bytes": max(r["peak_bytes"]),
-            "peak_kind": r["peak_kind"], "slots": sorted(set(r["slots"].values())),
-            "rank_check_s": _median(r["rank_check_s"]), "cut_s": _median(r["cut_s"]),
-            "rank_check_layers": r.get("rank_check_layers"), "loss": r["loss"],
-            "cpu_s": _median(r.get("cpu_s", []))}
+            "forward_s": _median(r["forward_s"]),
+            "backward_s": _median(r["backward_s"]),
+            "optimizer_s": _median(r["optimizer_s"]),
+            "step_s": _median(step),
+            "steps_timed": len(step),
+            "tokens_per_s": tokens / _median(step),
+            "flops_per_token": flops,
+            "memory": r["memory"],
+            "peak_bytes": max(r["peak_bytes"]),
+            "peak_kind": r["peak_kind"],
+            "slots": sorted(set(r["slots"].values())),
+            "rank_check_s": _median(r["rank_check_s"]),
+            "cut_s": _median(r["cut_s"]),
+            "rank_check_layers": r.get("rank_check_layers"),
+            "loss": r["loss"],
+            "cpu_s": _median(r.get("cpu_s", [])),
+        }
         if opts.peak_tflops:
             achieved = flops * arms[arm]["tokens_per_s"] / raw["world_size"]
             # Model FLOPs utilisation of the arm's own model (InRank's factor matmuls for InRank).
@@ -486,13 +566,26 @@ def analyse(cfg: TrainConfig, job: TrainConfig, raw: dict, opts: BenchOptions) -
                 # time does (time slices lost to other processes are not counted).
                 a["cpu_speedup"] = d["cpu_s"] / a["cpu_s"]
                 a["cpu_ratio_of_ideal"] = a["cpu_speedup"] / a["flop_ideal"]
-    out = {"config": opts.config, "seq": job.model.seq_length,
-           "micro": job.train.micro_batch_size, "tp": opts.tp, "backend": opts.backend,
-           "precision": opts.precision, "steps": opts.steps, "repeats": opts.repeats,
-           "device": raw["device"], "threads": raw["threads"],
-           "ranks": f"learned ({opts.ranks_from})" if opts.ranks_from else
-           (f"{opts.rank_fraction:g} x d_model" if opts.rank_fraction is not None
-            else "the rank the config's rule reaches"), "arms": arms}
+    out = {
+        "config": opts.config,
+        "seq": job.model.seq_length,
+        "micro": job.train.micro_batch_size,
+        "tp": opts.tp,
+        "backend": opts.backend,
+        "precision": opts.precision,
+        "steps": opts.steps,
+        "repeats": opts.repeats,
+        "device": raw["device"],
+        "threads": raw["threads"],
+        "ranks": f"learned ({opts.ranks_from})"
+        if opts.ranks_from
+        else (
+            f"{opts.rank_fraction:g} x d_model"
+            if opts.rank_fraction is not None
+            else "the rank the config's rule reaches"
+        ),
+        "arms": arms,
+    }
     out["projection"] = project_run(cfg, job, arms)
     return out
 
@@ -522,11 +615,18 @@ def project_run(cfg: TrainConfig, job: TrainConfig, arms: dict) -> Optional[dict
     dense_s = steps * step("dense")
     gap = cfg.inrank.gap
     return {
-        "steps": steps, "stage1_steps": stage1, "rank_checks": checks, "gap": gap,
-        "global_batch": cfg.train.global_batch_size, "accumulation": accumulation,
+        "steps": steps,
+        "stage1_steps": stage1,
+        "rank_checks": checks,
+        "gap": gap,
+        "global_batch": cfg.train.global_batch_size,
+        "accumulation": accumulation,
         "step_s": {a: step(a) for a in ("dense", "stage1", "cut")},
-        "dense_s": dense_s, "inrank_s": inrank_s, "speedup": dense_s / inrank_s,
-        "rank_checks_s": checks * check_s, "rank_checks_share": checks * check_s / inrank_s,
+        "dense_s": dense_s,
+        "inrank_s": inrank_s,
+        "speedup": dense_s / inrank_s,
+        "rank_checks_s": checks * check_s,
+        "rank_checks_share": checks * check_s / inrank_s,
         "check_share_of_gap_steps": check_s / (gap * step("stage1")),
         "check_share_of_gap_bench_steps": check_s / (gap * arms["stage1"]["step_s"]),
         "cut_s": cut_s,
@@ -555,16 +655,26 @@ def format_report(res: dict) -> str:
         return _format_one(res)
     out = [_format_one(dict(r, attention=att)) for att, r in by.items()]
     first = next(iter(by))
-    header = ["arm"] + [f"{att} step s" for att in by] + \
-        [f"{att} vs {first}" for att in list(by)[1:]] + [f"{att} peak MB" for att in by]
+    header = (
+        ["arm"]
+        + [f"{att} step s" for att in by]
+        + [f"{att} vs {first}" for att in list(by)[1:]]
+        + [f"{att} peak MB" for att in by]
+    )
     rows = []
     for arm in by[first]["arms"]:
         steps = [by[att]["arms"][arm]["step_s"] for att in by]
-        rows.append([ARM_LABELS[arm]] + [_f(x, ".3f") for x in steps] +
-                    [_f(steps[0] / x, ".3f") + "x" for x in steps[1:]] +
-                    [_mb(by[att]["arms"][arm]["peak_bytes"]) for att in by])
-    out.append("model.attention compared (medians; speed of each over the first):\n" +
-               "\n".join(aligned_table(header, rows)) + "\n")
+        rows.append(
+            [ARM_LABELS[arm]]
+            + [_f(x, ".3f") for x in steps]
+            + [_f(steps[0] / x, ".3f") + "x" for x in steps[1:]]
+            + [_mb(by[att]["arms"][arm]["peak_bytes"]) for att in by]
+        )
+    out.append(
+        "model.attention compared (medians; speed of each over the first):\n"
+        + "\n".join(aligned_table(header, rows))
+        + "\n"
+    )
     return "\n".join(out)
 
 
@@ -572,13 +682,29 @@ def _format_one(res: dict) -> str:
     from inrank_megatron.text_table import aligned_table
 
     attention = f", attention {res['attention']}" if "attention" in res else ""
-    out = [f"bench_step: {res['config']}, seq {res['seq']}, micro {res['micro']}, TP {res['tp']}, "
-           f"backend {res['backend']}, {res['precision']}{attention}, {res['steps']} steps x "
-           f"{res['repeats']} repeats (interleaved, medians), {res['device']}, "
-           f"{res['threads']} threads/process; ranks {res['ranks']}"]
+    out = [
+        f"bench_step: {res['config']}, seq {res['seq']}, micro {res['micro']}, TP {res['tp']}, "
+        f"backend {res['backend']}, {res['precision']}{attention}, {res['steps']} steps x "
+        f"{res['repeats']} repeats (interleaved, medians), {res['device']}, "
+        f"{res['threads']} threads/process; ranks {res['ranks']}"
+    ]
     mfu = any("mfu" in a for a in res["arms"].values())
-    header = ["arm", "slots", "fwd s", "bwd s", "opt s", "step s", "tok/s", "speedup",
-              "FLOP-ideal", "achieved/ideal", "params MB", "grads MB", "optim MB", "peak MB"]
+    header = [
+        "arm",
+        "slots",
+        "fwd s",
+        "bwd s",
+        "opt s",
+        "step s",
+        "tok/s",
+        "speedup",
+        "FLOP-ideal",
+        "achieved/ideal",
+        "params MB",
+        "grads MB",
+        "optim MB",
+        "peak MB",
+    ]
     cpu = any("cpu_speedup" in a for a in res["arms"].values())
     if cpu:
         header[10:10] = ["cpu s", "cpu speedup", "cpu/ideal"]
@@ -587,42 +713,67 @@ def _format_one(res: dict) -> str:
     rows = []
     for arm, a in res["arms"].items():
         slots = "/".join(str(s) for s in a["slots"]) or "-"
-        row = [ARM_LABELS[arm], slots, _f(a["forward_s"], ".3f"), _f(a["backward_s"], ".3f"),
-               _f(a["optimizer_s"], ".3f"), _f(a["step_s"], ".3f"), _f(a["tokens_per_s"], ".0f"),
-               _f(a.get("speedup"), ".3f") + "x", _f(a.get("flop_ideal"), ".3f") + "x",
-               _f(a.get("ratio_of_ideal"), ".2f"), _mb(a["memory"]["params"]),
-               _mb(a["memory"]["grads"]), _mb(a["memory"]["optimizer"]), _mb(a["peak_bytes"])]
+        row = [
+            ARM_LABELS[arm],
+            slots,
+            _f(a["forward_s"], ".3f"),
+            _f(a["backward_s"], ".3f"),
+            _f(a["optimizer_s"], ".3f"),
+            _f(a["step_s"], ".3f"),
+            _f(a["tokens_per_s"], ".0f"),
+            _f(a.get("speedup"), ".3f") + "x",
+            _f(a.get("flop_ideal"), ".3f") + "x",
+            _f(a.get("ratio_of_ideal"), ".2f"),
+            _mb(a["memory"]["params"]),
+            _mb(a["memory"]["grads"]),
+            _mb(a["memory"]["optimizer"]),
+            _mb(a["peak_bytes"]),
+        ]
         if cpu:
-            row[10:10] = [_f(a.get("cpu_s"), ".3f"), _f(a.get("cpu_speedup"), ".3f") + "x",
-                          _f(a.get("cpu_ratio_of_ideal"), ".2f")]
+            row[10:10] = [
+                _f(a.get("cpu_s"), ".3f"),
+                _f(a.get("cpu_speedup"), ".3f") + "x",
+                _f(a.get("cpu_ratio_of_ideal"), ".2f"),
+            ]
         if mfu:
             row[7:7] = [_f(a.get("mfu"), ".1%")]
         rows.append(row)
     out += aligned_table(header, rows, left=2)
     kind = next(iter(res["arms"].values()))["peak_kind"]
-    out.append(f"  achieved/ideal = speedup / FLOP-ideal (planning.flops_per_token at the built "
-               f"slots); peak MB = {kind} of the arm's process (this rank)")
+    out.append(
+        f"  achieved/ideal = speedup / FLOP-ideal (planning.flops_per_token at the built "
+        f"slots); peak MB = {kind} of the arm's process (this rank)"
+    )
     if cpu:
-        out.append("  cpu s = the process's CPU seconds per step (all threads, OpenMP spinning "
-                   "included): time slices lost to other processes are not in it")
+        out.append(
+            "  cpu s = the process's CPU seconds per step (all threads, OpenMP spinning "
+            "included): time slices lost to other processes are not in it"
+        )
     s1 = res["arms"].get("stage1")
     p = res.get("projection")
     if s1 and s1["rank_check_s"] is not None:
-        line = (f"rank check of all {s1['rank_check_layers']} InRank layers: "
-                f"{s1['rank_check_s']:.3f} s")
+        line = (
+            f"rank check of all {s1['rank_check_layers']} InRank layers: {s1['rank_check_s']:.3f} s"
+        )
         if p:
-            line += (f" = {p['check_share_of_gap_bench_steps']:.2%} of {p['gap']} stage-1 bench "
-                     f"steps (gap), {p['check_share_of_gap_steps']:.3%} of {p['gap']} steps at the "
-                     f"config's global batch {p['global_batch']}")
+            line += (
+                f" = {p['check_share_of_gap_bench_steps']:.2%} of {p['gap']} stage-1 bench "
+                f"steps (gap), {p['check_share_of_gap_steps']:.3%} of {p['gap']} steps at the "
+                f"config's global batch {p['global_batch']}"
+            )
         out.append(line)
     if p:
-        out.append(f"whole run projected ({p['steps']} steps of {p['global_batch']} x "
-                   f"{res['seq']} tokens on one replica = {p['accumulation']:g} micro-batches per "
-                   f"step; {p['stage1_steps']} stage-1 steps, {p['rank_checks']} rank checks, one "
-                   f"cut of {p['cut_s']:.2f} s):")
-        out.append(f"  dense {_duration(p['dense_s'])}, InRank {_duration(p['inrank_s'])}: "
-                   f"{p['speedup']:.3f}x; rank checks {_duration(p['rank_checks_s'])} = "
-                   f"{p['rank_checks_share']:.4%} of the InRank run")
+        out.append(
+            f"whole run projected ({p['steps']} steps of {p['global_batch']} x "
+            f"{res['seq']} tokens on one replica = {p['accumulation']:g} micro-batches per "
+            f"step; {p['stage1_steps']} stage-1 steps, {p['rank_checks']} rank checks, one "
+            f"cut of {p['cut_s']:.2f} s):"
+        )
+        out.append(
+            f"  dense {_duration(p['dense_s'])}, InRank {_duration(p['inrank_s'])}: "
+            f"{p['speedup']:.3f}x; rank checks {_duration(p['rank_checks_s'])} = "
+            f"{p['rank_checks_share']:.4%} of the InRank run"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -637,19 +788,37 @@ def run_bench(opts: BenchOptions, *, stream=None) -> dict:
     cfg, job, ranks = check_options(opts)
     with tempfile.TemporaryDirectory(prefix="bench_step.") as tmp:
         attentions = list(opts.attentions) or [job.model.attention]
-        spec = {"arms": list(opts.arms), "attentions": attentions, "steps": opts.steps,
-                "repeats": opts.repeats,
-                "seed": opts.seed, "ranks": ranks, "rank_fraction": opts.rank_fraction,
-                "result": os.path.join(tmp, "result.json")}
+        spec = {
+            "arms": list(opts.arms),
+            "attentions": attentions,
+            "steps": opts.steps,
+            "repeats": opts.repeats,
+            "seed": opts.seed,
+            "ranks": ranks,
+            "rank_fraction": opts.rank_fraction,
+            "result": os.path.join(tmp, "result.json"),
+        }
         with open(os.path.join(tmp, "spec.json"), "w") as f:
             json.dump(spec, f)
-        env = dict(os.environ, INRANK_TRAIN_MODULE="inrank_megatron.bench.step",
-                   **{SPEC_ENV: os.path.join(tmp, "spec.json")}, PYTHON=sys.executable)
-        cmd = ["bash", os.path.join(REPO, "launch", "torchrun.sh"), "--nproc", str(opts.tp),
-               opts.config, *opts.overrides, *bench_overrides(opts, cfg, tmp)]
+        env = dict(
+            os.environ,
+            INRANK_TRAIN_MODULE="inrank_megatron.bench.step",
+            **{SPEC_ENV: os.path.join(tmp, "spec.json")},
+            PYTHON=sys.executable,
+        )
+        cmd = [
+            "bash",
+            os.path.join(REPO, "launch", "torchrun.sh"),
+            "--nproc",
+            str(opts.tp),
+            opts.config,
+            *opts.overrides,
+            *bench_overrides(opts, cfg, tmp),
+        ]
         stream = stream or sys.stderr
-        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) as proc:
+        with subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc:
             for line in proc.stdout:  # the job's progress and warnings, as they come
                 stream.write(line)
             returncode = proc.wait()
@@ -657,8 +826,10 @@ def run_bench(opts: BenchOptions, *, stream=None) -> dict:
             raise RuntimeError(f"the bench job failed (exit {returncode}): {' '.join(cmd)}")
         with open(spec["result"]) as f:
             raw = json.load(f)
-    results = {att: analyse(cfg, job, {**raw, "arms": arms}, opts)
-               for att, arms in raw["by_attention"].items()}
+    results = {
+        att: analyse(cfg, job, {**raw, "arms": arms}, opts)
+        for att, arms in raw["by_attention"].items()
+    }
     res = dict(results[attentions[0]], attention=attentions[0])
     if len(results) > 1:
         res["by_attention"] = results

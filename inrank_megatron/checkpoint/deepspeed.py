@@ -17,8 +17,13 @@ import tempfile
 import torch
 
 from inrank_megatron.checkpoint.meta import (
-    DEEPSPEED_DIR, DEEPSPEED_META_FILE, GROWTH_FILE, CheckpointError, check_destination,
-    read_deepspeed_meta, read_growth,
+    DEEPSPEED_DIR,
+    DEEPSPEED_META_FILE,
+    GROWTH_FILE,
+    CheckpointError,
+    check_destination,
+    read_deepspeed_meta,
+    read_growth,
 )
 from inrank_megatron.checkpoint.safe_load import check_pickles, safe_loading, safe_torch_load
 from inrank_megatron.config import ConfigError
@@ -38,8 +43,10 @@ def check_deepspeed_checkpoint(path: str) -> None:
     """
     for name in (DEEPSPEED_META_FILE, GROWTH_FILE):
         if not os.path.isfile(os.path.join(path, name)):
-            raise ConfigError(f"output.resume: {path} is not a DeepSpeed checkpoint of this "
-                              f"project ({name} missing)")
+            raise ConfigError(
+                f"output.resume: {path} is not a DeepSpeed checkpoint of this "
+                f"project ({name} missing)"
+            )
     try:
         shapes = {name: info["shape"] for name, info in read_deepspeed_meta(path)["params"].items()}
         growth = read_growth(path)
@@ -47,20 +54,26 @@ def check_deepspeed_checkpoint(path: str) -> None:
         raise ConfigError(f"output.resume: {error}") from None
     for layer, state in sorted(growth.items()):
         g, slots = state["growth"], int(state["allocated_slots"])
-        where = (f"output.resume: checkpoint {path}, layer {layer}: {GROWTH_FILE} records "
-                 f"rank={g['rank']}, buffer={g['buffer']}, stage={g['stage']}, "
-                 f"allocated_slots={slots}")
+        where = (
+            f"output.resume: checkpoint {path}, layer {layer}: {GROWTH_FILE} records "
+            f"rank={g['rank']}, buffer={g['buffer']}, stage={g['stage']}, "
+            f"allocated_slots={slots}"
+        )
         if g["rank"] + g["buffer"] > slots or (g["stage"] == "fixed" and slots != g["rank"]):
-            raise ConfigError(f"{where}, which is inconsistent (expected rank + buffer <= "
-                              "allocated_slots, and allocated_slots == rank after the cut)")
+            raise ConfigError(
+                f"{where}, which is inconsistent (expected rank + buffer <= "
+                "allocated_slots, and allocated_slots == rank after the cut)"
+            )
         for role, dim in (("A", 0), ("B", 1)):
             name = f"{layer}.{role}"
             if name not in shapes:
                 raise ConfigError(f"{where}, but the DeepSpeed checkpoint has no parameter {name}")
             if shapes[name][dim] != slots:
-                raise ConfigError(f"{where}, but its parameter {name} has shape {shapes[name]} "
-                                  f"({shapes[name][dim]} slots); the checkpoint's factors and "
-                                  "growth state do not belong together")
+                raise ConfigError(
+                    f"{where}, but its parameter {name} has shape {shapes[name]} "
+                    f"({shapes[name][dim]} slots); the checkpoint's factors and "
+                    "growth state do not belong together"
+                )
 
 
 def _model_state_file(ds_dir: str, stage: int, mp: int) -> str:
@@ -73,15 +86,19 @@ def _fp32_state_of_mp_rank(ds_dir: str, stage: int, mp: int, tp: int) -> dict:
     """The fp32 master state dict of one TP rank's model."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    optim = [f for f in os.listdir(ds_dir)
-             if f.endswith(f"mp_rank_{mp:02d}_optim_states.pt") and "zero_pp_rank" in f]
+    optim = [
+        f
+        for f in os.listdir(ds_dir)
+        if f.endswith(f"mp_rank_{mp:02d}_optim_states.pt") and "zero_pp_rank" in f
+    ]
     if stage == 0 and not optim:
         # ZeRO stage 0 in fp32 saves the full module; its parameters are the masters.
         state = safe_torch_load(_model_state_file(ds_dir, stage, mp), map_location="cpu")["module"]
         return {k: v.float() for k, v in state.items() if torch.is_tensor(v)}
     if tp == 1:
-        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ds_dir),
-                                                        tag=os.path.basename(ds_dir))
+        return get_fp32_state_dict_from_zero_checkpoint(
+            os.path.dirname(ds_dir), tag=os.path.basename(ds_dir)
+        )
     # deepspeed.utils.zero_to_fp32 globs every *_optim_states.pt of the directory and expects one
     # per data-parallel rank; with TP it would see TP x DP files. Give it one TP rank's files.
     with tempfile.TemporaryDirectory() as root:
@@ -105,8 +122,10 @@ def consolidate_checkpoint(step_dir: str) -> dict:
     """
     ds_dir = os.path.join(step_dir, TAG)
     if not os.path.isfile(os.path.join(step_dir, DEEPSPEED_META_FILE)) or not os.path.isdir(ds_dir):
-        raise FileNotFoundError(f"{step_dir} is not a DeepSpeed checkpoint of this project "
-                                f"({DEEPSPEED_META_FILE} or {TAG}/ missing)")
+        raise FileNotFoundError(
+            f"{step_dir} is not a DeepSpeed checkpoint of this project "
+            f"({DEEPSPEED_META_FILE} or {TAG}/ missing)"
+        )
     meta = read_deepspeed_meta(step_dir)
     tp, stage = meta["tp"], meta["zero_stage"]
     check_pickles(step_dir)  # refuse a file that names code before DeepSpeed opens any
@@ -123,8 +142,11 @@ def consolidate_checkpoint(step_dir: str) -> dict:
     if missing:
         raise ValueError(f"{step_dir}: consolidated state lacks parameters {missing[:3]}")
     growth = read_growth(step_dir)
-    return {"state_dict": {k: v.contiguous() for k, v in state.items()},
-            "inrank_growth": growth, "meta": meta}
+    return {
+        "state_dict": {k: v.contiguous() for k, v in state.items()},
+        "inrank_growth": growth,
+        "meta": meta,
+    }
 
 
 def save_consolidated(step_dir: str, out: str) -> dict:
@@ -135,15 +157,23 @@ def save_consolidated(step_dir: str, out: str) -> dict:
         raise ValueError(f"{out}: expected a .pt or .safetensors output path")
     result = consolidate_checkpoint(step_dir)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".part",
-                               dir=os.path.dirname(os.path.abspath(out)))
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(out)}.",
+        suffix=".part",
+        dir=os.path.dirname(os.path.abspath(out)),
+    )
     os.close(fd)
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file(result["state_dict"], tmp,
-                  metadata={"inrank_growth": json.dumps(result["inrank_growth"]),
-                            "inrank_deepspeed": json.dumps(result["meta"])})
+        save_file(
+            result["state_dict"],
+            tmp,
+            metadata={
+                "inrank_growth": json.dumps(result["inrank_growth"]),
+                "inrank_deepspeed": json.dumps(result["meta"]),
+            },
+        )
     else:
         torch.save(result, tmp)
     if os.path.lexists(out):  # appeared meanwhile: still never overwritten

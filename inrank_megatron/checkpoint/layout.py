@@ -26,17 +26,25 @@ from inrank_megatron.config import TrainConfig
 from inrank_megatron.models.shape import linear_shapes
 
 # Module path of each InRank-able linear inside a transformer layer (megatron's local spec).
-LINEAR_PATHS = {"qkv": "self_attention.linear_qkv", "proj": "self_attention.linear_proj",
-                "fc1": "mlp.linear_fc1", "fc2": "mlp.linear_fc2"}
+LINEAR_PATHS = {
+    "qkv": "self_attention.linear_qkv",
+    "proj": "self_attention.linear_proj",
+    "fc1": "mlp.linear_fc1",
+    "fc2": "mlp.linear_fc2",
+}
 
 # megatron's local layer spec checkpoints the norms under the linear that follows them
 # (``get_gpt_layer_local_spec``: ``sharded_state_dict_keys_map``); this is its inverse.
-_DIST_KEY_UNMAP = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
-                   ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
+_DIST_KEY_UNMAP = (
+    ("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+    ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."),
+)
 
 # InRank factors are checkpointed one key per layer (their shapes differ after the cut):
 # ``decoder.layers.<path>.layer<i>.<A|B>`` (see InRank TP layers' ``sharded_state_dict``).
-_PER_LAYER_FACTOR = re.compile(r"^decoder\.layers\.(?P<path>.+)\.layer(?P<layer>\d+)\.(?P<role>A|B)$")
+_PER_LAYER_FACTOR = re.compile(
+    r"^decoder\.layers\.(?P<path>.+)\.layer(?P<layer>\d+)\.(?P<role>A|B)$"
+)
 
 
 def linear_shape(cfg: TrainConfig, kind: str) -> tuple[int, int]:
@@ -50,19 +58,26 @@ def layer_kind(name: str) -> str:
     for kind, path in LINEAR_PATHS.items():
         if name.endswith("." + path):
             return kind
-    raise ValueError(f"{name} is not a transformer-layer linear ({', '.join(LINEAR_PATHS.values())})")
+    raise ValueError(
+        f"{name} is not a transformer-layer linear ({', '.join(LINEAR_PATHS.values())})"
+    )
 
 
 def inrank_layer_names(cfg: TrainConfig) -> list[str]:
     """Names of the InRank layers a configuration builds (``[]`` for the dense baseline)."""
     if not cfg.model.inrank:
         return []
-    return [f"decoder.layers.{i}.{LINEAR_PATHS[kind]}" for i in range(cfg.model.num_layers)
-            for kind in LINEAR_PATHS if kind in cfg.inrank.layers]
+    return [
+        f"decoder.layers.{i}.{LINEAR_PATHS[kind]}"
+        for i in range(cfg.model.num_layers)
+        for kind in LINEAR_PATHS
+        if kind in cfg.inrank.layers
+    ]
 
 
-def expected_shapes(cfg: TrainConfig, vocab_rows: int, slots: dict[str, int], *,
-                    cumulative: bool) -> dict[str, tuple]:
+def expected_shapes(
+    cfg: TrainConfig, vocab_rows: int, slots: dict[str, int], *, cumulative: bool
+) -> dict[str, tuple]:
     """``{name: shape}`` of every tensor of the model (parameters and the ``w0`` buffers).
 
     Args:
@@ -116,9 +131,9 @@ def unmap_dist_key(key: str, tensor) -> dict:
         return {f"decoder.layers.{factor['layer']}.{factor['path']}.{factor['role']}": tensor}
     if not key.startswith("decoder.layers."):
         return {key: tensor}
-    rest = key[len("decoder.layers."):]
+    rest = key[len("decoder.layers.") :]
     for dist, ours in _DIST_KEY_UNMAP:
         if rest.startswith(dist):
-            rest = ours + rest[len(dist):]
+            rest = ours + rest[len(dist) :]
             break
     return {f"decoder.layers.{i}.{rest}": tensor[i] for i in range(tensor.shape[0])}

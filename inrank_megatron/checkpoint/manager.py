@@ -24,9 +24,24 @@ import numpy
 import torch
 
 from inrank_megatron.checkpoint import (
-    GROWTH_FILE, CheckpointError, DiskSpaceError, Meta, check_free_space, free_bytes,
-    is_complete, read_growth, read_latest, read_meta, record_files, safe_loading, safe_torch_load,
-    saved_bytes, step_dir, write_growth, write_latest, write_meta,
+    GROWTH_FILE,
+    CheckpointError,
+    DiskSpaceError,
+    Meta,
+    check_free_space,
+    free_bytes,
+    is_complete,
+    read_growth,
+    read_latest,
+    read_meta,
+    record_files,
+    safe_loading,
+    safe_torch_load,
+    saved_bytes,
+    step_dir,
+    write_growth,
+    write_latest,
+    write_meta,
 )
 
 
@@ -43,8 +58,11 @@ def _portable_rng(state: dict) -> dict:
 
 def _native_rng(state: dict) -> dict:
     name, keys, pos, has_gauss, cached = state["numpy"]
-    return dict(state, numpy=(name, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, cached),
-                python=(state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    return dict(
+        state,
+        numpy=(name, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, cached),
+        python=(state["python"][0], tuple(state["python"][1]), state["python"][2]),
+    )
 
 
 def _broadcast_str(text: str) -> str:
@@ -87,8 +105,15 @@ def _first_failure(error: Optional[BaseException], groups) -> Optional[tuple]:
     another one skipped."""
     failures = getattr(error, "failures", None)  # DCP's CheckpointException: the rank's own
     cause = failures[min(failures)][0] if failures else error
-    mine = None if error is None else \
-        (groups.rank, _no_space(error), f"{type(cause).__name__}: {' '.join(str(cause).split())}")
+    mine = (
+        None
+        if error is None
+        else (
+            groups.rank,
+            _no_space(error),
+            f"{type(cause).__name__}: {' '.join(str(cause).split())}",
+        )
+    )
     if not torch.distributed.is_initialized():
         return mine
     every = [None] * torch.distributed.get_world_size()
@@ -96,10 +121,19 @@ def _first_failure(error: Optional[BaseException], groups) -> Optional[tuple]:
     return next((f for f in every if f is not None), None)
 
 
-def save_training_checkpoint(root: str, step: int, *, controller, backend, groups, rng: dict,
-                             meta: Meta, estimate: Optional[int] = None,
-                             writes: Optional["AsyncWrites"] = None,
-                             keep_last: Optional[int] = None) -> Optional[str]:
+def save_training_checkpoint(
+    root: str,
+    step: int,
+    *,
+    controller,
+    backend,
+    groups,
+    rng: dict,
+    meta: Meta,
+    estimate: Optional[int] = None,
+    writes: Optional["AsyncWrites"] = None,
+    keep_last: Optional[int] = None,
+) -> Optional[str]:
     """Collective. Writes step ``step`` under ``root`` (a run's ``checkpoints/``) and points
     ``latest`` at it; ``meta.step`` is set to ``step``; with ``keep_last``, then deletes this
     run's older checkpoints beyond the newest ``keep_last`` (:func:`prune_checkpoints`).
@@ -127,8 +161,9 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
     if groups.rank == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(final):
-            problem = f"exists:{final} exists; refusing to replace a checkpoint this run did not " \
-                      "write"
+            problem = (
+                f"exists:{final} exists; refusing to replace a checkpoint this run did not write"
+            )
         else:
             try:
                 need, source = _space_needed(root, estimate)
@@ -137,8 +172,9 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
                 os.makedirs(tmp)
             except OSError as error:  # makedirs on a full disk
                 full = error.errno == errno.ENOSPC
-                problem = f"space:{_stopped(root, step, error)}" if full else \
-                    f"error:{root}: {error}"
+                problem = (
+                    f"space:{_stopped(root, step, error)}" if full else f"error:{root}: {error}"
+                )
             except DiskSpaceError as error:
                 problem = f"space:{_stopped(root, step, error)}"
     tmp, problem = _broadcast_str(tmp + "\n" + problem).split("\n", 1)  # every rank learns both
@@ -172,8 +208,9 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
         # Verified: every file meta.json records is on disk at its size.
         reason = _broadcast_str(is_complete(tmp) or "" if groups.rank == 0 else "")
         if reason:
-            raise CheckpointError(f"checkpoint of step {step} failed verification: {reason}; "
-                                  "latest is untouched")
+            raise CheckpointError(
+                f"checkpoint of step {step} failed verification: {reason}; latest is untouched"
+            )
         if groups.rank == 0:
             os.rename(tmp, final)
             write_latest(root, final)
@@ -184,8 +221,12 @@ def save_training_checkpoint(root: str, step: int, *, controller, backend, group
     if writes is None:
         complete()
         return final
-    writes.start(request, complete, final, lambda error: _write_failed(
-        _first_failure(error, groups), root, step, tmp, groups, need))
+    writes.start(
+        request,
+        complete,
+        final,
+        lambda error: _write_failed(_first_failure(error, groups), root, step, tmp, groups, need),
+    )
     return None
 
 
@@ -244,12 +285,15 @@ def _stopped(root: str, step: int, error: BaseException) -> str:
     """The one line of a save that did not happen for want of space (``latest`` untouched)."""
     latest = read_latest(root) if os.path.isdir(root) else None
     kept = f"latest is still {os.path.basename(latest)}" if latest else "no checkpoint was saved"
-    return (f"stopped at step {step}: {' '.join(str(error).split())}; {kept} (free space, then "
-            "continue with output.resume=auto)")
+    return (
+        f"stopped at step {step}: {' '.join(str(error).split())}; {kept} (free space, then "
+        "continue with output.resume=auto)"
+    )
 
 
-def _write_failed(failure: Optional[tuple], root: str, step: int, tmp: str, groups,
-                  need: int) -> None:
+def _write_failed(
+    failure: Optional[tuple], root: str, step: int, tmp: str, groups, need: int
+) -> None:
     """After a failed write on any rank (``failure`` from :func:`_first_failure`): rank 0 removes
     the partial directory and says what happened; every rank raises it, DiskSpaceError when the
     disk is full. ENOSPC often reaches us without its errno (torch's zip writer reports
@@ -263,12 +307,20 @@ def _write_failed(failure: Optional[tuple], root: str, step: int, tmp: str, grou
         free = free_bytes(root)
         shutil.rmtree(tmp, ignore_errors=True)
         if no_space or free < need:
-            message = "space:" + _stopped(root, step, OSError(
-                errno.ENOSPC, f"no space left on device writing {os.path.basename(tmp)} in "
-                f"{root} ({free:,} bytes free then; the partial save was removed)"))
+            message = "space:" + _stopped(
+                root,
+                step,
+                OSError(
+                    errno.ENOSPC,
+                    f"no space left on device writing {os.path.basename(tmp)} in "
+                    f"{root} ({free:,} bytes free then; the partial save was removed)",
+                ),
+            )
         else:
-            message = (f"error:saving step {step} in {root} failed on rank {rank}: {text}; the "
-                       "partial save was removed and latest is untouched")
+            message = (
+                f"error:saving step {step} in {root} failed on rank {rank}: {text}; the "
+                "partial save was removed and latest is untouched"
+            )
     kind, text = _broadcast_str(message).split(":", 1)
     raise (DiskSpaceError if kind == "space" else CheckpointError)(text)
 
@@ -285,8 +337,10 @@ def load_growth_state(path: str, controller) -> None:
     except (KeyError, TypeError, ValueError) as error:
         if isinstance(error, CheckpointError):
             raise
-        raise CheckpointError(f"{os.path.join(path, GROWTH_FILE)}: {error}; expected the growth "
-                              "state of every InRank layer as the save wrote it") from None
+        raise CheckpointError(
+            f"{os.path.join(path, GROWTH_FILE)}: {error}; expected the growth "
+            "state of every InRank layer as the save wrote it"
+        ) from None
 
 
 def load_model_weights(path: str, model) -> None:
@@ -294,8 +348,9 @@ def load_model_weights(path: str, model) -> None:
     from megatron.core import dist_checkpointing
 
     with torch.no_grad(), safe_loading(path):
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()},
-                                        os.path.join(path, "model"))
+        state = dist_checkpointing.load(
+            {"model": model.sharded_state_dict()}, os.path.join(path, "model")
+        )
     model.load_state_dict(state["model"], strict=True)
 
 
@@ -336,12 +391,16 @@ def written_here(path: str, output_dir: str) -> bool:
         meta = read_meta(path)
     except CheckpointError:
         return False
-    if meta.files is None or meta.weights_only or any(
-            (meta.resharded_from, meta.merged_from, meta.converted_from, meta.imported_from)):
+    if (
+        meta.files is None
+        or meta.weights_only
+        or any((meta.resharded_from, meta.merged_from, meta.converted_from, meta.imported_from))
+    ):
         return False
     written_for = (meta.config.get("output") or {}).get("dir")
-    if not isinstance(written_for, str) or \
-            os.path.realpath(written_for) != os.path.realpath(output_dir):
+    if not isinstance(written_for, str) or os.path.realpath(written_for) != os.path.realpath(
+        output_dir
+    ):
         return False
     return record_files(path) == meta.files
 
@@ -362,9 +421,11 @@ def prune_checkpoints(root: str, keep_last: int) -> list:
     if latest is None or is_complete(latest) is not None:
         return []
     output_dir = os.path.dirname(os.path.abspath(root))
-    ours = sorted((int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
-                  if (m := _STEP.fullmatch(name))
-                  and written_here(os.path.join(root, name), output_dir))
+    ours = sorted(
+        (int(m.group(1)), os.path.join(root, name))
+        for name in os.listdir(root)
+        if (m := _STEP.fullmatch(name)) and written_here(os.path.join(root, name), output_dir)
+    )
     latest_step = int(_STEP.fullmatch(os.path.basename(latest)).group(1))
     keep = {path for _, path in ours[-keep_last:]}
     deleted = []

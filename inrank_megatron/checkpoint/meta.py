@@ -55,8 +55,10 @@ def check_free_space(directory: str, need: int, source: str) -> None:
     where the number comes from, for the message)."""
     free = free_bytes(directory)
     if free < need:
-        raise DiskSpaceError(f"no room for a checkpoint in {directory}: it needs {need:,} bytes "
-                             f"({source}), {free:,} are free there")
+        raise DiskSpaceError(
+            f"no room for a checkpoint in {directory}: it needs {need:,} bytes "
+            f"({source}), {free:,} are free there"
+        )
 
 
 def saved_bytes(path: str) -> Optional[int]:
@@ -76,8 +78,7 @@ def step_dir(root: str, step: int) -> str:
 def write_json(path: str, obj) -> None:
     """Write ``obj`` as JSON through a temporary name of our own and an atomic rename (a crash
     leaves the old file or the new one, never half of one)."""
-    tmp = os.path.join(os.path.dirname(path) or ".",
-                       f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
@@ -87,8 +88,10 @@ def write_json(path: str, obj) -> None:
 
 def _read_json(file: str, what: str):
     if not os.path.isfile(file):
-        raise CheckpointError(f"{file} missing: {os.path.dirname(file)} is not a complete "
-                              f"checkpoint ({what}; an interrupted save, or not a checkpoint)")
+        raise CheckpointError(
+            f"{file} missing: {os.path.dirname(file)} is not a complete "
+            f"checkpoint ({what}; an interrupted save, or not a checkpoint)"
+        )
     try:
         with open(file) as f:
             return json.load(f)
@@ -137,8 +140,14 @@ class Meta:
         """ValueError naming ``where`` and the key unless every field has its type and range."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            kind = {"int": int, "str": str, "dict": dict, "bool": bool,
-                    "Optional[dict]": dict, "Optional[str]": str}[str(f.type)]
+            kind = {
+                "int": int,
+                "str": str,
+                "dict": dict,
+                "bool": bool,
+                "Optional[dict]": dict,
+                "Optional[str]": str,
+            }[str(f.type)]
             optional = str(f.type).startswith("Optional")
             if value is None and optional:
                 continue
@@ -148,13 +157,17 @@ class Meta:
             if getattr(self, name) < 1:
                 raise CheckpointError(f"{where}: {name}={getattr(self, name)}; expected >= 1")
         if self.step < 0 or self.consumed_samples < 0:
-            raise CheckpointError(f"{where}: step={self.step}, consumed_samples="
-                                  f"{self.consumed_samples}; expected >= 0")
+            raise CheckpointError(
+                f"{where}: step={self.step}, consumed_samples="
+                f"{self.consumed_samples}; expected >= 0"
+            )
         if self.backend not in BACKENDS:
             raise CheckpointError(f"{where}: backend={self.backend!r}; expected one of {BACKENDS}")
         if self.tp * self.pp * self.dp != self.world_size:
-            raise CheckpointError(f"{where}: tp={self.tp} x pp={self.pp} x dp={self.dp} != "
-                                  f"world_size={self.world_size}")
+            raise CheckpointError(
+                f"{where}: tp={self.tp} x pp={self.pp} x dp={self.dp} != "
+                f"world_size={self.world_size}"
+            )
 
     def replace(self, **changes) -> "Meta":
         """A copy with ``changes`` (validated)."""
@@ -162,8 +175,11 @@ class Meta:
 
     def to_json(self) -> dict:
         """The ``meta.json`` object (optional fields left out when unset)."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if v is not None and not (k == "weights_only" and not v)}
+        return {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if v is not None and not (k == "weights_only" and not v)
+        }
 
     @classmethod
     def from_json(cls, data, where: str = "meta") -> "Meta":
@@ -173,11 +189,15 @@ class Meta:
             raise CheckpointError(f"{where}: expected a JSON object, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
-        missing = sorted(n for n, f in fields.items() if n not in data and
-                         f.default is dataclasses.MISSING)
+        missing = sorted(
+            n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+        )
         if unknown or missing:
-            what = ", ".join(f"{kind} keys {keys}" for kind, keys in
-                             (("unknown", unknown), ("missing", missing)) if keys)
+            what = ", ".join(
+                f"{kind} keys {keys}"
+                for kind, keys in (("unknown", unknown), ("missing", missing))
+                if keys
+            )
             raise CheckpointError(f"{where}: {what}; expected the keys {sorted(fields)}")
         try:
             return cls(**data)
@@ -219,8 +239,9 @@ def read_deepspeed_meta(path: str) -> dict:
     "precision", "params": {name: {"shape", "tensor_model_parallel", "partition_dim"}}}``."""
     data = _read_json(os.path.join(path, DEEPSPEED_META_FILE), "DeepSpeed layout record")
     if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
-        raise CheckpointError(f"{os.path.join(path, DEEPSPEED_META_FILE)}: expected an object "
-                              "with 'params'")
+        raise CheckpointError(
+            f"{os.path.join(path, DEEPSPEED_META_FILE)}: expected an object with 'params'"
+        )
     return data
 
 
@@ -240,16 +261,19 @@ def read_latest(root: str) -> Optional[str]:
     with open(file) as f:
         name = f.read(256).strip()
     if not _STEP_NAME.fullmatch(name):
-        raise CheckpointError(f"{file} holds {name!r}; expected the name of a step directory of "
-                              f"{root} (step_NNNNNN), not a path")
+        raise CheckpointError(
+            f"{file} holds {name!r}; expected the name of a step directory of "
+            f"{root} (step_NNNNNN), not a path"
+        )
     return os.path.join(root, name)
 
 
 def write_latest(root: str, step_path: str) -> None:
     """Point ``root/latest`` at ``step_path``, a step directory of ``root``."""
     name = os.path.basename(os.path.normpath(step_path))
-    if not _STEP_NAME.fullmatch(name) or \
-            os.path.dirname(os.path.abspath(step_path)) != os.path.abspath(root):
+    if not _STEP_NAME.fullmatch(name) or os.path.dirname(
+        os.path.abspath(step_path)
+    ) != os.path.abspath(root):
         raise CheckpointError(f"{step_path}: latest may only name a step directory of {root}")
     tmp = os.path.join(root, f".{LATEST}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -290,8 +314,11 @@ def is_complete(path: str) -> Optional[str]:
             if os.path.getsize(full) != size:
                 return f"{full} has {os.path.getsize(full)} bytes, the save wrote {size}"
         return None
-    needed = [os.path.join(MODEL_DIR, ".metadata")] if meta.backend != "deepspeed" else \
-        [DEEPSPEED_DIR, DEEPSPEED_META_FILE]
+    needed = (
+        [os.path.join(MODEL_DIR, ".metadata")]
+        if meta.backend != "deepspeed"
+        else [DEEPSPEED_DIR, DEEPSPEED_META_FILE]
+    )
     for rel in needed:
         if not os.path.exists(os.path.join(path, rel)):
             return f"{os.path.join(path, rel)} missing"
@@ -302,8 +329,7 @@ def complete_step_dirs(root: str) -> list:
     """Every complete step directory of ``root`` (a ``checkpoints/``), oldest first."""
     if not os.path.isdir(root):
         return []
-    names = sorted((int(m.group(1)), n) for n in os.listdir(root)
-                   if (m := _STEP_NAME.fullmatch(n)))
+    names = sorted((int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_NAME.fullmatch(n)))
     return [os.path.join(root, n) for _, n in names if is_complete(os.path.join(root, n)) is None]
 
 
@@ -315,8 +341,7 @@ def check_destination(src: str, dst: str) -> str:
     if os.path.lexists(dst):
         raise CheckpointError(f"{dst} exists; refusing to overwrite it (choose a new directory)")
     if real_dst == real_src or real_dst.startswith(real_src.rstrip(os.sep) + os.sep):
-        raise CheckpointError(f"{dst} is inside the source {src}; choose a destination outside "
-                              "it")
+        raise CheckpointError(f"{dst} is inside the source {src}; choose a destination outside it")
     return os.path.abspath(dst)
 
 
@@ -327,8 +352,11 @@ def new_work_dir(dst: str) -> str:
 
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.{os.getpid()}.",
-                            suffix=".tmp", dir=parent)
+    return tempfile.mkdtemp(
+        prefix=f".{os.path.basename(os.path.abspath(dst))}.{os.getpid()}.",
+        suffix=".tmp",
+        dir=parent,
+    )
 
 
 # ------------------------------------------------------------------------------------ locating
@@ -341,8 +369,10 @@ def atomic_output_dir(out_dir: str, source: str | None = None):
         check_destination(source, out_dir)
     out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir):
-        raise FileExistsError(f"{out_dir} already exists; refusing to overwrite it (remove it or "
-                              "choose another output directory)")
+        raise FileExistsError(
+            f"{out_dir} already exists; refusing to overwrite it (remove it or "
+            "choose another output directory)"
+        )
     tmp = new_work_dir(out_dir)
     try:
         yield tmp
@@ -373,34 +403,45 @@ def resolve_checkpoint(path: str) -> str:
             (an interrupted save).
     """
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint (expected a checkpoint step directory, "
-                              "a checkpoints/ directory or a run's output.dir)")
+        raise CheckpointError(
+            f"{path}: no such checkpoint (expected a checkpoint step directory, "
+            "a checkpoints/ directory or a run's output.dir)"
+        )
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory; expected a checkpoint step directory, a "
-                              "checkpoints/ directory or a run's output.dir")
+        raise CheckpointError(
+            f"{path}: not a directory; expected a checkpoint step directory, a "
+            "checkpoints/ directory or a run's output.dir"
+        )
     if os.path.isfile(os.path.join(path, META_FILE)):
         return path
     latest = read_latest(path)
     if latest is not None:
         if not os.path.isdir(latest):
-            raise CheckpointError(f"{path}/{LATEST} names {os.path.basename(latest)!r}, which "
-                                  "does not exist")
+            raise CheckpointError(
+                f"{path}/{LATEST} names {os.path.basename(latest)!r}, which does not exist"
+            )
         if not os.path.isfile(os.path.join(latest, META_FILE)):
             raise CheckpointError(_partial(latest))
         return latest
     if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
         return resolve_checkpoint(os.path.join(path, CHECKPOINTS_DIR))
-    if os.path.exists(os.path.join(path, GROWTH_FILE)) or \
-            os.path.isdir(os.path.join(path, MODEL_DIR)):
+    if os.path.exists(os.path.join(path, GROWTH_FILE)) or os.path.isdir(
+        os.path.join(path, MODEL_DIR)
+    ):
         raise CheckpointError(_partial(path))
     steps = sorted(d for d in os.listdir(path) if d.startswith("step_"))
     if steps:
-        raise CheckpointError(f"{path}: holds {', '.join(steps)} but no '{LATEST}' file; pass a "
-                              "step directory")
-    raise CheckpointError(f"{path}: not a training checkpoint (no {META_FILE}, no '{LATEST}' "
-                          "file, no checkpoints/ directory)")
+        raise CheckpointError(
+            f"{path}: holds {', '.join(steps)} but no '{LATEST}' file; pass a step directory"
+        )
+    raise CheckpointError(
+        f"{path}: not a training checkpoint (no {META_FILE}, no '{LATEST}' "
+        "file, no checkpoints/ directory)"
+    )
 
 
 def _partial(step: str) -> str:
-    return (f"{step} is not a complete checkpoint: {META_FILE} is missing (a save interrupted "
-            "before it finished, or not a checkpoint directory)")
+    return (
+        f"{step} is not a complete checkpoint: {META_FILE} is missing (a save interrupted "
+        "before it finished, or not a checkpoint directory)"
+    )

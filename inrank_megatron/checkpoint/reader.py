@@ -23,13 +23,25 @@ from typing import Optional
 import torch
 
 from inrank_megatron.checkpoint import (
-    GROWTH_FILE, META_FILE, MODEL_DIR, CheckpointError, Meta, read_dcp_metadata, read_growth,
-    read_meta, resolve_checkpoint, safe_torch_load,
+    GROWTH_FILE,
+    META_FILE,
+    MODEL_DIR,
+    CheckpointError,
+    Meta,
+    read_dcp_metadata,
+    read_growth,
+    read_meta,
+    resolve_checkpoint,
+    safe_torch_load,
 )
 from inrank_megatron.config import ConfigError, TrainConfig, from_dict
 from inrank_megatron.core.init import dense_start_role
 from inrank_megatron.checkpoint.layout import (
-    expected_shapes, inrank_layer_names, layer_kind, linear_shape, unmap_dist_key,
+    expected_shapes,
+    inrank_layer_names,
+    layer_kind,
+    linear_shape,
+    unmap_dist_key,
 )
 
 OPTIMIZER_PREFIXES = ("optimizer.",)
@@ -56,10 +68,16 @@ class InRankLayerState:
         return self.rank + self.buffer
 
     def summary(self) -> dict:
-        return {"kind": self.kind, "rank": self.rank, "buffer": self.buffer,
-                "active_slots": self.active_slots, "stage": self.stage,
-                "max_rank": self.max_rank, "in_features": self.in_features,
-                "out_features": self.out_features}
+        return {
+            "kind": self.kind,
+            "rank": self.rank,
+            "buffer": self.buffer,
+            "active_slots": self.active_slots,
+            "stage": self.stage,
+            "max_rank": self.max_rank,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+        }
 
 
 @dataclass
@@ -149,8 +167,10 @@ def read_dist_tensors(model_dir: str, *, skip_prefixes=()) -> dict:
     are keys starting with one of ``skip_prefixes``."""
     meta_file = os.path.join(model_dir, ".metadata")
     if not os.path.isfile(meta_file):
-        raise CheckpointError(f"{model_dir}: no .metadata (not a megatron torch_dist checkpoint, "
-                              "or an incomplete one)")
+        raise CheckpointError(
+            f"{model_dir}: no .metadata (not a megatron torch_dist checkpoint, "
+            "or an incomplete one)"
+        )
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     with open(meta_file, "rb") as f:
@@ -162,26 +182,33 @@ def read_dist_tensors(model_dir: str, *, skip_prefixes=()) -> dict:
             filled[key] = 0
     files: dict = {}
     try:
-        for index, info in sorted(metadata.storage_data.items(),
-                                  key=lambda kv: (kv[1].relative_path, kv[1].offset)):
+        for index, info in sorted(
+            metadata.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)
+        ):
             if index.fqn not in out:
                 continue
             if getattr(info, "transform_descriptors", None):
-                raise CheckpointError(f"{model_dir}: {index.fqn} is stored with transforms "
-                                      f"{info.transform_descriptors}, which this reader does not support")
+                raise CheckpointError(
+                    f"{model_dir}: {index.fqn} is stored with transforms "
+                    f"{info.transform_descriptors}, which this reader does not support"
+                )
             stream = files.get(info.relative_path)
             if stream is None:
                 stream = files[info.relative_path] = open(
-                    os.path.join(model_dir, info.relative_path), "rb")
+                    os.path.join(model_dir, info.relative_path), "rb"
+                )
             stream.seek(info.offset)
-            chunk = safe_torch_load(io.BytesIO(stream.read(info.length)), model_dir,
-                                    map_location="cpu")
+            chunk = safe_torch_load(
+                io.BytesIO(stream.read(info.length)), model_dir, map_location="cpu"
+            )
             target = out[index.fqn]
             offsets = tuple(index.offset) if index.offset is not None else (0,) * target.dim()
             view = target[tuple(slice(o, o + n) for o, n in zip(offsets, chunk.shape))]
             if view.shape != chunk.shape:
-                raise CheckpointError(f"{model_dir}: chunk of {index.fqn} at {offsets} with shape "
-                                      f"{tuple(chunk.shape)} does not fit {tuple(target.shape)}")
+                raise CheckpointError(
+                    f"{model_dir}: chunk of {index.fqn} at {offsets} with shape "
+                    f"{tuple(chunk.shape)} does not fit {tuple(target.shape)}"
+                )
             view.copy_(chunk)
             filled[index.fqn] += chunk.numel()
     except OSError as error:
@@ -191,8 +218,9 @@ def read_dist_tensors(model_dir: str, *, skip_prefixes=()) -> dict:
             stream.close()
     missing = [k for k, n in filled.items() if n != out[k].numel()]
     if missing:
-        raise CheckpointError(f"{model_dir}: tensors {missing[:3]} are only partly stored "
-                              "(an incomplete checkpoint)")
+        raise CheckpointError(
+            f"{model_dir}: tensors {missing[:3]} are only partly stored (an incomplete checkpoint)"
+        )
     return out
 
 
@@ -212,10 +240,12 @@ def checkpoint_vocab_size(cfg: TrainConfig, tokenizer_model: Optional[str] = Non
         raise CheckpointError(
             f"the checkpoint was trained with the SentencePiece model data.tokenizer_model="
             f"{cfg.data.tokenizer_model!r}, not found from {os.getcwd()}; run from the training "
-            "directory or pass the model file (--tokenizer-model)")
+            "directory or pass the model file (--tokenizer-model)"
+        )
     try:
-        return build_tokenizer(cfg.data.tokenizer, model if cfg.data.tokenizer ==
-                               "sentencepiece" else None).vocab_size
+        return build_tokenizer(
+            cfg.data.tokenizer, model if cfg.data.tokenizer == "sentencepiece" else None
+        ).vocab_size
     except ValueError as error:
         raise CheckpointError(f"tokenizer of the checkpoint: {error}") from None
 
@@ -252,11 +282,15 @@ def load_checkpoint(path: str, *, tokenizer_model: Optional[str] = None) -> Load
     step_dir, meta, cfg = read_checkpoint_config(path)
     model_dir = os.path.join(step_dir, MODEL_DIR)
     if not os.path.isdir(model_dir):
-        hint = (f"convert it first: tools/convert_checkpoint.py from-deepspeed {step_dir} <new "
-                "step dir>" if meta.backend == "deepspeed" else "checkpoints of backend "
-                f"{meta.backend!r} keep the model elsewhere")
-        raise CheckpointError(f"{step_dir}: no {MODEL_DIR}/ (a megatron dist checkpoint of the "
-                              f"model); {hint}")
+        hint = (
+            f"convert it first: tools/convert_checkpoint.py from-deepspeed {step_dir} <new "
+            "step dir>"
+            if meta.backend == "deepspeed"
+            else f"checkpoints of backend {meta.backend!r} keep the model elsewhere"
+        )
+        raise CheckpointError(
+            f"{step_dir}: no {MODEL_DIR}/ (a megatron dist checkpoint of the model); {hint}"
+        )
     growth = read_growth(step_dir)
     vocab_size = checkpoint_vocab_size(cfg, tokenizer_model)
     tensors = {}
@@ -268,9 +302,17 @@ def load_checkpoint(path: str, *, tokenizer_model: Optional[str] = None) -> Load
     padded = tensors.get("embedding.word_embeddings.weight")
     padded = padded.shape[0] if padded is not None else 0
     _check_tensors(cfg, tensors, layers, padded, vocab_size, step_dir)
-    return LoadedCheckpoint(path=step_dir, step=meta.step, cfg=cfg, meta=meta,
-                            layers=layers, tensors=tensors, vocab_size=vocab_size,
-                            padded_vocab_size=padded, tokenizer_model=tokenizer_model)
+    return LoadedCheckpoint(
+        path=step_dir,
+        step=meta.step,
+        cfg=cfg,
+        meta=meta,
+        layers=layers,
+        tensors=tensors,
+        vocab_size=vocab_size,
+        padded_vocab_size=padded,
+        tokenizer_model=tokenizer_model,
+    )
 
 
 def _layer_states(cfg: TrainConfig, growth: dict, step_dir: str) -> dict:
@@ -279,8 +321,10 @@ def _layer_states(cfg: TrainConfig, growth: dict, step_dir: str) -> dict:
     missing = [n for n in names if n not in growth]
     extra = [n for n in growth if n not in names]
     if missing or extra:
-        raise CheckpointError(f"{where} does not match the config's InRank layers: missing "
-                              f"{missing[:3]}, unexpected {extra[:3]}")
+        raise CheckpointError(
+            f"{where} does not match the config's InRank layers: missing "
+            f"{missing[:3]}, unexpected {extra[:3]}"
+        )
     layers = {}
     for name in names:
         entry = growth[name]
@@ -289,52 +333,76 @@ def _layer_states(cfg: TrainConfig, growth: dict, step_dir: str) -> dict:
             kind = layer_kind(name)
             n_in, n_out = linear_shape(cfg, kind)
             layer = InRankLayerState(
-                name=name, kind=kind, mode=cfg.inrank.mode, rank=int(g["rank"]),
-                buffer=int(g["buffer"]), allocated_slots=int(entry["allocated_slots"]),
-                max_rank=int(g["max_rank"]), stage=str(g["stage"]), in_features=n_in,
-                out_features=n_out)
+                name=name,
+                kind=kind,
+                mode=cfg.inrank.mode,
+                rank=int(g["rank"]),
+                buffer=int(g["buffer"]),
+                allocated_slots=int(entry["allocated_slots"]),
+                max_rank=int(g["max_rank"]),
+                stage=str(g["stage"]),
+                in_features=n_in,
+                out_features=n_out,
+            )
         except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{where}: layer {name}: malformed growth state ({error!r})") \
-                from None
+            raise CheckpointError(
+                f"{where}: layer {name}: malformed growth state ({error!r})"
+            ) from None
         if not 0 <= layer.rank <= layer.max_rank <= min(n_in, n_out) or layer.buffer < 0:
-            raise CheckpointError(f"{where}: layer {name}: rank={layer.rank}, buffer="
-                                  f"{layer.buffer}, max_rank={layer.max_rank} are inconsistent "
-                                  f"for a {n_in} -> {n_out} layer")
+            raise CheckpointError(
+                f"{where}: layer {name}: rank={layer.rank}, buffer="
+                f"{layer.buffer}, max_rank={layer.max_rank} are inconsistent "
+                f"for a {n_in} -> {n_out} layer"
+            )
         if layer.active_slots > layer.allocated_slots:
-            raise CheckpointError(f"{where}: layer {name}: rank + buffer = {layer.active_slots} "
-                                  f"active slots exceed the {layer.allocated_slots} allocated")
+            raise CheckpointError(
+                f"{where}: layer {name}: rank + buffer = {layer.active_slots} "
+                f"active slots exceed the {layer.allocated_slots} allocated"
+            )
         layers[name] = layer
     return layers
 
 
 def _check_tensors(cfg, tensors, layers, padded, vocab_size, step_dir) -> None:
     if padded < vocab_size:
-        raise CheckpointError(f"{step_dir}: the word embedding has {padded} rows, fewer than the "
-                              f"tokenizer's {vocab_size} ids")
+        raise CheckpointError(
+            f"{step_dir}: the word embedding has {padded} rows, fewer than the "
+            f"tokenizer's {vocab_size} ids"
+        )
     # Factor shapes against the recorded allocation first: that error names the layer.
     for name, layer in layers.items():
         A, B = tensors.get(name + ".A"), tensors.get(name + ".B")
         if A is None or B is None:
-            raise CheckpointError(f"{step_dir}: layer {name}: factors A/B missing from the model "
-                                  "checkpoint")
+            raise CheckpointError(
+                f"{step_dir}: layer {name}: factors A/B missing from the model checkpoint"
+            )
         want_A = (layer.allocated_slots, layer.in_features)
         want_B = (layer.out_features, layer.allocated_slots)
         if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
             raise CheckpointError(
                 f"{step_dir}: layer {name}: factor shapes A {tuple(A.shape)}, B {tuple(B.shape)} "
                 f"contradict {GROWTH_FILE} (rank {layer.rank}, buffer {layer.buffer}, "
-                f"{layer.allocated_slots} allocated slots: expected A {want_A}, B {want_B})")
-    expected = expected_shapes(cfg, padded, {n: l.allocated_slots for n, l in layers.items()},
-                               cumulative=cfg.model.inrank and cfg.inrank.mode == "cumulative")
+                f"{layer.allocated_slots} allocated slots: expected A {want_A}, B {want_B})"
+            )
+    expected = expected_shapes(
+        cfg,
+        padded,
+        {n: l.allocated_slots for n, l in layers.items()},
+        cumulative=cfg.model.inrank and cfg.inrank.mode == "cumulative",
+    )
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{step_dir}: the model checkpoint does not match its config: "
-                              f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise CheckpointError(
+            f"{step_dir}: the model checkpoint does not match its config: "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != tuple(shape):
-            raise CheckpointError(f"{step_dir}: {key} has shape {tuple(tensors[key].shape)}, the "
-                                  f"config implies {tuple(shape)}")
+            raise CheckpointError(
+                f"{step_dir}: {key} has shape {tuple(tensors[key].shape)}, the "
+                f"config implies {tuple(shape)}"
+            )
     for key, value in tensors.items():  # never export NaN/inf weights
         if not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{step_dir}: {key} holds NaN or inf; not a usable checkpoint")

@@ -16,11 +16,21 @@ import os
 import re
 
 from inrank_megatron.checkpoint.meta import (
-    CHECKPOINTS_DIR, CheckpointError, complete_step_dirs, is_complete, read_latest, read_meta,
+    CHECKPOINTS_DIR,
+    CheckpointError,
+    complete_step_dirs,
+    is_complete,
+    read_latest,
+    read_meta,
 )
 from inrank_megatron.checkpoint.safe_load import check_pickles
 from inrank_megatron.config import (
-    ConfigError, TrainConfig, diff_incompatible, format_value, from_dict, get_value,
+    ConfigError,
+    TrainConfig,
+    diff_incompatible,
+    format_value,
+    from_dict,
+    get_value,
 )
 
 
@@ -41,7 +51,9 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
                 raise ConfigError(f"output.resume={resume!r}: no such checkpoint directory")
             reason = is_complete(path)
             if reason:
-                raise ConfigError(f"output.resume={resume!r} is not a complete checkpoint: {reason}")
+                raise ConfigError(
+                    f"output.resume={resume!r} is not a complete checkpoint: {reason}"
+                )
         meta = read_meta(path)
         check_pickles(path)
     except CheckpointError as e:
@@ -51,30 +63,47 @@ def resolve_resume(cfg: TrainConfig, world_size: int):
     if changed:
         needed = " ".join(f"{key}={format_value(get_value(saved, key))}" for key in changed)
         now = ", ".join(f"{key}={format_value(get_value(cfg, key))}" for key in changed)
-        raise ConfigError(f"output.resume: checkpoint {path} was trained with {needed} (this run: "
-                          f"{now}); resume with those values (or start a new output.dir)")
+        raise ConfigError(
+            f"output.resume: checkpoint {path} was trained with {needed} (this run: "
+            f"{now}); resume with those values (or start a new output.dir)"
+        )
     # A weights-only checkpoint (tools/import_hf.py, to-dense) is a megatron dist checkpoint of the
     # model and nothing else: every backend starts from it with a fresh optimizer.
     if meta.backend != cfg.parallel.backend and not meta.weights_only:
-        raise ConfigError(f"output.resume: checkpoint {path} was written by backend "
-                          f"{meta.backend!r}, this run uses parallel.backend="
-                          f"{cfg.parallel.backend!r}; convert it with tools/convert_checkpoint.py "
-                          f"{'from' if meta.backend == 'deepspeed' else 'to'}-deepspeed")
+        raise ConfigError(
+            f"output.resume: checkpoint {path} was written by backend "
+            f"{meta.backend!r}, this run uses parallel.backend="
+            f"{cfg.parallel.backend!r}; convert it with tools/convert_checkpoint.py "
+            f"{'from' if meta.backend == 'deepspeed' else 'to'}-deepspeed"
+        )
     root = os.path.join(cfg.output.dir, CHECKPOINTS_DIR)
-    later = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else ())
-                   if re.fullmatch(r"step_\d{6,}", n) and int(n[5:]) > meta.step)
+    later = sorted(
+        n
+        for n in (os.listdir(root) if os.path.isdir(root) else ())
+        if re.fullmatch(r"step_\d{6,}", n) and int(n[5:]) > meta.step
+    )
     if later:
         # A later step directory is there but was not taken: say why (truncated, a file missing).
-        broken = next((f" ({n} is not complete: {reason})" for n in later
-                       if (reason := is_complete(os.path.join(root, n)))), "")
-        raise ConfigError(f"output.resume: {root} already holds {', '.join(later[:3])}, after the "
-                          f"resumed step {meta.step}{broken}; this run would have to replace "
-                          "them: resume the newest one, move them out of the way, or choose "
-                          "another output.dir")
+        broken = next(
+            (
+                f" ({n} is not complete: {reason})"
+                for n in later
+                if (reason := is_complete(os.path.join(root, n)))
+            ),
+            "",
+        )
+        raise ConfigError(
+            f"output.resume: {root} already holds {', '.join(later[:3])}, after the "
+            f"resumed step {meta.step}{broken}; this run would have to replace "
+            "them: resume the newest one, move them out of the way, or choose "
+            "another output.dir"
+        )
     if meta.step >= cfg.train.steps:
-        raise ConfigError(f"output.resume: checkpoint {path} is at step {meta.step}, "
-                          f"train.steps={cfg.train.steps}: nothing left to train; expected "
-                          f"train.steps > {meta.step}")
+        raise ConfigError(
+            f"output.resume: checkpoint {path} is at step {meta.step}, "
+            f"train.steps={cfg.train.steps}: nothing left to train; expected "
+            f"train.steps > {meta.step}"
+        )
     return path
 
 
@@ -91,11 +120,14 @@ def auto_resume_path(root: str):
     complete = complete_step_dirs(root)
     if complete:
         return complete[-1]
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) \
-        if os.path.isdir(root) else []
+    steps = (
+        sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
+    )
     if not steps:
         return None
-    raise CheckpointError(f"{root} holds {', '.join(steps)} but no complete checkpoint "
-                          f"({is_complete(os.path.join(root, steps[-1]))}); refusing to start "
-                          "fresh over them: resume one with output.resume=<step dir>, or choose "
-                          "another output.dir")
+    raise CheckpointError(
+        f"{root} holds {', '.join(steps)} but no complete checkpoint "
+        f"({is_complete(os.path.join(root, steps[-1]))}); refusing to start "
+        "fresh over them: resume one with output.resume=<step dir>, or choose "
+        "another output.dir"
+    )

@@ -34,8 +34,10 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file that names code (a global outside the allowed types)."""
 
     def __init__(self, file: str, refused: str):
-        super().__init__(f"{file}: refusing to load {refused} (checkpoint files may hold only "
-                         "tensors and plain data; nothing from this file was run)")
+        super().__init__(
+            f"{file}: refusing to load {refused} (checkpoint files may hold only "
+            "tensors and plain data; nothing from this file was run)"
+        )
         self.file, self.refused = file, refused
 
     def __reduce__(self):
@@ -49,11 +51,23 @@ class UnsafeCheckpointError(CheckpointError):
 # torch.Size and dtypes (what torch 2.13's FileSystemWriter pickles for megatron's torch_dist).
 _DCP_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+        "Metadata",
+        "TensorStorageMetadata",
+        "TensorProperties",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType",
-                                             "TensorWriteData", "BytesIOWriteData"},
+    "torch.distributed.checkpoint.planner": {
+        "SavePlan",
+        "WriteItem",
+        "WriteItemType",
+        "TensorWriteData",
+        "BytesIOWriteData",
+    },
     "torch.serialization": {"_get_layout"},
     "collections": {"OrderedDict"},
 }
@@ -65,8 +79,9 @@ class DCPMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         import torch
 
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
-                                                                torch.dtype)):
+        if module == "torch" and (
+            name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return getattr(torch, name)
         if name in _DCP_CLASSES.get(module, ()):
             return super().find_class(module, name)
@@ -126,8 +141,9 @@ def _safe_reader_class():
             load_bytes = planner.load_bytes
 
             def load_named(read_item, value):
-                file = os.path.join(str(self.path),
-                                    self.storage_data[read_item.storage_index].relative_path)
+                file = os.path.join(
+                    str(self.path), self.storage_data[read_item.storage_index].relative_path
+                )
                 where = f"{file} (item {read_item.dest_index.fqn})"
                 with loading_item(where):  # refusals name the item
                     try:
@@ -136,8 +152,9 @@ def _safe_reader_class():
                         raise
                     except Exception as error:  # noqa: BLE001 - a corrupt item: one line
                         text = " ".join(str(error).split())
-                        raise CheckpointError(f"{where}: unreadable ({type(error).__name__}: "
-                                              f"{text})") from None
+                        raise CheckpointError(
+                            f"{where}: unreadable ({type(error).__name__}: {text})"
+                        ) from None
 
             planner.load_bytes = load_named
             try:
@@ -194,8 +211,11 @@ def safe_torch_load(f, file: str | None = None, **kwargs):
             raise UnsafeCheckpointError(where, refused) from None
         # Not code but not a pickle either (zeroed or overwritten bytes): torch's message is a
         # paragraph about weights_only around the one line that says what it met.
-        found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)",
-                          str(error), re.DOTALL)
+        found = re.search(
+            r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)",
+            str(error),
+            re.DOTALL,
+        )
         reason = " ".join((found.group(1) if found else str(error).splitlines()[0]).split())
         raise CheckpointError(f"{where}: not a readable torch.save file ({reason})") from None
 
@@ -232,19 +252,25 @@ def safe_loading(where: str):
         _DEPTH += 1
         if _DEPTH == 1:
             _ORIGINAL_LOAD = torch.load
-            saved = (megatron_torch_strategy._get_filesystem_reader,
-                     os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD"),
-                     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None))
+            saved = (
+                megatron_torch_strategy._get_filesystem_reader,
+                os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD"),
+                os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None),
+            )
 
             def load(f, map_location=None, pickle_module=None, **kwargs):
                 del pickle_module
-                item = None if isinstance(f, (str, os.PathLike)) else \
-                    getattr(_ITEM, "where", None) or where
+                item = (
+                    None
+                    if isinstance(f, (str, os.PathLike))
+                    else getattr(_ITEM, "where", None) or where
+                )
                 return safe_torch_load(f, item, map_location=map_location, **kwargs)
 
             torch.load = load
-            megatron_torch_strategy._get_filesystem_reader = \
+            megatron_torch_strategy._get_filesystem_reader = (
                 lambda checkpoint_dir, cache_metadata=False: safe_filesystem_reader(checkpoint_dir)
+            )
             # A second guard for code that bound torch.serialization.load before this block.
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
@@ -258,8 +284,10 @@ def safe_loading(where: str):
                 torch.load = _ORIGINAL_LOAD
                 _ORIGINAL_LOAD = None
                 megatron_torch_strategy._get_filesystem_reader = saved[0]
-                for name, value in (("TORCH_FORCE_WEIGHTS_ONLY_LOAD", saved[1]),
-                                    ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", saved[2])):
+                for name, value in (
+                    ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", saved[1]),
+                    ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", saved[2]),
+                ):
                     if value is None:
                         os.environ.pop(name, None)
                     else:
@@ -279,8 +307,10 @@ def dcp_failure(error: BaseException, where: str) -> Exception:
     if isinstance(cause, CheckpointError):
         return cause
     text = " ".join(str(cause).split()) or "no message"
-    return CheckpointError(f"{where}: rank {rank} failed in torch.distributed.checkpoint "
-                           f"({type(cause).__name__}: {text})")
+    return CheckpointError(
+        f"{where}: rank {rank} failed in torch.distributed.checkpoint "
+        f"({type(cause).__name__}: {text})"
+    )
 
 
 # ------------------------------------------------------------------------------ checking ahead
@@ -306,7 +336,8 @@ def check_pickles(path: str) -> None:
                     try:
                         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(file)
                     except (ValueError, RuntimeError, OSError) as error:
-                        raise CheckpointError(f"{file}: not a torch.save zip file ({error}); "
-                                              "refusing to unpickle it") from None
+                        raise CheckpointError(
+                            f"{file}: not a torch.save zip file ({error}); refusing to unpickle it"
+                        ) from None
                 if unsafe:
                     raise UnsafeCheckpointError(file, sorted(unsafe)[0])

@@ -13,7 +13,11 @@ import os
 import torch
 
 from inrank_megatron.checkpoint.meta import (
-    Meta, atomic_output_dir, record_files, write_growth, write_meta,
+    Meta,
+    atomic_output_dir,
+    record_files,
+    write_growth,
+    write_meta,
 )
 from inrank_megatron.config import TrainConfig
 
@@ -32,8 +36,10 @@ def single_process_megatron(seed: int):
     if own_group:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     elif dist.get_world_size() != 1:
-        raise RuntimeError("writing a checkpoint here runs in a single process; torch.distributed "
-                           f"is initialised with world size {dist.get_world_size()}")
+        raise RuntimeError(
+            "writing a checkpoint here runs in a single process; torch.distributed "
+            f"is initialised with world size {dist.get_world_size()}"
+        )
     own_state = not parallel_state.model_parallel_is_initialized()
     if own_state:
         parallel_state.initialize_model_parallel(1)
@@ -47,8 +53,9 @@ def single_process_megatron(seed: int):
             dist.destroy_process_group()
 
 
-def write_training_checkpoint(out_dir: str, cfg: TrainConfig, vocab_size: int, tensors: dict,
-                              growth: dict, meta: Meta) -> None:
+def write_training_checkpoint(
+    out_dir: str, cfg: TrainConfig, vocab_size: int, tensors: dict, growth: dict, meta: Meta
+) -> None:
     """Write ``tensors`` (TP=1 names, padded vocabulary) as a training checkpoint step directory,
     atomically, through megatron's own ``dist_checkpointing.save`` of a TP=1 model."""
     from megatron.core import dist_checkpointing
@@ -65,8 +72,10 @@ def write_training_checkpoint(out_dir: str, cfg: TrainConfig, vocab_size: int, t
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         wrong = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
         if missing or unexpected or wrong:
-            raise RuntimeError(f"imported tensors do not fit the model: missing {missing[:4]}, "
-                               f"unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
+            raise RuntimeError(
+                f"imported tensors do not fit the model: missing {missing[:4]}, "
+                f"unexpected {unexpected[:4]}, wrong shape {wrong[:4]}"
+            )
         with torch.no_grad():
             for key, value in own.items():
                 value.copy_(tensors[key])

@@ -29,7 +29,12 @@ import shutil
 from typing import Optional
 
 from inrank_megatron.checkpoint import (
-    Meta, check_destination, check_pickles, new_work_dir, read_deepspeed_meta, read_meta,
+    Meta,
+    check_destination,
+    check_pickles,
+    new_work_dir,
+    read_deepspeed_meta,
+    read_meta,
 )
 from inrank_megatron.config import ConfigError, TrainConfig, from_dict, to_dict
 from inrank_megatron import rules
@@ -55,8 +60,10 @@ class ConversionPlan:
     @property
     def same_ranks(self) -> bool:
         """Whether the source's per-rank RNG streams belong to this job's ranks."""
-        return self.world_size == self.src_meta["world_size"] and \
-            self.dst_cfg["parallel"]["tensor_model_parallel_size"] == self.src_meta["tp"]
+        return (
+            self.world_size == self.src_meta["world_size"]
+            and self.dst_cfg["parallel"]["tensor_model_parallel_size"] == self.src_meta["tp"]
+        )
 
 
 def _readable_json(path: str, what: str) -> str:
@@ -65,10 +72,17 @@ def _readable_json(path: str, what: str) -> str:
     return os.path.abspath(path)
 
 
-def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Optional[str] = None,
-                    zero_stage: Optional[int] = None, tp: Optional[int] = None,
-                    world_size: Optional[int] = None,
-                    tokenizer_model: Optional[str] = None) -> ConversionPlan:
+def plan_conversion(
+    src: str,
+    dst: str,
+    *,
+    direction: str,
+    deepspeed_config: Optional[str] = None,
+    zero_stage: Optional[int] = None,
+    tp: Optional[int] = None,
+    world_size: Optional[int] = None,
+    tokenizer_model: Optional[str] = None,
+) -> ConversionPlan:
     """Check a conversion without touching tensors.
 
     Args:
@@ -100,27 +114,37 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
     backend = meta.backend
     want = "deepspeed" if direction == "from-deepspeed" else "torch"
     if backend != want:
-        raise ConfigError(f"{step_dir} was written by backend {backend!r}; {direction} expects a "
-                          f"{want!r} checkpoint")
+        raise ConfigError(
+            f"{step_dir} was written by backend {backend!r}; {direction} expects a "
+            f"{want!r} checkpoint"
+        )
     if meta.weights_only:
-        raise ConfigError(f"{step_dir} holds weights only (no optimizer state to convert); "
-                          "resume it directly with any parallel.backend")
+        raise ConfigError(
+            f"{step_dir} holds weights only (no optimizer state to convert); "
+            "resume it directly with any parallel.backend"
+        )
     if cfg.train.precision == "fp16":
-        raise ConfigError(f"{step_dir} trained with train.precision='fp16': the two backends' "
-                          "loss scalers keep different state; convert bf16 or fp32 runs")
+        raise ConfigError(
+            f"{step_dir} trained with train.precision='fp16': the two backends' "
+            "loss scalers keep different state; convert bf16 or fp32 runs"
+        )
     src_cfg, dst_cfg = from_dict(to_dict(cfg)), from_dict(to_dict(cfg))
     if direction == "from-deepspeed":
         if any(v is not None for v in (zero_stage, tp, world_size)):
-            raise ConfigError("from-deepspeed runs at the DeepSpeed checkpoint's own layout and "
-                              "stage; --zero-stage/--tp/--world-size are for to-deepspeed (the "
-                              "torch checkpoint it writes resumes at any TP/DP layout)")
+            raise ConfigError(
+                "from-deepspeed runs at the DeepSpeed checkpoint's own layout and "
+                "stage; --zero-stage/--tp/--world-size are for to-deepspeed (the "
+                "torch checkpoint it writes resumes at any TP/DP layout)"
+            )
         check_deepspeed_checkpoint(step_dir)
         recorded_stage = read_deepspeed_meta(step_dir)["zero_stage"]
         path = deepspeed_config or cfg.parallel.deepspeed_config
         if path is None or not os.path.isfile(path):
-            raise ConfigError(f"the source's DeepSpeed JSON {path!r} (parallel.deepspeed_config) "
-                              f"is not found from {os.getcwd()}; pass --deepspeed-config with the "
-                              "JSON it trained with")
+            raise ConfigError(
+                f"the source's DeepSpeed JSON {path!r} (parallel.deepspeed_config) "
+                f"is not found from {os.getcwd()}; pass --deepspeed-config with the "
+                "JSON it trained with"
+            )
         src_cfg.parallel.deepspeed_config = _readable_json(path, "--deepspeed-config")
         src_cfg.parallel.zero_stage = recorded_stage
         dst_cfg.parallel.backend = "torch"
@@ -130,8 +154,10 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
         check_deepspeed_config(src_cfg, world)
     else:
         if deepspeed_config is None:
-            raise ConfigError("to-deepspeed needs --deepspeed-config (the target's ZeRO settings, "
-                              "e.g. configs/deepspeed/zero2.json)")
+            raise ConfigError(
+                "to-deepspeed needs --deepspeed-config (the target's ZeRO settings, "
+                "e.g. configs/deepspeed/zero2.json)"
+            )
         if zero_stage is not None and zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage {zero_stage}; expected 0, 1, 2 or 3")
         for name, value in (("--tp", tp), ("--world-size", world_size)):
@@ -145,16 +171,23 @@ def plan_conversion(src: str, dst: str, *, direction: str, deepspeed_config: Opt
         if tp is not None:
             dst_cfg.parallel.tensor_model_parallel_size = tp
             src_cfg.parallel.tensor_model_parallel_size = tp
-        world = world_size or dst_cfg.parallel.tensor_model_parallel_size * \
-            meta.pp * meta.dp
+        world = world_size or dst_cfg.parallel.tensor_model_parallel_size * meta.pp * meta.dp
         rules.validate(src_cfg, world)
         check_deepspeed_config(dst_cfg, world)
     rules.validate(dst_cfg, world)
     rules.validate(dst_cfg, scopes=("machine",))  # what this machine cannot run (megatron, no CUDA)
     vocab = checkpoint_vocab_size(cfg, tokenizer_model)
-    return ConversionPlan(direction=direction, src=os.path.abspath(step_dir), dst=dst,
-                          step=meta.step, src_meta=meta.to_json(), src_cfg=to_dict(src_cfg),
-                          dst_cfg=to_dict(dst_cfg), world_size=world, vocab_size=vocab)
+    return ConversionPlan(
+        direction=direction,
+        src=os.path.abspath(step_dir),
+        dst=dst,
+        step=meta.step,
+        src_meta=meta.to_json(),
+        src_cfg=to_dict(src_cfg),
+        dst_cfg=to_dict(dst_cfg),
+        world_size=world,
+        vocab_size=vocab,
+    )
 
 
 def _build(cfg: TrainConfig, plan: ConversionPlan, groups):
@@ -165,8 +198,9 @@ def _build(cfg: TrainConfig, plan: ConversionPlan, groups):
     from inrank_megatron.models.gpt import build_model
 
     model = build_model(cfg, plan.vocab_size, groups.tp_size)
-    controller = GrowthController(model, stage1_steps=cfg.inrank.stage1_steps
-                                  if cfg.model.inrank else None)
+    controller = GrowthController(
+        model, stage1_steps=cfg.inrank.stage1_steps if cfg.model.inrank else None
+    )
     ckpt.load_growth_state(plan.src, controller)
     return controller, build_backend(cfg, model, groups)
 
@@ -179,7 +213,10 @@ def run_conversion(plan: ConversionPlan, *, dist_backend: str = "gloo") -> dict:
     from inrank_megatron.checkpoint import manager as ckpt
     from inrank_megatron.training.backends import deepspeed_compat as compat
     from inrank_megatron.training.parallel import (
-        init_parallel, rng_state, set_seeds, shutdown,
+        init_parallel,
+        rng_state,
+        set_seeds,
+        shutdown,
     )
 
     src_cfg, dst_cfg = from_dict(plan.src_cfg), from_dict(plan.dst_cfg)
@@ -187,8 +224,10 @@ def run_conversion(plan: ConversionPlan, *, dist_backend: str = "gloo") -> dict:
     groups = init_parallel(tp, 1, backend=dist_backend)
     try:
         if groups.world_size != plan.world_size:
-            raise ConfigError(f"the conversion runs on {plan.world_size} processes (the DeepSpeed "
-                              f"side's layout), launched with {groups.world_size}")
+            raise ConfigError(
+                f"the conversion runs on {plan.world_size} processes (the DeepSpeed "
+                f"side's layout), launched with {groups.world_size}"
+            )
         set_seeds(src_cfg.train.seed)
         _, source = _build(src_cfg, plan, groups)
         ckpt.load_backend_state(plan.src, source)
@@ -198,26 +237,43 @@ def run_conversion(plan: ConversionPlan, *, dist_backend: str = "gloo") -> dict:
         target.scheduler.step(0)  # the restored step's lr and weight decay into the groups
         if target.name == "deepspeed":  # what DeepSpeed's own run counts after plan.step steps
             t = dst_cfg.train
-            compat.set_engine_counters(target.engine, {
-                "global_steps": plan.step, "global_samples": plan.step * t.global_batch_size,
-                "micro_steps": plan.step * target.engine.gradient_accumulation_steps(),
-                "skipped_steps": 0})
+            compat.set_engine_counters(
+                target.engine,
+                {
+                    "global_steps": plan.step,
+                    "global_samples": plan.step * t.global_batch_size,
+                    "micro_steps": plan.step * target.engine.gradient_accumulation_steps(),
+                    "skipped_steps": 0,
+                },
+            )
         if plan.same_ranks:
             rng = ckpt.load_rng_state(plan.src, groups.rank)
         else:  # what the loop derives when it resumes at another layout
             set_seeds(dst_cfg.train.seed + plan.step)
             rng = rng_state()
         meta = Meta.from_json(plan.src_meta).replace(
-            world_size=groups.world_size, tp=groups.tp_size, pp=groups.pp_size,
-            dp=groups.dp_size, backend=target.name, config=plan.dst_cfg, converted_from=plan.src)
+            world_size=groups.world_size,
+            tp=groups.tp_size,
+            pp=groups.pp_size,
+            dp=groups.dp_size,
+            backend=target.name,
+            config=plan.dst_cfg,
+            converted_from=plan.src,
+        )
         # A checkpoints/ of our own next to dst (a fresh name: nothing of the user's is touched).
         box = [new_work_dir(plan.dst) if groups.rank == 0 else None]
         torch.distributed.broadcast_object_list(box, src=0)
         root = box[0]
         try:
-            written = ckpt.save_training_checkpoint(root, plan.step, controller=controller,
-                                                    backend=target, groups=groups, rng=rng,
-                                                    meta=meta)
+            written = ckpt.save_training_checkpoint(
+                root,
+                plan.step,
+                controller=controller,
+                backend=target,
+                groups=groups,
+                rng=rng,
+                meta=meta,
+            )
             if groups.rank == 0:
                 os.rename(written, plan.dst)
         finally:
@@ -230,8 +286,13 @@ def run_conversion(plan: ConversionPlan, *, dist_backend: str = "gloo") -> dict:
 
 
 def _spawned(rank: int, plan: ConversionPlan, port: int, dist_backend: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(plan.world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(plan.world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     run_conversion(plan, dist_backend=dist_backend)
 
 
@@ -247,11 +308,17 @@ def convert_backend(src: str, dst: str, *, direction: str, **options) -> dict:
     if env["launcher"] != "single":
         os.environ.update({name: resolved[name] for name in DIST_VARS})  # for env:// rendezvous
         if env["world_size"] != plan.world_size:
-            raise ConfigError(f"launched with {env['world_size']} processes; this conversion "
-                              f"runs on {plan.world_size} (the DeepSpeed side's TP x DP layout)")
+            raise ConfigError(
+                f"launched with {env['world_size']} processes; this conversion "
+                f"runs on {plan.world_size} (the DeepSpeed side's TP x DP layout)"
+            )
         return run_conversion(plan, dist_backend=env["backend"])
     import torch.multiprocessing
 
-    torch.multiprocessing.start_processes(_spawned, args=(plan, free_port(), env["backend"]),
-                                          nprocs=plan.world_size, start_method="spawn")
+    torch.multiprocessing.start_processes(
+        _spawned,
+        args=(plan, free_port(), env["backend"]),
+        nprocs=plan.world_size,
+        start_method="spawn",
+    )
     return read_meta(plan.dst).to_json()

@@ -14,8 +14,15 @@ import os
 import shutil
 
 from inrank_megatron.checkpoint import (
-    META_FILE, CheckpointError, check_destination, check_pickles, new_work_dir, read_meta,
-    record_files, resolve_checkpoint, write_meta,
+    META_FILE,
+    CheckpointError,
+    check_destination,
+    check_pickles,
+    new_work_dir,
+    read_meta,
+    record_files,
+    resolve_checkpoint,
+    write_meta,
 )
 from inrank_megatron.config import ConfigError, from_dict, to_dict
 from inrank_megatron import rules
@@ -40,8 +47,10 @@ def reshard(src: str, dst: str, *, tp: int, pp: int = 1, world_size: int | None 
     except CheckpointError as error:
         raise ConfigError(str(error)) from None
     if meta.backend != "torch":
-        raise ConfigError(f"{src} was written by backend {meta.backend!r}; convert it to a "
-                          "torch (dist) checkpoint first (convert_checkpoint.py from-deepspeed)")
+        raise ConfigError(
+            f"{src} was written by backend {meta.backend!r}; convert it to a "
+            "torch (dist) checkpoint first (convert_checkpoint.py from-deepspeed)"
+        )
     try:
         dst = check_destination(src, dst)
     except CheckpointError as error:
@@ -53,11 +62,18 @@ def reshard(src: str, dst: str, *, tp: int, pp: int = 1, world_size: int | None 
     rules.validate(cfg, world)  # ConfigError naming the key that does not divide
     tmp = new_work_dir(dst)
     try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("rng_*.pt", META_FILE))
-        new_meta = meta.replace(tp=tp, pp=pp, dp=world // (tp * pp), world_size=world,
-                                config=to_dict(cfg), resharded_from=os.path.abspath(src),
-                                files=record_files(tmp))
+        shutil.copytree(
+            src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("rng_*.pt", META_FILE)
+        )
+        new_meta = meta.replace(
+            tp=tp,
+            pp=pp,
+            dp=world // (tp * pp),
+            world_size=world,
+            config=to_dict(cfg),
+            resharded_from=os.path.abspath(src),
+            files=record_files(tmp),
+        )
         write_meta(tmp, new_meta)
         os.rename(tmp, dst)
     except BaseException:
@@ -86,7 +102,8 @@ def to_dense(src: str, dst: str) -> dict:
     tensors = ckpt.dense_tensors(unpad_vocab=False)
     padded = padded_vocab_size(ckpt.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
     assert tensors["embedding.word_embeddings.weight"].shape[0] == padded
-    meta = ckpt.meta.replace(weights_only=True, config=to_dict(cfg), files=None,
-                             merged_from=os.path.abspath(ckpt.path))
+    meta = ckpt.meta.replace(
+        weights_only=True, config=to_dict(cfg), files=None, merged_from=os.path.abspath(ckpt.path)
+    )
     write_training_checkpoint(dst, cfg, ckpt.vocab_size, tensors, {}, meta)
     return meta.to_json()

@@ -9,11 +9,21 @@ import importlib
 from inrank_megatron.core.names import INITS, MODES, POLICIES, RATIO_RULES, STAGES  # noqa: F401
 
 _EXPORTS = {
-    "InRankConfig": "config", "GrowthState": "growth", "init_factors": "init",
-    "explained_ratio": "rank_rule", "explained_ratios": "rank_rule", "select_rank": "rank_rule",
-    "FactorResize": "resize", "map_slot_state": "resize", "factor_spectrum": "spectrum",
-    "r_factor": "spectrum", "spectrum_from_r": "spectrum", "TruncationMaps": "truncation",
-    "truncate": "truncation", "truncation_maps": "truncation", "svd_factors": "truncation",
+    "InRankConfig": "config",
+    "GrowthState": "growth",
+    "init_factors": "init",
+    "explained_ratio": "rank_rule",
+    "explained_ratios": "rank_rule",
+    "select_rank": "rank_rule",
+    "FactorResize": "resize",
+    "map_slot_state": "resize",
+    "factor_spectrum": "spectrum",
+    "r_factor": "spectrum",
+    "spectrum_from_r": "spectrum",
+    "TruncationMaps": "truncation",
+    "truncate": "truncation",
+    "truncation_maps": "truncation",
+    "svd_factors": "truncation",
 }
 
 __all__ = sorted(["INITS", "MODES", "POLICIES", "RATIO_RULES", "STAGES", *_EXPORTS])

@@ -42,8 +42,9 @@ class FrobeniusPenalty(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A, B, gram_A, gram_B, coefficient: float, scale_A: float = 1.0,
-                scale_B: float = 1.0):
+    def forward(
+        ctx, A, B, gram_A, gram_B, coefficient: float, scale_A: float = 1.0, scale_B: float = 1.0
+    ):
         ctx.save_for_backward(A, B, gram_A, gram_B)
         ctx.settings = (coefficient, scale_A, scale_B)
         return 0.5 * coefficient * (gram_A * gram_B).sum()

@@ -11,7 +11,6 @@ from inrank_megatron.core.rank_rule import check_rank_settings, select_rank
 from inrank_megatron.core.validation import check_int
 
 
-
 @dataclass
 class GrowthState:
     """Where one InRank layer stands. Counters are optimizer steps (spec section 5: the reference's
@@ -54,9 +53,13 @@ class GrowthState:
         check_int(self.gap, "gap", low=1, layer=layer)
         check_int(self.step, "step", low=-1, layer=layer)
         if self.stage not in STAGES:
-            raise ValueError(f"layer {self.layer}: stage must be one of {STAGES}, got {self.stage!r}")
+            raise ValueError(
+                f"layer {self.layer}: stage must be one of {STAGES}, got {self.stage!r}"
+            )
         if self.rule not in RATIO_RULES:
-            raise ValueError(f"layer {self.layer}: rule must be one of {RATIO_RULES}, got {self.rule!r}")
+            raise ValueError(
+                f"layer {self.layer}: rule must be one of {RATIO_RULES}, got {self.rule!r}"
+            )
 
     @property
     def active_slots(self) -> int:
@@ -78,11 +81,20 @@ class GrowthState:
         The rank never shrinks (the rule's range starts at the current rank).
         """
         if not self.is_due(step):
-            raise ValueError(f"layer {self.layer}: no rank check is due at step {step} "
-                             f"(warmup={self.warmup}, gap={self.gap}, stage={self.stage}, "
-                             f"rank={self.rank}, max_rank - buffer={self.max_rank - self.buffer})")
-        self.rank = select_rank(s, self.rank, self.buffer, self.max_rank, self.threshold,
-                                rule=self.rule, layer=self.layer or None)
+            raise ValueError(
+                f"layer {self.layer}: no rank check is due at step {step} "
+                f"(warmup={self.warmup}, gap={self.gap}, stage={self.stage}, "
+                f"rank={self.rank}, max_rank - buffer={self.max_rank - self.buffer})"
+            )
+        self.rank = select_rank(
+            s,
+            self.rank,
+            self.buffer,
+            self.max_rank,
+            self.threshold,
+            rule=self.rule,
+            layer=self.layer or None,
+        )
         self.step = step
         return self.rank
 

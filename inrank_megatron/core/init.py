@@ -17,9 +17,13 @@ class FactorInit(NamedTuple):
     w0: Optional[torch.Tensor]  # (out, in) in cumulative mode, else None
 
 
-def dense_init_weight(in_features: int, out_features: int, *,
-                      dense_init: Optional[Callable] = None,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def dense_init_weight(
+    in_features: int,
+    out_features: int,
+    *,
+    dense_init: Optional[Callable] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """The full ``[out, in]`` fp32 weight a dense layer of this shape would start from.
 
     ``dense_init`` is megatron's ``init_method`` of the layer (it fills a tensor in place from
@@ -41,10 +45,18 @@ def dense_init_weight(in_features: int, out_features: int, *,
     return W
 
 
-def init_factors(mode: str, in_features: int, out_features: int, slots: int, *,
-                 init_scale: float = 1.0, generator: Optional[torch.Generator] = None,
-                 dtype: torch.dtype = torch.float32, init: str = "kaiming",
-                 dense_init: Optional[Callable] = None) -> FactorInit:
+def init_factors(
+    mode: str,
+    in_features: int,
+    out_features: int,
+    slots: int,
+    *,
+    init_scale: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    init: str = "kaiming",
+    dense_init: Optional[Callable] = None,
+) -> FactorInit:
     """Draw full (unsharded) factors.
 
     ``efficient``, ``init="kaiming"``: A and B ``kaiming_uniform_(a=sqrt(5))`` times
@@ -74,12 +86,13 @@ def init_factors(mode: str, in_features: int, out_features: int, slots: int, *,
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if init == "spectral":
         if mode != "efficient":
-            raise ValueError(f"init='spectral' needs mode='efficient' (in {mode} mode B A starts "
-                             "at zero), got mode={mode!r}")
+            raise ValueError(
+                f"init='spectral' needs mode='efficient' (in {mode} mode B A starts "
+                "at zero), got mode={mode!r}"
+            )
         from inrank_megatron.core.truncation import svd_factors
 
-        W = dense_init_weight(in_features, out_features, dense_init=dense_init,
-                              generator=generator)
+        W = dense_init_weight(in_features, out_features, dense_init=dense_init, generator=generator)
         A, B = svd_factors(W.double(), slots)
         return FactorInit((A * init_scale).to(dtype), (B * init_scale).to(dtype), None)
     A = torch.empty(slots, in_features)
@@ -100,9 +113,13 @@ def init_factors(mode: str, in_features: int, out_features: int, slots: int, *,
     return FactorInit(A.to(dtype), B.to(dtype), w0)
 
 
-def dense_start_factors(in_features: int, out_features: int, *,
-                        dense_init: Optional[Callable] = None,
-                        generator: Optional[torch.Generator] = None) -> FactorInit:
+def dense_start_factors(
+    in_features: int,
+    out_features: int,
+    *,
+    dense_init: Optional[Callable] = None,
+    generator: Optional[torch.Generator] = None,
+) -> FactorInit:
     """``inrank.start=dense``'s stage-1 factors: a dense layer's initial weight ``W``
     (:func:`dense_init_weight`) in the factor :func:`dense_start_role` names, the
     ``min(in, out)`` identity in the other, so that ``B A = W`` exactly."""

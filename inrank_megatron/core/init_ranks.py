@@ -23,10 +23,20 @@ from inrank_megatron.core.rank_rule import select_cut_rank, select_rank
 from inrank_megatron.core.spectrum import factor_spectrum, spectrum_from_r
 
 
-def init_rank_trajectory(in_features: int, out_features: int, *, rank: int, buffer: int,
-                         max_rank: int, threshold: float, rule: str = "variance",
-                         init_scale: float = 1.0, seed: int = 0,
-                         max_checks: Optional[int] = None, init: str = "kaiming") -> list[int]:
+def init_rank_trajectory(
+    in_features: int,
+    out_features: int,
+    *,
+    rank: int,
+    buffer: int,
+    max_rank: int,
+    threshold: float,
+    rule: str = "variance",
+    init_scale: float = 1.0,
+    seed: int = 0,
+    max_checks: Optional[int] = None,
+    init: str = "kaiming",
+) -> list[int]:
     """The ranks successive checks select on the untrained efficient-mode init of one layer.
 
     Each check computes the spectrum of the active product ``B[:, :r+b] @ A[:r+b]`` (the core route
@@ -48,9 +58,16 @@ def init_rank_trajectory(in_features: int, out_features: int, *, rank: int, buff
         ``[rank, rank after check 1, ...]``; its last entry is the fixed point.
     """
     generator = torch.Generator().manual_seed(seed)
-    factors = init_factors("efficient", in_features, out_features, max_rank,
-                           init_scale=init_scale, generator=generator, init=init,
-                           dense_init=torch.nn.init.normal_ if init == "spectral" else None)
+    factors = init_factors(
+        "efficient",
+        in_features,
+        out_features,
+        max_rank,
+        init_scale=init_scale,
+        generator=generator,
+        init=init,
+        dense_init=torch.nn.init.normal_ if init == "spectral" else None,
+    )
     # The QR route of factor_spectrum with the R factors taken from the Cholesky factors of the
     # Gram matrices, formed once in float64 for all slots: each check then costs O(k^3), not
     # O((in + out) k^2), which keeps GPT-sized layers to seconds (tools/plan.py calls this).
@@ -71,9 +88,19 @@ def init_rank_trajectory(in_features: int, out_features: int, *, rank: int, buff
     return trajectory
 
 
-def init_cut_rank(in_features: int, out_features: int, *, start: str, signal: str, max_rank: int,
-                  threshold: float, rule: str = "variance", init_scale: float = 1.0,
-                  init: str = "kaiming", seed: int = 0) -> Optional[int]:
+def init_cut_rank(
+    in_features: int,
+    out_features: int,
+    *,
+    start: str,
+    signal: str,
+    max_rank: int,
+    threshold: float,
+    rule: str = "variance",
+    init_scale: float = 1.0,
+    init: str = "kaiming",
+    seed: int = 0,
+) -> Optional[int]:
     """The rank the cut of ``inrank.start=full_rank|dense`` would pick on the untrained layer, or
     None when the init says nothing (``signal="update"``: the update is zero at init, so the rank
     can only come from training).
@@ -89,18 +116,28 @@ def init_cut_rank(in_features: int, out_features: int, *, start: str, signal: st
         :func:`select_cut_rank` on the init's spectrum, or None.
     """
     if start not in ("full_rank", "dense"):
-        raise ValueError(f"start must be full_rank or dense (low_rank grows: "
-                         f"init_rank_trajectory), got {start!r}")
+        raise ValueError(
+            f"start must be full_rank or dense (low_rank grows: "
+            f"init_rank_trajectory), got {start!r}"
+        )
     if signal == "update":
         return None
     generator = torch.Generator().manual_seed(seed)
     n = min(in_features, out_features)
     if start == "dense":
-        factors = dense_start_factors(in_features, out_features, dense_init=torch.nn.init.normal_,
-                                      generator=generator)
+        factors = dense_start_factors(
+            in_features, out_features, dense_init=torch.nn.init.normal_, generator=generator
+        )
     else:
-        factors = init_factors("efficient", in_features, out_features, n, init_scale=init_scale,
-                               generator=generator, init=init,
-                               dense_init=torch.nn.init.normal_ if init == "spectral" else None)
+        factors = init_factors(
+            "efficient",
+            in_features,
+            out_features,
+            n,
+            init_scale=init_scale,
+            generator=generator,
+            init=init,
+            dense_init=torch.nn.init.normal_ if init == "spectral" else None,
+        )
     s = factor_spectrum(factors.A, factors.B)
     return select_cut_rank(s, max_rank, threshold, rule=rule)

@@ -14,11 +14,15 @@ from inrank_megatron.core.names import RATIO_RULES
 
 def _as_spectrum(s: torch.Tensor, name: str = "s") -> torch.Tensor:
     if not isinstance(s, torch.Tensor) or s.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D tensor of singular values, got {type(s).__name__}"
-                         f"{'' if not isinstance(s, torch.Tensor) else ' of shape ' + str(tuple(s.shape))}")
+        raise ValueError(
+            f"{name} must be a 1-D tensor of singular values, got {type(s).__name__}"
+            f"{'' if not isinstance(s, torch.Tensor) else ' of shape ' + str(tuple(s.shape))}"
+        )
     if s.numel() < 2:
-        raise ValueError(f"{name} must have at least 2 entries (the unbiased variance needs n >= 2), "
-                         f"got {s.numel()}")
+        raise ValueError(
+            f"{name} must have at least 2 entries (the unbiased variance needs n >= 2), "
+            f"got {s.numel()}"
+        )
     check_finite(s, name)
     return s.detach().to(torch.float64)
 
@@ -69,8 +73,9 @@ def explained_ratio(s: torch.Tensor, k: int, rule: str = "variance") -> float:
     return float(explained_ratios(s, rule)[k])
 
 
-def check_rank_settings(rank: int, buffer: int, max_rank: int, threshold: float,
-                        *, layer: str | None = None) -> None:
+def check_rank_settings(
+    rank: int, buffer: int, max_rank: int, threshold: float, *, layer: str | None = None
+) -> None:
     """Validate the rank rule's settings; ValueError naming the bad argument and the allowed range."""
     check_int(max_rank, "max_rank", low=1, layer=layer)
     check_int(buffer, "buffer", low=0, layer=layer)
@@ -80,8 +85,16 @@ def check_rank_settings(rank: int, buffer: int, max_rank: int, threshold: float,
     check_threshold(threshold, "threshold", layer=layer)
 
 
-def select_rank(s: torch.Tensor, rank: int, buffer: int, max_rank: int, threshold: float,
-                *, rule: str = "variance", layer: str | None = None) -> int:
+def select_rank(
+    s: torch.Tensor,
+    rank: int,
+    buffer: int,
+    max_rank: int,
+    threshold: float,
+    *,
+    rule: str = "variance",
+    layer: str | None = None,
+) -> int:
     """The spec's rank rule (section 3, step 3), exactly.
 
     New rank = the smallest ``k`` in ``[rank, min(rank + buffer, max_rank - buffer))`` whose explained
@@ -103,8 +116,10 @@ def select_rank(s: torch.Tensor, rank: int, buffer: int, max_rank: int, threshol
     """
     check_rank_settings(rank, buffer, max_rank, threshold, layer=layer)
     if isinstance(s, torch.Tensor) and s.dim() == 1 and max_rank > s.numel():
-        raise ValueError(f"{_where(layer)}max_rank={max_rank} must be <= len(s)={s.numel()} "
-                         "(the spectrum is zero-padded to min(in, out))")
+        raise ValueError(
+            f"{_where(layer)}max_rank={max_rank} must be <= len(s)={s.numel()} "
+            "(the spectrum is zero-padded to min(in, out))"
+        )
     ratios = explained_ratios(s, rule)
     stop = min(rank + buffer, max_rank - buffer)
     if rank >= stop:
@@ -115,9 +130,14 @@ def select_rank(s: torch.Tensor, rank: int, buffer: int, max_rank: int, threshol
     return rank + int(passing[0])
 
 
-
-def select_cut_rank(s: torch.Tensor, max_rank: int, threshold: float, *, rule: str = "variance",
-                    layer: str | None = None) -> int:
+def select_cut_rank(
+    s: torch.Tensor,
+    max_rank: int,
+    threshold: float,
+    *,
+    rule: str = "variance",
+    layer: str | None = None,
+) -> int:
     """The rank a dense start (``inrank.start=dense``) cuts to: the rule of :func:`select_rank` over
     the whole range at once, since the spectrum is of a trained full-rank weight (or of its update)
     rather than of a growing slice: the smallest ``k`` in ``[1, max_rank]`` whose explained ratio
@@ -138,5 +158,5 @@ def select_cut_rank(s: torch.Tensor, max_rank: int, threshold: float, *, rule: s
     if max_rank > s.numel():
         raise ValueError(f"{_where(layer)}max_rank={max_rank} must be <= len(s)={s.numel()}")
     ratios = explained_ratios(s, rule)
-    passing = (ratios[1:max_rank + 1] > threshold).nonzero()
+    passing = (ratios[1 : max_rank + 1] > threshold).nonzero()
     return max_rank if passing.numel() == 0 else 1 + int(passing[0])

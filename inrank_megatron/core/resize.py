@@ -71,8 +71,9 @@ def _resize_slots(t: torch.Tensor, role: str, slots: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(pad_shape)], dim=dim)
 
 
-def map_slot_state(t: torch.Tensor, role: str, resize: FactorResize, *, policy: str,
-                   kind: str) -> torch.Tensor:
+def map_slot_state(
+    t: torch.Tensor, role: str, resize: FactorResize, *, policy: str, kind: str
+) -> torch.Tensor:
     """Map one tensor of per-parameter state from the old factor to the new one.
 
     Args:
@@ -115,8 +116,16 @@ def map_slot_step(step: float, resize: FactorResize, *, policy: str) -> float:
     return 0.0 if (policy == "reset" and resize.kind == "truncate") else float(step)
 
 
-def resize_state(master: torch.Tensor, moments: dict, step: float, role: str,
-                 resize: FactorResize, new_param: torch.Tensor, *, policy: str):
+def resize_state(
+    master: torch.Tensor,
+    moments: dict,
+    step: float,
+    role: str,
+    resize: FactorResize,
+    new_param: torch.Tensor,
+    *,
+    policy: str,
+):
     """What a resize does to one factor's optimizer state, in every backend.
 
     Args:
@@ -143,6 +152,7 @@ def resize_state(master: torch.Tensor, moments: dict, step: float, role: str,
     else:
         new_master = new_param.detach().to(torch.float32).clone()
         new_master.narrow(SLOT_DIM[role], 0, resize.old_slots).copy_(master)
-    new_moments = {k: map_slot_state(moments[k], role, resize, policy=policy, kind=k)
-                   for k in MOMENTS}
+    new_moments = {
+        k: map_slot_state(moments[k], role, resize, policy=policy, kind=k) for k in MOMENTS
+    }
     return new_master, new_moments, map_slot_step(step, resize, policy=policy)

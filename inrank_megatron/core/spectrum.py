@@ -21,8 +21,10 @@ _DTYPES = (torch.float32, torch.float64)
 
 def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be torch.float32 or torch.float64 (the spectrum is never "
-                         f"computed in half precision), got {dtype}")
+        raise ValueError(
+            f"dtype must be torch.float32 or torch.float64 (the spectrum is never "
+            f"computed in half precision), got {dtype}"
+        )
 
 
 def r_factor(M: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -74,8 +76,13 @@ def spectrum_from_r(R_A: torch.Tensor, R_B: torch.Tensor, n: int) -> torch.Tenso
     return torch.cat([s, s.new_zeros(n - s.numel())])
 
 
-def factor_spectrum(A: torch.Tensor, B: torch.Tensor, *, dtype: torch.dtype = torch.float32,
-                    layer: str | None = None) -> torch.Tensor:
+def factor_spectrum(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+    layer: str | None = None,
+) -> torch.Tensor:
     """Singular values of ``B @ A``, descending, zero-padded to ``min(in, out)``.
 
     Args:

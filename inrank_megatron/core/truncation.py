@@ -60,8 +60,9 @@ def truncation_maps(R_A: torch.Tensor, R_B: torch.Tensor, rank: int) -> Truncati
     return TruncationMaps(P_A, P_B, S)
 
 
-def truncate(A: torch.Tensor, B: torch.Tensor, rank: int, *,
-             layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def truncate(
+    A: torch.Tensor, B: torch.Tensor, rank: int, *, layer: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced factors of the best rank-``rank`` approximation of ``B @ A`` (Eckart-Young).
 
     Args:
@@ -76,14 +77,17 @@ def truncate(A: torch.Tensor, B: torch.Tensor, rank: int, *,
     """
     k = check_factors(A, B, layer=layer)
     check_int(rank, "rank", low=1, high=k, layer=layer)
-    maps = truncation_maps(r_factor(A.T, dtype=torch.float64), r_factor(B, dtype=torch.float64), rank)
+    maps = truncation_maps(
+        r_factor(A.T, dtype=torch.float64), r_factor(B, dtype=torch.float64), rank
+    )
     A_new = (maps.P_A @ A.detach().to(torch.float64)).to(A.dtype)
     B_new = (B.detach().to(torch.float64) @ maps.P_B).to(B.dtype)
     return A_new, B_new
 
 
-def svd_factors(W: torch.Tensor, rank: int, *,
-                layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_factors(
+    W: torch.Tensor, rank: int, *, layer: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced factors of the best rank-``rank`` approximation of a dense ``W``.
 
     :func:`truncate` of the trivial factorisation with ``min(in, out)`` slots (``W = I W`` or
@@ -101,5 +105,8 @@ def svd_factors(W: torch.Tensor, rank: int, *,
     """
     n_out, n_in = W.shape
     eye = torch.eye(min(n_out, n_in), dtype=W.dtype, device=W.device)
-    return truncate(W, eye, rank, layer=layer) if n_out <= n_in else truncate(eye, W, rank,
-                                                                             layer=layer)
+    return (
+        truncate(W, eye, rank, layer=layer)
+        if n_out <= n_in
+        else truncate(eye, W, rank, layer=layer)
+    )

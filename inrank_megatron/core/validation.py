@@ -12,8 +12,9 @@ def _where(layer: str | None) -> str:
     return f"layer {layer}: " if layer else ""
 
 
-def check_int(value, name: str, *, low: int | None = None, high: int | None = None,
-              layer: str | None = None) -> int:
+def check_int(
+    value, name: str, *, low: int | None = None, high: int | None = None, layer: str | None = None
+) -> int:
     """``value`` must be an int (bools rejected) in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{_where(layer)}{name} must be an integer, got {value!r}")
@@ -27,9 +28,14 @@ def check_int(value, name: str, *, low: int | None = None, high: int | None = No
 
 def check_threshold(value, name: str, *, layer: str | None = None) -> float:
     """``value`` must be a real number strictly inside (0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{_where(layer)}{name} must be a number in the open interval (0, 1), "
-                         f"got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 < float(value) < 1.0
+    ):
+        raise ValueError(
+            f"{_where(layer)}{name} must be a number in the open interval (0, 1), got {value!r}"
+        )
     return float(value)
 
 
@@ -44,7 +50,8 @@ def check_finite(t: torch.Tensor, name: str, *, layer: str | None = None) -> Non
     if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
         raise NonFiniteValueError(
-            f"{_where(layer)}{name} contains {bad}; factors and spectra must be finite")
+            f"{_where(layer)}{name} contains {bad}; factors and spectra must be finite"
+        )
 
 
 def check_matrix(t, name: str, *, layer: str | None = None) -> torch.Tensor:
@@ -61,6 +68,8 @@ def check_factors(A: torch.Tensor, B: torch.Tensor, *, layer: str | None = None)
     check_matrix(A, "A", layer=layer)
     check_matrix(B, "B", layer=layer)
     if A.shape[0] != B.shape[1]:
-        raise ValueError(f"{_where(layer)}factor shapes do not match: A is {tuple(A.shape)} ([k, in]) "
-                         f"and B is {tuple(B.shape)} ([out, k]); A.shape[0] must equal B.shape[1]")
+        raise ValueError(
+            f"{_where(layer)}factor shapes do not match: A is {tuple(A.shape)} ([k, in]) "
+            f"and B is {tuple(B.shape)} ([out, k]); A.shape[0] must equal B.shape[1]"
+        )
     return A.shape[0]

@@ -28,8 +28,10 @@ def checkpoint_tokenizer(ckpt: LoadedCheckpoint):
         return build_tokenizer("gpt2")
     model = ckpt.tokenizer_model or d.tokenizer_model
     if not model or not os.path.isfile(model):
-        raise CheckpointError(f"SentencePiece model {model!r} (data.tokenizer_model) not found; "
-                              "pass --tokenizer-model")
+        raise CheckpointError(
+            f"SentencePiece model {model!r} (data.tokenizer_model) not found; "
+            "pass --tokenizer-model"
+        )
     return build_tokenizer("sentencepiece", model)
 
 
@@ -47,9 +49,15 @@ def write_provenance(out_dir: str, ckpt: LoadedCheckpoint, *, fmt: str, **extra)
     """``inrank_source.json``: the checkpoint, step and InRank ranks an export came from, and its
     tokenizer (which ``inrank_megatron.inference``, ``tools/generate.py`` and ``import_hf``
     read), plus the ``extra`` entries of the format."""
-    source = {"format": fmt, "checkpoint": os.path.abspath(ckpt.path), "step": ckpt.step,
-              "mode": ckpt.mode, "tokenizer": write_tokenizer(out_dir, ckpt),
-              "ranks": {name: layer.rank for name, layer in ckpt.layers.items()}, **extra}
+    source = {
+        "format": fmt,
+        "checkpoint": os.path.abspath(ckpt.path),
+        "step": ckpt.step,
+        "mode": ckpt.mode,
+        "tokenizer": write_tokenizer(out_dir, ckpt),
+        "ranks": {name: layer.rank for name, layer in ckpt.layers.items()},
+        **extra,
+    }
     with open(os.path.join(out_dir, SOURCE_FILE), "w") as f:
         json.dump(source, f, indent=1)
 
@@ -58,13 +66,25 @@ def export_argument_parser(doc: str):
     """The command line both export tools take: CKPT OUT_DIR [--dtype] [--tokenizer-model]."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", metavar="CKPT", help="Training checkpoint (step directory, "
-                        "checkpoints/ or output.dir).")
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "checkpoint",
+        metavar="CKPT",
+        help="Training checkpoint (step directory, checkpoints/ or output.dir).",
+    )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="Directory to create.")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="Weight dtype (default fp32).")
-    parser.add_argument("--tokenizer-model", metavar="PATH", help="SentencePiece model, when the "
-                        "checkpoint's recorded data.tokenizer_model does not resolve from here.")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="Weight dtype (default fp32).",
+    )
+    parser.add_argument(
+        "--tokenizer-model",
+        metavar="PATH",
+        help="SentencePiece model, when the "
+        "checkpoint's recorded data.tokenizer_model does not resolve from here.",
+    )
     return parser

@@ -92,8 +92,14 @@ def qkv_from_hf(t: torch.Tensor, heads: int, groups: Optional[int] = None) -> to
     hd = t.shape[0] // (heads + 2 * groups)
     rest = t.shape[1:]
     q, k, v = torch.split(t, [heads * hd, groups * hd, groups * hd])
-    x = torch.cat([q.reshape(groups, per, hd, *rest), k.reshape(groups, 1, hd, *rest),
-                   v.reshape(groups, 1, hd, *rest)], dim=1)
+    x = torch.cat(
+        [
+            q.reshape(groups, per, hd, *rest),
+            k.reshape(groups, 1, hd, *rest),
+            v.reshape(groups, 1, hd, *rest),
+        ],
+        dim=1,
+    )
     return x.reshape(t.shape)
 
 
@@ -103,16 +109,21 @@ def gpt2_incompatibilities(cfg: TrainConfig) -> list[str]:
     m = cfg.model
     problems = []
     if m.position_embedding_type != "learned_absolute":
-        problems.append(f"model.position_embedding_type={m.position_embedding_type} (RoPE): GPT-2 "
-                        "has learned absolute positions only")
+        problems.append(
+            f"model.position_embedding_type={m.position_embedding_type} (RoPE): GPT-2 "
+            "has learned absolute positions only"
+        )
     if m.activation != "gelu":
-        problems.append(f"model.activation={m.activation} (SwiGLU, a gated MLP): GPT-2's MLP is "
-                        "GELU")
+        problems.append(
+            f"model.activation={m.activation} (SwiGLU, a gated MLP): GPT-2's MLP is GELU"
+        )
     if m.normalization != "LayerNorm":
         problems.append(f"model.normalization={m.normalization}: GPT-2 uses LayerNorm")
     if m.untie_embeddings_and_output_weights:
-        problems.append("model.untie_embeddings_and_output_weights=true (untied output layer): "
-                        "GPT-2 ties the LM head to the word embeddings")
+        problems.append(
+            "model.untie_embeddings_and_output_weights=true (untied output layer): "
+            "GPT-2 ties the LM head to the word embeddings"
+        )
     if not m.add_bias_linear:
         problems.append("model.add_bias_linear=false (no biases): GPT-2's linears have biases")
     return problems
@@ -135,9 +146,11 @@ def to_hf_state_dict(dense: dict, cfg: TrainConfig) -> dict:
     for i in range(cfg.model.num_layers):
         ours, hf = f"decoder.layers.{i}.", f"transformer.h.{i}."
         out[hf + "attn.c_attn.weight"] = qkv_to_hf(
-            dense[ours + "self_attention.linear_qkv.weight"], heads).T
-        out[hf + "attn.c_attn.bias"] = qkv_to_hf(dense[ours + "self_attention.linear_qkv.bias"],
-                                                 heads)
+            dense[ours + "self_attention.linear_qkv.weight"], heads
+        ).T
+        out[hf + "attn.c_attn.bias"] = qkv_to_hf(
+            dense[ours + "self_attention.linear_qkv.bias"], heads
+        )
         for a, b, transpose in _LAYER_MAP:
             out[hf + b] = dense[ours + a].T if transpose else dense[ours + a]
     return {k: v.contiguous() for k, v in out.items()}
@@ -147,16 +160,27 @@ def hf_config_dict(cfg: TrainConfig, vocab_size: int, eod: Optional[int]) -> dic
     """``config.json`` of the GPT-2 equivalent of our model."""
     m = cfg.model
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": vocab_size, "n_positions": m.max_positions(), "n_embd": m.hidden_size,
-        "n_layer": m.num_layers, "n_head": m.num_attention_heads, "n_inner": m.ffn(),
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab_size,
+        "n_positions": m.max_positions(),
+        "n_embd": m.hidden_size,
+        "n_layer": m.num_layers,
+        "n_head": m.num_attention_heads,
+        "n_inner": m.ffn(),
         "activation_function": "gelu",  # megatron's F.gelu (exact), not GPT-2's gelu_new
-        "resid_pdrop": m.hidden_dropout, "embd_pdrop": m.hidden_dropout,
-        "attn_pdrop": m.attention_dropout, "layer_norm_epsilon": LAYERNORM_EPS,
-        "initializer_range": 0.02, "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True, "use_cache": True,
-        "bos_token_id": eod, "eos_token_id": eod,
+        "resid_pdrop": m.hidden_dropout,
+        "embd_pdrop": m.hidden_dropout,
+        "attn_pdrop": m.attention_dropout,
+        "layer_norm_epsilon": LAYERNORM_EPS,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eod,
+        "eos_token_id": eod,
     }
 
 
@@ -170,13 +194,21 @@ def read_hf_dir(hf_dir: str) -> tuple[dict, dict]:
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: no such Hugging Face model directory")
     if not os.path.isfile(config_file):
-        raise CheckpointError(f"{hf_dir}: no {HF_CONFIG}; expected a Hugging Face model directory "
-                              "(save_pretrained output)")
+        raise CheckpointError(
+            f"{hf_dir}: no {HF_CONFIG}; expected a Hugging Face model directory "
+            "(save_pretrained output)"
+        )
     if not os.path.isfile(weights):
         found = [f for f in os.listdir(hf_dir) if f.endswith((".bin", ".pt", ".index.json"))]
-        raise CheckpointError(f"{hf_dir}: no {HF_WEIGHTS}" + (
-            f" (found {found}: pickled or sharded weights are not read; re-save with "
-            "save_pretrained(safe_serialization=True) as one file)" if found else ""))
+        raise CheckpointError(
+            f"{hf_dir}: no {HF_WEIGHTS}"
+            + (
+                f" (found {found}: pickled or sharded weights are not read; re-save with "
+                "save_pretrained(safe_serialization=True) as one file)"
+                if found
+                else ""
+            )
+        )
     with open(config_file) as f:
         config = json.load(f)
     return config, load_file(weights)
@@ -213,12 +245,18 @@ def hf_activation_is_exact(config: dict) -> bool:
 def model_section_from_hf(config: dict) -> dict:
     """``model.*`` values that reproduce a Hugging Face GPT-2's architecture."""
     n_embd = config["n_embd"]
-    return {"num_layers": config["n_layer"], "hidden_size": n_embd,
-            "num_attention_heads": config["n_head"],
-            "ffn_hidden_size": config.get("n_inner") or 4 * n_embd,
-            "max_position_embeddings": config["n_positions"], "normalization": "LayerNorm",
-            "activation": "gelu", "position_embedding_type": "learned_absolute",
-            "untie_embeddings_and_output_weights": False, "add_bias_linear": True}
+    return {
+        "num_layers": config["n_layer"],
+        "hidden_size": n_embd,
+        "num_attention_heads": config["n_head"],
+        "ffn_hidden_size": config.get("n_inner") or 4 * n_embd,
+        "max_position_embeddings": config["n_positions"],
+        "normalization": "LayerNorm",
+        "activation": "gelu",
+        "position_embedding_type": "learned_absolute",
+        "untie_embeddings_and_output_weights": False,
+        "add_bias_linear": True,
+    }
 
 
 def from_hf_state_dict(hf: dict, config: dict) -> dict:
@@ -235,15 +273,18 @@ def from_hf_state_dict(hf: dict, config: dict) -> dict:
     missing = sorted(wanted - set(hf))
     for i in range(config["n_layer"]):
         ours, pre = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        keys = [pre + "attn.c_attn.weight", pre + "attn.c_attn.bias"] + \
-            [pre + b for _, b, _ in _LAYER_MAP]
+        keys = [pre + "attn.c_attn.weight", pre + "attn.c_attn.bias"] + [
+            pre + b for _, b, _ in _LAYER_MAP
+        ]
         missing += [k for k in keys if k not in hf]
         if missing:
             continue
         out[ours + "self_attention.linear_qkv.weight"] = qkv_from_hf(
-            hf[pre + "attn.c_attn.weight"].float().T, heads).contiguous()
+            hf[pre + "attn.c_attn.weight"].float().T, heads
+        ).contiguous()
         out[ours + "self_attention.linear_qkv.bias"] = qkv_from_hf(
-            hf[pre + "attn.c_attn.bias"].float(), heads)
+            hf[pre + "attn.c_attn.bias"].float(), heads
+        )
         for a, b, transpose in _LAYER_MAP:
             t = hf[pre + b].float()
             out[ours + a] = t.T.contiguous() if transpose else t
@@ -251,8 +292,10 @@ def from_hf_state_dict(hf: dict, config: dict) -> dict:
         raise CheckpointError(f"Hugging Face GPT-2 tensors missing: {missing[:4]}")
     lm_head = hf.get("lm_head.weight", hf.get("transformer.lm_head.weight"))
     if lm_head is not None and not torch.equal(lm_head, hf["transformer.wte.weight"]):
-        raise UnsupportedModelError("lm_head.weight differs from transformer.wte.weight (an untied "
-                                    "LM head): imported models tie the LM head")
+        raise UnsupportedModelError(
+            "lm_head.weight differs from transformer.wte.weight (an untied "
+            "LM head): imported models tie the LM head"
+        )
     return out
 
 
@@ -273,9 +316,19 @@ def write_gpt2_tokenizer(out_dir: str, model_max_length: int) -> None:
     shutil.copyfile(bpe, os.path.join(out_dir, "merges.txt"))
     eot = "<|endoftext|>"
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
-                   "bos_token": eot, "eos_token": eot, "unk_token": eot, "add_prefix_space": False,
-                   "errors": "replace"}, f, indent=2)
+        json.dump(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "model_max_length": model_max_length,
+                "bos_token": eot,
+                "eos_token": eot,
+                "unk_token": eot,
+                "add_prefix_space": False,
+                "errors": "replace",
+            },
+            f,
+            indent=2,
+        )
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
         json.dump({"bos_token": eot, "eos_token": eot, "unk_token": eot}, f, indent=2)
 
@@ -313,15 +366,26 @@ def export_hf(ckpt: LoadedCheckpoint, out_dir: str, *, dtype: str = "fp32") -> d
             json.dump(config, f, indent=2, sort_keys=True)
         if ckpt.cfg.data.tokenizer == "gpt2":
             write_gpt2_tokenizer(tmp, ckpt.cfg.model.max_positions())
-        padding = ckpt.tensors[WTE][ckpt.vocab_size:].to(DTYPES[dtype]).contiguous()
+        padding = ckpt.tensors[WTE][ckpt.vocab_size :].to(DTYPES[dtype]).contiguous()
         if padding.shape[0]:
-            save_file({WTE: padding}, os.path.join(tmp, VOCAB_PADDING_FILE),
-                      metadata={"format": "pt"})
-        write_provenance(tmp, ckpt, fmt="hf-gpt2", vocab_padding={
-            "file": VOCAB_PADDING_FILE if padding.shape[0] else None, "rows": padding.shape[0],
-            "make_vocab_size_divisible_by": ckpt.cfg.model.make_vocab_size_divisible_by})
-    return {"path": out_dir, "parameters": sum(t.numel() for t in tensors.values()),
-            "bytes": dir_bytes(out_dir, HF_WEIGHTS)}
+            save_file(
+                {WTE: padding}, os.path.join(tmp, VOCAB_PADDING_FILE), metadata={"format": "pt"}
+            )
+        write_provenance(
+            tmp,
+            ckpt,
+            fmt="hf-gpt2",
+            vocab_padding={
+                "file": VOCAB_PADDING_FILE if padding.shape[0] else None,
+                "rows": padding.shape[0],
+                "make_vocab_size_divisible_by": ckpt.cfg.model.make_vocab_size_divisible_by,
+            },
+        )
+    return {
+        "path": out_dir,
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "bytes": dir_bytes(out_dir, HF_WEIGHTS),
+    }
 
 
 def _eod(ckpt: LoadedCheckpoint) -> Optional[int]:

@@ -71,20 +71,34 @@ def export_inrank(ckpt: LoadedCheckpoint, out_dir: str, *, dtype: str = "fp32") 
     layers = {}
     for name, layer in ckpt.layers.items():
         k = layer.active_slots
-        layers[name] = dict(layer.summary(), A=[k, layer.in_features], B=[layer.out_features, k],
-                            w0=name + ".w0" in tensors)
+        layers[name] = dict(
+            layer.summary(),
+            A=[k, layer.in_features],
+            B=[layer.out_features, k],
+            w0=name + ".w0" in tensors,
+        )
     with atomic_output_dir(out_dir, source=ckpt.path) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-        meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": ckpt.vocab_size,
-                "mode": ckpt.mode, "layers": layers,
-                "parameters": {"total": total, "dense_equivalent": dense},
-                "tokenizer": write_tokenizer(tmp, ckpt),
-                "source": {"checkpoint": os.path.abspath(ckpt.path), "step": ckpt.step},
-                "config": to_dict(ckpt.cfg)}
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": dtype,
+            "vocab_size": ckpt.vocab_size,
+            "mode": ckpt.mode,
+            "layers": layers,
+            "parameters": {"total": total, "dense_equivalent": dense},
+            "tokenizer": write_tokenizer(tmp, ckpt),
+            "source": {"checkpoint": os.path.abspath(ckpt.path), "step": ckpt.step},
+            "config": to_dict(ckpt.cfg),
+        }
         with open(os.path.join(tmp, INRANK_JSON), "w") as f:
             json.dump(meta, f, indent=1)
-    return {"path": out_dir, "parameters": total, "dense_parameters": dense,
-            "bytes": dir_bytes(out_dir, WEIGHTS)}
+    return {
+        "path": out_dir,
+        "parameters": total,
+        "dense_parameters": dense,
+        "bytes": dir_bytes(out_dir, WEIGHTS),
+    }
 
 
 def is_inrank_export(path: str) -> bool:
@@ -103,14 +117,17 @@ def read_inrank_export(path: str) -> tuple[dict, dict]:
 
     meta_file, weights = os.path.join(path, INRANK_JSON), os.path.join(path, WEIGHTS)
     if not os.path.isfile(meta_file) or not os.path.isfile(weights):
-        raise CheckpointError(f"{path}: not an InRank-native export ({INRANK_JSON} and {WEIGHTS} "
-                              "expected)")
+        raise CheckpointError(
+            f"{path}: not an InRank-native export ({INRANK_JSON} and {WEIGHTS} expected)"
+        )
     try:
         with open(meta_file) as f:
             meta = json.load(f)
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise CheckpointError(f"{meta_file}: format {meta.get('format')!r} version "
-                                  f"{meta.get('version')!r}; expected {FORMAT!r} version {VERSION}")
+            raise CheckpointError(
+                f"{meta_file}: format {meta.get('format')!r} version "
+                f"{meta.get('version')!r}; expected {FORMAT!r} version {VERSION}"
+            )
         cfg = from_dict(meta["config"], origin=f" in {meta_file}")
         layers = meta["layers"]
         slots = {name: int(layer["active_slots"]) for name, layer in layers.items()}
@@ -127,11 +144,14 @@ def read_inrank_export(path: str) -> tuple[dict, dict]:
                     f"{path}: layer {name}: {role} has shape "
                     f"{None if t is None else tuple(t.shape)}, {INRANK_JSON} records rank "
                     f"{layer['rank']} with {layer['active_slots']} active slots ({role} "
-                    f"{tuple(layer[role])})")
-    expected = expected_shapes(cfg, int(meta["vocab_size"]), slots,
-                               cumulative=meta.get("mode") == "cumulative")
-    bad = sorted(set(expected) ^ set(tensors)) or \
-        [k for k, s in expected.items() if tuple(tensors[k].shape) != tuple(s)]
+                    f"{tuple(layer[role])})"
+                )
+    expected = expected_shapes(
+        cfg, int(meta["vocab_size"]), slots, cumulative=meta.get("mode") == "cumulative"
+    )
+    bad = sorted(set(expected) ^ set(tensors)) or [
+        k for k, s in expected.items() if tuple(tensors[k].shape) != tuple(s)
+    ]
     if bad:
         raise CheckpointError(f"{path}: {WEIGHTS} does not match {INRANK_JSON}: {bad[:4]}")
     meta["_config"] = cfg

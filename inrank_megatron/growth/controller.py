@@ -67,8 +67,9 @@ class GrowthController:
         top_k: singular values reported per check.
     """
 
-    def __init__(self, model, *, stage1_steps: Optional[int] = None, agree_group=None,
-                 top_k: int = 5):
+    def __init__(
+        self, model, *, stage1_steps: Optional[int] = None, agree_group=None, top_k: int = 5
+    ):
         self.layers = named_inrank_layers(model)
         for name, layer in self.layers:
             layer.growth.layer = name
@@ -82,7 +83,10 @@ class GrowthController:
             self._resolved_group = True
             from megatron.core import parallel_state
 
-            if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
+            if (
+                torch.distributed.is_initialized()
+                and parallel_state.model_parallel_is_initialized()
+            ):
                 self._agree_group = parallel_state.get_tensor_and_data_parallel_group()
         return self._agree_group
 
@@ -107,8 +111,9 @@ class GrowthController:
             if resize is not None:
                 report.resizes.append(resize)
             ratio = float(explained_ratios(s, layer.growth.rule)[new])
-            report.checks.append(LayerCheck(name, old, new, ratio,
-                                            s[: self.top_k].double().tolist()))
+            report.checks.append(
+                LayerCheck(name, old, new, ratio, s[: self.top_k].double().tolist())
+            )
         if self.stage1_steps is not None and step == self.stage1_steps:
             # Layers fixed from the start (the fixed-rank baseline) have no stage 1 to end.
             for _, layer in self.layers:
@@ -125,8 +130,9 @@ class GrowthController:
         group = self._group()
         if group is None or torch.distributed.get_world_size(group) == 1 or not self.layers:
             return
-        mine = torch.tensor([[l.growth.rank, l.allocated_slots] for _, l in self.layers],
-                            dtype=torch.int64)  # (layers, 2)
+        mine = torch.tensor(
+            [[l.growth.rank, l.allocated_slots] for _, l in self.layers], dtype=torch.int64
+        )  # (layers, 2)
         gathered = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
         torch.distributed.all_gather(gathered, mine, group=group)
         every = torch.stack(gathered)  # (group ranks, layers, 2)
@@ -134,15 +140,19 @@ class GrowthController:
         if bad:
             layer = bad[0]
             by_decision = {}
-            for member, decision in zip(torch.distributed.get_process_group_ranks(group),
-                                        every[:, layer].tolist()):
+            for member, decision in zip(
+                torch.distributed.get_process_group_ranks(group), every[:, layer].tolist()
+            ):
                 by_decision.setdefault(tuple(decision), []).append(member)
-            decisions = "; ".join(f"rank {r} / {slots} slots on process ranks {members}"
-                                  for (r, slots), members in by_decision.items())
+            decisions = "; ".join(
+                f"rank {r} / {slots} slots on process ranks {members}"
+                for (r, slots), members in by_decision.items()
+            )
             raise RuntimeError(
                 f"InRank growth decisions differ across ranks at step {report.step} for layer "
                 f"{self.layers[layer][0]}: {decisions}; the factors have diverged between "
-                f"replicas")
+                f"replicas"
+            )
 
     def ranks(self) -> dict:
         """``{layer name: current rank}`` of this rank's layers."""
@@ -153,12 +163,18 @@ class GrowthController:
         order); ``[local]`` without pipeline parallelism."""
         from megatron.core import parallel_state
 
-        if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()) \
-                or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        if (
+            not (
+                torch.distributed.is_initialized()
+                and parallel_state.model_parallel_is_initialized()
+            )
+            or parallel_state.get_pipeline_model_parallel_world_size() == 1
+        ):
             return [local]
         out = [None] * parallel_state.get_pipeline_model_parallel_world_size()
         torch.distributed.all_gather_object(
-            out, local, group=parallel_state.get_pipeline_model_parallel_group())
+            out, local, group=parallel_state.get_pipeline_model_parallel_group()
+        )
         return out
 
     def all_ranks(self) -> dict:
@@ -181,8 +197,10 @@ class GrowthController:
     def load_state_dict(self, state: dict) -> None:
         missing = [name for name, _ in self.layers if name not in state]
         if missing:
-            raise ValueError(f"growth state has no entry for InRank layers {missing[:3]}"
-                             f"{' ...' if len(missing) > 3 else ''}")
+            raise ValueError(
+                f"growth state has no entry for InRank layers {missing[:3]}"
+                f"{' ...' if len(missing) > 3 else ''}"
+            )
         for name, layer in self.layers:
             layer.load_inrank_state(state[name])
 

@@ -19,7 +19,10 @@ from inrank_megatron.core.config import InRankConfig
 from inrank_megatron.core.frobenius import FrobeniusPenalty, gram_dtype
 from inrank_megatron.core.growth import GrowthState
 from inrank_megatron.core.init import (
-    FactorInit, dense_start_factors, dense_start_role, init_factors,
+    FactorInit,
+    dense_start_factors,
+    dense_start_role,
+    init_factors,
 )
 from inrank_megatron.core.resize import FactorResize
 from inrank_megatron.core.rank_rule import select_cut_rank
@@ -30,8 +33,9 @@ from inrank_megatron.core.truncation import truncation_maps
 def replace_parameter(old: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
     """A new Parameter holding ``data`` with the attributes Megatron hangs on ``old``
     (``tensor_model_parallel``, ``partition_dim``, ``allreduce``, ``sequence_parallel``, ...)."""
-    new = torch.nn.Parameter(data.to(dtype=old.dtype, device=old.device).contiguous(),
-                             requires_grad=old.requires_grad)
+    new = torch.nn.Parameter(
+        data.to(dtype=old.dtype, device=old.device).contiguous(), requires_grad=old.requires_grad
+    )
     for key, value in vars(old).items():
         setattr(new, key, value)
     return new
@@ -40,10 +44,19 @@ def replace_parameter(old: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.P
 class InRankFactorsMixin:
     """Factor storage and growth for an ``nn.Module`` computing ``y = x (W0 + B A)^T + bias``."""
 
-    def _init_inrank(self, config: InRankConfig, in_features: int, out_features: int, *,
-                     in_slice: slice = slice(None), out_slice: slice = slice(None),
-                     params_dtype: torch.dtype = torch.float32, device=None,
-                     layer: Optional[str] = None, dense_init: Optional[Callable] = None) -> None:
+    def _init_inrank(
+        self,
+        config: InRankConfig,
+        in_features: int,
+        out_features: int,
+        *,
+        in_slice: slice = slice(None),
+        out_slice: slice = slice(None),
+        params_dtype: torch.dtype = torch.float32,
+        device=None,
+        layer: Optional[str] = None,
+        dense_init: Optional[Callable] = None,
+    ) -> None:
         """Draw the full factors (CPU RNG, TP-size independent), keep this rank's shard.
 
         Args:
@@ -70,21 +83,36 @@ class InRankFactorsMixin:
             # Stage 1 trains every slot (full_rank) or the dense weight (dense); the cut picks the
             # rank.
             n = min(in_features, out_features)
-            self.growth = GrowthState(rank=n, buffer=0, max_rank=n, threshold=config.threshold,
-                                      warmup=config.warmup, gap=config.gap, rule=config.rule,
-                                      layer=layer or "")
+            self.growth = GrowthState(
+                rank=n,
+                buffer=0,
+                max_rank=n,
+                threshold=config.threshold,
+                warmup=config.warmup,
+                gap=config.gap,
+                rule=config.rule,
+                layer=layer or "",
+            )
         else:
-            self.growth = GrowthState(rank=config.rank, buffer=config.buffer, max_rank=max_rank,
-                                      threshold=config.threshold, warmup=config.warmup,
-                                      gap=config.gap, rule=config.rule, layer=layer or "")
+            self.growth = GrowthState(
+                rank=config.rank,
+                buffer=config.buffer,
+                max_rank=max_rank,
+                threshold=config.threshold,
+                warmup=config.warmup,
+                gap=config.gap,
+                rule=config.rule,
+                layer=layer or "",
+            )
         # Efficient mode pre-allocates max_rank slots and only widens the active slice (reference);
         # cumulative mode allocates what is active and grows capacity by doubling.
         slots = self.growth.max_rank if config.mode == "efficient" else self.growth.active_slots
         # The update signal needs B0, A0 at every check: they are drawn again from this seed
         # (k x (in + out) random numbers) rather than kept, so no state, checkpoint or export
         # format changes. Other settings draw from the global stream, as they always have.
-        self._init_seed = (int(torch.randint(0, 2**62, (1,), device="cpu"))
-                           if config.keeps_init else None)
+        self._init_seed = (
+            int(torch.randint(0, 2**62, (1,), device="cpu")) if config.keeps_init else None
+        )
         full = self._draw_init(slots)
         self.A = torch.nn.Parameter(full.A[:, in_slice].to(params_dtype).to(device).contiguous())
         self.B = torch.nn.Parameter(full.B[out_slice].to(params_dtype).to(device).contiguous())
@@ -104,11 +132,22 @@ class InRankFactorsMixin:
         config = self.inrank_config
         gen = None if self._init_seed is None else torch.Generator().manual_seed(self._init_seed)
         if config.start == "dense":
-            return dense_start_factors(self.full_in_features, self.full_out_features,
-                                       dense_init=self._dense_init, generator=gen)
-        return init_factors(config.mode, self.full_in_features, self.full_out_features, slots,
-                            init_scale=config.init_scale, generator=gen, init=config.init,
-                            dense_init=self._dense_init)
+            return dense_start_factors(
+                self.full_in_features,
+                self.full_out_features,
+                dense_init=self._dense_init,
+                generator=gen,
+            )
+        return init_factors(
+            config.mode,
+            self.full_in_features,
+            self.full_out_features,
+            slots,
+            init_scale=config.init_scale,
+            generator=gen,
+            init=config.init,
+            dense_init=self._dense_init,
+        )
 
     @property
     def _dense_role(self) -> str:
@@ -121,15 +160,19 @@ class InRankFactorsMixin:
         """``A0[:k]`` and ``B0[:, :k]``: this shard of the active slots' initial values, drawn again
         from the layer's seed (the ``update`` signal; efficient mode)."""
         if self._init_seed is None:
-            raise ValueError(f"layer {self.growth.layer}: initial factors are only kept with "
-                             "inrank.signal=update")
+            raise ValueError(
+                f"layer {self.growth.layer}: initial factors are only kept with "
+                "inrank.signal=update"
+            )
         k = self.active_slots
         # The draw at init had the slots of stage 1's allocation (B's fan-in, and where A's
         # numbers end and B's begin in the stream): draw those again, keep the active ones.
         n = min(self.full_in_features, self.full_out_features)
-        full = self._draw_init(n if self.inrank_config.start != "low_rank" else
-                               self.inrank_config.layer_max_rank(self.full_in_features,
-                                                                 self.full_out_features))
+        full = self._draw_init(
+            n
+            if self.inrank_config.start != "low_rank"
+            else self.inrank_config.layer_max_rank(self.full_in_features, self.full_out_features)
+        )
         A0 = full.A[:k, self._inrank_in_slice].to(self.A.dtype).to(self.A.device)
         B0 = full.B[self._inrank_out_slice, :k].to(self.B.dtype).to(self.B.device)
         return A0, B0
@@ -187,8 +230,9 @@ class InRankFactorsMixin:
     def spectrum(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Singular values of what the rank rule reads (``inrank.signal``): the full active
         ``B A``, or its update since init ``B A - B0 A0``; zero-padded to ``min(in, out)``."""
-        R_A, R_B = self.update_r(dtype) if self.inrank_config.signal == "update" \
-            else self.factor_r(dtype)
+        R_A, R_B = (
+            self.update_r(dtype) if self.inrank_config.signal == "update" else self.factor_r(dtype)
+        )
         return spectrum_from_r(R_A, R_B, min(self.full_in_features, self.full_out_features))
 
     # ---- Frobenius decay ---------------------------------------------------------------------
@@ -213,9 +257,15 @@ class InRankFactorsMixin:
         with torch.no_grad():
             gram_A = self._reduce_gram(A.to(dtype) @ A.to(dtype).T, "A")  # (k, k)
             gram_B = self._reduce_gram(B.to(dtype).T @ B.to(dtype), "B")  # (k, k)
-        return FrobeniusPenalty.apply(A, B, gram_A, gram_B, coefficient,
-                                      self._frobenius_grad_scale("A"),
-                                      self._frobenius_grad_scale("B"))
+        return FrobeniusPenalty.apply(
+            A,
+            B,
+            gram_A,
+            gram_B,
+            coefficient,
+            self._frobenius_grad_scale("A"),
+            self._frobenius_grad_scale("B"),
+        )
 
     # ---- growth, the cut, capacity -----------------------------------------------------------
 
@@ -227,8 +277,10 @@ class InRankFactorsMixin:
         """Adopt a rank chosen by the rule. Efficient mode only widens the active slice; cumulative
         mode reallocates (doubling) when the active slots would overflow the allocation."""
         if rank < self.growth.rank:
-            raise ValueError(f"layer {self.growth.layer}: rank never shrinks "
-                             f"({self.growth.rank} -> {rank} requested)")
+            raise ValueError(
+                f"layer {self.growth.layer}: rank never shrinks "
+                f"({self.growth.rank} -> {rank} requested)"
+            )
         self.growth.rank = rank
         if self.active_slots <= self.allocated_slots:
             return None
@@ -241,14 +293,23 @@ class InRankFactorsMixin:
         old = {"A": self.A, "B": self.B}
         have = self.allocated_slots
         gen = torch.Generator().manual_seed(self._extend_seed + have)
-        rows = init_factors("cumulative", self.full_in_features, self.full_out_features,
-                            slots - have, init_scale=self.inrank_config.init_scale, generator=gen)
+        rows = init_factors(
+            "cumulative",
+            self.full_in_features,
+            self.full_out_features,
+            slots - have,
+            init_scale=self.inrank_config.init_scale,
+            generator=gen,
+        )
         new_rows = rows.A[:, self._inrank_in_slice].to(self.A.dtype)
         self.A = replace_parameter(self.A, torch.cat([self.A.detach(), new_rows.to(self.A.device)]))
-        self.B = replace_parameter(self.B, torch.cat(
-            [self.B.detach(), self.B.new_zeros(self.B.shape[0], slots - have)], dim=1))
-        return FactorResize(self.growth.layer, "extend", have, slots, old,
-                            {"A": self.A, "B": self.B})
+        self.B = replace_parameter(
+            self.B,
+            torch.cat([self.B.detach(), self.B.new_zeros(self.B.shape[0], slots - have)], dim=1),
+        )
+        return FactorResize(
+            self.growth.layer, "extend", have, slots, old, {"A": self.A, "B": self.B}
+        )
 
     def fix_rank(self, rank: int) -> None:
         """The fixed-rank baseline: train at ``rank`` from the start, no growth, no cut.
@@ -263,22 +324,41 @@ class InRankFactorsMixin:
         n = min(self.full_in_features, self.full_out_features)
         name = self.growth.layer
         if self.inrank_config.mode != "efficient":
-            raise ValueError(f"layer {name}: a fixed rank needs efficient mode, got "
-                             f"{self.inrank_config.mode!r}")
+            raise ValueError(
+                f"layer {name}: a fixed rank needs efficient mode, got {self.inrank_config.mode!r}"
+            )
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= n:
-            raise ValueError(f"layer {name}: fixed rank must be an integer in 1..{n} "
-                             f"(min(in, out)), got {rank!r}")
+            raise ValueError(
+                f"layer {name}: fixed rank must be an integer in 1..{n} "
+                f"(min(in, out)), got {rank!r}"
+            )
         gen = torch.Generator().manual_seed(self._extend_seed)
         cfg = self.inrank_config
-        full = init_factors("efficient", self.full_in_features, self.full_out_features, rank,
-                            init_scale=cfg.init_scale, generator=gen, init=cfg.init,
-                            dense_init=self._dense_init)
+        full = init_factors(
+            "efficient",
+            self.full_in_features,
+            self.full_out_features,
+            rank,
+            init_scale=cfg.init_scale,
+            generator=gen,
+            init=cfg.init,
+            dense_init=self._dense_init,
+        )
         self.A = replace_parameter(self.A, full.A[:, self._inrank_in_slice])
         self.B = replace_parameter(self.B, full.B[self._inrank_out_slice])
         g = self.growth
-        self.growth = GrowthState(rank=rank, buffer=0, max_rank=rank, threshold=g.threshold,
-                                  warmup=g.warmup, gap=g.gap, stage="fixed", step=0, rule=g.rule,
-                                  layer=name)
+        self.growth = GrowthState(
+            rank=rank,
+            buffer=0,
+            max_rank=rank,
+            threshold=g.threshold,
+            warmup=g.warmup,
+            gap=g.gap,
+            stage="fixed",
+            step=0,
+            rule=g.rule,
+            layer=name,
+        )
 
     def cut(self, step: int, rank: Optional[int] = None) -> FactorResize:
         """Stage 1 -> stage 2 (spec section 4): truncate the active product to the current rank,
@@ -293,13 +373,23 @@ class InRankFactorsMixin:
         config = self.inrank_config
         if rank is None and config.start != "low_rank":
             cap = config.layer_max_rank(self.full_in_features, self.full_out_features)
-            rank = select_cut_rank(self.spectrum(), cap, config.threshold, rule=config.rule,
-                                   layer=self.growth.layer or None)
+            rank = select_cut_rank(
+                self.spectrum(),
+                cap,
+                config.threshold,
+                rule=config.rule,
+                layer=self.growth.layer or None,
+            )
         if rank is not None:
-            if isinstance(rank, bool) or not isinstance(rank, int) or \
-                    not 1 <= rank <= self.active_slots:
-                raise ValueError(f"layer {self.growth.layer}: cut rank must be an integer in "
-                                 f"1..{self.active_slots} (the active slots), got {rank!r}")
+            if (
+                isinstance(rank, bool)
+                or not isinstance(rank, int)
+                or not 1 <= rank <= self.active_slots
+            ):
+                raise ValueError(
+                    f"layer {self.growth.layer}: cut rank must be an integer in "
+                    f"1..{self.active_slots} (the active slots), got {rank!r}"
+                )
             # The other active slots are the buffer that the cut drops.
             self.growth.rank, self.growth.buffer = rank, self.active_slots - rank
         # The SVD of the cut always runs in at least fp32 (spec section 5); fp64 here is cheap (k x k).
@@ -311,15 +401,25 @@ class InRankFactorsMixin:
         self.A = replace_parameter(self.A, maps.P_A @ A.detach().to(torch.float64))
         self.B = replace_parameter(self.B, B.detach().to(torch.float64) @ maps.P_B)
         self.growth.fix(step)
-        return FactorResize(self.growth.layer, "truncate", old_slots, self.growth.rank, old,
-                            {"A": self.A, "B": self.B}, maps)
+        return FactorResize(
+            self.growth.layer,
+            "truncate",
+            old_slots,
+            self.growth.rank,
+            old,
+            {"A": self.A, "B": self.B},
+            maps,
+        )
 
     # ---- state ------------------------------------------------------------------------------
 
     def inrank_state(self) -> dict:
         """Growth state plus what a reload needs to rebuild the factor shapes."""
-        state = {"growth": self.growth.state_dict(), "allocated_slots": self.allocated_slots,
-                 "extend_seed": self._extend_seed}
+        state = {
+            "growth": self.growth.state_dict(),
+            "allocated_slots": self.allocated_slots,
+            "extend_seed": self._extend_seed,
+        }
         if self._init_seed is not None:
             state["init_seed"] = self._init_seed
         return state
@@ -331,9 +431,11 @@ class InRankFactorsMixin:
         self._extend_seed = int(state["extend_seed"])
         if self.inrank_config.keeps_init:
             if state.get("init_seed") is None:
-                raise ValueError(f"layer {self.growth.layer}: inrank.signal=update needs the "
-                                 "initial factors' seed, which this checkpoint does not record "
-                                 "(it was trained with another signal)")
+                raise ValueError(
+                    f"layer {self.growth.layer}: inrank.signal=update needs the "
+                    "initial factors' seed, which this checkpoint does not record "
+                    "(it was trained with another signal)"
+                )
             self._init_seed = int(state["init_seed"])
         slots = int(state["allocated_slots"])
         if slots != self.allocated_slots:
@@ -381,7 +483,7 @@ def named_inrank_layers(modules) -> list:
             if isinstance(m, InRankFactorsMixin):
                 for local, global_name in numbers.items():
                     if name.startswith(local + "."):
-                        name = global_name + name[len(local):]
+                        name = global_name + name[len(local) :]
                         break
                 out.append((name.removeprefix("module."), m))
     return out

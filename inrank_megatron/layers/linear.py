@@ -24,16 +24,33 @@ class InRankLinear(InRankFactorsMixin, torch.nn.Module):
         name: layer name used in errors and reports.
     """
 
-    def __init__(self, in_features: int, out_features: int, config: Optional[InRankConfig] = None,
-                 *, bias: bool = True, dtype: torch.dtype = torch.float32, device=None,
-                 name: Optional[str] = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: Optional[InRankConfig] = None,
+        *,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        name: Optional[str] = None,
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self._init_inrank(config or InRankConfig(), in_features, out_features, params_dtype=dtype,
-                          device=device, layer=name)
-        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) \
-            if bias else None
+        self._init_inrank(
+            config or InRankConfig(),
+            in_features,
+            out_features,
+            params_dtype=dtype,
+            device=device,
+            layer=name,
+        )
+        self.bias = (
+            torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+            if bias
+            else None
+        )
 
     def dense_weight(self) -> torch.Tensor:
         """The ``[out, in]`` weight this layer applies (for tests and export; never in forward)."""
@@ -52,6 +69,8 @@ class InRankLinear(InRankFactorsMixin, torch.nn.Module):
 
     def extra_repr(self) -> str:
         g = self.growth
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"mode={self.inrank_config.mode}, rank={g.rank}, buffer={g.buffer}, "
-                f"max_rank={g.max_rank}, stage={g.stage}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"mode={self.inrank_config.mode}, rank={g.rank}, buffer={g.buffer}, "
+            f"max_rank={g.max_rank}, stage={g.stage}, bias={self.bias is not None}"
+        )

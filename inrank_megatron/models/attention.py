@@ -42,17 +42,28 @@ class SDPADotProductAttention(MegatronModule):
         pg_collection: process groups (default: megatron's).
     """
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, attention_dropout: Optional[float] = None,
-                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection: Optional[ProcessGroupCollection] = None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise ValueError("SDPADotProductAttention: context parallelism is not supported; "
-                             "expected context_parallel_size=1")
+            raise ValueError(
+                "SDPADotProductAttention: context parallelism is not supported; "
+                "expected context_parallel_size=1"
+            )
         if config.window_size is not None or config.softmax_type != "vanilla":
-            raise ValueError("SDPADotProductAttention: sliding windows and softmax offsets are "
-                             "not supported; use megatron's DotProductAttention (attention=local)")
+            raise ValueError(
+                "SDPADotProductAttention: sliding windows and softmax offsets are "
+                "not supported; use megatron's DotProductAttention (attention=local)"
+            )
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         if pg_collection is None:
@@ -65,23 +76,32 @@ class SDPADotProductAttention(MegatronModule):
         self.num_query_groups_per_partition = divide(config.num_query_groups, tp)
         # megatron's apply_query_key_layer_scaling divides the scale by the layer number and its
         # fp32 softmax multiplies it back: the product is 1 / sqrt(hn) either way.
-        self.softmax_scale = (softmax_scale if softmax_scale is not None
-                              else 1.0 / math.sqrt(divide(projection_size,
-                                                          config.num_attention_heads)))
-        self.dropout_p = config.attention_dropout if attention_dropout is None \
-            else attention_dropout
+        self.softmax_scale = (
+            softmax_scale
+            if softmax_scale is not None
+            else 1.0 / math.sqrt(divide(projection_size, config.num_attention_heads))
+        )
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor],
-                attn_mask_type: Optional[AttnMaskType] = None,
-                attention_bias: Optional[torch.Tensor] = None,
-                packed_seq_params=None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
         """Args: query ``[sq, b, np, hn]``, key / value ``[sk, b, ng, hn]``, attention_mask
         (bool, True = masked out, broadcastable to ``[b, np, sq, sk]``) or None.
         Returns: context ``[sq, b, np * hn]``."""
         if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPADotProductAttention: packed sequences and attention bias are "
-                             "not supported")
+            raise ValueError(
+                "SDPADotProductAttention: packed sequences and attention bias are not supported"
+            )
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         sq, b = query.shape[0], query.shape[1]
         sk = key.shape[0]
@@ -91,8 +111,10 @@ class SDPADotProductAttention(MegatronModule):
             mask = ~attention_mask
         elif mask_type == AttnMaskType.causal:
             if sq != sk:  # as megatron's local attention, whose default mask is [sq, sq]
-                raise ValueError(f"SDPADotProductAttention: a causal mask needs equal query and "
-                                 f"key lengths without attention_mask, got {sq} and {sk}")
+                raise ValueError(
+                    f"SDPADotProductAttention: a causal mask needs equal query and "
+                    f"key lengths without attention_mask, got {sq} and {sk}"
+                )
             causal = True
         p = self.dropout_p if self.training else 0.0
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
@@ -100,12 +122,26 @@ class SDPADotProductAttention(MegatronModule):
             # As DotProductAttention: dropout draws from the model-parallel RNG stream.
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 context = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
-                    scale=self.softmax_scale, enable_gqa=groups > 1)
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    dropout_p=p,
+                    is_causal=causal,
+                    scale=self.softmax_scale,
+                    enable_gqa=groups > 1,
+                )
         else:
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.softmax_scale,
-                enable_gqa=groups > 1)
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=p,
+                is_causal=causal,
+                scale=self.softmax_scale,
+                enable_gqa=groups > 1,
+            )
         # (b, np, sq, hn) -> (sq, b, np * hn)
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 

@@ -20,13 +20,15 @@ import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
-    TransformerBlockSubmodules, get_num_layers_to_build,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from inrank_megatron.core.config import InRankConfig
 from inrank_megatron.tensor_parallel.layers import (
-    InRankColumnParallelLinear, InRankRowParallelLinear,
+    InRankColumnParallelLinear,
+    InRankRowParallelLinear,
 )
 
 LAYER_KINDS = ("fc1", "fc2", "qkv", "proj")
@@ -44,8 +46,9 @@ class SequenceParallelTorchNorm:
         elif config.normalization == "RMSNorm":
             norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         else:
-            raise ValueError(f"normalization must be 'LayerNorm' or 'RMSNorm', "
-                             f"got {config.normalization!r}")
+            raise ValueError(
+                f"normalization must be 'LayerNorm' or 'RMSNorm', got {config.normalization!r}"
+            )
         for p in norm.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)
         return norm
@@ -59,10 +62,14 @@ def _check_layers(layers: Iterable[str]) -> tuple:
     return layers
 
 
-def get_gpt_layer_inrank_spec(inrank_config: Optional[InRankConfig] = None, *,
-                              layers: Iterable[str] = ("fc1", "fc2"),
-                              normalization: str = "LayerNorm",
-                              qk_layernorm: bool = False, attention: str = "local") -> ModuleSpec:
+def get_gpt_layer_inrank_spec(
+    inrank_config: Optional[InRankConfig] = None,
+    *,
+    layers: Iterable[str] = ("fc1", "fc2"),
+    normalization: str = "LayerNorm",
+    qk_layernorm: bool = False,
+    attention: str = "local",
+) -> ModuleSpec:
     """A megatron.core transformer-layer ModuleSpec with InRank linear layers.
 
     Args:
@@ -81,8 +88,9 @@ def get_gpt_layer_inrank_spec(inrank_config: Optional[InRankConfig] = None, *,
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     cfg = inrank_config or InRankConfig()
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization,
-                                                  qk_layernorm=qk_layernorm))
+    spec = copy.deepcopy(
+        get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+    )
     sub = spec.submodules
     sub.input_layernorm = SequenceParallelTorchNorm
     sub.pre_mlp_layernorm = SequenceParallelTorchNorm
@@ -103,13 +111,16 @@ def get_gpt_layer_inrank_spec(inrank_config: Optional[InRankConfig] = None, *,
     return spec
 
 
-def get_gpt_block_inrank_spec(config: TransformerConfig,
-                              inrank_config: Optional[InRankConfig] = None, *,
-                              layers: Iterable[str] = ("fc1", "fc2"),
-                              layer_numbers: Optional[Iterable[int]] = None,
-                              qk_layernorm: bool = False,
-                              vp_stage: Optional[int] = None,
-                              attention: str = "local") -> TransformerBlockSubmodules:
+def get_gpt_block_inrank_spec(
+    config: TransformerConfig,
+    inrank_config: Optional[InRankConfig] = None,
+    *,
+    layers: Iterable[str] = ("fc1", "fc2"),
+    layer_numbers: Optional[Iterable[int]] = None,
+    qk_layernorm: bool = False,
+    vp_stage: Optional[int] = None,
+    attention: str = "local",
+) -> TransformerBlockSubmodules:
     """The transformer block of this pipeline stage: InRank layers where asked, dense elsewhere,
     and an SP-capable final norm. Pass it as ``GPTModel(transformer_layer_spec=...)``.
 
@@ -124,22 +135,35 @@ def get_gpt_block_inrank_spec(config: TransformerConfig,
     """
     _check_layers(layers)
     if getattr(config, "gated_linear_unit", False) and "fc1" in tuple(layers):
-        raise ValueError("inrank layers include fc1 but the model uses a gated linear unit "
-                         "(SwiGLU): InRank fc1 does not support gated activations")
+        raise ValueError(
+            "inrank layers include fc1 but the model uses a gated linear unit "
+            "(SwiGLU): InRank fc1 does not support gated activations"
+        )
     if layer_numbers is not None:
         layer_numbers = set(layer_numbers)
         bad = sorted(n for n in layer_numbers if not 1 <= n <= config.num_layers)
         if bad:
             raise ValueError(f"inrank layer_numbers {bad} outside 1..{config.num_layers}")
-    inrank = get_gpt_layer_inrank_spec(inrank_config, layers=layers,
-                                       normalization=config.normalization,
-                                       qk_layernorm=qk_layernorm, attention=attention)
-    dense = get_gpt_layer_inrank_spec(inrank_config, layers=(), normalization=config.normalization,
-                                      qk_layernorm=qk_layernorm, attention=attention)
+    inrank = get_gpt_layer_inrank_spec(
+        inrank_config,
+        layers=layers,
+        normalization=config.normalization,
+        qk_layernorm=qk_layernorm,
+        attention=attention,
+    )
+    dense = get_gpt_layer_inrank_spec(
+        inrank_config,
+        layers=(),
+        normalization=config.normalization,
+        qk_layernorm=qk_layernorm,
+        attention=attention,
+    )
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     num = get_num_layers_to_build(config, vp_stage=vp_stage)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
-    specs = [inrank if layer_numbers is None or offset + i + 1 in layer_numbers else dense
-             for i in range(num)]
+    specs = [
+        inrank if layer_numbers is None or offset + i + 1 in layer_numbers else dense
+        for i in range(num)
+    ]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=SequenceParallelTorchNorm)

@@ -29,23 +29,28 @@ _DEVICE_TYPES = ("cuda", "cpu")
 _patched = False
 
 
-def recompute_fields(recompute: str, recompute_num_layers: Optional[int],
-                     layers_per_stage: int) -> dict:
+def recompute_fields(
+    recompute: str, recompute_num_layers: Optional[int], layers_per_stage: int
+) -> dict:
     """TransformerConfig fields for ``model.recompute`` (none / selective / full)."""
     if recompute == "none":
         return {}
     if recompute == "selective":
         return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
     if recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": "block",
-                "recompute_num_layers": recompute_num_layers or layers_per_stage}
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": "block",
+            "recompute_num_layers": recompute_num_layers or layers_per_stage,
+        }
     raise ValueError(f"model.recompute must be none, selective or full, got {recompute!r}")
 
 
 def _with_autocast_of_now(function):
     """``function`` run under the autocast state current at this call, wherever it runs later."""
-    states = [(d, torch.get_autocast_dtype(d)) for d in _DEVICE_TYPES
-              if torch.is_autocast_enabled(d)]
+    states = [
+        (d, torch.get_autocast_dtype(d)) for d in _DEVICE_TYPES if torch.is_autocast_enabled(d)
+    ]
 
     @functools.wraps(function)
     def run(*args):

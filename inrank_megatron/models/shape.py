@@ -60,9 +60,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """
     padded = ((vocab_size + divisible_by - 1) // divisible_by) * divisible_by
     if padded % tp:
-        raise ValueError(f"model.make_vocab_size_divisible_by={divisible_by} gives a padded "
-                         f"vocabulary of {padded}, not divisible by the tensor-parallel size {tp}; "
-                         "choose a multiple of the TP size")
+        raise ValueError(
+            f"model.make_vocab_size_divisible_by={divisible_by} gives a padded "
+            f"vocabulary of {padded}, not divisible by the tensor-parallel size {tp}; "
+            "choose a multiple of the TP size"
+        )
     return padded
 
 
@@ -71,12 +73,18 @@ def shape_from_config(cfg, vocab_size: int, tp: int = 1) -> GPTShape:
     ``vocab_size`` ids (padded here)."""
     m = cfg.model
     return GPTShape(
-        num_layers=m.num_layers, hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads, seq_length=m.seq_length,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        seq_length=m.seq_length,
         vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp),
-        ffn_hidden_size=m.ffn(), max_position_embeddings=m.max_positions(),
-        normalization=m.normalization, activation=m.activation,
+        ffn_hidden_size=m.ffn(),
+        max_position_embeddings=m.max_positions(),
+        normalization=m.normalization,
+        activation=m.activation,
         position_embedding_type=m.position_embedding_type,
         untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
-        add_bias_linear=m.add_bias_linear, hidden_dropout=m.hidden_dropout,
-        attention_dropout=m.attention_dropout)
+        add_bias_linear=m.add_bias_linear,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+    )

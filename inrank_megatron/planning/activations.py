@@ -15,14 +15,23 @@ from typing import Optional
 
 from inrank_megatron.config import TrainConfig
 from inrank_megatron.planning.estimates import (
-    ceil_div, check_inrank, layer_linears, padded_vocab, slot_rule,
+    ceil_div,
+    check_inrank,
+    layer_linears,
+    padded_vocab,
+    slot_rule,
 )
 
 ATTENTIONS = ("local", "sdpa")
 RECOMPUTES = ("none", "selective", "full")
 # (attention, recompute) pairs a config can run (selective recomputes local attention only).
-ACTIVATION_VARIANTS = (("local", "none"), ("local", "selective"), ("local", "full"),
-                       ("sdpa", "none"), ("sdpa", "full"))
+ACTIVATION_VARIANTS = (
+    ("local", "none"),
+    ("local", "selective"),
+    ("local", "full"),
+    ("sdpa", "none"),
+    ("sdpa", "full"),
+)
 
 
 @dataclass(frozen=True)
@@ -91,8 +100,9 @@ class ActivationEstimate:
         return self.kept + self.transient
 
 
-def _layer_activations(cfg: TrainConfig, linears: list, tp: int, micro_batch: int,
-                       attention: str, dt: ActivationBytes) -> tuple[int, int]:
+def _layer_activations(
+    cfg: TrainConfig, linears: list, tp: int, micro_batch: int, attention: str, dt: ActivationBytes
+) -> tuple[int, int]:
     """``(core, rest)``: bytes one transformer layer keeps for backward, split into what core
     attention keeps (what selective recompute drops) and the rest.
 
@@ -147,13 +157,20 @@ def _layer_activations(cfg: TrainConfig, linears: list, tp: int, micro_batch: in
     return core, rest
 
 
-def activation_memory(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage: str = "active",
-                      attention: Optional[str] = None, recompute: Optional[str] = None,
-                      recompute_num_layers: Optional[int] = None, tp: Optional[int] = None,
-                      micro_batch_size: Optional[int] = None,
-                      rank_fraction: Optional[float] = None,
-                      vocab_size: Optional[int] = None,
-                      num_microbatches: Optional[int] = None) -> ActivationEstimate:
+def activation_memory(
+    cfg: TrainConfig,
+    *,
+    inrank: Optional[bool] = None,
+    stage: str = "active",
+    attention: Optional[str] = None,
+    recompute: Optional[str] = None,
+    recompute_num_layers: Optional[int] = None,
+    tp: Optional[int] = None,
+    micro_batch_size: Optional[int] = None,
+    rank_fraction: Optional[float] = None,
+    vocab_size: Optional[int] = None,
+    num_microbatches: Optional[int] = None,
+) -> ActivationEstimate:
     """Activation bytes on the fullest GPU of one training micro-batch step.
 
     Args:
@@ -178,8 +195,10 @@ def activation_memory(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage:
     attention = attention or m.attention
     recompute = recompute or m.recompute
     if attention not in ATTENTIONS or recompute not in RECOMPUTES:
-        raise ValueError(f"attention must be one of {ATTENTIONS} and recompute one of "
-                         f"{RECOMPUTES}, got {attention!r}, {recompute!r}")
+        raise ValueError(
+            f"attention must be one of {ATTENTIONS} and recompute one of "
+            f"{RECOMPUTES}, got {attention!r}, {recompute!r}"
+        )
     if recompute_num_layers is None and recompute == m.recompute:
         recompute_num_layers = m.recompute_num_layers
     tp = tp or cfg.parallel.tensor_model_parallel_size
@@ -208,7 +227,8 @@ def activation_memory(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage:
         buffers[dt.compute] = b * heads * s * s
     if sp:
         buffers[dt.linear_input if dt.residual == dt.linear_input else dt.residual] = max(
-            buffers.get(dt.residual, 0), tokens * h)
+            buffers.get(dt.residual, 0), tokens * h
+        )
     persistent = sum(nbytes * numel for nbytes, numel in buffers.items())
     if attention == "local":
         # Backward of one layer's attention holds the gradients of the probabilities and of the
@@ -233,20 +253,25 @@ def activation_memory(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage:
     # layers behind it are freed (megatron's block method recomputes the first n).
     last_layer = attention_backward + (core if recompute == "selective" else 0)
     if n:
-        last_layer = max(last_layer if n < per_stage else 0,
-                         layer + attention_backward + 2 * layer_input
-                         - (per_stage - n) * layer)
+        last_layer = max(
+            last_layer if n < per_stage else 0,
+            layer + attention_backward + 2 * layer_input - (per_stage - n) * layer,
+        )
     vocab_shard = ceil_div(padded_vocab(cfg, vocab_size=vocab_size), tp)
     embed = 2 * 8 * tokens  # token and position ids
     # Final norm input and stats, output layer input, the cross entropy's fp32 logits, labels.
-    head = (dt.residual * tokens * h + 2 * 4 * tokens + dt.linear_input * tokens * h) // sp_div \
-        + 4 * tokens * vocab_shard + 9 * tokens
+    head = (
+        (dt.residual * tokens * h + 2 * 4 * tokens + dt.linear_input * tokens * h) // sp_div
+        + 4 * tokens * vocab_shard
+        + 9 * tokens
+    )
     # Start of backward: the output weight's gradient (under autocast, its 16-bit product and
     # the fp32 cast), the gradient of the output layer's input and, in 16-bit, the 16-bit cast
     # of the logits' fp32 gradient.
     autocast = dt.residual > dt.linear_input
-    head_backward = (dt.compute + (4 if autocast else 0)) * vocab_shard * h \
-        + dt.residual * tokens * h
+    head_backward = (
+        dt.compute + (4 if autocast else 0)
+    ) * vocab_shard * h + dt.residual * tokens * h
     if dt.compute < 4:
         head_backward += dt.compute * tokens * vocab_shard
     micro = num_microbatches if num_microbatches is not None else pp
@@ -254,13 +279,22 @@ def activation_memory(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage:
     for p in range(pp):
         first, last = p == 0, p == pp - 1
         flight = max(1, min(pp - p, micro))
-        kept = persistent + flight * (layers_kept + (embed if first else 0) +
-                                      (head if last else 0))
+        kept = persistent + flight * (layers_kept + (embed if first else 0) + (head if last else 0))
         # The head's backward comes first; the layers' after the head's buffers are freed.
         extra = max(head_backward, last_layer - head) if last else last_layer
         if best is None or kept + extra > best[0] + best[1]:
             best = (kept, extra, flight)
-    label = "dense" if not inrank else {"active": "InRank stage 1",
-                                        "fraction": "InRank after cut"}[stage]
-    return ActivationEstimate(label=label, attention=attention, recompute=recompute, layer=layer,
-                              kept=best[0], transient=best[1], in_flight=best[2])
+    label = (
+        "dense"
+        if not inrank
+        else {"active": "InRank stage 1", "fraction": "InRank after cut"}[stage]
+    )
+    return ActivationEstimate(
+        label=label,
+        attention=attention,
+        recompute=recompute,
+        layer=layer,
+        kept=best[0],
+        transient=best[1],
+        in_flight=best[2],
+    )

@@ -40,7 +40,10 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Sequence
 
 from inrank_megatron.config import (
-    ConfigError, TrainConfig, data_parallel_size, inrank_fit_failures,
+    ConfigError,
+    TrainConfig,
+    data_parallel_size,
+    inrank_fit_failures,
 )
 from inrank_megatron.deepspeed_json import zero_stage
 from inrank_megatron.models.shape import COLUMN_PARALLEL, linear_shapes
@@ -48,8 +51,13 @@ from inrank_megatron.models.shape import COLUMN_PARALLEL, linear_shapes
 # Which InRank slots a count uses (the `stage` argument; not the growth stages of core.STAGES).
 SLOT_COUNTS = ("storage", "active", "fraction")
 STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "megatron")
-STRATEGY_NAMES = {"zero0": "ZeRO-0 (DDP)", "zero1": "ZeRO-1", "zero2": "ZeRO-2",
-                  "zero3": "ZeRO-3", "megatron": "Megatron dist-opt"}
+STRATEGY_NAMES = {
+    "zero0": "ZeRO-0 (DDP)",
+    "zero1": "ZeRO-1",
+    "zero2": "ZeRO-2",
+    "zero3": "ZeRO-3",
+    "megatron": "Megatron dist-opt",
+}
 
 
 # ------------------------------------------------------------------------------------- model shape
@@ -72,9 +80,11 @@ def tokenizer_vocab_size(cfg: TrainConfig) -> int:
         try:
             return SentencePieceTokenizer(path).vocab_size
         except ValueError as error:
-            raise ConfigError(f"data.tokenizer_model={path!r}: {error}; expected the "
-                              "SentencePiece .model the data was tokenized with "
-                              "(tools/train_tokenizer.py makes one)") from None
+            raise ConfigError(
+                f"data.tokenizer_model={path!r}: {error}; expected the "
+                "SentencePiece .model the data was tokenized with "
+                "(tools/train_tokenizer.py makes one)"
+            ) from None
     from inrank_megatron.data.train_tokenizer import DEFAULT_VOCAB_SIZE
 
     return DEFAULT_VOCAB_SIZE
@@ -158,21 +168,47 @@ def reachable_rank(cfg: TrainConfig, in_features: int, out_features: int) -> int
 
 
 @functools.lru_cache(maxsize=64)
-def _init_rank(in_features: int, out_features: int, start: str, signal: str, rank: int,
-               buffer: int, max_rank: int, threshold: float, rule: str, init_scale: float,
-               init: str) -> Optional[int]:
+def _init_rank(
+    in_features: int,
+    out_features: int,
+    start: str,
+    signal: str,
+    rank: int,
+    buffer: int,
+    max_rank: int,
+    threshold: float,
+    rule: str,
+    init_scale: float,
+    init: str,
+) -> Optional[int]:
     # torch only here: the planner imports without it.
     from inrank_megatron.core.init_ranks import init_cut_rank, init_rank_trajectory
 
     if start != "low_rank":
-        return init_cut_rank(in_features, out_features, start=start, signal=signal,
-                             max_rank=max_rank, threshold=threshold, rule=rule,
-                             init_scale=init_scale, init=init)
+        return init_cut_rank(
+            in_features,
+            out_features,
+            start=start,
+            signal=signal,
+            max_rank=max_rank,
+            threshold=threshold,
+            rule=rule,
+            init_scale=init_scale,
+            init=init,
+        )
     if signal == "update":
         return None
-    return init_rank_trajectory(in_features, out_features, rank=rank, buffer=buffer,
-                                max_rank=max_rank, threshold=threshold, rule=rule,
-                                init_scale=init_scale, init=init)[-1]
+    return init_rank_trajectory(
+        in_features,
+        out_features,
+        rank=rank,
+        buffer=buffer,
+        max_rank=max_rank,
+        threshold=threshold,
+        rule=rule,
+        init_scale=init_scale,
+        init=init,
+    )[-1]
 
 
 def expected_rank(cfg: TrainConfig, in_features: int, out_features: int) -> int:
@@ -183,15 +219,26 @@ def expected_rank(cfg: TrainConfig, in_features: int, out_features: int) -> int:
     update signal, which the init does not decide, the most the rule can reach. Never above
     :func:`reachable_rank`."""
     ir = cfg.inrank
-    rank = _init_rank(in_features, out_features, ir.start, ir.signal, ir.rank, ir.buffer,
-                      ir.layer_max_rank(in_features, out_features), ir.threshold, ir.rule,
-                      ir.init_scale, ir.init)
+    rank = _init_rank(
+        in_features,
+        out_features,
+        ir.start,
+        ir.signal,
+        ir.rank,
+        ir.buffer,
+        ir.layer_max_rank(in_features, out_features),
+        ir.threshold,
+        ir.rule,
+        ir.init_scale,
+        ir.init,
+    )
     reachable = reachable_rank(cfg, in_features, out_features)
     return reachable if rank is None else min(rank, reachable)
 
 
-def rank_after_cut(cfg: TrainConfig, in_features: int, out_features: int,
-                   rank_fraction: Optional[float] = None) -> int:
+def rank_after_cut(
+    cfg: TrainConfig, in_features: int, out_features: int, rank_fraction: Optional[float] = None
+) -> int:
     """The rank after the cut: :func:`expected_rank` (``rank_fraction=None``), or
     ``rank_fraction`` of d_model clipped to what the rank rule can reach: never below
     ``inrank.rank``, never above :func:`reachable_rank`."""
@@ -201,8 +248,9 @@ def rank_after_cut(cfg: TrainConfig, in_features: int, out_features: int,
     return max(cfg.inrank.rank, min(want, reachable_rank(cfg, in_features, out_features)))
 
 
-def slot_rule(cfg: TrainConfig, stage: str,
-              rank_fraction: Optional[float]) -> Callable[[int, int], int]:
+def slot_rule(
+    cfg: TrainConfig, stage: str, rank_fraction: Optional[float]
+) -> Callable[[int, int], int]:
     ir = cfg.inrank
     if stage in ("storage", "active") and ir.start != "low_rank":
         return lambda i, o: min(i, o)  # stage 1 trains every slot (or the dense weight)
@@ -285,7 +333,9 @@ def _linear_params(lin: Linear, bias: bool, tp: int) -> tuple[int, int, int, int
         return n_in * n_out + b_total, shard + b_shard, 0, 0
     k = lin.slots
     total = k * (n_in + n_out) + b_total
-    shard = (k * n_in + ceil_div(n_out, tp) * k) if lin.column else (k * ceil_div(n_in, tp) + n_out * k)
+    shard = (
+        (k * n_in + ceil_div(n_out, tp) * k) if lin.column else (k * ceil_div(n_in, tp) + n_out * k)
+    )
     w0, w0_shard = 0, 0
     if lin.frozen_w0:
         w0 = n_in * n_out
@@ -293,10 +343,16 @@ def _linear_params(lin: Linear, bias: bool, tp: int) -> tuple[int, int, int, int
     return total, shard + b_shard, w0, w0_shard
 
 
-def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional[int] = None,
-                     stage: str = "storage", rank_fraction: Optional[float] = None,
-                     inrank: Optional[bool] = None,
-                     vocab_size: Optional[int] = None) -> ParamCount:
+def count_parameters(
+    cfg: TrainConfig,
+    *,
+    tp: Optional[int] = None,
+    pp: Optional[int] = None,
+    stage: str = "storage",
+    rank_fraction: Optional[float] = None,
+    inrank: Optional[bool] = None,
+    vocab_size: Optional[int] = None,
+) -> ParamCount:
     """Parameters of the config's GPT, total and per GPU.
 
     Args:
@@ -332,8 +388,12 @@ def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional
     linears = layer_linears(cfg, inrank, slots)
     for lin in linears:
         t, s, w, ws = _linear_params(lin, m.add_bias_linear, tp)
-        layer_total, layer_shard, w0_total, w0_shard = (layer_total + t, layer_shard + s,
-                                                        w0_total + w, w0_shard + ws)
+        layer_total, layer_shard, w0_total, w0_shard = (
+            layer_total + t,
+            layer_shard + s,
+            w0_total + w,
+            w0_shard + ws,
+        )
         if lin.kind in ("qkv", "proj"):
             attention += t
         else:
@@ -344,9 +404,14 @@ def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional
     embed = vocab * h
     positions = m.max_positions() * h if m.position_embedding_type == "learned_absolute" else 0
     untied = m.untie_embeddings_and_output_weights
-    breakdown = {"embeddings": embed, "positions": positions,
-                 "attention": attention * m.num_layers, "mlp": mlp * m.num_layers,
-                 "norms": (2 * m.num_layers + 1) * norm, "output": embed if untied else 0}
+    breakdown = {
+        "embeddings": embed,
+        "positions": positions,
+        "attention": attention * m.num_layers,
+        "mlp": mlp * m.num_layers,
+        "norms": (2 * m.num_layers + 1) * norm,
+        "output": embed if untied else 0,
+    }
     total = sum(breakdown.values())
 
     # Pipeline stages: equal layer counts (the rule "PP divides layers" checks it); the first
@@ -368,12 +433,29 @@ def count_parameters(cfg: TrainConfig, *, tp: Optional[int] = None, pp: Optional
         buffers_per_stage.append(per_layer_stage * w0_shard)
 
     slot_map = {lin.kind: lin.slots for lin in linears if lin.slots is not None}
-    label = "dense" if not inrank else {"storage": "InRank allocated", "active": "InRank stage 1",
-                                        "fraction": "InRank after cut"}[stage]
-    return ParamCount(label=label, inrank=inrank, stage="dense" if not inrank else stage, tp=tp,
-                      pp=pp, vocab_size=vocab, total=total, buffers=w0_total * m.num_layers,
-                      per_stage=tuple(per_stage), buffers_per_stage=tuple(buffers_per_stage),
-                      slots=slot_map, breakdown=breakdown)
+    label = (
+        "dense"
+        if not inrank
+        else {
+            "storage": "InRank allocated",
+            "active": "InRank stage 1",
+            "fraction": "InRank after cut",
+        }[stage]
+    )
+    return ParamCount(
+        label=label,
+        inrank=inrank,
+        stage="dense" if not inrank else stage,
+        tp=tp,
+        pp=pp,
+        vocab_size=vocab,
+        total=total,
+        buffers=w0_total * m.num_layers,
+        per_stage=tuple(per_stage),
+        buffers_per_stage=tuple(buffers_per_stage),
+        slots=slot_map,
+        breakdown=breakdown,
+    )
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -442,9 +524,15 @@ def memory_for(params: ParamCount, precision: str, dp: int, strategy: str) -> Me
     return MemoryEstimate(strategy, weights, grads, optim)
 
 
-def memory_per_gpu(cfg: TrainConfig, world_size: int, *, inrank: Optional[bool] = None,
-                   stage: str = "storage", rank_fraction: Optional[float] = None,
-                   vocab_size: Optional[int] = None) -> dict[str, MemoryEstimate]:
+def memory_per_gpu(
+    cfg: TrainConfig,
+    world_size: int,
+    *,
+    inrank: Optional[bool] = None,
+    stage: str = "storage",
+    rank_fraction: Optional[float] = None,
+    vocab_size: Optional[int] = None,
+) -> dict[str, MemoryEstimate]:
     """Bytes per GPU of weights, gradients and optimizer state under every strategy of
     :data:`STRATEGIES`, for the config's layout on ``world_size`` GPUs (activations apart).
 
@@ -452,8 +540,9 @@ def memory_per_gpu(cfg: TrainConfig, world_size: int, *, inrank: Optional[bool] 
         ConfigError: TP * PP does not divide ``world_size``.
     """
     dp = data_parallel_size(cfg, world_size)
-    params = count_parameters(cfg, stage=stage, rank_fraction=rank_fraction, inrank=inrank,
-                              vocab_size=vocab_size)
+    params = count_parameters(
+        cfg, stage=stage, rank_fraction=rank_fraction, inrank=inrank, vocab_size=vocab_size
+    )
     return {s: memory_for(params, cfg.train.precision, dp, s) for s in STRATEGIES}
 
 
@@ -510,10 +599,15 @@ class FlopCount:
         return self.linear + self.attention + self.logits
 
 
-def flops_per_token(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage: str = "active",
-                    rank_fraction: Optional[float] = None,
-                    vocab_size: Optional[int] = None,
-                    layer_slots: Optional[Sequence[Mapping[str, int]]] = None) -> FlopCount:
+def flops_per_token(
+    cfg: TrainConfig,
+    *,
+    inrank: Optional[bool] = None,
+    stage: str = "active",
+    rank_fraction: Optional[float] = None,
+    vocab_size: Optional[int] = None,
+    layer_slots: Optional[Sequence[Mapping[str, int]]] = None,
+) -> FlopCount:
     """Training FLOPs per token of the matmuls, counted exactly from the layer shapes.
 
     A dense linear costs ``in * out`` multiply-adds per token forward; an InRank linear using ``k``
@@ -538,14 +632,20 @@ def flops_per_token(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage: s
         check_inrank(cfg)
     stage = "active" if stage == "storage" else stage
     if layer_slots is None:
-        per_layer = [layer_linears(cfg, inrank, slot_rule(cfg, stage, rank_fraction))] * m.num_layers
+        per_layer = [
+            layer_linears(cfg, inrank, slot_rule(cfg, stage, rank_fraction))
+        ] * m.num_layers
     else:
         if len(layer_slots) != m.num_layers:
-            raise ValueError(f"layer_slots has {len(layer_slots)} entries, expected one per "
-                             f"transformer layer ({m.num_layers})")
+            raise ValueError(
+                f"layer_slots has {len(layer_slots)} entries, expected one per "
+                f"transformer layer ({m.num_layers})"
+            )
         template = layer_linears(cfg, inrank, slot_rule(cfg, stage, rank_fraction))
-        per_layer = [[lin if lin.slots is None else replace(lin, slots=slots[lin.kind])
-                      for lin in template] for slots in layer_slots]
+        per_layer = [
+            [lin if lin.slots is None else replace(lin, slots=slots[lin.kind]) for lin in template]
+            for slots in layer_slots
+        ]
     macs = 0  # forward+backward multiply-adds per token, linears only
     for linears in per_layer:
         for lin in linears:
@@ -558,7 +658,13 @@ def flops_per_token(cfg: TrainConfig, *, inrank: Optional[bool] = None, stage: s
     linear = 2 * macs
     attention = 2 * 3 * 2 * m.seq_length * m.hidden_size * m.num_layers
     logits = 2 * 3 * m.hidden_size * padded_vocab(cfg, vocab_size=vocab_size)
-    label = "dense" if not inrank else ("InRank at given slots" if layer_slots is not None else
-                                        {"active": "InRank stage 1",
-                                         "fraction": "InRank after cut"}[stage])
+    label = (
+        "dense"
+        if not inrank
+        else (
+            "InRank at given slots"
+            if layer_slots is not None
+            else {"active": "InRank stage 1", "fraction": "InRank after cut"}[stage]
+        )
+    )
     return FlopCount(label, linear, attention, logits)

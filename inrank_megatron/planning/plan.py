@@ -13,12 +13,21 @@ from typing import Optional
 
 from inrank_megatron import rules
 from inrank_megatron.config import (
-    ConfigError, TrainConfig, data_parallel_size, grad_accumulation_steps,
+    ConfigError,
+    TrainConfig,
+    data_parallel_size,
+    grad_accumulation_steps,
 )
 from inrank_megatron.planning.activations import ACTIVATION_VARIANTS, activation_memory
 from inrank_megatron.planning.estimates import (
-    SLOT_COUNTS, STRATEGIES, check_inrank,
-    count_parameters, flops_per_token, memory_for, selected_strategy, tokenizer_vocab_size,
+    SLOT_COUNTS,
+    STRATEGIES,
+    check_inrank,
+    count_parameters,
+    flops_per_token,
+    memory_for,
+    selected_strategy,
+    tokenizer_vocab_size,
 )
 
 DEFAULT_GPU_MEMORY_GIB = 80.0
@@ -65,8 +74,9 @@ class Fit:
         return self.total <= self.gpu_bytes
 
 
-def _phases(cfg: TrainConfig, world_size: int, rank_fraction: Optional[float],
-            vocab_size: Optional[int]) -> tuple:
+def _phases(
+    cfg: TrainConfig, world_size: int, rank_fraction: Optional[float], vocab_size: Optional[int]
+) -> tuple:
     """The run's phases on the fullest GPU (see :class:`Fit`)."""
     dp = data_parallel_size(cfg, world_size)
     micro = grad_accumulation_steps(cfg, world_size)
@@ -104,31 +114,45 @@ def _candidates(cfg: TrainConfig, world_size: int, gpus_per_node: int) -> list[d
     m, p = cfg.model, cfg.parallel
     out = []
     if m.attention == "local":
-        out.append({"model.attention": "sdpa"} |
-                   ({"model.recompute": "none"} if m.recompute == "selective" else {}))
+        out.append(
+            {"model.attention": "sdpa"}
+            | ({"model.recompute": "none"} if m.recompute == "selective" else {})
+        )
         if m.recompute == "none":
             out.append({"model.recompute": "selective"})
     per_stage = m.num_layers // p.pipeline_model_parallel_size
     if m.recompute != "full" or m.recompute_num_layers is not None:
         first = m.recompute_num_layers + 1 if m.recompute == "full" else 1
         for n in range(first, per_stage + 1):
-            out.append({"model.attention": "sdpa", "model.recompute": "full",
-                        "model.recompute_num_layers": n if n < per_stage else None})
+            out.append(
+                {
+                    "model.attention": "sdpa",
+                    "model.recompute": "full",
+                    "model.recompute_num_layers": n if n < per_stage else None,
+                }
+            )
     mb = cfg.train.micro_batch_size
     for smaller in range(mb - 1, 0, -1):
         if mb % smaller == 0:
             out.append({"train.micro_batch_size": smaller})
     tp = p.tensor_model_parallel_size
     if 2 * tp <= gpus_per_node:
-        out.append({"parallel.tensor_model_parallel_size": 2 * tp,
-                    "parallel.sequence_parallel": True})
+        out.append(
+            {"parallel.tensor_model_parallel_size": 2 * tp, "parallel.sequence_parallel": True}
+        )
     return out
 
 
-def fit(cfg: TrainConfig, world_size: int, *, gpus_per_node: int,
-        gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
-        rank_fraction: Optional[float] = None, vocab_size: Optional[int] = None,
-        max_suggestions: int = 3) -> Fit:
+def fit(
+    cfg: TrainConfig,
+    world_size: int,
+    *,
+    gpus_per_node: int,
+    gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
+    rank_fraction: Optional[float] = None,
+    vocab_size: Optional[int] = None,
+    max_suggestions: int = 3,
+) -> Fit:
     """Whether ``cfg`` fits GPUs of ``gpu_memory_gib`` on ``world_size`` GPUs and, if not, the
     first ``max_suggestions`` changes of :func:`_candidates` that make it fit (each alone, a
     valid layout).
@@ -222,10 +246,16 @@ class Plan:
         return all(c.ok for c in self.checks)
 
 
-def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
-         rank_fraction: Optional[float] = None, vocab_size: Optional[int] = None,
-         config_path: Optional[str] = None,
-         gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB) -> Plan:
+def plan(
+    cfg: TrainConfig,
+    nodes: int,
+    gpus_per_node: int,
+    *,
+    rank_fraction: Optional[float] = None,
+    vocab_size: Optional[int] = None,
+    config_path: Optional[str] = None,
+    gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
+) -> Plan:
     """Parameters, memory, FLOPs and layout checks of ``cfg`` on ``nodes x gpus_per_node`` GPUs,
     dense and InRank (``cfg.inrank``'s settings, whatever ``model.inrank`` says).
 
@@ -272,8 +302,10 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
         accumulation = None
     memory = {}
     if dp is not None:
-        memory = {key: {s: memory_for(pc, cfg.train.precision, dp, s) for s in STRATEGIES}
-                  for key, pc in params.items()}
+        memory = {
+            key: {s: memory_for(pc, cfg.train.precision, dp, s) for s in STRATEGIES}
+            for key, pc in params.items()
+        }
     activations, fit_result = {}, None
     if accumulation is not None:
         keys = [("dense", False, "active")]
@@ -281,14 +313,37 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, *,
             keys += [("active", True, "active"), ("fraction", True, "fraction")]
         for key, inrank, stage in keys:
             activations[key] = {
-                (a, r): activation_memory(cfg, inrank=inrank, stage=stage, attention=a,
-                                          recompute=r, num_microbatches=accumulation, **kw)
-                for a, r in ACTIVATION_VARIANTS}
+                (a, r): activation_memory(
+                    cfg,
+                    inrank=inrank,
+                    stage=stage,
+                    attention=a,
+                    recompute=r,
+                    num_microbatches=accumulation,
+                    **kw,
+                )
+                for a, r in ACTIVATION_VARIANTS
+            }
         if all(c.ok for c in checks):
-            fit_result = fit(cfg, world, gpus_per_node=gpus_per_node,
-                             gpu_memory_gib=gpu_memory_gib, **kw)
-    return Plan(cfg=cfg, nodes=nodes, gpus_per_node=gpus_per_node, world_size=world,
-                rank_fraction=rank_fraction, vocab_size=vocab, params=params, memory=memory,
-                flops=flops, checks=checks, strategy=selected_strategy(cfg), dp=dp,
-                grad_accumulation=accumulation, config_path=config_path,
-                inrank_error=inrank_error, activations=activations, fit=fit_result)
+            fit_result = fit(
+                cfg, world, gpus_per_node=gpus_per_node, gpu_memory_gib=gpu_memory_gib, **kw
+            )
+    return Plan(
+        cfg=cfg,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        world_size=world,
+        rank_fraction=rank_fraction,
+        vocab_size=vocab,
+        params=params,
+        memory=memory,
+        flops=flops,
+        checks=checks,
+        strategy=selected_strategy(cfg),
+        dp=dp,
+        grad_accumulation=accumulation,
+        config_path=config_path,
+        inrank_error=inrank_error,
+        activations=activations,
+        fit=fit_result,
+    )

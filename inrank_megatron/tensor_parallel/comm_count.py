@@ -44,8 +44,13 @@ def count_collectives():
         position, keyword = big_arg
 
         def counted(*args, **kwargs):
-            t = None if position is None else \
-                args[position] if len(args) > position else kwargs[keyword]
+            t = (
+                None
+                if position is None
+                else args[position]
+                if len(args) > position
+                else kwargs[keyword]
+            )
             if t is None:  # barrier
                 shape, nbytes = (), 0
             elif isinstance(t, (list, tuple)):  # all_gather's output list
@@ -55,14 +60,21 @@ def count_collectives():
                 shape, nbytes = tuple(t.shape), t.numel() * t.element_size()
             records.append(CollectiveRecord(name, shape, nbytes))
             return fn(*args, **kwargs)
+
         return counted
 
     # The full (post-gather / pre-scatter) tensor's position and keyword in each signature
     # (deepspeed.comm passes keywords); a barrier has none.
-    big = {"all_reduce": (0, "tensor"), "broadcast": (0, "tensor"),
-           "all_gather": (0, "tensor_list"), "barrier": (None, None),
-           "all_gather_into_tensor": (0, "output_tensor"), "reduce_scatter_tensor": (1, "input"),
-           "dist_all_gather_func": (0, "output_tensor"), "dist_reduce_scatter_func": (1, "input")}
+    big = {
+        "all_reduce": (0, "tensor"),
+        "broadcast": (0, "tensor"),
+        "all_gather": (0, "tensor_list"),
+        "barrier": (None, None),
+        "all_gather_into_tensor": (0, "output_tensor"),
+        "reduce_scatter_tensor": (1, "input"),
+        "dist_all_gather_func": (0, "output_tensor"),
+        "dist_reduce_scatter_func": (1, "input"),
+    }
     try:
         for (mod, name), fn in originals.items():
             setattr(mod, name, wrap(name.replace("dist_", "").replace("_func", ""), fn, big[name]))
@@ -72,8 +84,15 @@ def count_collectives():
             setattr(mod, name, fn)
 
 
-def mlp_comm_bytes(hidden: int, ffn: int, *, slots: int, tokens: int, sequence_parallel=False,
-                   seq_length: int = 1024) -> dict:
+def mlp_comm_bytes(
+    hidden: int,
+    ffn: int,
+    *,
+    slots: int,
+    tokens: int,
+    sequence_parallel=False,
+    seq_length: int = 1024,
+) -> dict:
     """Bytes this rank's collectives move in one forward + backward of an MLP (fc1 -> GELU -> fc2),
     InRank (efficient mode, ``slots`` active) vs megatron's dense Column/RowParallelLinear pair.
     Call on every rank of an initialised TP group.
@@ -87,23 +106,46 @@ def mlp_comm_bytes(hidden: int, ffn: int, *, slots: int, tokens: int, sequence_p
 
     from inrank_megatron.core.config import InRankConfig
     from inrank_megatron.tensor_parallel.layers import (
-        InRankColumnParallelLinear, InRankRowParallelLinear,
+        InRankColumnParallelLinear,
+        InRankRowParallelLinear,
     )
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    config = ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
-                                 use_cpu_initialization=True, gradient_accumulation_fusion=False)
+    config = ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+    )
     buffer = min(100, slots - 1)
     icfg = InRankConfig(rank=slots - buffer, buffer=buffer, stage1_steps=None)
     init = torch.nn.init.xavier_normal_
     pairs = {
-        "inrank": (InRankColumnParallelLinear(hidden, ffn, config=config, init_method=init,
-                                              inrank_config=icfg),
-                   InRankRowParallelLinear(ffn, hidden, config=config, init_method=init,
-                                           input_is_parallel=True, inrank_config=icfg)),
-        "dense": (ColumnParallelLinear(hidden, ffn, config=config, init_method=init),
-                  RowParallelLinear(ffn, hidden, config=config, init_method=init, bias=True,
-                                    input_is_parallel=True, skip_bias_add=False)),
+        "inrank": (
+            InRankColumnParallelLinear(
+                hidden, ffn, config=config, init_method=init, inrank_config=icfg
+            ),
+            InRankRowParallelLinear(
+                ffn,
+                hidden,
+                config=config,
+                init_method=init,
+                input_is_parallel=True,
+                inrank_config=icfg,
+            ),
+        ),
+        "dense": (
+            ColumnParallelLinear(hidden, ffn, config=config, init_method=init),
+            RowParallelLinear(
+                ffn,
+                hidden,
+                config=config,
+                init_method=init,
+                bias=True,
+                input_is_parallel=True,
+                skip_bias_add=False,
+            ),
+        ),
     }
     batch = tokens // seq_length
     seq = seq_length // tp if sequence_parallel else seq_length

@@ -37,7 +37,8 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.transformer.utils import (
-    ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint,
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
 )
 from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
 
@@ -48,8 +49,10 @@ from inrank_megatron.tensor_parallel.tsqr import tsqr_r
 
 def _shard(size: int, world_size: int, rank: int, *, what: str, layer: str) -> slice:
     if size % world_size:
-        raise ValueError(f"layer {layer}: {what}={size} is not divisible by the tensor-parallel "
-                         f"size {world_size}")
+        raise ValueError(
+            f"layer {layer}: {what}={size} is not divisible by the tensor-parallel "
+            f"size {world_size}"
+        )
     per = size // world_size
     return slice(rank * per, (rank + 1) * per)
 
@@ -61,8 +64,20 @@ class _InRankParallelLinear(InRankFactorsMixin, torch.nn.Module):
     _sharded_role: str
     _sharded_dim: int
 
-    def _setup(self, input_size, output_size, *, config, inrank_config, bias, skip_bias_add,
-               stride, is_expert, tp_group, layer_kind):
+    def _setup(
+        self,
+        input_size,
+        output_size,
+        *,
+        config,
+        inrank_config,
+        bias,
+        skip_bias_add,
+        stride,
+        is_expert,
+        tp_group,
+        layer_kind,
+    ):
         self.input_size = input_size
         self.output_size = output_size
         self.config = config
@@ -70,17 +85,24 @@ class _InRankParallelLinear(InRankFactorsMixin, torch.nn.Module):
         self.is_expert = is_expert
         name = f"{layer_kind}({input_size}->{output_size})"
         if inrank_config is None:
-            raise ValueError(f"layer {name}: inrank_config is required (build through "
-                             "get_gpt_layer_inrank_spec or pass inrank_config=InRankConfig(...))")
+            raise ValueError(
+                f"layer {name}: inrank_config is required (build through "
+                "get_gpt_layer_inrank_spec or pass inrank_config=InRankConfig(...))"
+            )
         if stride != 1:
-            raise ValueError(f"layer {name}: stride={stride} (a gated/strided linear, e.g. SwiGLU "
-                             "fc1) is not supported by InRank layers; use a non-gated activation")
+            raise ValueError(
+                f"layer {name}: stride={stride} (a gated/strided linear, e.g. SwiGLU "
+                "fc1) is not supported by InRank layers; use a non-gated activation"
+            )
         if is_expert:
-            raise ValueError(f"layer {name}: is_expert=True (MoE experts) is not supported by "
-                             "InRank layers")
+            raise ValueError(
+                f"layer {name}: is_expert=True (MoE experts) is not supported by InRank layers"
+            )
         if getattr(config, "gradient_accumulation_fusion", False):
-            raise ValueError(f"layer {name}: gradient_accumulation_fusion=True is not supported by "
-                             "InRank layers; set it False")
+            raise ValueError(
+                f"layer {name}: gradient_accumulation_fusion=True is not supported by "
+                "InRank layers; set it False"
+            )
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=False)
         self.tp_world_size = get_pg_size(self.tp_group)
         self.tp_rank = get_pg_rank(self.tp_group)
@@ -144,26 +166,38 @@ class _InRankParallelLinear(InRankFactorsMixin, torch.nn.Module):
         if self._bias_sharded:
             axis["bias"] = 0
         sharded = make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, axis, sharded_offsets, tp_group=self.tp_group,
-            dp_cp_group=metadata["dp_cp_group"])
+            state_dict,
+            prefix,
+            axis,
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
         if sharded_offsets:
             # megatron stacks the layers of a block along a prepended axis, which needs equal
             # shapes; after the cut each layer has its own rank, so factors get one key per layer.
             layer = "_".join(str(offset) for _, offset, _ in sharded_offsets)
             factors = {role: state_dict[role] for role in ("A", "B")}
             per_layer = make_sharded_tensors_for_checkpoint(
-                factors, f"{prefix}layer{layer}.", axis, (), tp_group=self.tp_group,
-                dp_cp_group=metadata["dp_cp_group"])
+                factors,
+                f"{prefix}layer{layer}.",
+                axis,
+                (),
+                tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"],
+            )
             for role in ("A", "B"):
                 sharded[prefix + role] = per_layer[f"{prefix}layer{layer}.{role}"]
         return sharded
 
     def __repr__(self):
         g = self.growth
-        return (f"{type(self).__name__}(in_features={self.input_size}, out_features="
-                f"{self.output_size}, mode={self.inrank_config.mode}, rank={g.rank}, "
-                f"buffer={g.buffer}, max_rank={g.max_rank}, stage={g.stage}, "
-                f"bias={self.bias is not None}, TP={self.tp_world_size})")
+        return (
+            f"{type(self).__name__}(in_features={self.input_size}, out_features="
+            f"{self.output_size}, mode={self.inrank_config.mode}, rank={g.rank}, "
+            f"buffer={g.buffer}, max_rank={g.max_rank}, stage={g.stage}, "
+            f"bias={self.bias is not None}, TP={self.tp_world_size})"
+        )
 
 
 class InRankColumnParallelLinear(_InRankParallelLinear):
@@ -191,40 +225,79 @@ class InRankColumnParallelLinear(_InRankParallelLinear):
     _w0_dim = 0
     _bias_sharded = True
 
-    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig,
-                 init_method: Optional[Callable] = None, bias: bool = True,
-                 gather_output: bool = False, stride: int = 1,
-                 keep_master_weight_for_test: bool = False, skip_bias_add: bool = False,
-                 skip_weight_param_allocation: bool = False,
-                 embedding_activation_buffer: Any = None, grad_output_buffer: Any = None,
-                 is_expert: bool = False, tp_comm_buffer_name: Optional[str] = None,
-                 disable_grad_reduce: bool = False,
-                 tp_group: Optional[torch.distributed.ProcessGroup] = None,
-                 inrank_config: Optional[InRankConfig] = None):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: ModelParallelConfig,
+        init_method: Optional[Callable] = None,
+        bias: bool = True,
+        gather_output: bool = False,
+        stride: int = 1,
+        keep_master_weight_for_test: bool = False,
+        skip_bias_add: bool = False,
+        skip_weight_param_allocation: bool = False,
+        embedding_activation_buffer: Any = None,
+        grad_output_buffer: Any = None,
+        is_expert: bool = False,
+        tp_comm_buffer_name: Optional[str] = None,
+        disable_grad_reduce: bool = False,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        inrank_config: Optional[InRankConfig] = None,
+    ):
         super().__init__()
-        name = self._setup(input_size, output_size, config=config, inrank_config=inrank_config,
-                           bias=bias, skip_bias_add=skip_bias_add, stride=stride,
-                           is_expert=is_expert, tp_group=tp_group, layer_kind="column")
-        if skip_weight_param_allocation or disable_grad_reduce or \
-                getattr(config, "defer_embedding_wgrad_compute", False):
-            raise ValueError(f"layer {name}: skip_weight_param_allocation / disable_grad_reduce / "
-                             "defer_embedding_wgrad_compute are not supported by InRank layers")
+        name = self._setup(
+            input_size,
+            output_size,
+            config=config,
+            inrank_config=inrank_config,
+            bias=bias,
+            skip_bias_add=skip_bias_add,
+            stride=stride,
+            is_expert=is_expert,
+            tp_group=tp_group,
+            layer_kind="column",
+        )
+        if (
+            skip_weight_param_allocation
+            or disable_grad_reduce
+            or getattr(config, "defer_embedding_wgrad_compute", False)
+        ):
+            raise ValueError(
+                f"layer {name}: skip_weight_param_allocation / disable_grad_reduce / "
+                "defer_embedding_wgrad_compute are not supported by InRank layers"
+            )
         self.gather_output = gather_output
-        out_slice = _shard(output_size, self.tp_world_size, self.tp_rank, what="output_size",
-                           layer=name)
+        out_slice = _shard(
+            output_size, self.tp_world_size, self.tp_rank, what="output_size", layer=name
+        )
         self.output_size_per_partition = out_slice.stop - out_slice.start
-        self._init_inrank(inrank_config, input_size, output_size, out_slice=out_slice,
-                          params_dtype=config.params_dtype, layer=name, dense_init=init_method)
+        self._init_inrank(
+            inrank_config,
+            input_size,
+            output_size,
+            out_slice=out_slice,
+            params_dtype=config.params_dtype,
+            layer=name,
+            dense_init=init_method,
+        )
         self._make_bias(bias, self.output_size_per_partition, config.params_dtype)
         self._finish_params()
 
-    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                runtime_gather_output: Optional[bool] = None):
+    def forward(
+        self,
+        input_: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+    ):
         """Args: input_ ``[s, b, in]`` (``[s/tp, b, in]`` under sequence parallelism).
         Returns: ``(output, bias)`` with output ``[s, b, out/tp]`` (or ``out`` when gathered)."""
         if weight is not None:
-            raise ValueError("InRankColumnParallelLinear has no dense weight to replace "
-                             "(weight= is for megatron's shared-embedding output layer)")
+            raise ValueError(
+                "InRankColumnParallelLinear has no dense weight to replace "
+                "(weight= is for megatron's shared-embedding output layer)"
+            )
         A, B = self.active_factors()
         h = input_ @ A.T  # (s, b, k) or (s/tp, b, k)
         if self.sequence_parallel:
@@ -269,26 +342,55 @@ class InRankRowParallelLinear(_InRankParallelLinear):
     _w0_dim = 1
     _bias_sharded = False
 
-    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig,
-                 init_method: Optional[Callable] = None, bias: bool = True,
-                 input_is_parallel: bool = True, skip_bias_add: bool = False, stride: int = 1,
-                 keep_master_weight_for_test: bool = False, is_expert: bool = False,
-                 tp_comm_buffer_name: Optional[str] = None,
-                 tp_group: Optional[torch.distributed.ProcessGroup] = None,
-                 inrank_config: Optional[InRankConfig] = None):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: ModelParallelConfig,
+        init_method: Optional[Callable] = None,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        skip_bias_add: bool = False,
+        stride: int = 1,
+        keep_master_weight_for_test: bool = False,
+        is_expert: bool = False,
+        tp_comm_buffer_name: Optional[str] = None,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        inrank_config: Optional[InRankConfig] = None,
+    ):
         super().__init__()
-        name = self._setup(input_size, output_size, config=config, inrank_config=inrank_config,
-                           bias=bias, skip_bias_add=skip_bias_add, stride=stride,
-                           is_expert=is_expert, tp_group=tp_group, layer_kind="row")
+        name = self._setup(
+            input_size,
+            output_size,
+            config=config,
+            inrank_config=inrank_config,
+            bias=bias,
+            skip_bias_add=skip_bias_add,
+            stride=stride,
+            is_expert=is_expert,
+            tp_group=tp_group,
+            layer_kind="row",
+        )
         if self.sequence_parallel and not input_is_parallel:
-            raise ValueError(f"layer {name}: sequence_parallel=True needs input_is_parallel=True "
-                             "(the input must arrive split along its last dimension)")
+            raise ValueError(
+                f"layer {name}: sequence_parallel=True needs input_is_parallel=True "
+                "(the input must arrive split along its last dimension)"
+            )
         self.input_is_parallel = input_is_parallel
-        in_slice = _shard(input_size, self.tp_world_size, self.tp_rank, what="input_size",
-                          layer=name)
+        in_slice = _shard(
+            input_size, self.tp_world_size, self.tp_rank, what="input_size", layer=name
+        )
         self.input_size_per_partition = in_slice.stop - in_slice.start
-        self._init_inrank(inrank_config, input_size, output_size, in_slice=in_slice,
-                          params_dtype=config.params_dtype, layer=name, dense_init=init_method)
+        self._init_inrank(
+            inrank_config,
+            input_size,
+            output_size,
+            in_slice=in_slice,
+            params_dtype=config.params_dtype,
+            layer=name,
+            dense_init=init_method,
+        )
         self._make_bias(bias, output_size, config.params_dtype)
         self._finish_params()
 
@@ -318,8 +420,11 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module, group=None) -> Non
     """Sum over TP the gradients of parameters marked ``sequence_parallel`` (replicated factors,
     norms and row biases under SP), as megatron's ``finalize_model_grads`` does. For training loops
     that do not use megatron's DDP."""
-    grads = [p.grad for p in model.parameters()
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [
+        p.grad
+        for p in model.parameters()
+        if getattr(p, "sequence_parallel", False) and p.grad is not None
+    ]
     if not grads:
         return
     if group is None:

@@ -96,22 +96,61 @@ class Comparison:
         """``(header, rows)`` of the main table: one row per run, raw values (None: not known)."""
         last = self.matched_steps[-1] if self.matched_steps else None
         at = "matched" if last is None else last
-        header = ["run", "end step", "valid loss", "valid ppl", f"loss @{at}", f"ppl @{at}",
-                  "parameters", "rank mean", "rank min", "rank max", "tokens", "wall s",
-                  "tokens/s"]
+        header = [
+            "run",
+            "end step",
+            "valid loss",
+            "valid ppl",
+            f"loss @{at}",
+            f"ppl @{at}",
+            "parameters",
+            "rank mean",
+            "rank min",
+            "rank max",
+            "tokens",
+            "wall s",
+            "tokens/s",
+        ]
         rows = []
         for run in self.runs:
             mean, low, high = run.rank_stats()
             loss = run.valid.get(last) if last is not None else None
-            rows.append([run.name, run.end_step, run.end_loss, _ppl(run.end_loss), loss,
-                         _ppl(loss), run.parameters, mean, low, high, run.tokens, run.wall_s,
-                         run.tokens_per_s])
+            rows.append(
+                [
+                    run.name,
+                    run.end_step,
+                    run.end_loss,
+                    _ppl(run.end_loss),
+                    loss,
+                    _ppl(loss),
+                    run.parameters,
+                    mean,
+                    low,
+                    high,
+                    run.tokens,
+                    run.wall_s,
+                    run.tokens_per_s,
+                ]
+            )
         return header, rows
 
 
 # How each column of the main table is written (str.format specs; None is "—").
-_FORMATS = ("{}", "{:,}", "{:.4f}", "{:,.2f}", "{:.4f}", "{:,.2f}", "{:,}", "{:.1f}", "{}", "{}",
-            "{:,}", "{:,.1f}", "{:,.0f}")
+_FORMATS = (
+    "{}",
+    "{:,}",
+    "{:.4f}",
+    "{:,.2f}",
+    "{:.4f}",
+    "{:,.2f}",
+    "{:,}",
+    "{:.1f}",
+    "{}",
+    "{}",
+    "{:,}",
+    "{:,.1f}",
+    "{:,.0f}",
+)
 
 
 def _ppl(loss: Optional[float]) -> Optional[float]:
@@ -119,8 +158,11 @@ def _ppl(loss: Optional[float]) -> Optional[float]:
 
 
 def _flatten(config: dict) -> dict:
-    return {f"{section}.{key}": value for section, values in (config or {}).items()
-            for key, value in (values or {}).items()}
+    return {
+        f"{section}.{key}": value
+        for section, values in (config or {}).items()
+        for key, value in (values or {}).items()
+    }
 
 
 def read_run(run_dir: str) -> Run:
@@ -147,8 +189,9 @@ def read_run(run_dir: str) -> Run:
             with open(os.path.join(run_dir, CONFIG)) as f:
                 config = _flatten(yaml.safe_load(f))
         except (OSError, yaml.YAMLError, AttributeError, TypeError) as error:
-            raise RunDirError(f"{run_dir}: {CONFIG} is not a run's configuration: "
-                              f"{str(error).splitlines()[0]}") from None
+            raise RunDirError(
+                f"{run_dir}: {CONFIG} is not a run's configuration: {str(error).splitlines()[0]}"
+            ) from None
     try:
         logs = read_metrics(run_dir)
         summary = {}
@@ -160,23 +203,36 @@ def read_run(run_dir: str) -> Run:
     except (OSError, ValueError) as error:
         raise RunDirError(f"{run_dir}: {error}") from None
     metrics = logs["metrics"]
-    valid = {r["step"]: r["loss"] for r in metrics
-             if r["split"] == "valid" and r["loss"] is not None}
+    valid = {
+        r["step"]: r["loss"] for r in metrics if r["split"] == "valid" and r["loss"] is not None
+    }
     steps = summary.get("steps") or max((r["step"] for r in metrics), default=0)
     ranks = summary.get("ranks")
     if ranks is None:  # a run without a summary (still running, or crashed): the last rows
         ranks = {}
         for row in logs["ranks"]:
             ranks[row["layer"]] = row["rank"]
-    throughput = [r["tokens_per_s"] for r in metrics
-                  if r["split"] == "train" and r["tokens_per_s"] is not None]
+    throughput = [
+        r["tokens_per_s"]
+        for r in metrics
+        if r["split"] == "train" and r["tokens_per_s"] is not None
+    ]
     per_step = [config.get("train.global_batch_size"), config.get("model.seq_length")]
-    tokens = steps * per_step[0] * per_step[1] if all(isinstance(v, int) for v in per_step) \
-        else None
+    tokens = (
+        steps * per_step[0] * per_step[1] if all(isinstance(v, int) for v in per_step) else None
+    )
     parameters = (summary.get("parameters") or {}).get("total")
-    return Run(name=run_dir, config=config, valid=valid, steps=int(steps), tokens=tokens,
-               parameters=parameters, ranks=dict(ranks), wall_s=summary.get("wall_s"),
-               tokens_per_s=statistics.median(throughput) if throughput else None)
+    return Run(
+        name=run_dir,
+        config=config,
+        valid=valid,
+        steps=int(steps),
+        tokens=tokens,
+        parameters=parameters,
+        ranks=dict(ranks),
+        wall_s=summary.get("wall_s"),
+        tokens_per_s=statistics.median(throughput) if throughput else None,
+    )
 
 
 def compare_runs(run_dirs: list) -> Comparison:
@@ -219,16 +275,19 @@ def _cell(value, spec: Optional[str] = None) -> str:
 def _table(header: list, cells: list, markdown: bool) -> str:
     """Rows of text cells as Markdown (``|`` escaped), or aligned: names left, values right."""
     if markdown:
+
         def line(row):
             return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
 
-        return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|",
-                          *map(line, cells)])
+        return "\n".join(
+            [line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, cells)]
+        )
     widths = [max(len(x) for x in column) for column in zip(header, *cells)]
 
     def line(row):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, cells)])
 
@@ -244,17 +303,31 @@ def format_table(comparison: Comparison, *, markdown: bool = False) -> str:
     names = [run.name for run in comparison.runs]
     if comparison.matched_steps:
         title = "Valid loss at the steps every run evaluated"
-        steps = [[str(step), *(_cell(run.valid[step]) for run in comparison.runs)]
-                 for step in comparison.matched_steps]
-        parts.append((f"**{title}**" if markdown else title + ":") + "\n\n"
-                     + _table(["step", *names], steps, markdown))
+        steps = [
+            [str(step), *(_cell(run.valid[step]) for run in comparison.runs)]
+            for step in comparison.matched_steps
+        ]
+        parts.append(
+            (f"**{title}**" if markdown else title + ":")
+            + "\n\n"
+            + _table(["step", *names], steps, markdown)
+        )
     else:
         parts.append("No step at which every run evaluated.")
     if comparison.differences:
         title = "Config keys that differ"
-        parts.append((f"**{title}**" if markdown else title + ":") + "\n\n" + _table(
-            ["key", *names], [[key, *map(format_value, values)]
-                              for key, values in comparison.differences.items()], markdown))
+        parts.append(
+            (f"**{title}**" if markdown else title + ":")
+            + "\n\n"
+            + _table(
+                ["key", *names],
+                [
+                    [key, *map(format_value, values)]
+                    for key, values in comparison.differences.items()
+                ],
+                markdown,
+            )
+        )
     else:
         parts.append("The runs' configs do not differ (output.dir aside).")
     return "\n\n".join(parts) + "\n"
@@ -269,15 +342,21 @@ def plot_valid_loss(comparison: Comparison, out_png: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_step = {run.tokens // run.steps if run.tokens and run.steps else None
-                for run in comparison.runs}
+    per_step = {
+        run.tokens // run.steps if run.tokens and run.steps else None for run in comparison.runs
+    }
     by_tokens = len(per_step) > 1 and None not in per_step
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     for run in comparison.runs:
         steps = sorted(run.valid)
         scale = run.tokens // run.steps if by_tokens else 1
-        ax.plot([s * scale for s in steps], [run.valid[s] for s in steps], marker="o",
-                markersize=3, label=run.name)
+        ax.plot(
+            [s * scale for s in steps],
+            [run.valid[s] for s in steps],
+            marker="o",
+            markersize=3,
+            label=run.name,
+        )
     ax.set_xlabel("tokens" if by_tokens else "optimizer step")
     ax.set_ylabel("valid loss")
     ax.grid(alpha=0.3)
@@ -304,9 +383,9 @@ def plot_valid_loss(comparison: Comparison, out_png: str) -> str:
 # forward's bf16 arithmetic, far below that: 5e-7 relative in gpu_check.sh's CPU dry run, 1e-5 on
 # random tokens (tests/test_training_unit.py); a loss reduced in bf16 (a missing ``.float()``) is
 # off by up to 2**-9 (9e-4 there). Not yet measured on a GPU.
-BF16_FIRST_STEP_RTOL = 2.0 ** -12
+BF16_FIRST_STEP_RTOL = 2.0**-12
 # Every step: the runs drift apart through the updates; 2e-5 after 10 steps of the CPU dry run.
-BF16_RTOL = 2.0 ** -8
+BF16_RTOL = 2.0**-8
 
 
 def bf16_loss_problems(fp32: list, bf16: list) -> list:
@@ -332,10 +411,13 @@ def bf16_loss_problems(fp32: list, bf16: list) -> list:
     if rel[0] == 0:
         problems.append("bf16: step 1's loss equals fp32's bit for bit: no bf16 autocast ran")
     elif rel[0] > BF16_FIRST_STEP_RTOL:
-        problems.append(f"bf16: step 1's loss is {rel[0]:.2e} from fp32's (same weights and "
-                        f"batch; limit {BF16_FIRST_STEP_RTOL:.2e}): a cast beyond autocast's")
+        problems.append(
+            f"bf16: step 1's loss is {rel[0]:.2e} from fp32's (same weights and "
+            f"batch; limit {BF16_FIRST_STEP_RTOL:.2e}): a cast beyond autocast's"
+        )
     worst = max(range(len(rel)), key=rel.__getitem__)
     if rel[worst] > BF16_RTOL:
-        problems.append(f"bf16: step {worst + 1}'s loss is {rel[worst]:.2e} from fp32's "
-                        f"(limit {BF16_RTOL:.2e})")
+        problems.append(
+            f"bf16: step {worst + 1}'s loss is {rel[worst]:.2e} from fp32's (limit {BF16_RTOL:.2e})"
+        )
     return problems

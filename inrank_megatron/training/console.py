@@ -57,7 +57,8 @@ def quiet_third_party(rank: int, *, cpu: bool = False) -> None:
     # megatron's checkpoint writer logs a failed write (a full disk: "unexpected pos 704 vs 598")
     # before raising it to the save, which says what it was in one line (training/checkpoint.py).
     logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(
-        logging.CRITICAL)
+        logging.CRITICAL
+    )
     if rank != 0:
         warnings.simplefilter("ignore")
         return
@@ -109,25 +110,33 @@ class Console:
         from, or why there is none)."""
         for line in data_lines:
             self._note(line)
-        self._note(f"MFU against a peak of {peak_tflops:g} TFLOP/s per device ({source})"
-                   if peak_tflops else
-                   f"MFU n/a ({source}; set train.peak_tflops to compare with a peak)")
+        self._note(
+            f"MFU against a peak of {peak_tflops:g} TFLOP/s per device ({source})"
+            if peak_tflops
+            else f"MFU n/a ({source}; set train.peak_tflops to compare with a peak)"
+        )
 
-    def step(self, step: int, *, loss: float, lr: float, stage: str, ranks: dict, rates,
-             grad_norm=None) -> None:
+    def step(
+        self, step: int, *, loss: float, lr: float, stage: str, ranks: dict, rates, grad_norm=None
+    ) -> None:
         """The log-interval line; ``rates`` (a :class:`~inrank_megatron.training.throughput.
         Interval`) over the steps since the previous one."""
         norm = "" if grad_norm is None else f" | grad norm {grad_norm:.3f}"
         speed = _rates(rates.tokens_per_s, rates.tflops_per_device, rates.mfu)
-        self._print(step, f"loss {loss:.4f} | lr {lr:.2e} | {speed} | stage {stage} | ranks "
-                          f"{rank_summary(ranks)}{norm} | elapsed "
-                          f"{format_duration(rates.elapsed_s)} | ETA {format_duration(rates.eta_s)}")
+        self._print(
+            step,
+            f"loss {loss:.4f} | lr {lr:.2e} | {speed} | stage {stage} | ranks "
+            f"{rank_summary(ranks)}{norm} | elapsed "
+            f"{format_duration(rates.elapsed_s)} | ETA {format_duration(rates.eta_s)}",
+        )
 
     def throughput(self, summary: dict) -> None:
         """At the end: each stage's rates over its steps (step time only)."""
         for stage, r in summary.items():
-            self._note(f"throughput, stage {stage} ({r['steps']} steps): "
-                       f"{_rates(r['tokens_per_s'], r['tflops_per_device'], r['mfu'])}")
+            self._note(
+                f"throughput, stage {stage} ({r['steps']} steps): "
+                f"{_rates(r['tokens_per_s'], r['tflops_per_device'], r['mfu'])}"
+            )
 
     def tick(self, loss: float, stage: str) -> None:
         """Every step: the bar, when there is one."""
@@ -141,8 +150,9 @@ class Console:
         self._print(step, f"valid loss {loss:.4f} | ppl {perplexity(loss):.2f}")
 
     def cut(self, step: int, ranks: dict) -> None:
-        self._print(step, f"cut to stage 2 (fixed): ranks {rank_summary(ranks)} over "
-                          f"{len(ranks)} layers")
+        self._print(
+            step, f"cut to stage 2 (fixed): ranks {rank_summary(ranks)} over {len(ranks)} layers"
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -158,8 +168,11 @@ def _rates(tokens_per_s: float, tflops_per_device: float, mfu) -> str:
 def where(summary: dict) -> list:
     """The end-of-run lines: the run directory, its last checkpoint, metrics.csv and the plot."""
     lines = [f"run directory: {summary['run_dir']}"]
-    for label, key in (("last checkpoint", "checkpoint"), ("metrics", "metrics_csv"),
-                       ("plot", "plot")):
+    for label, key in (
+        ("last checkpoint", "checkpoint"),
+        ("metrics", "metrics_csv"),
+        ("plot", "plot"),
+    ):
         if summary.get(key):
             lines.append(f"{label}: {summary[key]}")
     return lines

@@ -48,9 +48,15 @@ def build_datasets(cfg: TrainConfig, tokenizer, dp_size: int):
     """Train and valid GPT datasets sized for the run (valid: the fixed set each eval reads)."""
     from inrank_megatron.data.datasets import build_gpt_datasets
 
-    return build_gpt_datasets(as_blend(cfg.data.prefix), cfg.model.seq_length, tokenizer=tokenizer,
-                              num_samples=num_samples(cfg, dp_size), seed=cfg.data.seed,
-                              split=cfg.data.split, valid_prefix=as_blend(cfg.data.valid_prefix))
+    return build_gpt_datasets(
+        as_blend(cfg.data.prefix),
+        cfg.model.seq_length,
+        tokenizer=tokenizer,
+        num_samples=num_samples(cfg, dp_size),
+        seed=cfg.data.seed,
+        split=cfg.data.split,
+        valid_prefix=as_blend(cfg.data.valid_prefix),
+    )
 
 
 def data_report(cfg: TrainConfig, dp_size: int) -> list[str]:
@@ -64,21 +70,32 @@ def data_report(cfg: TrainConfig, dp_size: int) -> list[str]:
     from inrank_megatron.data.datasets import dataset_usage, usage_table
 
     t, d = cfg.train, cfg.data
-    rows = dataset_usage(as_blend(d.prefix), cfg.model.seq_length, num_samples(cfg, dp_size)[:2],
-                         split=d.split, valid_prefix=as_blend(d.valid_prefix))
+    rows = dataset_usage(
+        as_blend(d.prefix),
+        cfg.model.seq_length,
+        num_samples(cfg, dp_size)[:2],
+        split=d.split,
+        valid_prefix=as_blend(d.valid_prefix),
+    )
     blended = sum(r.split == "train" for r in rows)
     source = f", a blend of {blended} datasets" if blended > 1 else ""
-    split = (f"data.split {d.split}{' of each' if blended > 1 else ''}" if d.valid_prefix is None
-             else "train: every document of data.prefix, valid: every document of "
-                  "data.valid_prefix")
-    return [f"data: {t.steps * t.global_batch_size:,} train samples of {cfg.model.seq_length} "
-            f"tokens ({t.steps} steps x {t.global_batch_size}){source}; {split}",
-            *usage_table(rows)]
+    split = (
+        f"data.split {d.split}{' of each' if blended > 1 else ''}"
+        if d.valid_prefix is None
+        else "train: every document of data.prefix, valid: every document of data.valid_prefix"
+    )
+    return [
+        f"data: {t.steps * t.global_batch_size:,} train samples of {cfg.model.seq_length} "
+        f"tokens ({t.steps} steps x {t.global_batch_size}){source}; {split}",
+        *usage_table(rows),
+    ]
 
 
 def _collate(samples) -> dict:
-    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples])
-            for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    return {
+        k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+        for k in ("tokens", "labels", "loss_mask", "position_ids")
+    }
 
 
 def step_microbatches(dataset, step: int, cfg: TrainConfig, dp_size: int, dp_rank: int) -> list:
@@ -95,6 +112,12 @@ def step_microbatches(dataset, step: int, cfg: TrainConfig, dp_size: int, dp_ran
 def eval_microbatches(dataset, cfg: TrainConfig, dp_size: int, dp_rank: int) -> list:
     """The fixed validation micro-batches of this data-parallel rank."""
     mbs = cfg.train.micro_batch_size
-    return [_collate([dataset[j] for j in range((i * dp_size + dp_rank) * mbs,
-                                                (i * dp_size + dp_rank + 1) * mbs)])
-            for i in range(cfg.train.eval_iters)]
+    return [
+        _collate(
+            [
+                dataset[j]
+                for j in range((i * dp_size + dp_rank) * mbs, (i * dp_size + dp_rank + 1) * mbs)
+            ]
+        )
+        for i in range(cfg.train.eval_iters)
+    ]

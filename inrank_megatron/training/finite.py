@@ -44,9 +44,11 @@ def _locate(model, controller, groups) -> str:
 
 def fault(step: int, what: str, model, controller, groups, latest: Optional[str]) -> NonFiniteError:
     """The error to raise (collective: every rank calls it at the same step)."""
-    return NonFiniteError(f"step {step}: non-finite {what}{_locate(model, controller, groups)}; "
-                          f"the run stops without saving it (latest checkpoint: "
-                          f"{latest or 'none'})")
+    return NonFiniteError(
+        f"step {step}: non-finite {what}{_locate(model, controller, groups)}; "
+        f"the run stops without saving it (latest checkpoint: "
+        f"{latest or 'none'})"
+    )
 
 
 def check_loss(loss: float, step: int, model, controller, groups, latest) -> None:
@@ -60,8 +62,11 @@ def check_parameters(step: int, model, controller, groups, latest) -> None:
     (before a checkpoint of them is written)."""
     # Counted on each parameter's device, moved to the host once (not one sync per parameter).
     counts = [(~torch.isfinite(p.detach())).sum() for p in model.parameters() if p.numel()]
-    bad = torch.stack([c.to(counts[0].device) for c in counts]).sum().double().cpu() \
-        if counts else torch.zeros((), dtype=torch.float64)
+    bad = (
+        torch.stack([c.to(counts[0].device) for c in counts]).sum().double().cpu()
+        if counts
+        else torch.zeros((), dtype=torch.float64)
+    )
     if torch.distributed.is_initialized() and groups.world_size > 1:
         torch.distributed.all_reduce(bad)
     if bad.item():

@@ -20,7 +20,11 @@ import math
 import os
 
 from inrank_megatron.checkpoint import (
-    CHECKPOINTS_DIR, GROWTH_FILE, LATEST, CheckpointError, read_growth,
+    CHECKPOINTS_DIR,
+    GROWTH_FILE,
+    LATEST,
+    CheckpointError,
+    read_growth,
 )
 from inrank_megatron.config import ConfigError, TrainConfig, load_config
 from inrank_megatron.checkpoint.layout import inrank_layer_names, layer_kind, linear_shape
@@ -52,8 +56,10 @@ def read_run_ranks(run_dir: str) -> tuple[dict[str, int], TrainConfig]:
     """
     where = f"{KEY}={run_dir!r}"
     if not os.path.isdir(run_dir):
-        raise ConfigError(f"{where}: no such run directory (expected an integer rank, a fraction "
-                          "in (0, 1] or the output.dir of a finished run)")
+        raise ConfigError(
+            f"{where}: no such run directory (expected an integer rank, a fraction "
+            "in (0, 1] or the output.dir of a finished run)"
+        )
     try:
         if os.path.isfile(os.path.join(run_dir, CHECKPOINTS_DIR, LATEST)):
             from inrank_megatron.checkpoint.reader import read_checkpoint_config
@@ -71,8 +77,10 @@ def read_run_ranks(run_dir: str) -> tuple[dict[str, int], TrainConfig]:
                 ranks = json.load(f)["ranks"]
             cfg = load_config(os.path.join(run_dir, CONFIG))
         else:
-            raise ConfigError(f"{where}: holds neither a checkpoint (checkpoints/latest) nor "
-                              f"{SUMMARY}; expected the output.dir of a finished run")
+            raise ConfigError(
+                f"{where}: holds neither a checkpoint (checkpoints/latest) nor "
+                f"{SUMMARY}; expected the output.dir of a finished run"
+            )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         if isinstance(error, ConfigError):
             raise
@@ -102,9 +110,11 @@ def resolve_fixed_ranks(cfg: TrainConfig) -> dict[str, int]:
             n = min(n_in, n_out)
             rank = fraction_rank(value, n) if isinstance(value, float) else value
             if not 1 <= rank <= n:
-                raise ConfigError(f"{KEY}={value}: rank {rank} for layer {name} ({n_in} -> "
-                                  f"{n_out}); expected 1..{n}, a fraction in (0, 1] or a run "
-                                  "directory")
+                raise ConfigError(
+                    f"{KEY}={value}: rank {rank} for layer {name} ({n_in} -> "
+                    f"{n_out}); expected 1..{n}, a fraction in (0, 1] or a run "
+                    "directory"
+                )
             ranks[name] = rank
         return ranks
     ranks, source_cfg = read_run_ranks(value)
@@ -112,18 +122,25 @@ def resolve_fixed_ranks(cfg: TrainConfig) -> dict[str, int]:
     where = f"{KEY}={value!r}"
     for name, shape in shapes.items():
         if name not in source_shapes or name not in ranks:
-            raise ConfigError(f"{where}: that run has no InRank layer {name} (it has "
-                              f"{len(source_shapes)} InRank layers); expected a run of the same "
-                              "architecture and inrank.layers")
+            raise ConfigError(
+                f"{where}: that run has no InRank layer {name} (it has "
+                f"{len(source_shapes)} InRank layers); expected a run of the same "
+                "architecture and inrank.layers"
+            )
         if source_shapes[name] != shape:
-            raise ConfigError(f"{where}: layer {name} is {source_shapes[name][0]} -> "
-                              f"{source_shapes[name][1]} there, {shape[0]} -> {shape[1]} here; "
-                              "expected a run of the same architecture")
+            raise ConfigError(
+                f"{where}: layer {name} is {source_shapes[name][0]} -> "
+                f"{source_shapes[name][1]} there, {shape[0]} -> {shape[1]} here; "
+                "expected a run of the same architecture"
+            )
         if not 1 <= ranks[name] <= min(shape):
-            raise ConfigError(f"{where}: layer {name} has rank {ranks[name]} there; expected "
-                              f"1..{min(shape)}")
+            raise ConfigError(
+                f"{where}: layer {name} has rank {ranks[name]} there; expected 1..{min(shape)}"
+            )
     extra = sorted(set(source_shapes) - set(shapes))
     if extra:
-        raise ConfigError(f"{where}: that run has InRank layer {extra[0]}, which this model "
-                          "does not; expected a run of the same architecture and inrank.layers")
+        raise ConfigError(
+            f"{where}: that run has InRank layer {extra[0]}, which this model "
+            "does not; expected a run of the same architecture and inrank.layers"
+        )
     return {name: ranks[name] for name in shapes}

@@ -27,10 +27,18 @@ from inrank_megatron.training import finite
 from inrank_megatron.training.backends import build_backend
 from inrank_megatron.training.console import Console
 from inrank_megatron.training.data import (
-    build_datasets, data_report, eval_microbatches, prepare_data, step_microbatches,
+    build_datasets,
+    data_report,
+    eval_microbatches,
+    prepare_data,
+    step_microbatches,
 )
 from inrank_megatron.training.parallel import (
-    ParallelGroups, init_parallel, rng_state, set_rng_state, set_seeds,
+    ParallelGroups,
+    init_parallel,
+    rng_state,
+    set_rng_state,
+    set_seeds,
 )
 from inrank_megatron.training.stop import StopRequest, deferred, reason, step_sync
 from inrank_megatron.training.throughput import Throughput, default_peak_tflops
@@ -49,8 +57,14 @@ class _Averager:
         return (t[0] / t[1]).item()
 
 
-def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
-          dist_backend: str = "gloo", stop: Optional[StopRequest] = None) -> dict:
+def train(
+    cfg: TrainConfig,
+    *,
+    resume_path=None,
+    fixed_ranks=None,
+    dist_backend: str = "gloo",
+    stop: Optional[StopRequest] = None,
+) -> dict:
     """Run the configured job on this rank.
 
     Args:
@@ -68,13 +82,18 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
         (``"SIGTERM"``, ``"SIGUSR1"``, ``"time limit"``), None otherwise.
     """
     t0 = time.time()
-    groups = init_parallel(cfg.parallel.tensor_model_parallel_size,
-                           cfg.parallel.pipeline_model_parallel_size, backend=dist_backend)
+    groups = init_parallel(
+        cfg.parallel.tensor_model_parallel_size,
+        cfg.parallel.pipeline_model_parallel_size,
+        backend=dist_backend,
+    )
     out = cfg.output.dir
     ckpt_root = os.path.join(out, CHECKPOINTS_DIR)
     if groups.rank == 0:
         os.makedirs(out, exist_ok=True)
-        ckpt.remove_partial_saves(ckpt_root)  # this output.dir's interrupted saves (we hold its lock)
+        ckpt.remove_partial_saves(
+            ckpt_root
+        )  # this output.dir's interrupted saves (we hold its lock)
         save_config(cfg, os.path.join(out, "config.yaml"))
         prepare_data(cfg)
     torch.distributed.barrier()
@@ -85,8 +104,9 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     datasets = build_datasets(cfg, tokenizer, groups.dp_size)
     set_seeds(cfg.train.seed)
     model = build_model(cfg, tokenizer.vocab_size, groups.tp_size)
-    controller = GrowthController(model, stage1_steps=cfg.inrank.stage1_steps
-                                  if cfg.model.inrank else None)
+    controller = GrowthController(
+        model, stage1_steps=cfg.inrank.stage1_steps if cfg.model.inrank else None
+    )
     if resume_path is None and cfg.model.inrank and cfg.inrank.fixed_ranks is not None:
         if fixed_ranks is None:  # a resumed run takes its ranks from the checkpoint
             from inrank_megatron.training.fixed_ranks import resolve_fixed_ranks
@@ -107,8 +127,11 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     backend = build_backend(cfg, model, groups)
     if resume_path is not None and not weights_only:
         ckpt.load_backend_state(resume_path, backend)
-        same_layout = (meta.world_size, meta.tp, meta.pp) == \
-            (groups.world_size, groups.tp_size, groups.pp_size)
+        same_layout = (meta.world_size, meta.tp, meta.pp) == (
+            groups.world_size,
+            groups.tp_size,
+            groups.pp_size,
+        )
         if same_layout and not meta.resharded_from:
             set_rng_state(ckpt.load_rng_state(resume_path, groups.rank))
         else:  # another layout (or resharded): per-rank streams cannot carry over; derive new ones
@@ -124,8 +147,12 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     if groups.rank == 0:
         from inrank_megatron.training.metrics import MetricsWriter
 
-        writer = MetricsWriter(out, tensorboard=cfg.output.tensorboard, csv=cfg.output.csv,
-                               resume_step=start_step if resume_path is not None else None)
+        writer = MetricsWriter(
+            out,
+            tensorboard=cfg.output.tensorboard,
+            csv=cfg.output.csv,
+            resume_step=start_step if resume_path is not None else None,
+        )
         if resume_path is not None:
             writer.log_event(start_step, "resume", resume_path)
         else:
@@ -133,14 +160,21 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     mean = _Averager(groups)
     t = cfg.train
     last_step = min(t.steps, t.exit_after_step or t.steps)
-    valid_batches = eval_microbatches(datasets.valid, cfg, groups.dp_size, groups.dp_rank) \
-        if datasets.valid is not None else []
+    valid_batches = (
+        eval_microbatches(datasets.valid, cfg, groups.dp_size, groups.dp_rank)
+        if datasets.valid is not None
+        else []
+    )
 
     def evaluate(step):
         if not valid_batches:
             return None
-        loss = mean([schedule.eval_loss(b) if schedule else backend.eval_loss(b).item()
-                     for b in valid_batches])
+        loss = mean(
+            [
+                schedule.eval_loss(b) if schedule else backend.eval_loss(b).item()
+                for b in valid_batches
+            ]
+        )
         if writer:
             writer.log_eval(step, split="valid", loss=loss)
             console.valid(step, loss)
@@ -151,9 +185,15 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     if groups.rank == 0:
         console = Console(last_step, start_step)
         peak, source = _peak_tflops(cfg)
-        meter = Throughput(cfg, vocab_size=tokenizer.vocab_size, world_size=groups.world_size,
-                           peak_tflops=peak, first_step=start_step, last_step=last_step,
-                           window=t.log_interval)
+        meter = Throughput(
+            cfg,
+            vocab_size=tokenizer.vocab_size,
+            world_size=groups.world_size,
+            peak_tflops=peak,
+            first_step=start_step,
+            last_step=last_step,
+            window=t.log_interval,
+        )
         console.start(data_report(cfg, groups.dp_size), peak, source)
     ranks_now = dict(all_ranks)  # every layer's rank, as the checks and the cut report them
     slots_now = controller.all_slots()  # what the forward computes with (collective)
@@ -184,12 +224,17 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
             losses = schedule.forward_backward(micro)
         else:
             # One host sync per step, after the last micro-batch (not one per micro-batch).
-            losses = torch.stack([backend.forward_backward(b, len(micro), last=i == len(micro) - 1)
-                                  for i, b in enumerate(micro)]).tolist()
+            losses = torch.stack(
+                [
+                    backend.forward_backward(b, len(micro), last=i == len(micro) - 1)
+                    for i, b in enumerate(micro)
+                ]
+            ).tolist()
         # The step's one host sync: the same loss, stop decision and state of an async save's
         # writers on every rank.
-        loss, votes = step_sync(losses, groups, [*stop.flags(), writes is not None and
-                                                 writes.writing()])
+        loss, votes = step_sync(
+            losses, groups, [*stop.flags(), writes is not None and writes.writing()]
+        )
         stopped = reason(votes[:-1])
         if writes is not None and writes.pending and not votes[-1]:  # every writer is done
             latest = written(writes.finish(), step)
@@ -198,8 +243,7 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
         try:
             report = controller.step(step)
         except NonFiniteValueError:  # a rank check met NaN/inf factors (the update made them)
-            raise finite.fault(step, "InRank factors", model, controller, groups, latest) \
-                from None
+            raise finite.fault(step, "InRank factors", model, controller, groups, latest) from None
         if report.resizes:
             backend.resize(report.resizes, cfg.inrank.resize_policy)
         seconds = time.time() - tic
@@ -208,7 +252,8 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
             meter.step(step, stage, tokens_per_step, seconds, flops)
         # Every stage's checks (each holds its own layers): (layer, new rank, explained ratio).
         parts = controller.over_pipeline(
-            ([(c.layer, c.new_rank, c.explained_ratio) for c in report.checks], report.cut))
+            ([(c.layer, c.new_rank, c.explained_ratio) for c in report.checks], report.cut)
+        )
         checks, cut = [c for part, _ in parts for c in part], any(p[1] for p in parts)
         if cut:
             all_ranks = controller.all_ranks()
@@ -221,16 +266,35 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
         if writer:
             if step % t.log_interval == 0 or step == last_step or stopped or checks or cut:
                 tflops, mfu = meter.rates(tokens_per_step / seconds, flops)
-                writer.log_train(step, loss=loss, lr=info["lr"], grad_norm=info["grad_norm"],
-                                 tokens_per_s=tokens_per_step / seconds, stage=stage,
-                                 loss_scale=info["loss_scale"], tflops_per_device=tflops, mfu=mfu,
-                                 elapsed_s=meter.elapsed(), eta_s=meter.interval().eta_s)
+                writer.log_train(
+                    step,
+                    loss=loss,
+                    lr=info["lr"],
+                    grad_norm=info["grad_norm"],
+                    tokens_per_s=tokens_per_step / seconds,
+                    stage=stage,
+                    loss_scale=info["loss_scale"],
+                    tflops_per_device=tflops,
+                    mfu=mfu,
+                    elapsed_s=meter.elapsed(),
+                    eta_s=meter.interval().eta_s,
+                )
             if step % t.log_interval == 0 or step == last_step or stopped:
-                console.step(step, loss=loss, lr=info["lr"], stage=stage, ranks=ranks_now,
-                             grad_norm=info["grad_norm"], rates=meter.interval())
+                console.step(
+                    step,
+                    loss=loss,
+                    lr=info["lr"],
+                    stage=stage,
+                    ranks=ranks_now,
+                    grad_norm=info["grad_norm"],
+                    rates=meter.interval(),
+                )
             if checks:
-                writer.log_ranks(step, {layer: r for layer, r, _ in checks},
-                                 {layer: ratio for layer, _, ratio in checks})
+                writer.log_ranks(
+                    step,
+                    {layer: r for layer, r, _ in checks},
+                    {layer: ratio for layer, _, ratio in checks},
+                )
             if cut:
                 writer.log_event(step, "cut", f"stage 2 at ranks {sorted(set(all_ranks.values()))}")
                 writer.log_ranks(step, all_ranks, None)
@@ -249,12 +313,26 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
                     latest = written(writes.finish(), step)
                 save_started.append(time.time())
                 path = ckpt.save_training_checkpoint(
-                    ckpt_root, step, controller=controller, backend=backend,
-                    groups=groups, rng=rng_state(), estimate=checkpoint_size, writes=writes,
+                    ckpt_root,
+                    step,
+                    controller=controller,
+                    backend=backend,
+                    groups=groups,
+                    rng=rng_state(),
+                    estimate=checkpoint_size,
+                    writes=writes,
                     keep_last=cfg.output.keep_last,
-                    meta=Meta(step=step, consumed_samples=step * t.global_batch_size,
-                              world_size=groups.world_size, tp=groups.tp_size, pp=groups.pp_size,
-                              dp=groups.dp_size, backend=backend.name, config=to_dict(cfg)))
+                    meta=Meta(
+                        step=step,
+                        consumed_samples=step * t.global_batch_size,
+                        world_size=groups.world_size,
+                        tp=groups.tp_size,
+                        pp=groups.pp_size,
+                        dp=groups.dp_size,
+                        backend=backend.name,
+                        config=to_dict(cfg),
+                    ),
+                )
                 saves.append({"step": step, "blocking_s": None, "latest_at": None})
                 if path is None and (step == last_step or stopped):  # the run ends here
                     path = writes.finish()
@@ -270,18 +348,23 @@ def train(cfg: TrainConfig, *, resume_path=None, fixed_ranks=None,
     if done_step == t.steps and (not t.eval_interval or t.steps % t.eval_interval):
         val_loss = evaluate(t.steps)
     summary = {
-        "steps": done_step, "finished": done_step == t.steps,
+        "steps": done_step,
+        "finished": done_step == t.steps,
         "stopped": stopped if done_step < last_step else None,  # a stop at the end is the end
-        "step_s": step_s, "saves": saves,
-        "train_loss_last": history[-1]
-        if history else None, "train_losses": history, "valid_loss": val_loss,
+        "step_s": step_s,
+        "saves": saves,
+        "train_loss_last": history[-1] if history else None,
+        "train_losses": history,
+        "valid_loss": val_loss,
         "valid_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
-        "ranks": controller.all_ranks(), "stage": (controller.layers[0][1].growth.stage
-                                               if controller.layers else "dense"),
-        "wall_s": time.time() - t0, "world_size": groups.world_size,
+        "ranks": controller.all_ranks(),
+        "stage": (controller.layers[0][1].growth.stage if controller.layers else "dense"),
+        "wall_s": time.time() - t0,
+        "world_size": groups.world_size,
         "throughput": meter.summary() if meter else None,
         "parameters": _parameter_counts(model, groups),
-        "run_dir": out, "checkpoint": latest,
+        "run_dir": out,
+        "checkpoint": latest,
         "metrics_csv": os.path.join(out, "metrics.csv") if cfg.output.csv else None,
         "plot": None,
     }
@@ -323,9 +406,16 @@ def _parameter_counts(model, groups: ParallelGroups) -> dict:
 
     # ZeRO-3 partitions parameters in place (numel 0); ds_numel keeps the real size.
     # The last pipeline stage's copy of the tied word embedding (megatron's ``shared``) once.
-    n = torch.tensor([sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()
-                          if not is_tp_duplicate(p, groups.tp_rank)
-                          and not getattr(p, "shared", False))], dtype=torch.float64)
+    n = torch.tensor(
+        [
+            sum(
+                int(getattr(p, "ds_numel", p.numel()))
+                for p in model.parameters()
+                if not is_tp_duplicate(p, groups.tp_rank) and not getattr(p, "shared", False)
+            )
+        ],
+        dtype=torch.float64,
+    )
     for size, group in ((groups.tp_size, groups.tp_group), (groups.pp_size, groups.pp_group)):
         if size > 1:
             torch.distributed.all_reduce(n, group=group)

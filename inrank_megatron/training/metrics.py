@@ -36,14 +36,30 @@ import math
 import os
 import tempfile
 
-METRICS_COLUMNS = ("step", "split", "loss", "ppl", "lr", "grad_norm", "tokens_per_s", "stage",
-                   "loss_scale", "tflops_per_device", "mfu", "elapsed_s", "eta_s")
+METRICS_COLUMNS = (
+    "step",
+    "split",
+    "loss",
+    "ppl",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "stage",
+    "loss_scale",
+    "tflops_per_device",
+    "mfu",
+    "elapsed_s",
+    "eta_s",
+)
 # Headers of earlier versions, each a prefix of today's: their rows read with the new cells empty.
 OLDER_COLUMNS = {METRICS_COLUMNS: (METRICS_COLUMNS[:9],)}
 RANKS_COLUMNS = ("step", "layer", "rank", "explained_ratio")
 EVENTS_COLUMNS = ("step", "kind", "detail")
-FILES = {"metrics": ("metrics.csv", METRICS_COLUMNS), "ranks": ("ranks.csv", RANKS_COLUMNS),
-         "events": ("events.csv", EVENTS_COLUMNS)}
+FILES = {
+    "metrics": ("metrics.csv", METRICS_COLUMNS),
+    "ranks": ("ranks.csv", RANKS_COLUMNS),
+    "events": ("events.csv", EVENTS_COLUMNS),
+}
 SPLITS = ("train", "valid", "test")
 EVAL_SPLITS = ("valid", "test")
 TENSORBOARD_DIR = "tb"
@@ -53,8 +69,19 @@ TENSORBOARD_DIR = "tb"
 PPL_MAX_LOSS = 20.0
 
 _INT_FIELDS = ("step", "rank")
-_FLOAT_FIELDS = ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "loss_scale", "explained_ratio",
-                 "tflops_per_device", "mfu", "elapsed_s", "eta_s")
+_FLOAT_FIELDS = (
+    "loss",
+    "ppl",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "loss_scale",
+    "explained_ratio",
+    "tflops_per_device",
+    "mfu",
+    "elapsed_s",
+    "eta_s",
+)
 
 
 def perplexity(loss: float) -> float:
@@ -100,8 +127,10 @@ def _read_rows(path: str, columns: tuple) -> list:
         if header is None:
             return []
         if tuple(header) != columns and tuple(header) not in OLDER_COLUMNS.get(columns, ()):
-            raise ValueError(f"{path}: header {','.join(header)!r} is not "
-                             f"{','.join(columns)!r}; not a file written by MetricsWriter")
+            raise ValueError(
+                f"{path}: header {','.join(header)!r} is not "
+                f"{','.join(columns)!r}; not a file written by MetricsWriter"
+            )
         pad = [""] * (len(columns) - len(header))
         return [row + pad for row in reader if len(row) == len(header)]
 
@@ -171,8 +200,14 @@ class MetricsWriter:
             ``run_dir`` are replaced.
     """
 
-    def __init__(self, run_dir: str, *, tensorboard: bool = True, csv: bool = True,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        tensorboard: bool = True,
+        csv: bool = True,
+        resume_step: int | None = None,
+    ):
         if resume_step is not None:
             _check_step(resume_step)
         self.run_dir = str(run_dir)
@@ -193,7 +228,8 @@ class MetricsWriter:
             # purge_step: TensorBoard drops earlier events with step >= purge_step when it reads
             # this file's SessionLog.START (torch.utils.tensorboard.SummaryWriter docstring).
             self._tb = SummaryWriter(
-                tb_dir, purge_step=None if resume_step is None else resume_step + 1)
+                tb_dir, purge_step=None if resume_step is None else resume_step + 1
+            )
         self.closed = False
 
     def _scalars(self, step: int, values: dict) -> None:
@@ -208,10 +244,21 @@ class MetricsWriter:
         if self.closed:
             raise RuntimeError(f"MetricsWriter for {self.run_dir} is closed")
 
-    def log_train(self, step: int, *, loss: float, lr: float, grad_norm: float | None,
-                  tokens_per_s: float | None, stage, loss_scale: float | None = None,
-                  tflops_per_device: float | None = None, mfu: float | None = None,
-                  elapsed_s: float | None = None, eta_s: float | None = None) -> None:
+    def log_train(
+        self,
+        step: int,
+        *,
+        loss: float,
+        lr: float,
+        grad_norm: float | None,
+        tokens_per_s: float | None,
+        stage,
+        loss_scale: float | None = None,
+        tflops_per_device: float | None = None,
+        mfu: float | None = None,
+        elapsed_s: float | None = None,
+        eta_s: float | None = None,
+    ) -> None:
         """One training row (split ``train``); ppl is left empty, as in Megatron's training log.
 
         Args:
@@ -233,18 +280,35 @@ class MetricsWriter:
         """
         self._check_open()
         step = _check_step(step)
-        values = {"loss": _float(loss, "loss"), "lr": _float(lr, "lr"),
-                  "grad_norm": _float(grad_norm, "grad_norm"),
-                  "tokens_per_s": _float(tokens_per_s, "tokens_per_s"),
-                  "loss_scale": _float(loss_scale, "loss_scale"),
-                  "tflops_per_device": _float(tflops_per_device, "tflops_per_device"),
-                  "mfu": _float(mfu, "mfu"), "elapsed_s": _float(elapsed_s, "elapsed_s"),
-                  "eta_s": _float(eta_s, "eta_s")}
+        values = {
+            "loss": _float(loss, "loss"),
+            "lr": _float(lr, "lr"),
+            "grad_norm": _float(grad_norm, "grad_norm"),
+            "tokens_per_s": _float(tokens_per_s, "tokens_per_s"),
+            "loss_scale": _float(loss_scale, "loss_scale"),
+            "tflops_per_device": _float(tflops_per_device, "tflops_per_device"),
+            "mfu": _float(mfu, "mfu"),
+            "elapsed_s": _float(elapsed_s, "elapsed_s"),
+            "eta_s": _float(eta_s, "eta_s"),
+        }
         if "metrics" in self._csv:
-            self._csv["metrics"].write([
-                step, "train", values["loss"], None, values["lr"], values["grad_norm"],
-                values["tokens_per_s"], stage, values["loss_scale"], values["tflops_per_device"],
-                values["mfu"], values["elapsed_s"], values["eta_s"]])
+            self._csv["metrics"].write(
+                [
+                    step,
+                    "train",
+                    values["loss"],
+                    None,
+                    values["lr"],
+                    values["grad_norm"],
+                    values["tokens_per_s"],
+                    stage,
+                    values["loss_scale"],
+                    values["tflops_per_device"],
+                    values["mfu"],
+                    values["elapsed_s"],
+                    values["eta_s"],
+                ]
+            )
         self._scalars(step, {f"train/{k}": v for k, v in values.items()})
 
     def log_eval(self, step: int, *, split: str, loss: float) -> float:
@@ -267,7 +331,9 @@ class MetricsWriter:
             raise ValueError("loss must be a number, got None")
         ppl = perplexity(loss)
         if "metrics" in self._csv:
-            self._csv["metrics"].write([step, split, loss, ppl] + [None] * (len(METRICS_COLUMNS) - 4))
+            self._csv["metrics"].write(
+                [step, split, loss, ppl] + [None] * (len(METRICS_COLUMNS) - 4)
+            )
         self._scalars(step, {f"{split}/loss": loss, f"{split}/ppl": ppl})
         return ppl
 

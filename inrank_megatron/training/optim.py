@@ -30,8 +30,11 @@ def factor_group_settings(cfg: TrainConfig) -> dict:
     them per group) and ``wd_mult`` (0 when ``inrank.frobenius_decay`` replaces weight decay on
     the factors)."""
     m = cfg.inrank.lr_multiplier
-    return {"max_lr": cfg.train.lr * m, "min_lr": cfg.train.min_lr * m,
-            "wd_mult": 0.0 if cfg.inrank.frobenius_decay > 0 else 1.0}
+    return {
+        "max_lr": cfg.train.lr * m,
+        "min_lr": cfg.train.min_lr * m,
+        "wd_mult": 0.0 if cfg.inrank.frobenius_decay > 0 else 1.0,
+    }
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -49,9 +52,11 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
         else:
             # ZeRO-3 leaves a partitioned parameter's data empty: its shape is ds_shape.
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "wd_mult": 1.0, "name": "decay"},
-              {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"},
-              {"params": grown, "name": FACTOR_GROUP, **factor_group_settings(cfg)}]
+    groups = [
+        {"params": decay, "wd_mult": 1.0, "name": "decay"},
+        {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"},
+        {"params": grown, "name": FACTOR_GROUP, **factor_group_settings(cfg)},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -93,10 +98,12 @@ class SlotAdamW(torch.optim.AdamW):
                 out[layer.B] = (1, k)
         return out
 
-    def _init_group(self, group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                    state_steps):
-        has_complex = super()._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs,
-                                          max_exp_avg_sqs, state_steps)
+    def _init_group(
+        self, group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+    ):
+        has_complex = super()._init_group(
+            group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+        )
         for i, p in enumerate(params_with_grad):
             if p not in self._active:
                 continue
@@ -126,10 +133,19 @@ def build_scheduler(cfg: TrainConfig, optimizer) -> OptimizerParamScheduler:
     t = cfg.train
     decay_steps = t.decay_steps()
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_steps,
-        lr_decay_steps=max(decay_steps, t.lr_warmup_steps + 1), lr_decay_style=t.lr_decay_style,
-        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=max(decay_steps, 1),
-        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True)
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_steps,
+        lr_decay_steps=max(decay_steps, t.lr_warmup_steps + 1),
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=max(decay_steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+    )
 
 
 def is_tp_duplicate(p: torch.nn.Parameter, tp_rank: int) -> bool:
@@ -147,8 +163,11 @@ def global_grad_norm(params, *, tp_group=None, tp_rank: int = 0, pp_group=None) 
     # parameter (the same fp64 additions in the same order as summing on the host).
     on_device = {}
     for p in params:
-        if p.grad is not None and not is_tp_duplicate(p, tp_rank) and \
-                not getattr(p, "shared", False):
+        if (
+            p.grad is not None
+            and not is_tp_duplicate(p, tp_rank)
+            and not getattr(p, "shared", False)
+        ):
             g = p.grad.detach()
             on_device[g.device] = on_device.get(g.device, 0) + g.double().pow(2).sum()
     sq = torch.zeros((), dtype=torch.float64)
@@ -160,8 +179,9 @@ def global_grad_norm(params, *, tp_group=None, tp_rank: int = 0, pp_group=None) 
     return math.sqrt(sq.item())
 
 
-def clip_gradients(params, max_norm: float, *, tp_group=None, tp_rank: int = 0,
-                   pp_group=None) -> float:
+def clip_gradients(
+    params, max_norm: float, *, tp_group=None, tp_rank: int = 0, pp_group=None
+) -> float:
     """Scale gradients so their global norm is at most ``max_norm`` (``<= 0``: no clipping, as
     megatron's ``clip_grad``). Returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]

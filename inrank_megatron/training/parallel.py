@@ -54,21 +54,29 @@ def init_parallel(tp: int, pp: int, *, backend: str, timeout_s: int = 1800) -> P
         backend = "cpu:gloo,cuda:nccl"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
-            backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                             pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
     return ParallelGroups(
-        rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-        tp_size=tp, tp_rank=parallel_state.get_tensor_model_parallel_rank(), pp_size=pp,
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        tp_size=tp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_size=pp,
         dp_size=parallel_state.get_data_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        pp_group=parallel_state.get_pipeline_model_parallel_group())
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+    )
 
 
 def set_seeds(seed: int) -> None:
@@ -85,10 +93,13 @@ def set_seeds(seed: int) -> None:
 def rng_state() -> dict:
     from megatron.core import tensor_parallel
 
-    return {"python": random.getstate(), "numpy": numpy.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    return {
+        "python": random.getstate(),
+        "numpy": numpy.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
 
 
 def set_rng_state(state: dict) -> None:

@@ -39,8 +39,11 @@ class PipelineSchedule:
         self.next = ranks[groups.pp_rank + 1] if not groups.last_stage else None
         self._sends = []
         # NCCL moves CUDA tensors only; gloo CPU ones.
-        self.device = torch.device("cuda", torch.cuda.current_device()) \
-            if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
 
     # ---- point to point ------------------------------------------------------------------------
 
@@ -69,8 +72,9 @@ class PipelineSchedule:
             x = self._recv(self.prev).requires_grad_()
         b.model.set_input_tensor(x)
         with b._autocast():
-            out = b.model(batch["tokens"], batch["position_ids"], attention_mask=None,
-                          labels=batch["labels"])
+            out = b.model(
+                batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+            )
         if self.groups.last_stage:
             mask = batch["loss_mask"].to(torch.float32)
             loss = (out.float() * mask).sum() / mask.sum().clamp_min(1)
@@ -94,8 +98,9 @@ class PipelineSchedule:
 
     def _broadcast_losses(self, losses: list, n: int) -> list:
         """The last stage's losses on every stage of the pipeline."""
-        t = torch.tensor(losses if self.groups.last_stage else [0.0] * n, dtype=torch.float64,
-                         device=self.device)
+        t = torch.tensor(
+            losses if self.groups.last_stage else [0.0] * n, dtype=torch.float64, device=self.device
+        )
         last = torch.distributed.get_process_group_ranks(self.groups.pp_group)[-1]
         torch.distributed.broadcast(t, last, group=self.groups.pp_group)
         return t.tolist()

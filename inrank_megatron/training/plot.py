@@ -30,7 +30,7 @@ def short_layer_name(layer: str) -> str:
     """``decoder.layers.3.mlp.linear_fc1`` -> ``L3.fc1``; a name without a layer number keeps its
     last component (``output_layer`` -> ``output_layer``)."""
     last = layer.rsplit(".", 1)[-1]
-    last = last[len("linear_"):] if last.startswith("linear_") else last
+    last = last[len("linear_") :] if last.startswith("linear_") else last
     match = _LAYER_NUMBER.search(layer)
     return f"L{match.group(1)}.{last}" if match else last
 
@@ -53,9 +53,16 @@ def _event_lines(axes, events, label_axis=None) -> None:
             ax.axvline(event["step"], zorder=1, **style)
         if label_axis is not None:
             label_axis.annotate(
-                f" {event['kind']} @ {event['step']}", xy=(event["step"], 1.0),
-                xycoords=("data", "axes fraction"), xytext=(0, -2), textcoords="offset points",
-                va="top", ha="left", fontsize=8, color=style["color"])
+                f" {event['kind']} @ {event['step']}",
+                xy=(event["step"], 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(0, -2),
+                textcoords="offset points",
+                va="top",
+                ha="left",
+                fontsize=8,
+                color=style["color"],
+            )
 
 
 def _plot_ranks(ax, ranks, last_step) -> None:
@@ -81,30 +88,55 @@ def _plot_ranks(ax, ranks, last_step) -> None:
             steps.append(last_step)
             values.append(values[-1])
         kind = kinds.index(names[layer].rsplit(".", 1)[-1])
-        ax.plot(steps, values, drawstyle="steps-post", linewidth=1.4, label=names[layer],
-                color=colors[numbers.index(_layer_sort_key(layer)[0])],
-                linestyle=_LINESTYLES[kind % len(_LINESTYLES)])
+        ax.plot(
+            steps,
+            values,
+            drawstyle="steps-post",
+            linewidth=1.4,
+            label=names[layer],
+            color=colors[numbers.index(_layer_sort_key(layer)[0])],
+            linestyle=_LINESTYLES[kind % len(_LINESTYLES)],
+        )
     ax.set_ylabel("rank")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.set_title(f"per-layer rank ({len(layers)} InRank layers)", fontsize=10)
     ncol = max(1, math.ceil(len(layers) / 16))
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, ncol=ncol,
-              frameon=False, handlelength=2.5)
+    ax.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=7,
+        ncol=ncol,
+        frameon=False,
+        handlelength=2.5,
+    )
 
 
 def _plot_loss(ax, metrics) -> None:
     train = [r for r in metrics if r["split"] == "train" and r["loss"] is not None]
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue",
-                linewidth=1.0, label="train loss")
+        ax.plot(
+            [r["step"] for r in train],
+            [r["loss"] for r in train],
+            color="tab:blue",
+            linewidth=1.0,
+            label="train loss",
+        )
     title = "loss"
     for split, marker, color in (("valid", "o", "tab:orange"), ("test", "s", "tab:green")):
         rows = [r for r in metrics if r["split"] == split]
         if not rows:
             continue
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], linestyle="none",
-                marker=marker, markersize=5, color=color, label=f"{split} loss", zorder=3)
+        ax.plot(
+            [r["step"] for r in rows],
+            [r["loss"] for r in rows],
+            linestyle="none",
+            marker=marker,
+            markersize=5,
+            color=color,
+            label=f"{split} loss",
+            zorder=3,
+        )
         last = rows[-1]
         title += f"; last {split}: loss {last['loss']:.3f}, ppl {last['ppl']:.4g} @ {last['step']}"
     ax.set_title(title, fontsize=10)
@@ -116,8 +148,12 @@ def _plot_loss(ax, metrics) -> None:
         # ppl = exp(loss) is monotonic: a second scale on the same axis, log-spaced so that its
         # ticks line up evenly with the loss ticks.
         ppl_axis = ax.secondary_yaxis(
-            "right", functions=(lambda x: np.exp(np.clip(x, -50.0, 700.0)),
-                                lambda p: np.log(np.clip(p, 1e-300, None))))
+            "right",
+            functions=(
+                lambda x: np.exp(np.clip(x, -50.0, 700.0)),
+                lambda p: np.log(np.clip(p, 1e-300, None)),
+            ),
+        )
         ppl_axis.set_yscale("log")
         ppl_axis.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ppl_axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda p, _: f"{p:g}"))
@@ -148,7 +184,8 @@ def plot_run(run_dir: str, out_png: str | None = None) -> str:
     name = os.path.basename(os.path.normpath(run_dir))
     if ranks:
         fig, (rank_ax, loss_ax) = plt.subplots(
-            2, 1, figsize=(12, 8), sharex=True, height_ratios=(3, 2), layout="constrained")
+            2, 1, figsize=(12, 8), sharex=True, height_ratios=(3, 2), layout="constrained"
+        )
         _plot_ranks(rank_ax, ranks, last_step)
         _event_lines((rank_ax, loss_ax), events, label_axis=rank_ax)
         fig.suptitle(f"{name}: InRank ranks and loss")

@@ -52,8 +52,11 @@ class StopRequest:
     def for_config(cls, cfg, *, rank: int, start: Optional[float] = None) -> "StopRequest":
         """``cfg.train.exit_duration_mins`` counted from ``start`` (default now) on rank 0."""
         minutes = cfg.train.exit_duration_mins
-        return cls(budget_s=minutes * 60 if minutes else None, clock_rank=rank == 0,
-                   start=time.monotonic() if start is None else start)
+        return cls(
+            budget_s=minutes * 60 if minutes else None,
+            clock_rank=rank == 0,
+            start=time.monotonic() if start is None else start,
+        )
 
     def install(self) -> None:
         """Record SIGTERM / SIGUSR1 instead of dying (main thread only, as ``signal`` requires)."""
@@ -84,8 +87,11 @@ class StopRequest:
         budget) are kept in hand."""
         if self.budget_s is None:
             return False
-        save = self.slowest_save if self.slowest_save is not None \
+        save = (
+            self.slowest_save
+            if self.slowest_save is not None
             else FIRST_SAVE_RESERVE * self.budget_s
+        )
         elapsed = (time.monotonic() if now is None else now) - self.start
         return elapsed + self.slowest_step + save >= self.budget_s
 
@@ -134,9 +140,14 @@ def step_sync(losses: list, groups, votes: list) -> tuple:
         (mean loss, summed votes), the same on every rank.
     """
     counted = groups.tp_rank == 0 and getattr(groups, "pp_rank", 0) == 0
-    t = torch.tensor([float(sum(losses)) if counted else 0.0,
-                      float(len(losses)) if counted else 0.0, *map(float, votes)],
-                     dtype=torch.float64)
+    t = torch.tensor(
+        [
+            float(sum(losses)) if counted else 0.0,
+            float(len(losses)) if counted else 0.0,
+            *map(float, votes),
+        ],
+        dtype=torch.float64,
+    )
     if groups.world_size > 1:
         torch.distributed.all_reduce(t)
     return (t[0] / t[1]).item(), t[2:].tolist()

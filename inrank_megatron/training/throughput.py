@@ -76,8 +76,9 @@ def layer_slots(num_layers: int, slots: Mapping[str, int]) -> list[dict]:
     for name, k in slots.items():
         m = _NAME.search(name)
         if m is None or int(m.group(1)) >= num_layers:
-            raise ValueError(f"cannot place InRank layer {name!r} in a model of {num_layers} "
-                             "layers")
+            raise ValueError(
+                f"cannot place InRank layer {name!r} in a model of {num_layers} layers"
+            )
         out[int(m.group(1))][_KINDS[m.group(2)]] = int(k)
     return out
 
@@ -128,9 +129,18 @@ class Throughput:
         clock: seconds, monotonic (tests pass their own).
     """
 
-    def __init__(self, cfg: TrainConfig, *, vocab_size: int, world_size: int,
-                 peak_tflops: Optional[float], first_step: int, last_step: int, window: int,
-                 clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        vocab_size: int,
+        world_size: int,
+        peak_tflops: Optional[float],
+        first_step: int,
+        last_step: int,
+        window: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.world_size = world_size
@@ -151,8 +161,9 @@ class Throughput:
 
             inrank = self.cfg.model.inrank and bool(slots)
             per_layer = layer_slots(self.cfg.model.num_layers, slots) if inrank else None
-            self._flops[key] = flops_per_token(self.cfg, inrank=inrank, vocab_size=self.vocab_size,
-                                               layer_slots=per_layer).total
+            self._flops[key] = flops_per_token(
+                self.cfg, inrank=inrank, vocab_size=self.vocab_size, layer_slots=per_layer
+            ).total
         return self._flops[key]
 
     def rates(self, tokens_per_s: float, flops_per_token: float) -> tuple[float, Optional[float]]:
@@ -164,8 +175,9 @@ class Throughput:
         """Seconds since this process started training."""
         return self.clock() - self.start
 
-    def step(self, step: int, stage: str, tokens: int, seconds: float,
-             flops_per_token: int) -> None:
+    def step(
+        self, step: int, stage: str, tokens: int, seconds: float, flops_per_token: int
+    ) -> None:
         """Optimizer step ``step`` is done: it ran in ``stage`` (``growing``, ``fixed`` or
         ``dense``) at ``flops_per_token`` and took ``seconds`` (forward, backward, optimizer and
         growth)."""
@@ -186,8 +198,7 @@ class Throughput:
         tokens_per_s = tokens / seconds
         tflops, mfu = self.rates(tokens_per_s, flops / tokens if tokens else 0)
         eta = eta_seconds(step, self.last_step, step - first, now - since) if step > first else 0.0
-        return Interval(step - first, now - since, tokens_per_s, tflops, mfu, now - self.start,
-                        eta)
+        return Interval(step - first, now - since, tokens_per_s, tflops, mfu, now - self.start, eta)
 
     def summary(self) -> dict:
         """Per stage, in the order met: ``{stage: {steps, tokens_per_s, tflops_per_device, mfu}}``
@@ -197,6 +208,10 @@ class Throughput:
         for stage, (steps, tokens, seconds, flops) in self._stages.items():
             tokens_per_s = tokens / max(seconds, 1e-12)
             tflops, mfu = self.rates(tokens_per_s, flops / tokens)
-            out[stage] = {"steps": steps, "tokens_per_s": tokens_per_s,
-                          "tflops_per_device": tflops, "mfu": mfu}
+            out[stage] = {
+                "steps": steps,
+                "tokens_per_s": tokens_per_s,
+                "tflops_per_device": tflops,
+                "mfu": mfu,
+            }
         return out

@@ -18,8 +18,10 @@ def build_backend(cfg, model, groups) -> Backend:
         from inrank_megatron.training.backends.megatron_backend import MegatronBackend
 
         return MegatronBackend(cfg, model, groups)
-    raise ValueError(f"parallel.backend={name!r} is not available in this build of the training "
-                     "loop; expected 'torch', 'megatron' or 'deepspeed'")
+    raise ValueError(
+        f"parallel.backend={name!r} is not available in this build of the training "
+        "loop; expected 'torch', 'megatron' or 'deepspeed'"
+    )
 
 
 __all__ = ["Backend", "build_backend"]

@@ -32,8 +32,9 @@ class Backend:
     @staticmethod
     def loss(module, batch: dict) -> torch.Tensor:
         """Mean token loss of one micro-batch (``loss_mask`` applied)."""
-        losses = module(batch["tokens"], batch["position_ids"], attention_mask=None,
-                        labels=batch["labels"])  # (b, s)
+        losses = module(
+            batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+        )  # (b, s)
         mask = batch["loss_mask"].to(losses.dtype)
         return (losses.float() * mask).sum() / mask.sum().clamp_min(1)
 
@@ -86,16 +87,18 @@ class Backend:
         # The layer's new factor values, before a rebuild may partition them (ZeRO-3).
         new_values = {name: p.detach().clone() for name, p in named if id(p) in replaced}
         role_event = {name: replaced[id(p)][:2] for name, p in named if id(p) in replaced}
-        exported = self.export_state([(n, replaced[id(p)][2] if id(p) in replaced else p)
-                                      for n, p in named])
+        exported = self.export_state(
+            [(n, replaced[id(p)][2] if id(p) in replaced else p) for n, p in named]
+        )
         self._rebuild(resizes)
 
         def items():
             for name, master, moments, step in exported:
                 if name in role_event:
                     role, event = role_event[name]
-                    master, moments, step = resize_state(master, moments, step, role, event,
-                                                         new_values.pop(name), policy=policy)
+                    master, moments, step = resize_state(
+                        master, moments, step, role, event, new_values.pop(name), policy=policy
+                    )
                 yield name, master, moments, step
 
         self.import_state(items())

@@ -44,7 +44,10 @@ from inrank_megatron.deepspeed_json import deepspeed_config
 from inrank_megatron.training.backends import deepspeed_compat as compat
 from inrank_megatron.training.backends.base import Backend
 from inrank_megatron.training.optim import (
-    build_scheduler, factor_params, global_grad_norm, param_groups,
+    build_scheduler,
+    factor_params,
+    global_grad_norm,
+    param_groups,
 )
 
 
@@ -76,11 +79,19 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         t = self.cfg.train
-        optimizer = torch.optim.AdamW(param_groups(self.model, self.cfg), lr=t.lr,
-                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                      weight_decay=t.weight_decay)
-        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
-                                               config=copy.deepcopy(self.ds_config), mpu=self.mpu)
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, self.cfg),
+            lr=t.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
+            weight_decay=t.weight_decay,
+        )
+        engine, _, _, _ = deepspeed.initialize(
+            model=self.model,
+            optimizer=optimizer,
+            config=copy.deepcopy(self.ds_config),
+            mpu=self.mpu,
+        )
         self.layout = compat.optimizer_layout(engine)
         self.layout.keep_full(factor_params(self.model))
         self._state_linked = False
@@ -96,12 +107,16 @@ class DeepSpeedBackend(Backend):
         engine = self.engine
         gas = engine.gradient_accumulation_steps()
         if num_microbatches != gas:
-            raise ValueError(f"{num_microbatches} micro-batches per step, but the DeepSpeed config "
-                             f"has gradient_accumulation_steps={gas}")
+            raise ValueError(
+                f"{num_microbatches} micro-batches per step, but the DeepSpeed config "
+                f"has gradient_accumulation_steps={gas}"
+            )
         boundary = engine.is_gradient_accumulation_boundary()
         if boundary != last:
-            raise RuntimeError("DeepSpeed's micro-step counter is out of step with the loop "
-                               f"(boundary={boundary}, last={last})")
+            raise RuntimeError(
+                "DeepSpeed's micro-step counter is out of step with the loop "
+                f"(boundary={boundary}, last={last})"
+            )
         loss = self.loss(engine, batch)
         penalty = self.frobenius_penalty() if last else None
         # engine.backward divides by gradient_accumulation_steps (= num_microbatches).
@@ -114,15 +129,15 @@ class DeepSpeedBackend(Backend):
         engine = self.engine
         if self.groups.tp_size > 1 and self.cfg.parallel.sequence_parallel:
             partial = [p for p in self.model.parameters() if getattr(p, "sequence_parallel", False)]
-            self.layout.allreduce_partitioned_sequence_parallel_grads(partial,
-                                                                      self.groups.tp_group)
+            self.layout.allreduce_partitioned_sequence_parallel_grads(partial, self.groups.tp_group)
         norm = None
         if isinstance(self.layout, compat.TorchLayout):
             # Stage 0 in fp32 clips inside engine.step (deepspeed.runtime.utils.clip_grad_norm_)
             # without keeping the norm; the gradients are already averaged over DP here.
             params = [p for g in engine.optimizer.param_groups for p in g["params"]]
-            norm = global_grad_norm(params, tp_group=self.groups.tp_group,
-                                    tp_rank=self.groups.tp_rank)
+            norm = global_grad_norm(
+                params, tp_group=self.groups.tp_group, tp_rank=self.groups.tp_rank
+            )
         engine.step()
         if not self._state_linked:
             self.layout.relink()
@@ -151,8 +166,9 @@ class DeepSpeedBackend(Backend):
         master and moments are materialised at a time (``tools/bench_resize.py`` measures the
         peak).
         """
-        compat.strip_deepspeed_attributes([new for e in resizes for _, _, new in e.pairs()],
-                                          self._megatron_attributes)
+        compat.strip_deepspeed_attributes(
+            [new for e in resizes for _, _, new in e.pairs()], self._megatron_attributes
+        )
         counters = compat.engine_counters(self.engine)
         self.engine.destroy()
         self.engine = self.layout = None
@@ -167,36 +183,52 @@ class DeepSpeedBackend(Backend):
     def save(self, path: str) -> None:
         """DeepSpeed's checkpoint under ``path/deepspeed/`` (module, ZeRO partitions, our LR
         scheduler as client state) and ``path/inrank_deepspeed.json`` (shapes, TP layout)."""
-        self.engine.save_checkpoint(path, tag=TAG, save_latest=False, client_state={
-            "inrank_scheduler": self.scheduler.state_dict(),
-            "inrank_adam_steps": [float(s) for s in self.layout.group_steps()]})
+        self.engine.save_checkpoint(
+            path,
+            tag=TAG,
+            save_latest=False,
+            client_state={
+                "inrank_scheduler": self.scheduler.state_dict(),
+                "inrank_adam_steps": [float(s) for s in self.layout.group_steps()],
+            },
+        )
         if self.groups.rank == 0:
-            meta = {"zero_stage": self.stage, "tp": self.groups.tp_size, "dp": self.groups.dp_size,
-                    "precision": self.cfg.train.precision, "params": {}}
+            meta = {
+                "zero_stage": self.stage,
+                "tp": self.groups.tp_size,
+                "dp": self.groups.dp_size,
+                "precision": self.cfg.train.precision,
+                "params": {},
+            }
             for name, p in self.model.named_parameters():
                 shape = getattr(p, "ds_shape", p.shape)
                 meta["params"][name] = {
                     "shape": list(shape),
                     "tensor_model_parallel": bool(getattr(p, "tensor_model_parallel", False)),
-                    "partition_dim": int(getattr(p, "partition_dim", -1))}
+                    "partition_dim": int(getattr(p, "partition_dim", -1)),
+                }
             write_deepspeed_meta(path, meta)
         torch.distributed.barrier()
 
     def load(self, path: str) -> None:
         check_deepspeed_checkpoint(path)
         load_path, client = self.engine.load_checkpoint(
-            path, tag=TAG, load_module_strict=True, load_optimizer_states=True,
-            load_lr_scheduler_states=True)
+            path,
+            tag=TAG,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         if load_path is None:
-            raise FileNotFoundError(f"{os.path.join(path, TAG)}: no DeepSpeed checkpoint (written "
-                                    "by another backend?)")
+            raise FileNotFoundError(
+                f"{os.path.join(path, TAG)}: no DeepSpeed checkpoint (written by another backend?)"
+            )
         # ZeRO-3 restores one Adam step for every group; the factor group's may differ.
         self.layout.set_group_steps(client["inrank_adam_steps"])
         self.layout.relink()
         self._state_linked = True
         self.layout.refresh_model_params()
         self.scheduler.load_state_dict(client["inrank_scheduler"])
-
 
     # ---- backend-neutral state ---------------------------------------------------------------
 
@@ -226,9 +258,11 @@ class DeepSpeedBackend(Backend):
             if steps[gi] is None:
                 steps[gi] = float(step)
             elif steps[gi] != float(step):
-                raise ValueError(f"parameter {name} has Adam step {step:g}, other parameters of "
-                                 f"its DeepSpeed param group {groups[gi]['name']!r} have "
-                                 f"{steps[gi]:g}; ZeRO keeps one step per group")
+                raise ValueError(
+                    f"parameter {name} has Adam step {step:g}, other parameters of "
+                    f"its DeepSpeed param group {groups[gi]['name']!r} have "
+                    f"{steps[gi]:g}; ZeRO keeps one step per group"
+                )
             self.layout.write_local(p, master)
             for k in MOMENTS:
                 self.layout.write_local(p, moments[k], k)

@@ -118,8 +118,11 @@ class _Piece:
 
 def _fresh_state(t: torch.Tensor, step: torch.Tensor) -> dict:
     """The Adam state AdamW would create for ``t`` (zero moments), at ``step``."""
-    return {"step": step.clone().to(torch.float32), "exp_avg": torch.zeros_like(t),
-            "exp_avg_sq": torch.zeros_like(t)}
+    return {
+        "step": step.clone().to(torch.float32),
+        "exp_avg": torch.zeros_like(t),
+        "exp_avg_sq": torch.zeros_like(t),
+    }
 
 
 class OptimizerLayout:
@@ -261,14 +264,21 @@ class TorchLayout(OptimizerLayout):
     def group_steps(self) -> list:
         out = []
         for g in self.opt.param_groups:
-            steps = [self.opt.state[p]["step"] for p in g["params"]
-                     if "step" in self.opt.state.get(p, {})]
+            steps = [
+                self.opt.state[p]["step"]
+                for p in g["params"]
+                if "step" in self.opt.state.get(p, {})
+            ]
             out.append(steps[0].clone() if steps else torch.tensor(0.0))
         return out
 
     def _step_states(self) -> list:
-        return [(self.opt.state[p], gi) for gi, g in enumerate(self.opt.param_groups)
-                for p in g["params"] if p in self.opt.state]
+        return [
+            (self.opt.state[p], gi)
+            for gi, g in enumerate(self.opt.param_groups)
+            for p in g["params"]
+            if p in self.opt.state
+        ]
 
     @torch.no_grad()
     def create_zeroed_state(self, steps: list) -> None:
@@ -304,8 +314,9 @@ class FlatLayout(OptimizerLayout):
         return self.opt.fp32_groups_flat_partition
 
     def param_group_index(self) -> dict:
-        groups = self.opt.bit16_groups if hasattr(self.opt, "bit16_groups") else \
-            self.opt.bf16_groups
+        groups = (
+            self.opt.bit16_groups if hasattr(self.opt, "bit16_groups") else self.opt.bf16_groups
+        )
         return {id(p): gi for gi, group in enumerate(groups) for p in group}
 
     def piece(self, p, param_group: int) -> _Piece:
@@ -324,8 +335,11 @@ class FlatLayout(OptimizerLayout):
         return [s["step"].clone() if "step" in s else torch.tensor(0.0) for s in states]
 
     def _step_states(self) -> list:
-        return [(self.opt.optimizer.state[flat], gi) for gi, flat in enumerate(self._partitions())
-                if flat in self.opt.optimizer.state]
+        return [
+            (self.opt.optimizer.state[flat], gi)
+            for gi, flat in enumerate(self._partitions())
+            if flat in self.opt.optimizer.state
+        ]
 
     @torch.no_grad()
     def create_zeroed_state(self, steps: list) -> None:
@@ -359,15 +373,19 @@ class FlatLayout(OptimizerLayout):
             return
         address = mapping.lp_fragment_address
         target = mapping.hp_fragment if key is None else mapping.get_optim_state_fragment(key)
-        target.data.copy_(value.detach().to(torch.float32).reshape(-1).narrow(
-            0, address.start, address.numel))
+        target.data.copy_(
+            value.detach().to(torch.float32).reshape(-1).narrow(0, address.start, address.numel)
+        )
 
     def refresh_model_params(self) -> None:
         self.opt.update_lp_params()
 
     def _reduced_grads(self, params) -> tuple[list, Optional[list]]:
-        return [p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
-                for p in params if getattr(p, "_hp_mapping", None) is not None], None
+        return [
+            p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+            for p in params
+            if getattr(p, "_hp_mapping", None) is not None
+        ], None
 
 
 class Zero3Layout(OptimizerLayout):
@@ -379,8 +397,10 @@ class Zero3Layout(OptimizerLayout):
 
     def _group_of_subgroup(self) -> list:
         """Param-group index of each sub-group (ZeRO-3 splits groups at ``sub_group_size``)."""
-        return [self.opt.sub_group_to_group_id[i]
-                for i in range(len(self.opt.fp32_partitioned_groups_flat))]
+        return [
+            self.opt.sub_group_to_group_id[i]
+            for i in range(len(self.opt.fp32_partitioned_groups_flat))
+        ]
 
     def param_group_index(self) -> dict:
         out = {}
@@ -399,8 +419,11 @@ class Zero3Layout(OptimizerLayout):
         state = opt.optimizer.state.get(flat, {})
         tensors = {None: flat.narrow(0, offset, numel)}
         for key in MOMENTS:
-            tensors[key] = state[key].narrow(0, offset, numel) if key in state else \
-                torch.zeros(numel, dtype=flat.dtype)
+            tensors[key] = (
+                state[key].narrow(0, offset, numel)
+                if key in state
+                else torch.zeros(numel, dtype=flat.dtype)
+            )
         start = rank * numel
         owned = max(0, min(numel, p.ds_numel - start))  # the last rank's slice is zero-padded
         return _Piece(p.ds_shape, start, owned, tensors, group, param_group)
@@ -411,13 +434,18 @@ class Zero3Layout(OptimizerLayout):
             state = self.opt.optimizer.state.get(self.opt.fp32_partitioned_groups_flat[sub], {})
             if "step" in state and group_id not in steps:
                 steps[group_id] = state["step"].clone()
-        return [steps.get(i, torch.tensor(0.0))
-                for i in range(len(self.opt.optimizer.param_groups))]
+        return [
+            steps.get(i, torch.tensor(0.0)) for i in range(len(self.opt.optimizer.param_groups))
+        ]
 
     def _step_states(self) -> list:
-        return [(self.opt.optimizer.state[flat], group_id) for flat, group_id in
-                zip(self.opt.fp32_partitioned_groups_flat, self._group_of_subgroup())
-                if flat in self.opt.optimizer.state]
+        return [
+            (self.opt.optimizer.state[flat], group_id)
+            for flat, group_id in zip(
+                self.opt.fp32_partitioned_groups_flat, self._group_of_subgroup()
+            )
+            if flat in self.opt.optimizer.state
+        ]
 
     @torch.no_grad()
     def create_zeroed_state(self, steps: list) -> None:
@@ -437,8 +465,10 @@ class Zero3Layout(OptimizerLayout):
         flat = opt.fp32_partitioned_groups_flat[sub]
         target = flat if key is None else opt.optimizer.state[flat][key]
         rank = torch.distributed.get_rank(group=opt._get_param_partition_group(param))
-        padded = torch.zeros(numel * torch.distributed.get_world_size(
-            group=opt._get_param_partition_group(param)), dtype=torch.float32)
+        padded = torch.zeros(
+            numel * torch.distributed.get_world_size(group=opt._get_param_partition_group(param)),
+            dtype=torch.float32,
+        )
         padded[: value.numel()] = value.reshape(-1)
         target.narrow(0, offset, numel).copy_(padded.narrow(0, rank * numel, numel))
 
@@ -483,13 +513,16 @@ def optimizer_layout(engine) -> OptimizerLayout:
     opt = engine.optimizer
     if hasattr(opt, "fp32_partitioned_groups_flat"):
         return Zero3Layout(engine)
-    if any(hasattr(opt, a) for a in ("single_partition_of_fp32_groups",
-                                     "fp32_groups_flat_partition")):
+    if any(
+        hasattr(opt, a) for a in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+    ):
         return FlatLayout(engine)
     if isinstance(opt, torch.optim.Optimizer):
         return TorchLayout(engine)
-    raise NotImplementedError(f"DeepSpeed optimizer {type(opt).__name__} is not supported by the "
-                              "InRank DeepSpeed backend (expected torch AdamW or a ZeRO optimizer)")
+    raise NotImplementedError(
+        f"DeepSpeed optimizer {type(opt).__name__} is not supported by the "
+        "InRank DeepSpeed backend (expected torch AdamW or a ZeRO optimizer)"
+    )
 
 
 # ------------------------------------------------------------------------------ reading state
@@ -528,7 +561,8 @@ class LocalState:
         buffer = torch.zeros(piece.shape.numel(), dtype=torch.float32)
         if piece.tensors is not None and piece.numel:
             buffer.narrow(0, piece.start, piece.numel).copy_(
-                piece.tensors[key].detach().reshape(-1)[: piece.numel])
+                piece.tensors[key].detach().reshape(-1)[: piece.numel]
+            )
         torch.distributed.all_reduce(buffer, group=piece.group)
         return buffer.reshape(piece.shape)
 

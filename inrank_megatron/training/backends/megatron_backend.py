@@ -33,7 +33,11 @@ import torch
 from inrank_megatron.core.resize import MOMENTS
 from inrank_megatron.training.backends.base import Backend
 from inrank_megatron.training.optim import (
-    AMP_DTYPES, FACTOR_GROUP, build_scheduler, factor_group_settings, factor_params,
+    AMP_DTYPES,
+    FACTOR_GROUP,
+    build_scheduler,
+    factor_group_settings,
+    factor_params,
 )
 
 # Distributed-optimizer checkpoints: one ShardedTensor per buffer, reshardable over DP
@@ -62,8 +66,9 @@ def config_overrides(cfg, model, config) -> dict:
 
     factors = {id(p) for p in factor_params(model)}
     overrides = get_standard_config_overrides(config)
-    overrides[ParamKey(predicate=ParamPredicate(name=FACTOR_GROUP, fn=lambda p: id(p) in factors))] \
-        = factor_group_settings(cfg)
+    overrides[
+        ParamKey(predicate=ParamPredicate(name=FACTOR_GROUP, fn=lambda p: id(p) in factors))
+    ] = factor_group_settings(cfg)
     return overrides
 
 
@@ -74,8 +79,10 @@ class MegatronBackend(Backend):
 
     def __init__(self, cfg, model, groups):
         if not torch.cuda.is_available():
-            raise RuntimeError("parallel.backend=megatron needs CUDA (megatron-core's optimizers "
-                               "allocate on 'cuda'); use parallel.backend=torch on CPU")
+            raise RuntimeError(
+                "parallel.backend=megatron needs CUDA (megatron-core's optimizers "
+                "allocate on 'cuda'); use parallel.backend=torch on CPU"
+            )
         super().__init__(cfg, model, groups)
         self.device = torch.device("cuda", torch.cuda.current_device())
         model.cuda(self.device)  # use_cpu_initialization leaves the weights on the CPU
@@ -95,18 +102,29 @@ class MegatronBackend(Backend):
         # No overlap: gradients are reduced once, in finalize_model_grads after the last
         # micro-batch, like torch DDP's reduce at the last backward.
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
-            use_distributed_optimizer=self.distributed)
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            overlap_param_gather=False,
+            use_distributed_optimizer=self.distributed,
+        )
         self.ddp = DistributedDataParallel(self.model.config, ddp_config, self.model)
         config = OptimizerConfig(
-            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
             clip_grad=t.clip_grad if t.clip_grad > 0 else 0.0,
-            bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-            initial_loss_scale=t.initial_loss_scale if t.precision == "fp16" else 2 ** 32,
-            use_distributed_optimizer=self.distributed)
+            bf16=t.precision == "bf16",
+            fp16=t.precision == "fp16",
+            initial_loss_scale=t.initial_loss_scale if t.precision == "fp16" else 2**32,
+            use_distributed_optimizer=self.distributed,
+        )
         self.optimizer = get_megatron_optimizer(
-            config, [self.ddp], config_overrides=config_overrides(self.cfg, self.model, config))
+            config, [self.ddp], config_overrides=config_overrides(self.cfg, self.model, config)
+        )
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
@@ -159,8 +177,11 @@ class MegatronBackend(Backend):
         self.optimizer.zero_grad()
         self.scheduler.step(1)
         scale = self.optimizer.get_loss_scale()
-        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": self.lr(),
-                "loss_scale": scale.item() if self.cfg.train.precision == "fp16" else None}
+        return {
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "lr": self.lr(),
+            "loss_scale": scale.item() if self.cfg.train.precision == "fp16" else None,
+        }
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -199,16 +220,20 @@ class MegatronBackend(Backend):
             local = opt._get_main_param_and_optimizer_states(param)
             if "exp_avg" in local:
                 for i, key in enumerate(MOMENTS):
-                    packed[i * n + prange.start:i * n + prange.end] = \
+                    packed[i * n + prange.start : i * n + prange.end] = (
                         local[key].detach().float().view(-1)
+                    )
                 packed[2 * n] = float(local.get("step", self._step))
                 packed[2 * n + 1] = 1.0
         torch.distributed.all_reduce(packed, group=self.groups.dp_group)
         holders = float(packed[2 * n + 1])
         if not holders:
             return {}
-        return {"exp_avg": packed[:n].view(param.shape), "exp_avg_sq": packed[n:2 * n].view(
-            param.shape), "step": float(packed[2 * n]) / holders}
+        return {
+            "exp_avg": packed[:n].view(param.shape),
+            "exp_avg_sq": packed[n : 2 * n].view(param.shape),
+            "step": float(packed[2 * n]) / holders,
+        }
 
     def _replicated_state(self, param) -> dict:
         """:meth:`_full_state` without the distributed optimizer: every DP rank holds it all."""
@@ -236,16 +261,20 @@ class MegatronBackend(Backend):
             main = opt.optimizer.param_groups[gi]["params"][go]
             opt.optimizer.state[main] = {
                 "step": torch.tensor(float(step)),
-                **{k: v.reshape(-1)[prange.start:prange.end].to(main.dtype).clone()
-                   for k, v in state.items()}}
+                **{
+                    k: v.reshape(-1)[prange.start : prange.end].to(main.dtype).clone()
+                    for k, v in state.items()
+                },
+            }
             return
         for opt in self._optimizers():
             for group in opt.optimizer.param_groups:
                 for main in group["params"]:
                     if main is param:
-                        opt.optimizer.state[main] = {"step": torch.tensor(float(step)),
-                                                     **{k: v.to(main.dtype) for k, v in
-                                                        state.items()}}
+                        opt.optimizer.state[main] = {
+                            "step": torch.tensor(float(step)),
+                            **{k: v.to(main.dtype) for k, v in state.items()},
+                        }
                         return
 
     # ---- backend-neutral state and resize (Backend.resize) --------------------------------------
@@ -257,8 +286,10 @@ class MegatronBackend(Backend):
         for name, p in named if named is not None else self._trainable():
             state = self._full_state(p)
             step = state.pop("step", float(self._step)) if state else float(self._step)
-            moments = {k: state[k] if k in state else torch.zeros(p.shape, device=p.device)
-                       for k in MOMENTS}
+            moments = {
+                k: state[k] if k in state else torch.zeros(p.shape, device=p.device)
+                for k in MOMENTS
+            }
             # The model is fp32 (bf16/fp16 run under autocast): the parameters are the masters.
             items.append((name, p.detach(), moments, step))
         return iter(items)
@@ -289,8 +320,10 @@ class MegatronBackend(Backend):
 
     def _sharded_state(self, model_sd, *, is_loading: bool):
         return self.optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading,
-            **({"metadata": _DIST_OPT_METADATA} if self.distributed else {}))
+            model_sd,
+            is_loading=is_loading,
+            **({"metadata": _DIST_OPT_METADATA} if self.distributed else {}),
+        )
 
     def save(self, path: str) -> None:
         """Model and megatron optimizer state as one megatron dist checkpoint (``model/``), the
@@ -302,13 +335,15 @@ class MegatronBackend(Backend):
             os.makedirs(model_dir, exist_ok=True)
         torch.distributed.barrier()
         model_sd = self.model.sharded_state_dict()
-        dist_checkpointing.save({"model": model_sd,
-                                 "optimizer": self._sharded_state(model_sd, is_loading=False)},
-                                model_dir)
+        dist_checkpointing.save(
+            {"model": model_sd, "optimizer": self._sharded_state(model_sd, is_loading=False)},
+            model_dir,
+        )
         if self.groups.rank == 0:
             file = os.path.join(path, "train.pt")
-            torch.save({"scheduler": self.scheduler.state_dict(), "adam_step": self._step},
-                       file + ".part")
+            torch.save(
+                {"scheduler": self.scheduler.state_dict(), "adam_step": self._step}, file + ".part"
+            )
             os.replace(file + ".part", file)
 
     def load(self, path: str) -> None:
@@ -318,7 +353,8 @@ class MegatronBackend(Backend):
         with torch.no_grad():
             state = dist_checkpointing.load(
                 {"model": model_sd, "optimizer": self._sharded_state(model_sd, is_loading=True)},
-                os.path.join(path, "model"))
+                os.path.join(path, "model"),
+            )
             self.model.load_state_dict(state["model"], strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
         # The grad/param buffers hold the parameters' storage, so the load above went into them;

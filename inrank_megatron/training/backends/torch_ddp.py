@@ -19,7 +19,11 @@ from inrank_megatron.layers.base import named_inrank_layers
 from inrank_megatron.tensor_parallel.layers import allreduce_sequence_parallel_grads
 from inrank_megatron.training.backends.base import Backend
 from inrank_megatron.training.optim import (
-    AMP_DTYPES, SlotAdamW, build_scheduler, clip_gradients, param_groups,
+    AMP_DTYPES,
+    SlotAdamW,
+    build_scheduler,
+    clip_gradients,
+    param_groups,
 )
 
 
@@ -32,29 +36,38 @@ class TorchBackend(Backend):
         super().__init__(cfg, model, groups)
         t = cfg.train
         # On a GPU the model trains there (use_cpu_initialization builds it on the CPU).
-        self.device = torch.device("cuda", torch.cuda.current_device()) \
-            if torch.cuda.is_available() else None
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        )
         if self.device is not None:
             model.cuda(self.device)
         # AdamW, skipping the moment arithmetic of stage 1's unused factor slots (bit-identical).
-        self.optimizer = SlotAdamW(param_groups(model, cfg), lr=t.lr,
-                                   betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                   weight_decay=t.weight_decay,
-                                   slot_layers=[layer for _, layer in named_inrank_layers(model)])
+        self.optimizer = SlotAdamW(
+            param_groups(model, cfg),
+            lr=t.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
+            weight_decay=t.weight_decay,
+            slot_layers=[layer for _, layer in named_inrank_layers(model)],
+        )
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scheduler.step(0)  # set the step-0 learning rate in the groups
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
         self.amp_dtype = AMP_DTYPES.get(t.precision)
-        self.scaler = torch.amp.GradScaler(self.device_type, init_scale=t.initial_loss_scale) \
-            if t.precision == "fp16" else None
+        self.scaler = (
+            torch.amp.GradScaler(self.device_type, init_scale=t.initial_loss_scale)
+            if t.precision == "fp16"
+            else None
+        )
         self._wrap()
 
     def _wrap(self):
         # With pipeline stages, 1F1B interleaves micro-batches, which DDP's hooks cannot follow:
         # step() averages the gradients over data parallelism itself.
         if self.groups.dp_size > 1 and self.groups.pp_size == 1:
-            self.ddp = DistributedDataParallel(self.model, process_group=self.groups.dp_group,
-                                               broadcast_buffers=False)
+            self.ddp = DistributedDataParallel(
+                self.model, process_group=self.groups.dp_group, broadcast_buffers=False
+            )
         else:
             self.ddp = self.model
 
@@ -109,10 +122,12 @@ class TorchBackend(Backend):
             flat /= self.groups.dp_size
             offset = 0
             for g in grads:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
-        if self.model.share_embeddings_and_output_weights and \
-                parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+        if (
+            self.model.share_embeddings_and_output_weights
+            and parallel_state.is_rank_in_embedding_group(ignore_virtual=True)
+        ):
             weight = self.model.shared_embedding_or_output_weight()
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
@@ -125,8 +140,13 @@ class TorchBackend(Backend):
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = clip_gradients(params, self.cfg.train.clip_grad, tp_group=self.groups.tp_group,
-                              tp_rank=self.groups.tp_rank, pp_group=self.groups.pp_group)
+        norm = clip_gradients(
+            params,
+            self.cfg.train.clip_grad,
+            tp_group=self.groups.tp_group,
+            tp_rank=self.groups.tp_rank,
+            pp_group=self.groups.pp_group,
+        )
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step on inf/nan gradients
             self.scaler.update()
@@ -134,8 +154,11 @@ class TorchBackend(Backend):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step(1)
-        return {"grad_norm": norm, "lr": self.lr(),
-                "loss_scale": self.scaler.get_scale() if self.scaler is not None else None}
+        return {
+            "grad_norm": norm,
+            "lr": self.lr(),
+            "loss_scale": self.scaler.get_scale() if self.scaler is not None else None,
+        }
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -145,8 +168,11 @@ class TorchBackend(Backend):
     def _rebuild(self, resizes) -> None:
         """Put each resized factor in its replacement's place in AdamW's groups (its state goes:
         :meth:`import_state` gives the new one), then re-wrap DDP."""
-        index = {id(p): (gi, pi) for gi, g in enumerate(self.optimizer.param_groups)
-                 for pi, p in enumerate(g["params"])}
+        index = {
+            id(p): (gi, pi)
+            for gi, g in enumerate(self.optimizer.param_groups)
+            for pi, p in enumerate(g["params"])
+        }
         for event in resizes:
             for _, old, new in event.pairs():
                 gi, pi = index.pop(id(old))
@@ -162,13 +188,18 @@ class TorchBackend(Backend):
             for p in group["params"]:
                 if p not in self.optimizer.state or not self.optimizer.state[p]:
                     self.optimizer.state[p] = {
-                        "step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                        "exp_avg_sq": torch.zeros_like(p)}
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(p),
+                        "exp_avg_sq": torch.zeros_like(p),
+                    }
 
     def _steps_by_name(self) -> dict:
         """AdamW's step count of every trainable parameter, by name (after ``_init_state``)."""
-        return {name: float(self.optimizer.state[p]["step"])
-                for name, p in self.model.named_parameters() if p.requires_grad}
+        return {
+            name: float(self.optimizer.state[p]["step"])
+            for name, p in self.model.named_parameters()
+            if p.requires_grad
+        }
 
     @staticmethod
     def _common_step(steps: dict) -> float:
@@ -182,13 +213,15 @@ class TorchBackend(Backend):
         torch optimizers), so the checkpoint loads at any TP/DP layout; the step is stored once
         (``common_step``; parameters that differ are listed by name in ``train.pt``)."""
         from megatron.core.dist_checkpointing.optimizer import (
-            get_param_id_to_sharded_param_map, optim_state_to_sharding_state,
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
         )
 
         state = self.optimizer.state_dict()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sd, params),
-                                      exclude_keys=("step",))
+        optim_state_to_sharding_state(
+            state, get_param_id_to_sharded_param_map(model_sd, params), exclude_keys=("step",)
+        )
         state["state"]["common_step"] = common_step
         return state
 
@@ -207,14 +240,20 @@ class TorchBackend(Backend):
         common = self._common_step(steps)
         model_sd = self.model.sharded_state_dict()
         request = dist_checkpointing.save(
-            {"model": model_sd, "optimizer": self._sharded_state(model_sd, common)}, model_dir,
-            async_sharded_save=async_save)
+            {"model": model_sd, "optimizer": self._sharded_state(model_sd, common)},
+            model_dir,
+            async_sharded_save=async_save,
+        )
         if self.groups.rank == 0:
             file = os.path.join(path, "train.pt")
-            torch.save({"scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                        "adam_steps": {n: s for n, s in steps.items() if s != common}},
-                       file + ".part")
+            torch.save(
+                {
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                    "adam_steps": {n: s for n, s in steps.items() if s != common},
+                },
+                file + ".part",
+            )
             os.replace(file + ".part", file)
         return request
 
@@ -224,8 +263,10 @@ class TorchBackend(Backend):
         self._init_state()
         model_sd = self.model.sharded_state_dict()
         with torch.no_grad():
-            state = dist_checkpointing.load({"model": model_sd, "optimizer": self._sharded_state(
-                model_sd, 0.0)}, os.path.join(path, "model"))
+            state = dist_checkpointing.load(
+                {"model": model_sd, "optimizer": self._sharded_state(model_sd, 0.0)},
+                os.path.join(path, "model"),
+            )
         self.model.load_state_dict(state["model"], strict=True)
         train = torch.load(os.path.join(path, "train.pt"), weights_only=True)
         optim = state["optimizer"]
@@ -259,7 +300,9 @@ class TorchBackend(Backend):
         for name, master, moments, step in items:
             p = params.pop(name)
             p.copy_(master.reshape(p.shape))
-            self.optimizer.state[p] = {"step": torch.tensor(float(step)), **{
-                k: v.detach().to(p.dtype).reshape(p.shape).clone() for k, v in moments.items()}}
+            self.optimizer.state[p] = {
+                "step": torch.tensor(float(step)),
+                **{k: v.detach().to(p.dtype).reshape(p.shape).clone() for k, v in moments.items()},
+            }
         if params:
             raise RuntimeError(f"import_state: no state given for {sorted(params)[:3]}")
