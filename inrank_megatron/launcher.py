@@ -77,6 +77,17 @@ def run_torchrun(name: str, args: Sequence[str]) -> int:
     :func:`log_path`; the console gets one line naming the first failed rank, the exit status
     and that file.
     """
+    # The agent's own c10 warnings with their C++ stacks (on a multi-node job, the rendezvous
+    # store closing as another node's agent exits: "recvValueWithTimeout failed ... frame #0")
+    # would follow rank 0's line. c10 reads its level once, when torch loads; the ranks started
+    # below get the user's environment back.
+    quiet_cpp = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet_cpp:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    import torch  # noqa: F401 - loads c10 at that level
+
+    if quiet_cpp:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
