@@ -69,14 +69,19 @@ def init_rank_trajectory(
         dense_init=torch.nn.init.normal_ if init == "spectral" else None,
     )
     # The QR route of factor_spectrum with the R factors taken from the Cholesky factors of the
-    # Gram matrices, formed once in float64 for all slots: each check then costs O(k^3), not
-    # O((in + out) k^2), which keeps GPT-sized layers to seconds (tools/plan.py calls this).
-    gram_A = factors.A.double() @ factors.A.double().T  # (slots, slots)
-    gram_B = factors.B.double().T @ factors.B.double()
+    # Gram matrices in float64: each check then costs O(k^3), not O((in + out) k^2). The Grams
+    # cover the first `formed` slots only, doubled when a check needs more: the fixed point is
+    # usually far below max_rank (GPT-2 medium: 287 of 512), and forming all max_rank slots was
+    # most of tools/plan.py's time on the big configs (13B: 2,560 slots of 20,480 x 5,120).
+    formed, gram_A, gram_B = 0, None, None
     n = min(in_features, out_features)
     trajectory = [rank]
     while max_checks is None or len(trajectory) <= max_checks:
         k = min(rank + buffer, max_rank)
+        if k > formed:
+            formed = min(max(k, 2 * formed), max_rank)
+            A, B = factors.A[:formed].double(), factors.B[:, :formed].double()
+            gram_A, gram_B = A @ A.T, B.T @ B  # (formed, formed)
         R_A = torch.linalg.cholesky(gram_A[:k, :k]).T  # R of A[:k]^T, diagonal > 0
         R_B = torch.linalg.cholesky(gram_B[:k, :k]).T
         s = spectrum_from_r(R_A, R_B, n)  # zero-padded to min(in, out)

@@ -65,6 +65,9 @@ else
   NODES=$HOST
   NODELINE="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CORES RealMemory=$MEM State=UNKNOWN"
 fi
+# AuthInfo=cred_expire=20: a requeued job may start again only once the revoked credential of its
+# last run has expired (slurm.conf(5): 120 s by default), which was two idle minutes of the
+# requeue test; 20 s is ample for a step launch on one host.
 WANT=$(cat <<CONF_EOF
 $MARK ($N nodes, state in $S)
 ClusterName=inrank-ci
@@ -86,6 +89,7 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=5
 MinJobAge=3600
+AuthInfo=cred_expire=20
 $NODELINE
 PartitionName=debug Nodes=$NODES Default=YES MaxTime=INFINITE State=UP
 CONF_EOF
