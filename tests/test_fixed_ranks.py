@@ -25,6 +25,7 @@ from inrank_megatron.config import ConfigError, load_config, save_config, to_dic
 from inrank_megatron import rules
 from inrank_megatron.training.fixed_ranks import fraction_rank, resolve_fixed_ranks
 from tests.distributed import SHORT, run_distributed, run_train
+from tests.export_check import exports_give_the_runs_validation_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests", "tiny.yaml")
@@ -361,52 +362,11 @@ def test_resume_is_bit_identical(runs):
 
 @pytest.mark.slow
 def test_exports_give_the_runs_validation_loss(runs, tmp_path):
-    from inrank_megatron import inference
-    from inrank_megatron.data.tokenizers import build_tokenizer
-    from inrank_megatron.checkpoint.reader import load_checkpoint
-    from inrank_megatron.export import export_hf, export_inrank
-    from inrank_megatron.training.data import build_datasets, eval_microbatches
-
-    ckpt = load_checkpoint(runs["fixed"])
+    ckpt = exports_give_the_runs_validation_loss(runs["fixed"], tmp_path)
     learned = _read(runs["learned"], "summary.json")["ranks"]
     assert {n: (l.stage, l.buffer, l.allocated_slots) for n, l in ckpt.layers.items()} == {
         n: ("fixed", 0, r) for n, r in learned.items()
     }
-    cfg = ckpt.cfg
-    batches = eval_microbatches(
-        build_datasets(cfg, build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model), 1).valid,
-        cfg,
-        1,
-        0,
-    )
-
-    def loss(logits, batch):
-        per_token = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), batch["labels"], reduction="none"
-        )
-        mask = batch["loss_mask"].float()
-        return float((per_token * mask).sum() / mask.sum())
-
-    # The checkpoint in plain torch, at the padded vocabulary training used: the run's loss.
-    specs = inference._inrank_specs({n: l.active_slots for n, l in ckpt.layers.items()}, False)
-    padded = inference.GPT.from_tensors(
-        inference.GPTConfig.from_model_section(cfg.model, ckpt.padded_vocab_size, specs),
-        ckpt.tensors,
-    )
-    with torch.no_grad():
-        reference = [padded(b["tokens"]) for b in batches]
-    valid = sum(loss(r, b) for r, b in zip(reference, batches)) / len(batches)
-    assert valid == pytest.approx(_read(runs["fixed"], "summary.json")["valid_loss"], abs=1e-5)
-    # The exports drop the vocabulary padding; their logits are the checkpoint's.
-    export_inrank(ckpt, str(tmp_path / "native"))
-    export_hf(ckpt, str(tmp_path / "hf"))
-    for path in ("native", "hf"):
-        model = inference.load(str(tmp_path / path))
-        with torch.no_grad():
-            for r, b in zip(reference, batches):
-                torch.testing.assert_close(
-                    model(b["tokens"]), r[..., : ckpt.vocab_size], rtol=0, atol=1e-5
-                )
 
 
 @pytest.mark.slow

@@ -2,14 +2,18 @@
 cumulative update ``B A - B0 A0``) and ``inrank.start=dense`` (stage 1 trains every slot, the cut
 picks the rank once), against brute-force references: ``svdvals`` of the dense update, a literal
 transcription of the cut's rule, the SVD truncation; the initial factors drawn again equal the ones
-the layer started from; TP=2 equals TP=1; checkpoints carry the seed; bad settings are refused."""
+the layer started from; TP=2 equals TP=1; checkpoints carry the seed; bad settings are refused.
+End to end (slow, one shared TP=1 x DP=2 run): a pre-cut checkpoint resumed at TP=2 cuts at the same
+ranks and follows; DeepSpeed ZeRO-1 and ZeRO-3 cut at the same ranks with the torch backend's losses;
+the trained run's native and Hugging Face exports give its validation loss."""
 
 import pytest
 import torch
 
 from inrank_megatron import InRankConfig, InRankLinear
 from inrank_megatron.core.rank_rule import explained_ratios, select_cut_rank
-from tests.distributed import run_distributed
+from tests.distributed import SHORT, read_summary, run_distributed, run_train
+from tests.export_check import exports_give_the_runs_validation_loss
 
 
 def _perturb(layer, seed, scale=0.05):
@@ -294,29 +298,66 @@ def test_update_signal_and_dense_cut_tp2_equal_tp1():
 # ---- the trainer: a dense start with the update signal across layouts and a resume ------------
 
 LEARNED = ["inrank.start=dense", "inrank.signal=update", "inrank.threshold=0.8"]
+DP2 = [*SHORT, *LEARNED, "parallel.tensor_model_parallel_size=1"]
+
+
+@pytest.fixture(scope="module")
+def dense_start_dp2(tmp_path_factory):
+    """``SHORT`` with the dense start and the update signal at TP=1 x DP=2, torch backend: the
+    cut after step 8 picks a rank per layer from the update's spectrum. Read-only."""
+    out = str(tmp_path_factory.mktemp("dense_start_dp2"))
+    run_train([*DP2, f"output.dir={out}"])
+    s = read_summary(out)
+    ranks = set(s["ranks"].values())
+    assert s["stage"] == "fixed" and len(ranks) > 1 and min(ranks) < 64  # per layer, < the cap
+    return out
 
 
 @pytest.mark.slow
-def test_dense_start_resumes_at_another_layout(tmp_path):
-    """A TP=1 x DP=2 run cuts at ranks chosen from the update's spectrum; its pre-cut checkpoint
-    resumed at TP=2 (init seed from the checkpoint, factors resharded) cuts at the same ranks and
-    follows it."""
+def test_dense_start_resumes_at_another_layout(dense_start_dp2, tmp_path):
+    """The TP=1 x DP=2 run's pre-cut checkpoint resumed at TP=2 (init seed from the checkpoint,
+    factors resharded) cuts at the same ranks and follows it."""
     import shutil
 
-    from tests.distributed import SHORT, read_summary, run_train
-
-    ref_dir, out = str(tmp_path / "ref"), str(tmp_path / "resumed")
-    run_train([*SHORT, *LEARNED, f"output.dir={ref_dir}", "parallel.tensor_model_parallel_size=1"])
-    ref = read_summary(ref_dir)
-    ranks = set(ref["ranks"].values())
-    assert ref["stage"] == "fixed" and len(ranks) > 1 and min(ranks) < 64  # per layer, < the cap
-    shutil.copytree(f"{ref_dir}/checkpoints/step_000004", f"{out}/checkpoints/step_000004")
+    ref, out = read_summary(dense_start_dp2), str(tmp_path / "resumed")
+    shutil.copytree(f"{dense_start_dp2}/checkpoints/step_000004", f"{out}/checkpoints/step_000004")
     with open(f"{out}/checkpoints/latest", "w") as f:
         f.write("step_000004\n")
     run_train([*SHORT, *LEARNED, f"output.dir={out}", "output.resume=auto"])  # TP=2
     s = read_summary(out)
     assert s["ranks"] == ref["ranks"]
     assert s["train_losses"] == pytest.approx(ref["train_losses"][4:], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_dense_start_under_zero_follows_torch(stage, dense_start_dp2, tmp_path):
+    """DeepSpeed ZeRO-1 (flat partitions) and ZeRO-3 (partitioned parameters) through the dense
+    start's cut: the same per-layer ranks and the torch backend's losses. Before the cut DeepSpeed
+    averages gradients in another order (a last-bit difference, tests/test_deepspeed.py); the cut
+    factorises the trained W by SVD, which carries that difference on at the same size."""
+    out = str(tmp_path / f"zero{stage}")
+    run_train(
+        [
+            *DP2,
+            "parallel.backend=deepspeed",
+            f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json",
+            f"output.dir={out}",
+        ]
+    )
+    ref, s = read_summary(dense_start_dp2), read_summary(out)
+    assert s["stage"] == "fixed" and s["ranks"] == ref["ranks"]
+    assert s["parameters"] == ref["parameters"]
+    assert s["train_losses"] == pytest.approx(ref["train_losses"], rel=1e-5, abs=0)
+
+
+@pytest.mark.slow
+def test_dense_start_exports_give_the_runs_validation_loss(dense_start_dp2, tmp_path):
+    ckpt = exports_give_the_runs_validation_loss(dense_start_dp2, tmp_path)
+    ranks = read_summary(dense_start_dp2)["ranks"]
+    assert {n: (l.stage, l.buffer, l.allocated_slots) for n, l in ckpt.layers.items()} == {
+        n: ("fixed", 0, r) for n, r in ranks.items()
+    }
 
 
 def test_init_cut_rank_is_the_cut_rule_on_the_init():
