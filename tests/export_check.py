@@ -22,6 +22,7 @@ def exports_give_the_runs_validation_loss(run: str, tmp_path):
     checkpoint read."""
     from inrank_megatron import inference
     from inrank_megatron.checkpoint.reader import load_checkpoint
+    from inrank_megatron.config import data_parallel_size
     from inrank_megatron.data.tokenizers import build_tokenizer
     from inrank_megatron.export import export_hf, export_inrank
     from inrank_megatron.training.data import build_datasets, eval_microbatches
@@ -30,10 +31,7 @@ def exports_give_the_runs_validation_loss(run: str, tmp_path):
     cfg = ckpt.cfg
     with open(os.path.join(run, "summary.json")) as f:
         summary = json.load(f)
-    par = cfg.parallel
-    dp = summary["world_size"] // (
-        par.tensor_model_parallel_size * par.pipeline_model_parallel_size
-    )
+    dp = data_parallel_size(cfg, summary["world_size"])
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
     valid_set = build_datasets(cfg, tokenizer, dp).valid
     # Every data-parallel rank's batches: the run's loss is their mean (equal counts per rank).

@@ -334,8 +334,9 @@ def test_dense_start_resumes_at_another_layout(dense_start_dp2, tmp_path):
 def test_dense_start_under_zero_follows_torch(stage, dense_start_dp2, tmp_path):
     """DeepSpeed ZeRO-1 (flat partitions) and ZeRO-3 (partitioned parameters) through the dense
     start's cut: the same per-layer ranks and the torch backend's losses. Before the cut DeepSpeed
-    averages gradients in another order (a last-bit difference, tests/test_deepspeed.py); the cut
-    factorises the trained W by SVD, which carries that difference on at the same size."""
+    averages gradients in another order (a last-bit difference, tests/test_deepspeed.py), which the
+    cut's SVD of the trained W carries on: hence a relative tolerance, not the two ulps of the
+    growth runs."""
     out = str(tmp_path / f"zero{stage}")
     run_train(
         [

@@ -72,7 +72,7 @@ def init_rank_trajectory(
     # Gram matrices in float64: each check then costs O(k^3), not O((in + out) k^2). The Grams
     # cover the first `formed` slots only, doubled when a check needs more: the fixed point is
     # usually far below max_rank (GPT-2 medium: 287 of 512), and forming all max_rank slots was
-    # most of tools/plan.py's time on the big configs (13B: 2,560 slots of 20,480 x 5,120).
+    # about half of tools/plan.py's time on the big configs (13B: 2,560 slots of 20,480 x 5,120).
     formed, gram_A, gram_B = 0, None, None
     n = min(in_features, out_features)
     trajectory = [rank]
